@@ -1,0 +1,254 @@
+"""Checkpoints: ``model.safetensors`` + ``model.json``, and nothing is ever unpickled.
+
+A run directory holds
+
+* ``model.safetensors`` — the weights (safetensors cannot carry code);
+* ``model.json`` — everything needed to rebuild the model and to know what it is: architecture, dataset,
+  number of classes, input shape, normalization, sigma, method and its resolved hyperparameters, epochs,
+  the cost ledger, the teacher lineage (CRT), the certkit version, and the SHA-256 and tensor specs of the
+  weights file.
+
+:func:`load` rebuilds the model from those two files alone and refuses (with a message naming the file) a
+weights file whose hash, tensor names, shapes or dtypes do not match its metadata, or that is truncated.
+
+Foreign checkpoints of the field's reference code bases (``.pth``/``.pth.tar`` dicts with ``arch`` and
+``state_dict``) are read only through ``torch.load(weights_only=True)``, which rebuilds tensors and plain
+containers and refuses every other pickled object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from certkit import __version__
+from certkit.data import dataset_info
+from certkit.errors import CertkitError
+from certkit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from certkit.models import create_model
+
+FORMAT = "certkit-checkpoint/1"
+WEIGHTS = "model.safetensors"
+META = "model.json"
+
+
+def run_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, metadata) paths for a run directory, a ``model.json`` or a ``model.safetensors``."""
+    p = Path(path)
+    if p.is_dir():
+        return p / WEIGHTS, p / META
+    if p.suffix == ".json":
+        return p.with_name(WEIGHTS) if p.name == META else p.with_suffix(".safetensors"), p
+    if p.suffix == ".safetensors":
+        return p, p.with_suffix(".json")
+    raise CertkitError(f"{p}: not a certkit run directory, model.json or model.safetensors")
+
+
+def tensor_specs(state: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in state.items()}
+
+
+def environment() -> dict[str, str]:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"certkit": __version__, "torch": torch.__version__, "python": platform.python_version(), "device": dev}
+
+
+def state_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+
+
+def save(model: nn.Module, run_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Write weights then metadata, each atomically; the metadata records the weights' hash.
+
+    ``meta`` must hold at least ``arch``, ``dataset``/``num_classes``/``in_shape`` (or a ``dataset`` known to
+    certkit) and the normalization; :func:`make_meta` builds it.
+    """
+    run_dir = Path(run_dir)
+    model = getattr(model, "module", model)
+    state = model.state_dict()
+    weights, meta_path = run_dir / WEIGHTS, run_dir / META
+    atomic_write_bytes(weights, state_to_bytes(state))
+    full = dict(meta)
+    full.update(
+        format=FORMAT,
+        weights={"file": WEIGHTS, "sha256": sha256_file(weights), "tensors": tensor_specs(state)},
+    )
+    full.setdefault("environment", environment())
+    atomic_write_json(meta_path, full)
+    return run_dir
+
+
+def make_meta(
+    arch: str,
+    dataset: str,
+    sigma: float | None,
+    method: str,
+    hparams: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Metadata for a model of a registered architecture on a known dataset."""
+    info = dataset_info(dataset)
+    meta: dict[str, Any] = {
+        "arch": arch,
+        "dataset": dataset,
+        "num_classes": info.num_classes,
+        "in_shape": list(info.in_shape),
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "sigma": sigma,
+        "method": method,
+        "hparams": dict(hparams or {}),
+        "certkit_version": __version__,
+    }
+    meta.update(extra)
+    return meta
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    _, meta_path = run_paths(path)
+    if not meta_path.is_file():
+        raise CertkitError(f"{meta_path}: missing; a certkit checkpoint needs {META} beside {WEIGHTS}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CertkitError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CertkitError(f"{meta_path}: not a certkit checkpoint (expected format {FORMAT!r})")
+    for key in ("arch", "num_classes", "in_shape", "normalization", "weights"):
+        if key not in meta:
+            raise CertkitError(f"{meta_path}: missing field {key!r}")
+    return meta
+
+
+def build_model(meta: dict[str, Any]) -> nn.Sequential:
+    """An untrained model of the architecture, shape and normalization that ``meta`` describes."""
+    norm = meta["normalization"]
+    return create_model(meta["arch"], meta["num_classes"], meta["in_shape"], norm["mean"], norm["std"])
+
+
+def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checking its hash and tensor specs against ``meta`` when given."""
+    if not weights.is_file():
+        raise CertkitError(f"{weights}: missing")
+    if meta is not None:
+        want = meta["weights"].get("sha256")
+        if want and sha256_file(weights) != want:
+            raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
+    try:
+        state = st_load(weights.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CertkitError(f"{weights}: not a valid safetensors file ({e})") from None
+    if meta is not None and tensor_specs(state) != meta["weights"].get("tensors"):
+        raise CertkitError(f"{weights}: tensor names, shapes or dtypes do not match {META}")
+    return state
+
+
+def load_with_meta(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild a certkit model from its two files; returns (model in eval mode, metadata)."""
+    weights, _ = run_paths(path)
+    meta = read_meta(path)
+    state = read_weights(weights, meta)
+    model = build_model(meta)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first})") from None
+    return model.to(device).eval(), meta
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Sequential:
+    """``certkit.load(run_dir)``: the model, in eval mode, rebuilt from ``model.json`` + ``model.safetensors``."""
+    return load_with_meta(path, device)[0]
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """The SHA-256 of a checkpoint's weights file (or of a foreign checkpoint file)."""
+    p = Path(path)
+    return sha256_file(run_paths(p)[0] if p.is_dir() or p.suffix in (".json", ".safetensors") else p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints of the reference code bases (Cohen et al., SmoothAdv, MACER, Consistency, SmoothMix, CRT)
+# ---------------------------------------------------------------------------------------------------------
+#: their architecture names -> certkit's
+REFERENCE_ARCHS = {
+    "cifar_resnet20": "resnet20",
+    "cifar_resnet32": "resnet32",
+    "cifar_resnet44": "resnet44",
+    "cifar_resnet56": "resnet56",
+    "cifar_resnet110": "resnet110",
+    "resnet20": "resnet20",
+    "resnet32": "resnet32",
+    "resnet44": "resnet44",
+    "resnet56": "resnet56",
+    "resnet110": "resnet110",
+    "lenet": "lenet",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+}
+
+
+def is_reference_checkpoint(path: str | os.PathLike) -> bool:
+    return Path(path).is_file() and (str(path).endswith(".pth") or str(path).endswith(".pth.tar") or str(path).endswith(".pt"))
+
+
+def import_reference_checkpoint(
+    path: str | os.PathLike, dataset: str, sigma: float | None = None
+) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Map a reference ``{'arch', 'state_dict'}`` checkpoint onto a certkit model.
+
+    Their models are ``Sequential(NormalizeLayer, net)`` (keys ``1.*``), sometimes saved from
+    DataParallel (``module.`` prefix) or without the normalization layer (MACER: bare keys). The
+    normalization constants are not in their state dicts; certkit uses the dataset's reference constants.
+    """
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError among others
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CertkitError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
+        raise CertkitError(f"{path}: expected a dict with 'arch' and 'state_dict' (reference checkpoint format)")
+    arch_name = str(ckpt["arch"])
+    if arch_name not in REFERENCE_ARCHS:
+        raise CertkitError(f"{path}: unsupported architecture {arch_name!r}; supported: {', '.join(sorted(REFERENCE_ARCHS))}")
+    arch = REFERENCE_ARCHS[arch_name]
+    info = dataset_info(dataset)
+    model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in ckpt["state_dict"].items():
+        if not isinstance(value, torch.Tensor):
+            raise CertkitError(f"{path}: state_dict entry {key!r} is not a tensor")
+        key = key.removeprefix("module.")
+        key = key if key.startswith("1.") else "1." + key
+        key = key.replace("1.module.", "1.")
+        state[key] = value
+    state["0.mean"] = model[0].mean.clone()
+    state["0.std"] = model[0].std.clone()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CertkitError(f"{path}: state_dict does not fit certkit's {arch!r} ({first})") from None
+    meta = make_meta(arch, dataset, sigma, "imported", source={"path": str(path), "arch": arch_name})
+    meta["weights"] = {"sha256": sha256_file(path)}
+    return model.eval(), meta
+
+
+def load_any(path: str | os.PathLike, dataset: str | None = None, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
+    """A certkit run directory / model.json, or a reference ``.pth``/``.pth.tar`` (needs ``dataset``)."""
+    if is_reference_checkpoint(path):
+        if dataset is None:
+            raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
+        model, meta = import_reference_checkpoint(path, dataset)
+        return model.to(device), meta
+    return load_with_meta(path, device)

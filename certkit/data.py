@@ -1,0 +1,383 @@
+"""Datasets by name, held where training happens.
+
+``load_dataset(name, split)`` returns an object with ``len()``, ``get(i) -> (image, label)`` for
+certification and ``batches(...)`` for training. Small datasets (MNIST, Fashion-MNIST, CIFAR-10) are held
+as one uint8 tensor on the training device and batched from there, with CIFAR-10's random crop (padding 4)
+and horizontal flip done on whole batches (the airbench recipe: no DataLoader, no per-image PIL work).
+ImageNet uses torchvision's folder loader and transforms. Images are always float in [0, 1]; the model's
+first layer normalizes, so noise and radii are in pixel units.
+
+Nothing is ever downloaded: a missing or corrupt file raises :class:`CertkitError` naming the file and what
+was expected. The CIFAR-10 python batches are pickles; they are read with an unpickler that can only
+rebuild numpy arrays, lists, dicts and strings, so a tampered batch file cannot run code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from certkit.errors import CertkitError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset: shape, classes and its normalization constants."""
+
+    name: str
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    #: recipe family for method defaults: 'mnist' (MNIST-like), 'cifar10' or 'imagenet'
+    family: str
+    default_root: str | None = None
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.0,), (1.0,), "mnist", FASHION_MNIST_ROOT),
+    "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.0,), (1.0,), "mnist"),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10"
+    ),
+    "imagenet": DatasetInfo(
+        "imagenet", 1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise CertkitError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def resolve_root(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir`` wins, then ``$CERTKIT_DATA``, then the dataset's default location."""
+    info = dataset_info(name)
+    root = data_dir or os.environ.get("CERTKIT_DATA") or info.default_root
+    if not root:
+        raise CertkitError(f"dataset {name!r} has no default location: pass --data-dir DIR or set CERTKIT_DATA")
+    return Path(root)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset objects
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class ArrayDataset:
+    """A whole dataset as one ``uint8`` tensor ``(N, C, H, W)`` plus ``int64`` labels, on one device.
+
+    ``augment=True`` applies CIFAR-style random crop (zero padding 4) and horizontal flip to every training
+    batch, as batched tensor operations.
+    """
+
+    info: DatasetInfo
+    images: Tensor
+    labels: Tensor
+    augment: bool = False
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise CertkitError(f"{self.info.name}: images must be a uint8 (N, C, H, W) tensor")
+        if tuple(self.images.shape[1:]) != self.info.in_shape:
+            raise CertkitError(
+                f"{self.info.name}: images have shape {tuple(self.images.shape[1:])}, expected {self.info.in_shape}"
+            )
+        if len(self.images) != len(self.labels):
+            raise CertkitError(f"{self.info.name}: {len(self.images)} images but {len(self.labels)} labels")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.info.num_classes):
+            raise CertkitError(f"{self.info.name}: labels outside 0..{self.info.num_classes - 1}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> "ArrayDataset":
+        return ArrayDataset(self.info, self.images.to(device), self.labels.to(device), self.augment, self.split)
+
+    def subset(self, n: int | None) -> "ArrayDataset":
+        """The first ``n`` images (all when ``n`` is None or larger than the dataset)."""
+        if n is None or n >= len(self):
+            return self
+        if n < 1:
+            raise CertkitError(f"subset size must be >= 1 (got {n})")
+        return ArrayDataset(self.info, self.images[:n], self.labels[:n], self.augment, self.split)
+
+    def get(self, i: int) -> tuple[Tensor, int]:
+        """Image ``i`` as float ``(C, H, W)`` in [0, 1] and its label (no augmentation)."""
+        return self.images[i].float().div_(255), int(self.labels[i])
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Float batches in [0, 1] on the dataset's device; one ``randperm`` per epoch when shuffling.
+
+        ``rank``/``world_size`` give each DDP process a disjoint, equally sized share of the same permutation.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if world_size > 1:
+            per_rank = n // world_size
+            order = order[rank * per_rank : (rank + 1) * per_rank]
+        order = order.to(self.device)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                break
+            x = self.images[idx].float().div_(255)
+            if self.augment:
+                x = random_crop_flip(x, padding=4, generator=generator)
+            yield x, self.labels[idx]
+
+
+def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole batch at once."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, H, 1)
+    cols = ox[:, None] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+@dataclass
+class FolderDataset:
+    """ImageNet-style ``train/`` and ``val/`` class folders through torchvision's ImageFolder.
+
+    Too large to hold in memory, so batches come from a multi-worker DataLoader. Training uses random
+    resized crop 224 + flip, evaluation resize 256 + center crop 224; no normalization (the model does it).
+    """
+
+    info: DatasetInfo
+    root: Path
+    split: str = "train"
+    workers: int = 4
+    limit: int | None = None
+    _folder: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from torchvision import datasets, transforms
+
+        split_dir = self.root / ("train" if self.split == "train" else "val")
+        if not split_dir.is_dir():
+            raise CertkitError(f"{split_dir}: missing; expected ImageNet class folders under {self.root}/train and /val")
+        size = self.info.in_shape[1]
+        if self.split == "train":
+            tf = transforms.Compose(
+                [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+            )
+        else:
+            tf = transforms.Compose(
+                [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]
+            )
+        try:
+            self._folder = datasets.ImageFolder(str(split_dir), transform=tf)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise CertkitError(f"{split_dir}: {e}") from None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._folder.classes)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        n = len(self._folder)  # type: ignore[arg-type]
+        return n if self.limit is None else min(n, self.limit)
+
+    def subset(self, n: int | None) -> "FolderDataset":
+        if n is None:
+            return self
+        if n < 1:
+            raise CertkitError(f"subset size must be >= 1 (got {n})")
+        return FolderDataset(self.info, self.root, self.split, self.workers, n, self._folder)
+
+    def to(self, device: torch.device | str) -> "FolderDataset":
+        self._device = torch.device(device)
+        return self
+
+    def get(self, i: int) -> tuple[Tensor, int]:
+        x, y = self._folder[i]  # type: ignore[index]
+        return x, int(y)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        from torch.utils.data import DataLoader, Subset
+
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        if world_size > 1:
+            per = n // world_size
+            order = order[rank * per : (rank + 1) * per]
+        device = getattr(self, "_device", torch.device("cpu"))
+        loader = DataLoader(
+            Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
+            batch_size=batch_size,
+            num_workers=self.workers,
+            pin_memory=device.type == "cuda",
+            drop_last=drop_last,
+        )
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+Dataset = ArrayDataset | FolderDataset
+
+
+# --------------------------------------------------------------------------------------------------------
+# Readers
+# --------------------------------------------------------------------------------------------------------
+def load_dataset(
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
+    augment: bool | None = None,
+) -> Dataset:
+    """Load ``split`` ('train' or 'test') of dataset ``name`` from local files.
+
+    ``augment`` defaults to True for the CIFAR-10 training split (crop + flip, the reference recipe) and
+    False otherwise.
+    """
+    info = dataset_info(name)
+    if split not in ("train", "test"):
+        raise CertkitError(f"split must be 'train' or 'test' (got {split!r})")
+    root = resolve_root(name, data_dir)
+    if info.name in ("fashion-mnist", "mnist"):
+        images, labels = read_idx_pair(root, split)
+        ds: Dataset = ArrayDataset(info, images, labels, bool(augment), split)
+    elif info.name == "cifar10":
+        images, labels = read_cifar10(root, split)
+        ds = ArrayDataset(info, images, labels, split == "train" if augment is None else augment, split)
+    else:
+        ds = FolderDataset(info, root, split)
+    return ds.to(device) if device is not None else ds
+
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.is_file():
+            return candidate
+    hint = ""
+    if str(root) == FASHION_MNIST_ROOT:
+        hint = f" (install the Debian package {FASHION_MNIST_PACKAGE}, or pass --data-dir)"
+    raise CertkitError(f"{root / (stem + '.gz')}: missing; expected the gzipped IDX file{hint}")
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) of unsigned bytes into an array, checking its header."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise CertkitError(f"{path}: not a readable gzip file ({e})") from None
+    if len(raw) < 4:
+        raise CertkitError(f"{path}: truncated; expected an IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+        raise CertkitError(f"{path}: bad IDX magic; expected unsigned-byte data with 1 or 3 dimensions")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    expected = int(np.prod(dims))
+    body = raw[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise CertkitError(f"{path}: has {len(body)} data bytes, expected {expected} for shape {dims}")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def read_idx_pair(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    img_path, lbl_path = (_find(root, stem) for stem in _IDX_FILES[split])
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise CertkitError(f"{img_path}: images of shape {images.shape[1:]}, expected 28x28")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise CertkitError(f"{lbl_path}: {len(labels)} labels for {len(images)} images in {img_path.name}")
+    return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and plain containers; refuses every other global, so no code can run."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise CertkitError(f"{path}: missing; expected a CIFAR-10 python batch (cifar-10-batches-py)")
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except Exception as e:  # any unpickling failure means a corrupt or hostile file
+        raise CertkitError(f"{path}: not a CIFAR-10 batch ({e})") from None
+    if not isinstance(batch, dict):
+        raise CertkitError(f"{path}: not a CIFAR-10 batch (expected a dict with data and labels)")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None:
+        raise CertkitError(f"{path}: not a CIFAR-10 batch (expected data of shape (N, 3072) and labels)")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(data):
+        raise CertkitError(f"{path}: {len(labels)} labels for {len(data)} images")
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(root: Path, split: str) -> tuple[Tensor, Tensor]:
+    folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts = [_read_cifar_batch(folder / n) for n in names]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels)

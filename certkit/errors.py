@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+Every failure that is the user's to fix (a bad flag, a missing or corrupt file, a checkpoint that does not
+match its metadata) is raised as :class:`CertkitError` with a single-line message. The CLI prints that line
+to stderr and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+
+
+class CertkitError(Exception):
+    """A user-facing error whose message is one line saying what is wrong and, where possible, the fix."""

@@ -1,0 +1,619 @@
+"""Upper bounds on the L2 Lipschitz constant of a network, layer by layer.
+
+A GloRo certificate is only as sound as its Lipschitz bound, so this module keeps two numbers per layer
+apart (see ``shared/reference/gloro.md`` §2–§4):
+
+* the **training estimate**: a differentiable power-iteration value ``‖A v‖/‖v‖`` at a persistent,
+  warm-started, detached iterate ``v``. It approaches the operator norm *from below* and is what the loss
+  sees, because its gradient ``≈ u vᵀ`` is cheap and informative;
+* the **guaranteed bound** used for certification, computed in float64: the exact ``σ_max`` of a dense
+  weight (SVD), and for a convolution on its *real* input size, stride and zero padding either the exact
+  norm of the unrolled operator (small layers) or the top singular value of a circular convolution that
+  contains it (FFT on the polyphase kernel, see :func:`conv_fft_bound`).
+
+Every layer kind has an explicit rule; any other module raises :class:`CertkitError` naming it, because a
+silent constant of 1 (what public code does) voids every certificate behind it. Composition is only
+understood through ``nn.Sequential`` (product) and :class:`~certkit.gloro.layers.Residual` (``1 + L(g)``):
+a custom module's ``forward`` could wire its children any way, so it is refused too.
+
+Convolutions need the shape of their input, which the layer does not store; :func:`build_bound` records
+every layer's input shape with one forward pass of a dummy input of the model's ``in_shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, MutableMapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certkit.errors import CertkitError
+from certkit.gloro.layers import MinMax, Residual
+from certkit.models.layers import Normalize
+
+#: unrolled operators up to this many float64 entries get their exact norm (≈128 MiB)
+EXACT_MAX_ENTRIES = 1 << 24
+#: ...and only if the smaller side (the Gram matrix eigen-solved) is at most this big
+EXACT_MAX_SIDE = 4096
+
+Shape = tuple[int, ...]
+
+
+def _unit(v: Tensor) -> Tensor:
+    """``v/‖v‖``, dividing only when the norm is nonzero.
+
+    An unconditional ``+eps`` in the denominator deflates the estimate of small weights (a weight of 1e-5
+    reads as 9.4e-6 in ``klasleino/gloro`` issue #8); a zero iterate is left zero and replaced afterwards by
+    :func:`_revive`.
+    """
+    n = torch.linalg.vector_norm(v)
+    return v / torch.where(n > 0, n, torch.ones_like(n))
+
+
+def _revive(v: Tensor) -> Tensor:
+    """A zero iterate (the weight is zero or ``v`` fell in its null space) restarts from the uniform vector.
+
+    Deterministic and free of host synchronisation, so it neither consumes the RNG nor stalls a GPU.
+    """
+    fallback = torch.full_like(v, 1.0 / math.sqrt(v.numel()))
+    return torch.where(torch.linalg.vector_norm(v) > 0, v, fallback)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-layer bounds
+# --------------------------------------------------------------------------------------------------------
+class LayerBound:
+    """The bound of one layer: a training estimate and a guaranteed float64 upper bound.
+
+    Constant layers (activations, pooling, normalization) return the same value for both. Layers with
+    weights set ``iterate_shape`` and implement :meth:`apply`/:meth:`adjoint` of their linear part.
+    """
+
+    #: shape of the power-iteration iterate (None: the bound needs none)
+    iterate_shape: Shape | None = None
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    # -- weighted layers --------------------------------------------------------------------------------
+    def weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def apply(self, v: Tensor, weight: Tensor) -> Tensor:
+        """The layer's linear part (no bias) applied to ``v``."""
+        raise NotImplementedError
+
+    def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        """The transpose of :meth:`apply`."""
+        raise NotImplementedError
+
+    def power_iterate(self, v: Tensor, iterations: int, weight: Tensor | None = None) -> Tensor:
+        """``iterations`` steps of ``v ← AᵀA v / ‖AᵀA v‖`` without gradient."""
+        w = (self.weight() if weight is None else weight).detach()
+        with torch.no_grad():
+            v = v.to(w.dtype)
+            for _ in range(iterations):
+                v = _unit(self.adjoint(self.apply(v, w), w))
+            return _revive(v)
+
+    def estimate(self, v: Tensor | None, iterations: int) -> tuple[Tensor | float, Tensor | None]:
+        """(differentiable estimate, new iterate). The estimate is ``‖A v‖/‖v‖`` with ``v`` detached.
+
+        Constant layers return a plain float, so they neither pick a device nor promote the dtype.
+        """
+        if self.iterate_shape is None:
+            return self.constant(), None
+        assert v is not None
+        v = self.power_iterate(v, iterations)
+        w = self.weight()
+        return torch.linalg.vector_norm(self.apply(v, w)) / torch.linalg.vector_norm(v), v
+
+    def converged_estimate(self, v: Tensor, tol: float = 1e-9, max_iterations: int = 5000) -> tuple[float, Tensor]:
+        """Power iteration in float64 until the estimate's relative change is below ``tol``.
+
+        Still a *lower* bound on the norm: reported next to the guaranteed bound to show its tightness.
+        """
+        w = self.weight().detach().double()
+        v = v.detach().double()
+        prev = 0.0
+        value = 0.0
+        for _ in range(0, max_iterations, 10):
+            v = self.power_iterate(v, 10, w)
+            value = float(torch.linalg.vector_norm(self.apply(v, w)) / torch.linalg.vector_norm(v))
+            if abs(value - prev) <= tol * max(value, 1e-300):
+                break
+            prev = value
+        return value, v
+
+    # -- constant layers --------------------------------------------------------------------------------
+    def constant(self) -> float:
+        raise NotImplementedError
+
+    def guaranteed(self) -> float:
+        """A sound upper bound on the layer's L2 Lipschitz constant, in float64."""
+        return self.constant()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.kind})"
+
+
+class ConstantBound(LayerBound):
+    """A layer whose Lipschitz constant is a fixed number (activation, reshape, non-overlapping pool)."""
+
+    def __init__(self, name: str, module: nn.Module, value: float, why: str) -> None:
+        super().__init__(name, module)
+        self.value = float(value)
+        self.why = why
+
+    def constant(self) -> float:
+        return self.value
+
+
+class NormalizeBound(LayerBound):
+    """``(x − μ)/s`` per channel: ``1/min_c s_c``. Read from the buffer at call time (it is loaded later)."""
+
+    def constant(self) -> float:
+        std = self.module.std.detach().double()
+        if not bool((std > 0).all()):
+            raise CertkitError(f"layer {self.name!r}: Normalize has a non-positive std; its Lipschitz bound is infinite")
+        return float(1.0 / std.min())
+
+
+class LinearBound(LayerBound):
+    """Dense layer: power iteration on ``WᵀW`` for training, exact ``σ_max(W)`` in float64 to certify."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__(name, module)
+        self.iterate_shape = (1, module.in_features)
+
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    def apply(self, v: Tensor, weight: Tensor) -> Tensor:
+        return v @ weight.t()
+
+    def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        return u @ weight
+
+    def guaranteed(self) -> float:
+        return float(torch.linalg.matrix_norm(self.weight().detach().double(), ord=2))
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class ConvBound(LayerBound):
+    """``Conv2d`` on its real input size, stride, dilation, groups and zero padding.
+
+    The operator is written as ``conv(pad(v))`` with explicit (possibly asymmetric, for ``'same'``) padding
+    and no implicit padding, so its transpose is ``crop(conv_transpose(u))`` with the ``output_padding``
+    that restores the padded input size exactly — a strided conv's transpose is wrong without it.
+    """
+
+    def __init__(self, name: str, module: nn.Conv2d, in_shape: Shape) -> None:
+        super().__init__(name, module)
+        if module.padding_mode != "zeros":
+            raise CertkitError(
+                f"layer {name!r}: Conv2d with padding_mode={module.padding_mode!r} is not supported (only zero padding)"
+            )
+        if len(in_shape) != 3:
+            raise CertkitError(f"layer {name!r}: Conv2d input must be (C, H, W), got {in_shape}")
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.iterate_shape = (1, *self.in_shape)
+        kh, kw = module.kernel_size
+        dh, dw = module.dilation
+        self.stride = _pair(module.stride)
+        eff = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        if isinstance(module.padding, str):
+            if module.padding == "valid":
+                pads = ((0, 0), (0, 0))
+            else:  # 'same': torch puts the odd extra pixel after (bottom/right)
+                pads = tuple((t // 2, t - t // 2) for t in (eff[0] - 1, eff[1] - 1))
+        else:
+            ph, pw = _pair(module.padding)
+            pads = ((ph, ph), (pw, pw))
+        (self.top, self.bottom), (self.left, self.right) = pads
+        _, h, w = self.in_shape
+        self.padded = (h + self.top + self.bottom, w + self.left + self.right)
+        out = [(p - e) // s + 1 for p, e, s in zip(self.padded, eff, self.stride)]
+        if min(out) < 1:
+            raise CertkitError(f"layer {name!r}: Conv2d kernel larger than its padded input {self.padded}")
+        self.output_padding = tuple(p - ((o - 1) * s + e) for p, o, s, e in zip(self.padded, out, self.stride, eff))
+        self.out_shape = (module.out_channels, out[0], out[1])
+
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    def apply(self, v: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        v = F.pad(v, (self.left, self.right, self.top, self.bottom))
+        return F.conv2d(v, weight, None, self.stride, 0, m.dilation, m.groups)
+
+    def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        m = self.module
+        z = F.conv_transpose2d(u, weight, None, self.stride, 0, self.output_padding, m.groups, m.dilation)
+        _, h, w = self.in_shape
+        return z[..., self.top : self.top + h, self.left : self.left + w]
+
+    def dense_kernel(self) -> Tensor:
+        """The float64 kernel with groups and dilation expanded into a plain ``(C_out, C_in, kh', kw')`` one."""
+        m = self.module
+        w = self.weight().detach().double()
+        g = m.groups
+        if g > 1:
+            full = w.new_zeros(m.out_channels, m.in_channels, *w.shape[2:])
+            co, ci = m.out_channels // g, m.in_channels // g
+            for i in range(g):
+                full[i * co : (i + 1) * co, i * ci : (i + 1) * ci] = w[i * co : (i + 1) * co]
+            w = full
+        dh, dw = m.dilation
+        if (dh, dw) != (1, 1):
+            kh, kw = w.shape[2:]
+            dil = w.new_zeros(*w.shape[:2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+            dil[..., ::dh, ::dw] = w
+            w = dil
+        return w
+
+    def guaranteed(self) -> float:
+        bound = conv_fft_bound(self.dense_kernel(), self.stride, self.padded)
+        n_in = math.prod(self.in_shape)
+        n_out = math.prod(self.out_shape)
+        if n_in * n_out <= EXACT_MAX_ENTRIES and min(n_in, n_out) <= EXACT_MAX_SIDE:
+            bound = min(bound, self.exact_norm())
+        return bound
+
+    def exact_norm(self) -> float:
+        """σ_max of the unrolled operator in float64 (eigenvalue of the smaller Gram matrix)."""
+        return unrolled_norm(self, self.in_shape)
+
+
+class FixedConvBound(ConvBound):
+    """An overlapping average pool, bounded as the fixed depthwise conv it is (one channel suffices)."""
+
+    def __init__(self, name: str, module: nn.Module, conv: nn.Conv2d, in_shape: Shape) -> None:
+        super().__init__(name, conv, (1, *in_shape[1:]))
+        self.module = module
+        self.conv = conv
+        self.iterate_shape = None
+        self._value: float | None = None
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    def weight(self) -> Tensor:
+        return self.conv.weight
+
+    def apply(self, v: Tensor, weight: Tensor) -> Tensor:
+        v = F.pad(v, (self.left, self.right, self.top, self.bottom))
+        return F.conv2d(v, weight, None, self.stride)
+
+    def dense_kernel(self) -> Tensor:
+        return self.conv.weight.detach().double()
+
+    def constant(self) -> float:
+        if self._value is None:
+            self._value = super().guaranteed()
+        return self._value
+
+    def guaranteed(self) -> float:
+        return self.constant()
+
+
+def unrolled_norm(layer: LayerBound, in_shape: Shape) -> float:
+    """Exact ``σ_max`` of a layer's linear part, by unrolling it on the identity basis in float64."""
+    n = math.prod(in_shape)
+    w = layer.weight().detach().double()
+    basis = torch.eye(n, dtype=torch.float64, device=w.device).view(n, *in_shape)
+    m = layer.apply(basis, w).reshape(n, -1)  # rows: images of the basis vectors, i.e. Aᵀ
+    gram = m @ m.t() if m.shape[0] <= m.shape[1] else m.t() @ m
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+
+
+def conv_fft_bound(kernel: Tensor, stride: tuple[int, int], padded: tuple[int, int]) -> float:
+    """A guaranteed upper bound on a zero-padded, strided conv's norm: a circular conv that contains it.
+
+    ``kernel`` is a float64 ``(C_out, C_in, kh, kw)`` kernel applied with ``stride`` to an input already
+    zero-padded to size ``padded``. The strided conv is rewritten as a stride-1 conv on the polyphase
+    decomposition of the input (``C_in·s_h·s_w`` channels on a ``⌈H/s_h⌉×⌈W/s_w⌉`` grid, kernel
+    ``⌈k/s⌉``); that rewrite and the zero padding are isometric embeddings, and the valid outputs are a
+    subset of those of the circular convolution on the same grid (no window wraps around), so
+    ``‖conv‖ ≤ ‖circular conv‖ = max_ω σ_max(K̂(ω))``, computed exactly per frequency by an FFT.
+    The polyphase form keeps the bound within ~1% of the true norm on 28×28 inputs for stride 2, where
+    bounding the unstrided conv instead would be up to 2× loose.
+    """
+    co, ci, kh, kw = kernel.shape
+    sh, sw = stride
+    bh, bw = -(-kh // sh), -(-kw // sw)
+    k = F.pad(kernel, (0, bw * sw - kw, 0, bh * sh - kh))
+    # k[o, c, sh*b + r, sw*b' + r'] -> k'[o, (c, r, r'), b, b']
+    k = k.view(co, ci, bh, sh, bw, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, bh, bw)
+    grid = (max(-(-padded[0] // sh), bh), max(-(-padded[1] // sw), bw))
+    # Frequencies left out by the real FFT are conjugates of kept ones: same singular values.
+    spectrum = torch.fft.rfft2(k, s=grid).permute(2, 3, 0, 1)
+    best = 0.0
+    for row in spectrum:  # one frequency row at a time keeps the SVD workspace small
+        best = max(best, float(torch.linalg.matrix_norm(row, ord=2).max()))
+    return best
+
+
+def _pool_window(name: str, module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    k = _pair(module.kernel_size)
+    s = _pair(module.stride if module.stride is not None else module.kernel_size)
+    p = _pair(module.padding)
+    if getattr(module, "dilation", 1) not in (1, (1, 1)):
+        raise CertkitError(f"layer {name!r}: {type(module).__name__} with dilation is not supported")
+    return k, s, p
+
+
+def _maxpool_bound(name: str, module: nn.MaxPool2d) -> LayerBound:
+    (kh, kw), (sh, sw), _ = _pool_window(name, module)
+    # Each output is 1-Lipschitz in its window; a pixel lies in at most ⌈k/s⌉² windows, and a one-hot
+    # input reaches it, so the bound is tight. Overlapping max pooling is *not* 1-Lipschitz.
+    windows = math.ceil(kh / sh) * math.ceil(kw / sw)
+    return ConstantBound(name, module, math.sqrt(windows), f"sqrt of max windows per pixel ({windows})")
+
+
+def _avgpool_bound(name: str, module: nn.AvgPool2d, in_shape: Shape) -> LayerBound:
+    (kh, kw), (sh, sw), (ph, pw) = _pool_window(name, module)
+    if module.divisor_override:
+        coef = 1.0 / module.divisor_override
+    elif ph or pw:
+        if not module.count_include_pad:
+            raise CertkitError(f"layer {name!r}: AvgPool2d with padding and count_include_pad=False is not supported")
+        coef = 1.0 / (kh * kw)
+    else:
+        coef = 1.0 / (kh * kw)
+    if module.ceil_mode:
+        h, w = in_shape[1:]
+        if any((n + 2 * p - k) % s for n, p, k, s in ((h, ph, kh, sh), (w, pw, kw, sw))):
+            raise CertkitError(f"layer {name!r}: AvgPool2d with ceil_mode=True and partial windows is not supported")
+    if sh >= kh and sw >= kw:
+        # Disjoint windows: each output is coef·Σ window, of norm coef·sqrt(kh·kw) (Cauchy–Schwarz).
+        return ConstantBound(name, module, coef * math.sqrt(kh * kw), "disjoint windows")
+    conv = nn.Conv2d(1, 1, (kh, kw), (sh, sw), (ph, pw), bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(coef)
+    return FixedConvBound(name, module, conv, in_shape)
+
+
+def _adaptive_avgpool_bound(name: str, module: nn.AdaptiveAvgPool2d, in_shape: Shape) -> LayerBound:
+    _, h, w = in_shape
+    oh, ow = _pair(tuple(o if o is not None else n for o, n in zip(_pair_or_none(module.output_size), (h, w))))
+    if h % oh or w % ow:
+        raise CertkitError(f"layer {name!r}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} has uneven windows; not supported")
+    kh, kw = h // oh, w // ow
+    return ConstantBound(name, module, 1.0 / math.sqrt(kh * kw), "disjoint windows")
+
+
+def _pair_or_none(v: int | None | Sequence[int | None]) -> tuple[int | None, int | None]:
+    return (v, v) if v is None or isinstance(v, int) else (v[0], v[1])
+
+
+# Zero padding is an isometric embedding; constant padding an isometry plus a shift.
+_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, MinMax, nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d)
+
+
+def layer_bound(name: str, module: nn.Module, in_shape: Shape | None) -> LayerBound:
+    """The :class:`LayerBound` of one leaf module; unknown kinds raise :class:`CertkitError`."""
+    if isinstance(module, nn.Linear):
+        return LinearBound(name, module)
+    if isinstance(module, nn.Conv2d):
+        return ConvBound(name, module, _need(name, in_shape))
+    if isinstance(module, Normalize):
+        return NormalizeBound(name, module)
+    if isinstance(module, nn.LeakyReLU):
+        return ConstantBound(name, module, max(1.0, abs(module.negative_slope)), "max slope")
+    if isinstance(module, _ONE_LIPSCHITZ):
+        return ConstantBound(name, module, 1.0, "1-Lipschitz")
+    if isinstance(module, nn.MaxPool2d):
+        return _maxpool_bound(name, module)
+    if isinstance(module, nn.AvgPool2d):
+        return _avgpool_bound(name, module, _need(name, in_shape))
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return _adaptive_avgpool_bound(name, module, _need(name, in_shape))
+    raise CertkitError(
+        f"layer {name or '<root>'!r} of kind {type(module).__name__} has no known Lipschitz bound; "
+        "GloRo nets may only use Linear, Conv2d, pooling, ReLU/MinMax/Tanh/LeakyReLU, Flatten, Normalize, "
+        "Residual and Sequential"
+    )
+
+
+def _need(name: str, shape: Shape | None) -> Shape:
+    if shape is None:
+        raise CertkitError(f"layer {name!r} was not reached by the forward pass; its input shape is unknown")
+    return shape
+
+
+# --------------------------------------------------------------------------------------------------------
+# Composition
+# --------------------------------------------------------------------------------------------------------
+class Term:
+    """A node of the bound's expression tree: a layer, a product (Sequential) or ``1 + L`` (Residual)."""
+
+    def layers(self) -> Iterator[LayerBound]:
+        raise NotImplementedError
+
+    def estimate(self, iterates: MutableMapping[str, Tensor], iterations: int) -> Tensor | float:
+        raise NotImplementedError
+
+    def guaranteed(self) -> float:
+        raise NotImplementedError
+
+
+class Leaf(Term):
+    def __init__(self, layer: LayerBound) -> None:
+        self.layer = layer
+
+    def layers(self) -> Iterator[LayerBound]:
+        yield self.layer
+
+    def estimate(self, iterates: MutableMapping[str, Tensor], iterations: int) -> Tensor | float:
+        key = self.layer.name
+        value, v = self.layer.estimate(iterates.get(key), iterations)
+        if v is not None:
+            iterates[key].copy_(v)  # in place: the caller's buffers keep their identity and device
+        return value
+
+    def guaranteed(self) -> float:
+        return self.layer.guaranteed()
+
+
+class Product(Term):
+    def __init__(self, terms: list[Term]) -> None:
+        self.terms = terms
+
+    def layers(self) -> Iterator[LayerBound]:
+        for t in self.terms:
+            yield from t.layers()
+
+    def estimate(self, iterates: MutableMapping[str, Tensor], iterations: int) -> Tensor | float:
+        out: Tensor | float = 1.0
+        for t in self.terms:
+            out = out * t.estimate(iterates, iterations)
+        return out
+
+    def guaranteed(self) -> float:
+        return math.prod(t.guaranteed() for t in self.terms)
+
+
+class ResidualTerm(Term):
+    def __init__(self, inner: Term) -> None:
+        self.inner = inner
+
+    def layers(self) -> Iterator[LayerBound]:
+        yield from self.inner.layers()
+
+    def estimate(self, iterates: MutableMapping[str, Tensor], iterations: int) -> Tensor | float:
+        return 1 + self.inner.estimate(iterates, iterations)
+
+    def guaranteed(self) -> float:
+        return 1.0 + self.inner.guaranteed()
+
+
+class LipschitzBound:
+    """The Lipschitz bound of a module tree: training estimate, guaranteed bound, per-layer report.
+
+    Built by :func:`build_bound`. The power-iteration iterates are *not* owned here but passed in as a
+    mapping ``layer name -> tensor`` that is updated in place, so a model can keep them as buffers (saved
+    with its state dict, warm-starting resumed training).
+    """
+
+    def __init__(self, root: Term) -> None:
+        self.root = root
+
+    def layers(self) -> list[LayerBound]:
+        return list(self.root.layers())
+
+    def iterate_shapes(self) -> dict[str, Shape]:
+        return {b.name: b.iterate_shape for b in self.layers() if b.iterate_shape is not None}
+
+    def init_iterates(self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """Fresh random unit iterates, one per weighted layer."""
+        return {k: _unit(torch.randn(s, generator=generator, dtype=dtype)) for k, s in self.iterate_shapes().items()}
+
+    def estimate(self, iterates: MutableMapping[str, Tensor], iterations: int = 1) -> Tensor:
+        """The differentiable power-iteration estimate (a lower bound in the limit), updating ``iterates``."""
+        return torch.as_tensor(self.root.estimate(iterates, iterations))
+
+    def guaranteed(self) -> float:
+        """A sound float64 upper bound (before any floating-point safety factor)."""
+        return float(self.root.guaranteed())
+
+    def converge(self, iterates: MutableMapping[str, Tensor], tol: float = 1e-9, max_iterations: int = 5000) -> float:
+        """Run every iterate to convergence in float64; returns the product of the converged estimates.
+
+        Assumes a pure product (no residual); with residual terms the value reported is still the product
+        of per-layer estimates composed like the bound.
+        """
+        values: dict[str, float] = {}
+        for b in self.layers():
+            if b.iterate_shape is not None:
+                value, v = b.converged_estimate(iterates[b.name], tol, max_iterations)
+                iterates[b.name].copy_(v)
+                values[b.name] = value
+        return _compose(self.root, lambda b: values.get(b.name, b.guaranteed()))
+
+    def report(self) -> list[dict[str, object]]:
+        """One row per layer: name, kind and guaranteed bound (for model.json and ``--verbose`` output)."""
+        return [{"layer": b.name, "kind": b.kind, "bound": b.guaranteed()} for b in self.layers()]
+
+
+def _compose(term: Term, value: Callable[[LayerBound], float]) -> float:
+    if isinstance(term, Leaf):
+        return value(term.layer)
+    if isinstance(term, Product):
+        return math.prod(_compose(t, value) for t in term.terms)
+    if isinstance(term, ResidualTerm):
+        return 1.0 + _compose(term.inner, value)
+    raise TypeError(type(term))
+
+
+def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int, Shape]:
+    """``id(submodule) -> input shape without batch`` from one forward pass of zeros of ``in_shape``.
+
+    A module called twice (weight sharing) would have two inputs; it is refused because its bound would
+    enter the product twice, which the tree analysis does not model.
+    """
+    shapes: dict[int, Shape] = {}
+    twice: list[str] = []
+    names = {id(m): n for n, m in module.named_modules()}
+
+    def hook(m: nn.Module, args: tuple) -> None:
+        if id(m) in shapes:
+            twice.append(names.get(id(m), "?"))
+        if args and isinstance(args[0], Tensor):
+            shapes[id(m)] = tuple(args[0].shape[1:])
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    ref = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), torch.zeros(()))
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            module(torch.zeros(1, *in_shape, dtype=ref.dtype if ref.is_floating_point() else torch.float32, device=ref.device))
+    finally:
+        module.train(was_training)
+        for h in handles:
+            h.remove()
+    if twice:
+        raise CertkitError(f"layer(s) {sorted(set(twice))} are called more than once in forward; not supported")
+    return shapes
+
+
+def build_bound(module: nn.Module, in_shape: Sequence[int], exclude: Sequence[nn.Module] = ()) -> LipschitzBound:
+    """Analyse ``module`` (a tree of Sequential/Residual and known layers) for input shape ``in_shape``.
+
+    ``exclude`` lists modules left out of the bound — the GloRo head, which enters through ``‖w_i − w_j‖``.
+    """
+    shapes = record_input_shapes(module, in_shape)
+    skip = {id(m) for m in exclude}
+
+    def build(name: str, m: nn.Module) -> Term | None:
+        if id(m) in skip:
+            return None
+        if isinstance(m, nn.Sequential):
+            kids = [build(f"{name}.{k}" if name else k, c) for k, c in m.named_children()]
+            return Product([t for t in kids if t is not None])
+        if isinstance(m, Residual):
+            inner = build(f"{name}.inner" if name else "inner", m.inner)
+            return ResidualTerm(inner if inner is not None else Product([]))
+        return Leaf(layer_bound(name, m, shapes.get(id(m))))
+
+    root = build("", module)
+    return LipschitzBound(root if root is not None else Product([]))
+
+
+def lipschitz_upper_bound(module: nn.Module, in_shape: Sequence[int]) -> float:
+    """Guaranteed float64 upper bound on ``module``'s L2 Lipschitz constant (no safety factor)."""
+    return build_bound(module, in_shape).guaranteed()

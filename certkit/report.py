@@ -1,0 +1,154 @@
+"""Metrics over result files: ACR, certified accuracy, abstain rate, tables and curves.
+
+Definitions (Cohen et al. 2019; ACR as in MACER, Consistency, SmoothMix, CAT-RS and CRT):
+
+* certified accuracy at r = (1/N) * #{rows with correct = 1 and radius >= r}, over *all* N rows, so an
+  abstention counts as wrong; at r = 0 it is the smoothed classifier's accuracy;
+* ACR = (1/N) * sum_i correct_i * radius_i (wrong and abstained rows contribute 0);
+* abstain rate = fraction of rows with predict = -1.
+
+Every function takes a :class:`certkit.results.Results` or a path to a result file::
+
+    from certkit import report
+    report.acr("cohen.tsv"), report.certified_accuracy("cohen.tsv", [0.0, 0.25, 0.5])
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence, Union, overload
+
+import numpy as np
+
+from certkit.errors import CertkitError
+from certkit.fileio import atomic_write_bytes
+from certkit.results import Results, read_results
+
+ResultsLike = Union[Results, str, os.PathLike]
+
+
+def load(results: ResultsLike) -> Results:
+    """A :class:`Results` as is, or read from a path."""
+    return results if isinstance(results, Results) else read_results(results)
+
+
+def _radii_of(res: Results) -> np.ndarray:
+    if res.radius is None:
+        raise CertkitError(f"{res.path or 'results'}: a PREDICT file has no radii")
+    return res.radius
+
+
+def acr(results: ResultsLike) -> float:
+    """Average certified radius over all rows: mean of correct * radius."""
+    res = load(results)
+    if len(res) == 0:
+        return 0.0
+    return float(np.mean(res.correct * _radii_of(res)))
+
+
+@overload
+def certified_accuracy(results: ResultsLike, radii: float) -> float: ...
+@overload
+def certified_accuracy(results: ResultsLike, radii: Sequence[float]) -> np.ndarray: ...
+def certified_accuracy(results: ResultsLike, radii: float | Sequence[float]) -> float | np.ndarray:
+    """Fraction of all rows certified correct at radius >= r, for each r in ``radii`` (or one float r).
+
+    A PREDICT file answers only r = 0 (its accuracy).
+    """
+    res = load(results)
+    scalar = np.ndim(radii) == 0
+    grid = np.atleast_1d(np.asarray(radii, dtype=np.float64))
+    if len(res) == 0:
+        out = np.zeros(len(grid))
+    elif res.radius is None:
+        if np.any(grid != 0):
+            raise CertkitError(f"{res.path or 'results'}: a PREDICT file has no radii; only r = 0 is defined")
+        out = np.full(len(grid), float(res.correct.mean()))
+    else:
+        correct = res.correct.astype(bool)
+        out = np.array([np.mean(correct & (res.radius >= r)) for r in grid])
+    return float(out[0]) if scalar else out
+
+
+def abstain_rate(results: ResultsLike) -> float:
+    res = load(results)
+    return float(np.mean(res.predict == -1)) if len(res) else 0.0
+
+
+def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int) -> float:
+    """Cohen et al.'s lower bound, holding with probability >= 1 - rho, on the true certified accuracy.
+
+    Each row's certificate is wrong with probability <= alpha, so the empirical accuracy overstates the
+    truth by at most alpha plus a Bernstein deviation term:
+    emp - alpha - sqrt(alpha (1 - alpha) ln(1/rho) / N) - ln(1/rho) / (3N).
+    """
+    if n <= 0:
+        raise CertkitError("high_prob_accuracy needs N >= 1 rows")
+    log_term = math.log(1.0 / rho)
+    return emp - alpha - math.sqrt(alpha * (1.0 - alpha) * log_term / n) - log_term / (3.0 * n)
+
+
+def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.25) -> list[float]:
+    """0, step, 2*step, ... up to the largest radius present in the file(s)."""
+    items = [results] if isinstance(results, (Results, str, os.PathLike)) else list(results)
+    largest = 0.0
+    for item in items:
+        res = load(item)
+        if res.radius is not None and len(res):
+            largest = max(largest, float(res.radius.max()))
+    count = int(math.floor(largest / step + 1e-9))
+    return [round(i * step, 10) for i in range(count + 1)]
+
+
+def markdown_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None = None) -> str:
+    """A Markdown table, one row per file: N, ACR, certified accuracy on the grid, abstain rate."""
+    loaded = {name: load(r) for name, r in named_results.items()}
+    grid = list(radii) if radii is not None else default_grid(list(loaded.values()))
+    head = ["name", "N", "ACR"] + [f"r={r:.2f}" for r in grid] + ["abstain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, res in loaded.items():
+        has_radius = res.radius is not None
+        cells = [name, str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
+        for r in grid:
+            cells.append(f"{certified_accuracy(res, r):.3f}" if has_radius or r == 0 else "-")
+        cells.append(f"{abstain_rate(res):.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(
+    named_results: Mapping[str, ResultsLike], path: str | os.PathLike, step: float = 0.01, title: str | None = None
+) -> Path:
+    """Certified accuracy against radius (grid step ``step``) for every file on one plot, saved atomically.
+
+    The format follows the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    loaded = {name: load(r) for name, r in named_results.items()}
+    largest = max([float(res.radius.max()) for res in loaded.values() if res.radius is not None and len(res)] or [0.0])
+    grid = np.arange(0.0, largest + step, step)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in loaded.items():
+        if res.radius is None:
+            continue
+        ax.plot(grid, certified_accuracy(res, grid), label=f"{name} (ACR {acr(res):.3f})")
+    ax.set_xlabel("radius (L2)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=(path.suffix[1:] or "png"), dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

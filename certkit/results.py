@@ -1,0 +1,473 @@
+"""Result files in the field's standard TSV format: writing (with resume), reading, merging, summaries.
+
+Format (Cohen et al.'s ``certify.py``/``predict.py``, used by every later code base):
+
+* CERTIFY header ``idx label predict radius correct time``; PREDICT header ``idx label predict correct time``,
+  tab-separated; one row per image in index order.
+* ``radius`` is printed with the reference's ``{:.3}`` (three significant digits, general format that keeps a
+  ``.0``: ``0.953``, ``1.91``, ``1.0``, ``0.0`` on abstain). ``.3g`` would print ``1`` and ``0`` instead.
+* ``time`` is ``str(datetime.timedelta(seconds=t))`` (``0:00:00.694666``); readers also accept plain
+  seconds, as in Cohen's own CIFAR-10 files.
+* certkit may add columns *after* those (``samples`` for adaptive runs), so other tools still read the file.
+
+The header is written first and every row is flushed as it is written, so a file cut short by a crash is a
+valid prefix and can be resumed. The run's settings live in a JSON sidecar ``<file>.json`` written
+atomically; resuming or merging refuses files whose settings differ.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from certkit.errors import CertkitError
+from certkit.fileio import atomic_write_json, atomic_write_text
+
+CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
+PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
+#: optional columns certkit knows how to read back
+EXTRA_COLUMNS = ("samples",)
+SIDECAR_FORMAT = "certkit-results/1"
+
+
+def columns_for(kind: str) -> tuple[str, ...]:
+    if kind == "certify":
+        return CERTIFY_COLUMNS
+    if kind == "predict":
+        return PREDICT_COLUMNS
+    raise CertkitError(f"result kind must be 'certify' or 'predict' (got {kind!r})")
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Settings of a result file: ``<file>.json`` next to it."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def summary_path(path: str | os.PathLike) -> Path:
+    """Metrics of a result file: ``<file without .tsv>.summary.json`` next to it."""
+    path = Path(path)
+    stem = path.name[: -len(".tsv")] if path.name.endswith(".tsv") else path.name
+    return path.with_name(stem + ".summary.json")
+
+
+def format_radius(r: float) -> str:
+    """Three significant digits exactly as the reference prints them (``"{:.3}".format(r)``)."""
+    return format(float(r), ".3")
+
+
+def format_time(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=float(seconds)))
+
+
+def parse_time(text: str) -> float:
+    """Seconds from ``[D day[s], ]H:MM:SS[.ffffff]`` or from plain seconds (``15.4``)."""
+    text = text.strip()
+    if ":" not in text:
+        return float(text)
+    days = 0.0
+    if "day" in text:
+        day_part, text = text.split(",", 1)
+        days = float(day_part.split()[0])
+    h, m, s = text.strip().split(":")
+    return days * 86400.0 + int(h) * 3600.0 + int(m) * 60.0 + float(s)
+
+
+def _normalise(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings as they read back from JSON (tuples become lists), so comparisons are like for like."""
+    try:
+        return json.loads(json.dumps(dict(settings), sort_keys=True))
+    except (TypeError, ValueError) as e:
+        raise CertkitError(f"result settings must be JSON-serialisable: {e}") from None
+
+
+def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    skip = set(ignore)
+    return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k, "<missing>") != b.get(k, "<missing>"))
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of result file ``path`` (``{"format", "kind", "columns", "settings"}``)."""
+    side = sidecar_path(path)
+    try:
+        meta = json.loads(side.read_text())
+    except FileNotFoundError:
+        raise CertkitError(f"{path}: no settings file {side.name} beside it") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CertkitError(f"{side}: not a certkit settings file (invalid JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "settings" not in meta:
+        raise CertkitError(f"{side}: not a certkit settings file")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ResultWriter:
+    """Append-only writer of one result file, one flushed row per image, resumable.
+
+    A new file gets its sidecar (atomically) and then its header. An existing file is resumed when
+    ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
+    names the keys that differ), any trailing partial line left by a crash is cut off, and
+    :attr:`done_indices` holds the indices already written so the caller can skip them. With
+    ``resume=False`` an existing file is replaced.
+
+    Use as a context manager::
+
+        with ResultWriter(path, "certify", settings) as out:
+            if idx not in out.done_indices:
+                out.write_certify(idx, label, prediction, radius, seconds)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        kind: str = "certify",
+        settings: Mapping[str, Any] | None = None,
+        resume: bool = True,
+        extra_columns: Sequence[str] = (),
+    ) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.columns = columns_for(kind) + tuple(extra_columns)
+        self.settings = _normalise(settings or {})
+        self.done_indices: set[int] = set()
+        header = "\t".join(self.columns) + "\n"
+        if resume and self.path.exists() and self._resumable(header):
+            self._file = open(self.path, "a", encoding="utf-8")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(
+                sidecar_path(self.path),
+                {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
+            )
+            self._file = open(self.path, "w", encoding="utf-8")
+            self._file.write(header)
+            self._flush()
+
+    def _resumable(self, header: str) -> bool:
+        """Check an existing file can be continued; cut its partial last line. False = start afresh."""
+        data = self.path.read_bytes()
+        if not data or (header.encode().startswith(data) and not data.endswith(b"\n")):
+            return False  # killed before the header was complete
+        if not data.startswith(header.encode()):
+            raise CertkitError(
+                f"{self.path} exists and is not a {self.kind} result file with columns {' '.join(self.columns)}; "
+                "choose another output or remove it"
+            )
+        meta = read_sidecar(self.path)
+        if meta.get("kind") != self.kind or list(meta.get("columns", [])) != list(self.columns):
+            raise CertkitError(f"{self.path} was written as a different kind of result file; cannot resume it")
+        differing = _differing_keys(meta["settings"], self.settings)
+        if differing:
+            raise CertkitError(
+                f"cannot resume {self.path}: settings differ in {', '.join(differing)} "
+                "(use the same settings, or another output file)"
+            )
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) != len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+                f.flush()
+                os.fsync(f.fileno())
+        for number, line in enumerate(complete.decode("utf-8").splitlines()[1:], start=2):
+            try:
+                self.done_indices.add(int(line.split("\t", 1)[0]))
+            except ValueError:
+                raise CertkitError(f"{self.path}:{number}: not a result row: {line[:60]!r}") from None
+        return True
+
+    def _flush(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _write_row(self, fields: Sequence[str], extra: Mapping[str, Any]) -> None:
+        missing = [c for c in self.columns[len(fields) :] if c not in extra]
+        if missing:
+            raise ValueError(f"missing values for extra columns {missing}")
+        row = list(fields) + [str(extra[c]) for c in self.columns[len(fields) :]]
+        self._file.write("\t".join(row) + "\n")
+        self._flush()
+
+    def write_certify(
+        self, idx: int, label: int, prediction: int, radius: float, seconds: float, **extra: Any
+    ) -> None:
+        """One CERTIFY row; ``correct`` is derived (abstain, -1, is never correct)."""
+        if self.kind != "certify":
+            raise ValueError("write_certify on a predict writer")
+        correct = int(prediction == label)
+        fields = [str(int(idx)), str(int(label)), str(int(prediction)), format_radius(radius), str(correct), format_time(seconds)]
+        self._write_row(fields, extra)
+        self.done_indices.add(int(idx))
+
+    def write_predict(self, idx: int, label: int, prediction: int, seconds: float, **extra: Any) -> None:
+        """One PREDICT row."""
+        if self.kind != "predict":
+            raise ValueError("write_predict on a certify writer")
+        correct = int(prediction == label)
+        fields = [str(int(idx)), str(int(label)), str(int(prediction)), str(correct), format_time(seconds)]
+        self._write_row(fields, extra)
+        self.done_indices.add(int(idx))
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """The rows of one result file as arrays (full precision as printed; abstain is predict = -1).
+
+    ``radius`` is None for PREDICT files; ``samples`` is None unless the file has that column.
+    """
+
+    idx: np.ndarray
+    label: np.ndarray
+    predict: np.ndarray
+    radius: np.ndarray | None
+    correct: np.ndarray
+    time_seconds: np.ndarray
+    kind: str = "certify"
+    samples: np.ndarray | None = None
+    path: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def read_results(path: str | os.PathLike) -> Results:
+    """Read a CERTIFY or PREDICT TSV (certkit's or any code base's that uses the standard format).
+
+    A last line without its newline is kept only if it parses completely (a file being written may end
+    mid-row). Anything else that is not a result file raises :class:`CertkitError` naming the file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise CertkitError(f"{path}: no such result file") from None
+    except IsADirectoryError:
+        raise CertkitError(f"{path}: is a directory, not a result file") from None
+    except UnicodeDecodeError:
+        raise CertkitError(f"{path}: not a result file (not UTF-8 text)") from None
+    lines = text.split("\n")
+    partial = lines.pop() if lines else ""  # "" when the file ends with a newline
+    header = tuple(lines[0].rstrip("\r").split("\t")) if lines else tuple(partial.split("\t"))
+    if header[: len(CERTIFY_COLUMNS)] == CERTIFY_COLUMNS:
+        kind = "certify"
+    elif header[: len(PREDICT_COLUMNS)] == PREDICT_COLUMNS:
+        kind = "predict"
+    else:
+        raise CertkitError(
+            f"{path}: not a result file (expected header 'idx label predict radius correct time' "
+            "or 'idx label predict correct time')"
+        )
+    body = lines[1:]
+    rows: list[list[str]] = []
+    for number, line in enumerate(body, start=2):
+        fields = line.rstrip("\r").split("\t")
+        if len(fields) != len(header):
+            raise CertkitError(f"{path}:{number}: expected {len(header)} columns, found {len(fields)}")
+        rows.append(fields)
+    if partial and lines:
+        fields = partial.split("\t")
+        if len(fields) == len(header) and all(fields):
+            rows.append(fields)
+    column = {name: i for i, name in enumerate(header)}
+
+    def ints(name: str) -> np.ndarray:
+        return np.array([int(r[column[name]]) for r in rows], dtype=np.int64)
+
+    try:
+        result = Results(
+            idx=ints("idx"),
+            label=ints("label"),
+            predict=ints("predict"),
+            radius=np.array([float(r[column["radius"]]) for r in rows], dtype=np.float64) if kind == "certify" else None,
+            correct=ints("correct"),
+            time_seconds=np.array([parse_time(r[column["time"]]) for r in rows], dtype=np.float64),
+            kind=kind,
+            samples=ints("samples") if "samples" in column else None,
+            path=str(path),
+        )
+    except ValueError as e:
+        raise CertkitError(f"{path}: not a result file (bad value: {e})") from None
+    if result.radius is not None and not np.all(np.isfinite(result.radius)):
+        raise CertkitError(f"{path}: radius column has non-finite values")
+    try:
+        result.settings = read_sidecar(path)["settings"]
+    except CertkitError:
+        result.settings = {}  # a file from another code base has no sidecar; that is fine for reading
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planned indices, merging, summaries
+# ----------------------------------------------------------------------------------------------------------
+
+
+def planned_indices(dataset_size: int, skip: int = 1, max_idx: int = -1, shard: Sequence[int] | None = None) -> list[int]:
+    """Indices a run visits: 0, skip, 2*skip, ... below ``max_idx`` (-1 = all), as the reference.
+
+    With ``shard = (i, k)`` only positions p (in that list) with p % k == i: shards interleave, so each gets
+    a fair share of easy and hard images and every shard finishes at about the same time.
+    """
+    if skip < 1:
+        raise CertkitError(f"skip must be >= 1 (got {skip})")
+    stop = dataset_size if max_idx < 0 else min(max_idx, dataset_size)
+    indices = list(range(0, stop, skip))
+    if shard is not None:
+        i, k = int(shard[0]), int(shard[1])
+        if not (k >= 1 and 0 <= i < k):
+            raise CertkitError(f"shard must be i/k with 0 <= i < k (got {i}/{k})")
+        indices = indices[i::k]
+    return indices
+
+
+def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
+    """Join shard files into one result file in index order, with one merged sidecar.
+
+    Refuses shards whose settings differ (other than ``shard``), overlapping indices, an incomplete set of
+    shards (i/k for every i < k) and, when the settings say which indices were planned, any missing row.
+    """
+    if not shard_paths:
+        raise CertkitError("merge needs at least one shard file")
+    metas = [read_sidecar(p) for p in shard_paths]
+    results = [read_results(p) for p in shard_paths]
+    first = metas[0]
+    for path, meta in zip(shard_paths[1:], metas[1:]):
+        if meta["kind"] != first["kind"] or meta["columns"] != first["columns"]:
+            raise CertkitError(f"cannot merge {path} with {shard_paths[0]}: different kinds of result file")
+        differing = _differing_keys(first["settings"], meta["settings"], ignore=("shard",))
+        if differing:
+            raise CertkitError(f"cannot merge {path} with {shard_paths[0]}: settings differ in {', '.join(differing)}")
+    shards = [m["settings"].get("shard") for m in metas]
+    if any(s is not None for s in shards):
+        if any(s is None for s in shards):
+            raise CertkitError("cannot merge sharded and unsharded result files")
+        counts = {int(s[1]) for s in shards}
+        if len(counts) != 1:
+            raise CertkitError(f"cannot merge shards of different shard counts {sorted(counts)}")
+        k = counts.pop()
+        have = sorted(int(s[0]) for s in shards)
+        if have != list(range(k)):
+            missing = sorted(set(range(k)) - set(have))
+            raise CertkitError(
+                f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {missing or 'none'})"
+            )
+    seen: dict[int, str] = {}
+    for path, res in zip(shard_paths, results):
+        for i in res.idx.tolist():
+            if i in seen:
+                raise CertkitError(f"index {i} appears in both {seen[i]} and {path}")
+            seen[i] = str(path)
+    settings = dict(first["settings"])
+    settings.pop("shard", None)
+    if "dataset_size" in settings:
+        planned = planned_indices(int(settings["dataset_size"]), int(settings.get("skip", 1)), int(settings.get("max", -1)))
+        missing = sorted(set(planned) - set(seen))
+        if missing:
+            raise CertkitError(f"{len(missing)} planned indices are missing from the shards (first: {missing[0]}); finish every shard first")
+    # rows: take each file's lines verbatim (no re-formatting), ordered by index
+    rows: list[tuple[int, str]] = []
+    for path in shard_paths:
+        for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]:
+            if line.strip():
+                rows.append((int(line.split("\t", 1)[0]), line))
+    rows.sort(key=lambda r: r[0])
+    out_path = Path(out_path)
+    header = "\t".join(first["columns"]) + "\n"
+    atomic_write_json(
+        sidecar_path(out_path),
+        {"format": SIDECAR_FORMAT, "kind": first["kind"], "columns": first["columns"], "settings": settings},
+    )
+    atomic_write_text(out_path, header + "".join(line + "\n" for _, line in rows))
+    return out_path
+
+
+def write_summary(
+    results_path: str | os.PathLike,
+    settings: Mapping[str, Any] | None = None,
+    radii: Sequence[float] | None = None,
+    rho: float = 0.001,
+    path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Write ``<file>.summary.json`` beside a result file and return its content.
+
+    Holds N, accuracy, ACR, certified accuracy on the radius grid (with Cohen's high-probability lower
+    bound at level ``rho``), abstain rate, cost (total and per-image time, mean samples if known) and the
+    run's parameters (``settings``, else the sidecar's). A radius above sigma*Phi^-1(alpha^(1/n)) is
+    impossible and is flagged as ``radius_bound_violated``.
+    """
+    from certkit import report  # report imports this module; import here to keep the graph acyclic
+
+    res = read_results(results_path)
+    params = _normalise(settings) if settings is not None else res.settings
+    n_rows = len(res)
+    summary: dict[str, Any] = {
+        "file": Path(results_path).name,
+        "kind": res.kind,
+        "N": n_rows,
+        "parameters": params,
+        "abstain_rate": report.abstain_rate(res),
+        "total_seconds": float(res.time_seconds.sum()),
+        "seconds_per_image": float(res.time_seconds.mean()) if n_rows else 0.0,
+    }
+    alpha = params.get("alpha")
+    if res.kind == "certify":
+        grid = list(radii) if radii is not None else report.default_grid(res)
+        accuracies = report.certified_accuracy(res, grid) if n_rows else np.zeros(len(grid))
+        summary["acr"] = report.acr(res)
+        summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
+        summary["certified_accuracy"] = {f"{r:g}": float(a) for r, a in zip(grid, accuracies)}
+        if alpha is not None and n_rows:
+            summary["certified_accuracy_high_prob"] = {
+                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows) for r, a in zip(grid, accuracies)
+            }
+            summary["rho"] = rho
+        if alpha is not None and params.get("sigma") and params.get("n") and n_rows:
+            from certkit.smooth import max_radius
+
+            bound = max_radius(float(params["sigma"]), int(params["n"]), float(alpha))
+            # the file rounds to 3 significant digits, so allow half a unit in the third digit
+            summary["max_radius"] = bound
+            summary["radius_bound_violated"] = bool(np.any(res.radius > bound * (1 + 5e-3)))
+    else:
+        summary["accuracy"] = float(res.correct.mean()) if n_rows else 0.0
+    if res.samples is not None and n_rows:
+        summary["mean_samples"] = float(res.samples.mean())
+    out = Path(path) if path is not None else summary_path(results_path)
+    atomic_write_json(out, _finite(summary))
+    return summary
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: turn them into None so the summary stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,506 @@
+"""One training loop for every method: the objective is the only thing that changes.
+
+The :class:`Trainer` takes a model, a dataset and an :class:`~certkit.objectives.base.Objective`, and owns
+what every method shares: the optimizer and LR schedule, chunking (one optimizer step per chunk), the
+per-epoch test, the metrics file, checkpoints, resumption and the **cost ledger**.
+
+Reproducibility: at the start of every epoch torch's RNG (noise) and the data-order generator are
+re-seeded from ``(seed, epoch)``, so a run resumed from epoch ``e`` is bit-for-bit the uninterrupted run on
+CPU, and two runs with the same seed see the same data order.
+
+Cost ledger: hooks on the model count every image that goes through a forward pass and every image whose
+output a backward pass flows through (attack input-gradients included), per epoch, beside the wall-clock
+seconds of the training loop (per-epoch tests excluded, as the CRT reference logs it) and the device name.
+Any two run directories can therefore be compared for training cost from their ``model.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from certkit import checkpoint
+from certkit.errors import CertkitError
+from certkit.fileio import atomic_write_bytes, atomic_write_text
+from certkit.objectives.base import Objective
+
+STATE = "train_state.safetensors"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. Defaults are the MNIST/Fashion-MNIST LeNet recipe of the RS literature."""
+
+    epochs: int = 90
+    batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: step (×gamma every lr_step epochs) | multistep (×gamma at milestones) | cosine | exp (to lr_final) | constant
+    schedule: str = "step"
+    lr_step: int = 30
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    lr_final: float = 1e-6
+    seed: int = 0
+    test_batch_size: int = 1000
+    #: stop with an error when the loss is NaN/inf (diverged run, e.g. SmoothAdv with a large epsilon)
+    check_finite: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise CertkitError(f"--epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            raise CertkitError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if not self.lr > 0:
+            raise CertkitError(f"--lr must be > 0 (got {self.lr})")
+        if self.optimizer not in ("sgd", "adam"):
+            raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
+        if self.schedule not in ("step", "multistep", "cosine", "exp", "constant"):
+            raise CertkitError(f"unknown schedule {self.schedule!r}; valid: step, multistep, cosine, exp, constant")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CertkitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CertkitError("device cuda requested but CUDA is not available")
+    return device
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and labels, stable across processes and Python versions."""
+    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost ledger
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class CostLedger:
+    """Training cost: wall-clock seconds and forward/backward image passes, per epoch and in total."""
+
+    device: str = ""
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    #: cost of ancestors (a CRT teacher chain), kept apart from this run's own cost
+    ancestors: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(e["seconds"] for e in self.epochs))
+
+    def totals(self) -> dict[str, float]:
+        keys = sorted({k for e in self.epochs for k in e if k not in ("epoch",)})
+        return {k: float(sum(e.get(k, 0) for e in self.epochs)) for k in keys}
+
+    def to_json(self) -> dict[str, Any]:
+        epochs = len(self.epochs)
+        return {
+            "device": self.device,
+            "epochs": self.epochs,
+            "total": self.totals(),
+            "seconds_per_epoch": self.seconds / epochs if epochs else 0.0,
+            "ancestors": self.ancestors,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CostLedger":
+        return cls(device=d.get("device", ""), epochs=list(d.get("epochs", [])), ancestors=list(d.get("ancestors", [])))
+
+
+class PassCounter:
+    """Counts images through forward passes of a module, and images whose outputs receive a gradient."""
+
+    def __init__(self, module: nn.Module, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.forward = 0
+        self.backward = 0
+        self._handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        n = int(inputs[0].shape[0])
+        self.forward += n
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(lambda grad, n=n: self._count_backward(n))
+
+    def _count_backward(self, n: int) -> None:
+        self.backward += n
+
+    def take(self) -> dict[str, int]:
+        out = {f"{self.prefix}forward": self.forward, f"{self.prefix}backward": self.backward}
+        self.forward = self.backward = 0
+        return out
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------
+class Trainer:
+    """Train ``model`` on ``train_data`` by minimising ``objective``; evaluate on ``test_data`` each epoch.
+
+    Example::
+
+        model = create_model("lenet", 10, (1, 28, 28))
+        trainer = Trainer(model, Gaussian(sigma=0.25), train, test, TrainConfig(epochs=2), out_dir="runs/g")
+        trainer.fit()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        train_data: Any,
+        test_data: Any | None,
+        config: TrainConfig,
+        out_dir: str | os.PathLike | None = None,
+        meta: dict[str, Any] | None = None,
+        device: torch.device | str = "auto",
+        progress: bool | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.device = select_device(device) if isinstance(device, str) else device
+        self.objective = objective
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.model = model.to(self.device)
+        self.train_data = train_data.to(self.device)
+        self.test_data = test_data.to(self.device) if test_data is not None else None
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.meta = dict(meta or {})
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
+        self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.rank == 0 else None)
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.ledger = CostLedger(device=checkpoint.environment()["device"])
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.net: nn.Module = self.model
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        counted = {"": self.model}
+        counted.update({f"{k}_": m for k, m in getattr(objective, "counted_modules", dict)().items()})
+        self.counters = [PassCounter(m, prefix) for prefix, m in counted.items()]
+
+    # --- optimisation -------------------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "adam":
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        c, opt = self.config, self.optimizer
+        if c.schedule == "step":
+            return torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.gamma)
+        if c.schedule == "multistep":
+            return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(c.milestones), gamma=c.gamma)
+        if c.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
+        if c.schedule == "exp":
+            gamma = (c.lr_final / c.lr) ** (1.0 / max(c.epochs - 1, 1))
+            return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+
+    # --- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, Any]]:
+        c = self.config
+        for epoch in range(self.start_epoch, c.epochs):
+            record = self.train_epoch(epoch)
+            record.update(self.evaluate())
+            self.history.append(record)
+            self.log(
+                f"epoch {epoch + 1}/{c.epochs}  loss {record['loss']:.4f}  "
+                + "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("test_"))
+                + f"  {record['seconds']:.1f}s"
+            )
+            if self.out_dir is not None and self.rank == 0:
+                self.save(epoch)
+            if self.world_size > 1:
+                dist.barrier()
+        return self.history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        c = self.config
+        torch.manual_seed(derive_seed(c.seed, "noise", epoch, self.rank))
+        order = torch.Generator().manual_seed(derive_seed(c.seed, "order", epoch))
+        self.objective.start_epoch(epoch, c.epochs)
+        self.net.train()
+        chunks = max(1, int(self.objective.num_chunks))
+        sums: dict[str, Tensor] = {}
+        steps = 0
+        n_batches = math.ceil(len(self.train_data) / self.world_size / c.batch_size)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
+        self._sync()
+        start = time.perf_counter()
+        for x, y in self.train_data.batches(
+            c.batch_size, shuffle=True, generator=order, rank=self.rank, world_size=self.world_size
+        ):
+            for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, parts = self.objective(self.net, xc, yc)
+                if c.check_finite and not torch.isfinite(loss):
+                    raise CertkitError(
+                        f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss is {loss.item()} "
+                        "(lower the learning rate or the method's attack strength)"
+                    )
+                loss.backward()
+                self.optimizer.step()
+                sums["loss"] = sums.get("loss", 0) + loss.detach()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0) + v
+                steps += 1
+            bar.update(1)
+        self._sync()
+        seconds = time.perf_counter() - start
+        bar.close()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        cost: dict[str, Any] = {"epoch": epoch, "seconds": seconds, "steps": steps}
+        for counter in self.counters:
+            cost.update(counter.take())
+        self.ledger.epochs.append(cost)
+        record = {"epoch": epoch, "lr": lr, "seconds": seconds}
+        record.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Per-epoch test metrics of the objective (clean and one-draw noisy accuracy by default)."""
+        if self.test_data is None:
+            return {}
+        self.model.eval()
+        torch.manual_seed(derive_seed(self.config.seed, "test-noise"))
+        sums: dict[str, Tensor] = {}
+        n = 0
+        for x, y in self.test_data.batches(self.config.test_batch_size):
+            for k, v in self.objective.evaluate(self.model, x, y).items():
+                sums[k] = sums.get(k, 0) + v
+            n += len(y)
+        # the eval passes are not training cost
+        for counter in self.counters:
+            counter.take()
+        return {f"test_{k}": float(v) / max(n, 1) for k, v in sums.items()}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # --- checkpoints and resumption ------------------------------------------------------------------
+    def checkpoint_meta(self, epoch: int) -> dict[str, Any]:
+        meta = dict(self.meta)
+        meta.update(
+            sigma=self.objective.sigma,
+            method=self.objective.name,
+            hparams=dict(self.objective.hparams),
+            train=asdict(self.config) | {"milestones": list(self.config.milestones)},
+            epochs_completed=epoch + 1,
+            cost=self.ledger.to_json(),
+            metrics=self.history[-1] if self.history else {},
+            world_size=self.world_size,
+        )
+        meta.update(getattr(self.objective, "checkpoint_meta", dict)())
+        return meta
+
+    def save(self, epoch: int) -> None:
+        """Write the resume state (one atomic file), then the published checkpoint, then the metrics."""
+        assert self.out_dir is not None
+        meta = self.checkpoint_meta(epoch)
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt_state = self.optimizer.state_dict()
+        for pid, pstate in opt_state["state"].items():
+            for k, v in pstate.items():
+                if isinstance(v, Tensor):
+                    state[f"optim.{pid}.{k}"] = v
+        plain = {
+            pid: {k: v for k, v in s.items() if not isinstance(v, Tensor)} for pid, s in opt_state["state"].items()
+        }
+        resume = {
+            "epoch": epoch,
+            "meta": meta,
+            "history": self.history,
+            "optimizer": {"param_groups": opt_state["param_groups"], "plain_state": plain},
+            "scheduler": self.scheduler.state_dict(),
+        }
+        atomic_write_bytes(
+            self.out_dir / STATE, checkpoint.state_to_bytes(state, {"certkit_resume": json.dumps(resume)})
+        )
+        checkpoint.save(self.model, self.out_dir, meta)
+        atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def resume(self) -> bool:
+        """Continue from the last completed epoch in ``out_dir``; False when there is nothing to resume."""
+        if self.out_dir is None or not (self.out_dir / STATE).is_file():
+            return False
+        path = self.out_dir / STATE
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                info = json.loads(f.metadata()["certkit_resume"])
+            tensors = st_load(path.read_bytes())
+        except Exception as e:  # a corrupt resume file must not be half-used
+            raise CertkitError(f"{path}: cannot resume from it ({e})") from None
+        saved_train = info["meta"].get("train", {})
+        for key in ("seed", "batch_size", "optimizer", "schedule"):
+            if key in saved_train and saved_train[key] != getattr(self.config, key):
+                raise CertkitError(
+                    f"{path}: run was started with {key}={saved_train[key]!r}, not {getattr(self.config, key)!r}; "
+                    "use the same settings or another --out"
+                )
+        if saved_train.get("epochs") != self.config.epochs and info["epoch"] + 1 > self.config.epochs:
+            raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
+        if info["meta"].get("method") != self.objective.name:
+            raise CertkitError(f"{path}: run was trained with method {info['meta'].get('method')!r}, not {self.objective.name!r}")
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        opt_state: dict[str, Any] = {"param_groups": info["optimizer"]["param_groups"], "state": {}}
+        for pid, plain in info["optimizer"]["plain_state"].items():
+            opt_state["state"][int(pid)] = dict(plain)
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
+        self.optimizer.load_state_dict(opt_state)
+        self.scheduler.load_state_dict(info["scheduler"])
+        self.history = list(info["history"])
+        self.ledger = CostLedger.from_json(info["meta"]["cost"])
+        self.start_epoch = info["epoch"] + 1
+        if hasattr(self.objective, "load_checkpoint_meta"):
+            self.objective.load_checkpoint_meta(info["meta"])
+        if self.rank == 0:
+            # re-publish, in case the kill fell between writing the resume state and the checkpoint
+            checkpoint.save(self.model, self.out_dir, info["meta"])
+            atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+        self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes and the one-call API used by the CLI
+# ---------------------------------------------------------------------------------------------------------
+#: published optimisation recipes per dataset family (training-methods.md §1, crt.md §3, gloro.md §7)
+RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("mnist", "*"): dict(epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30),
+    ("cifar10", "*"): dict(epochs=150, batch_size=256, lr=0.1, schedule="step", lr_step=50),
+    ("imagenet", "*"): dict(epochs=90, batch_size=256, lr=0.1, schedule="step", lr_step=30),
+    ("cifar10", "crt"): dict(epochs=200, batch_size=128, lr=0.1, schedule="multistep", milestones=(100, 150)),
+    ("imagenet", "crt"): dict(epochs=90, batch_size=400, lr=0.1, schedule="multistep", milestones=(45, 67)),
+}
+
+
+def recipe(family: str, method: str) -> dict[str, Any]:
+    """The literature's optimisation settings for a dataset family and method (method-specific first)."""
+    base = dict(RECIPES.get((family, "*"), {}))
+    base.update(RECIPES.get((family, method), {}))
+    base.update(getattr(_objective_class(method), "RECIPE", {}))
+    return base
+
+
+def _objective_class(method: str) -> type[Objective]:
+    from certkit.objectives import get_objective
+
+    return get_objective(method)
+
+
+def train(
+    dataset: str = "fashion-mnist",
+    arch: str = "lenet",
+    method: str = "gaussian",
+    sigma: float = 0.25,
+    out: str | os.PathLike | None = None,
+    hparams: dict[str, Any] | None = None,
+    teacher: str | os.PathLike | None = None,
+    data_dir: str | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    progress: bool | None = None,
+    **config: Any,
+) -> Trainer:
+    """Train a model by names, as ``certkit train`` does; returns the finished :class:`Trainer`.
+
+    ``config`` overrides :class:`TrainConfig` fields; unset ones take :func:`recipe`'s published values.
+    Example::
+
+        certkit.train.train("fashion-mnist", "lenet", "gaussian", sigma=0.25, epochs=2, out="runs/g")
+    """
+    from certkit.data import dataset_info, load_dataset
+    from certkit.models import create_model, model_spec
+
+    if not sigma > 0:
+        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
+    info = dataset_info(dataset)
+    model_spec(arch)  # unknown names fail before any data is read
+    if out is not None and not resume and (Path(out) / STATE).exists():
+        raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    cls = _objective_class(method)
+    settings = recipe(info.family, method)
+    settings.update({k: v for k, v in config.items() if v is not None})
+    unknown = set(settings) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
+    cfg = TrainConfig(**settings)
+    cfg.validate()
+    objective = cls.from_config(sigma, info.family, hparams)
+    meta: dict[str, Any] = checkpoint.make_meta(arch, dataset, sigma, method)
+    lineage_cost: list[dict[str, Any]] = []
+    if teacher is not None:
+        if not hasattr(objective, "set_teacher"):
+            raise CertkitError(f"--teacher is only used by --method crt, not {method!r}")
+        t_model, t_meta = checkpoint.load_any(teacher, dataset=dataset)
+        if int(t_meta["num_classes"]) != info.num_classes:
+            raise CertkitError(f"{teacher}: teacher has {t_meta['num_classes']} classes, dataset {dataset} has {info.num_classes}")
+        t_meta = dict(t_meta, path=str(teacher), sha256=t_meta.get("weights", {}).get("sha256"))
+        objective.set_teacher(t_model, t_meta)  # type: ignore[attr-defined]
+        lineage_cost = list(t_meta.get("cost", {}).get("ancestors", []))
+        if "cost" in t_meta:
+            lineage_cost.append(
+                {"path": str(teacher), "method": t_meta.get("method"), "arch": t_meta.get("arch"),
+                 "seconds": t_meta["cost"].get("total", {}).get("seconds", 0.0), "total": t_meta["cost"].get("total", {})}
+            )
+    elif method == "crt":
+        raise CertkitError("--method crt needs --teacher RUN_DIR (a certkit run) or a reference .pth.tar")
+    train_data = load_dataset(dataset, "train", data_dir).subset(train_subset)
+    test_data = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None
+    model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
+    meta.update(train_subset=train_subset, test_subset=test_subset)
+    trainer = Trainer(model, objective, train_data, test_data, cfg, out_dir=out, meta=meta, device=device, progress=progress)
+    if teacher is not None:
+        objective.teacher.to(trainer.device)  # type: ignore[attr-defined]
+    trainer.ledger.ancestors = lineage_cost
+    if resume:
+        trainer.resume()
+        trainer.ledger.ancestors = lineage_cost or trainer.ledger.ancestors
+    trainer.fit()
+    return trainer

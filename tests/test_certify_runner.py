@@ -1,0 +1,127 @@
+"""The dataset runner: rows, resume, shards + merge, inputs per batch, predict mode, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from certkit.certify import certify_dataset
+from certkit.errors import CertkitError
+from certkit.results import merge_results, read_results, summary_path
+from certkit.smooth import AdaptiveSchedule
+
+
+class TinyDataset:
+    """12 random 1x4x4 images with labels 0..2, through the ``len``/``get`` interface of certkit.data."""
+
+    def __init__(self, size: int = 12, bad: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.images = torch.rand(size, 1, 4, 4, generator=gen)
+        if bad is not None:
+            self.images[bad, 0, 0, 0] = float("nan")
+        self.labels = [i % 3 for i in range(size)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.labels[i]
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+
+
+COMMON = dict(num_classes=3, sigma=0.25, n0=20, n=300, alpha=0.01, batch_size=200, progress=False)
+
+
+def rows_without_time(path: Path) -> list[tuple]:
+    r = read_results(path)
+    radius = r.radius.tolist() if r.radius is not None else [None] * len(r)
+    return list(zip(r.idx.tolist(), r.label.tolist(), r.predict.tolist(), radius, r.correct.tolist()))
+
+
+def test_rows_summary_and_independence_from_batching(tmp_path: Path):
+    model, data = tiny_model(), TinyDataset()
+    summary = certify_dataset(model, data, out=tmp_path / "a.tsv", skip=2, inputs_per_batch=1, **COMMON)
+    rows = rows_without_time(tmp_path / "a.tsv")
+    assert [r[0] for r in rows] == [0, 2, 4, 6, 8, 10]
+    assert summary is not None and summary["N"] == 6
+    assert json.loads(summary_path(tmp_path / "a.tsv").read_text())["acr"] == pytest.approx(summary["acr"])
+    # a different grouping of inputs and a different batch size give the same rows
+    certify_dataset(model, data, out=tmp_path / "b.tsv", skip=2, inputs_per_batch=4, **{**COMMON, "batch_size": 500})
+    assert rows_without_time(tmp_path / "b.tsv") == rows
+
+
+class Interrupted(TinyDataset):
+    """Raises KeyboardInterrupt (a Ctrl-C) when image ``stop_at`` is loaded."""
+
+    def __init__(self, stop_at: int) -> None:
+        super().__init__()
+        self.stop_at = stop_at
+
+    def get(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == self.stop_at:
+            raise KeyboardInterrupt
+        return super().get(i)
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_rows(tmp_path: Path):
+    model = tiny_model()
+    certify_dataset(model, TinyDataset(), out=tmp_path / "full.tsv", inputs_per_batch=2, **COMMON)
+    killed = tmp_path / "killed.tsv"
+    with pytest.raises(KeyboardInterrupt):
+        certify_dataset(model, Interrupted(stop_at=7), out=killed, inputs_per_batch=2, **COMMON)
+    assert read_results(killed).idx.tolist() == [0, 1, 2, 3, 4, 5]
+    with open(killed, "a") as f:
+        f.write("6\t0\t0\t0.1")  # and a row cut short by the kill
+    summary = certify_dataset(model, TinyDataset(), out=killed, inputs_per_batch=3, **COMMON)
+    assert summary is not None and summary["N"] == 12
+    assert rows_without_time(killed) == rows_without_time(tmp_path / "full.tsv")
+    # a different max is a different run: refused
+    with pytest.raises(CertkitError, match="max"):
+        certify_dataset(model, TinyDataset(), out=killed, max_idx=8, **COMMON)
+
+
+def test_resume_with_other_weights_is_refused(tmp_path: Path):
+    data = TinyDataset()
+    certify_dataset(tiny_model(), data, out=tmp_path / "r.tsv", max_idx=3, **COMMON)
+    other = tiny_model()
+    with torch.no_grad():
+        other[1].bias += 1
+    with pytest.raises(CertkitError, match="model_sha256"):
+        certify_dataset(other, data, out=tmp_path / "r.tsv", max_idx=3, **COMMON)
+
+
+def test_shards_merge_to_the_unsharded_rows(tmp_path: Path):
+    model, data = tiny_model(), TinyDataset()
+    certify_dataset(model, data, out=tmp_path / "whole.tsv", **COMMON)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.tsv"
+        certify_dataset(model, data, out=p, shard=(i, 3), **COMMON)
+        paths.append(p)
+    merge_results(paths, tmp_path / "merged.tsv")
+    assert rows_without_time(tmp_path / "merged.tsv") == rows_without_time(tmp_path / "whole.tsv")
+
+
+def test_predict_mode_and_adaptive_samples_column(tmp_path: Path):
+    model, data = tiny_model(), TinyDataset(6)
+    certify_dataset(model, data, out=tmp_path / "p.tsv", mode="predict", **COMMON)
+    assert read_results(tmp_path / "p.tsv").kind == "predict"
+    adaptive = AdaptiveSchedule(first_stage=50)
+    certify_dataset(model, data, out=tmp_path / "ad.tsv", adaptive=adaptive, **COMMON)
+    res = read_results(tmp_path / "ad.tsv")
+    assert res.samples is not None and all(20 + 50 <= s <= 20 + 300 for s in res.samples)
+
+
+def test_bad_inputs_are_user_errors(tmp_path: Path):
+    with pytest.raises(CertkitError, match="NaN"):
+        certify_dataset(tiny_model(), TinyDataset(bad=3), out=tmp_path / "x.tsv", **COMMON)
+    with pytest.raises(CertkitError, match="needs n >= 10"):
+        certify_dataset(tiny_model(), TinyDataset(), out=tmp_path / "y.tsv", **{**COMMON, "n": 5, "alpha": 0.001})

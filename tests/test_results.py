@@ -1,0 +1,208 @@
+"""The standard TSV: exact bytes, reading other code bases' files, resume, merge, summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from certkit.errors import CertkitError
+from certkit.results import (
+    ResultWriter,
+    format_radius,
+    format_time,
+    merge_results,
+    parse_time,
+    planned_indices,
+    read_results,
+    sidecar_path,
+    summary_path,
+    write_summary,
+)
+
+SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "skip": 1, "max": -1, "shard": None}
+
+
+def test_radius_and_time_are_printed_like_the_reference():
+    assert [format_radius(r) for r in [0.9533, 1.9066, 3.8114, 1.0, 0.0, 0.0277, 2.7e-05]] == [
+        "0.953", "1.91", "3.81", "1.0", "0.0", "0.0277", "2.7e-05"
+    ]
+    assert format_time(0.694666) == "0:00:00.694666"
+    assert format_time(2.0) == "0:00:02"
+    assert format_time(3725.5) == "1:02:05.500000"
+    assert parse_time("0:00:00.694666") == pytest.approx(0.694666)
+    assert parse_time("15.4") == pytest.approx(15.4)
+    assert parse_time("1 day, 0:00:01") == pytest.approx(86401)
+
+
+def test_certify_file_byte_for_byte(tmp_path: Path):
+    path = tmp_path / "out.tsv"
+    with ResultWriter(path, "certify", SETTINGS) as out:
+        out.write_certify(0, 9, 9, 0.59912, 0.694666)
+        out.write_certify(1, 2, -1, 0.0, 1.5)
+        out.write_certify(2, 1, 3, 0.95311, 2.0)
+    assert path.read_bytes() == (
+        b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+        b"0\t9\t9\t0.599\t1\t0:00:00.694666\n"
+        b"1\t2\t-1\t0.0\t0\t0:00:01.500000\n"
+        b"2\t1\t3\t0.953\t0\t0:00:02\n"
+    )
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["settings"] == SETTINGS and meta["kind"] == "certify"
+
+
+def test_predict_file_and_extra_columns(tmp_path: Path):
+    path = tmp_path / "p.tsv"
+    with ResultWriter(path, "predict", {"n": 1000}) as out:
+        out.write_predict(0, 3, 3, 0.25)
+        out.write_predict(5, 4, -1, 0.5)
+    assert path.read_text().splitlines() == ["idx\tlabel\tpredict\tcorrect\ttime", "0\t3\t3\t1\t0:00:00.250000", "5\t4\t-1\t0\t0:00:00.500000"]
+    res = read_results(path)
+    assert res.kind == "predict" and res.radius is None and res.idx.tolist() == [0, 5] and res.correct.tolist() == [1, 0]
+
+    extra = tmp_path / "a.tsv"
+    with ResultWriter(extra, "certify", {}, extra_columns=("samples",)) as out:
+        out.write_certify(0, 1, 1, 0.5, 1.0, samples=12600)
+    assert extra.read_text().splitlines()[0].endswith("time\tsamples")
+    assert read_results(extra).samples.tolist() == [12600]
+
+
+def test_read_accepts_plain_seconds_and_a_complete_last_line_without_newline(tmp_path: Path):
+    path = tmp_path / "cifar.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.5\t1\t15.4\n20\t8\t-1\t0.0\t0\t16.1")
+    res = read_results(path)
+    assert res.idx.tolist() == [0, 20] and res.time_seconds.tolist() == pytest.approx([15.4, 16.1])
+    assert res.settings == {}
+
+
+def test_read_drops_a_partial_last_row(tmp_path: Path):
+    path = tmp_path / "partial.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\t0.5\t1\t0:00:01\n1\t3\t3\t0.9")
+    assert read_results(path).idx.tolist() == [0]
+
+
+@pytest.mark.parametrize("content", [b"hello\tworld\n1\t2\n", b"\x89PNG\r\n\x1a\n\x00\x00", b""])
+def test_not_a_results_file(tmp_path: Path, content: bytes):
+    path = tmp_path / "junk.tsv"
+    path.write_bytes(content)
+    with pytest.raises(CertkitError, match="junk.tsv"):
+        read_results(path)
+    with pytest.raises(CertkitError, match="junk.tsv"):
+        read_results(tmp_path / "missing" / "junk.tsv")
+
+
+def test_bad_row_names_file_and_line(tmp_path: Path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\tabc\t1\t0:00:01\n")
+    with pytest.raises(CertkitError, match="bad.tsv"):
+        read_results(path)
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\n")
+    with pytest.raises(CertkitError, match="bad.tsv:2"):
+        read_results(path)
+
+
+def _write_rows(path: Path, indices, settings=SETTINGS, resume=True) -> ResultWriter:
+    out = ResultWriter(path, "certify", settings, resume=resume)
+    for i in indices:
+        if i not in out.done_indices:
+            out.write_certify(i, i % 10, i % 10, 0.1 * (i % 7), 1.0)
+    return out
+
+
+def test_resume_after_a_truncated_row_continues_without_duplicates_or_drops(tmp_path: Path):
+    full = tmp_path / "full.tsv"
+    _write_rows(full, range(8)).close()
+    cut = tmp_path / "cut.tsv"
+    _write_rows(cut, range(5)).close()
+    with open(cut, "a") as f:
+        f.write("5\t5\t5\t0.")  # killed mid-row
+    out = _write_rows(cut, range(8))
+    assert out.done_indices == set(range(8))
+    out.close()
+    assert cut.read_text() == full.read_text()
+
+
+def test_resume_of_a_file_killed_before_its_header_was_complete(tmp_path: Path):
+    path = tmp_path / "early.tsv"
+    path.write_text("idx\tlab")
+    _write_rows(path, range(2)).close()
+    assert read_results(path).idx.tolist() == [0, 1]
+
+
+def test_resume_refuses_different_settings_naming_the_keys(tmp_path: Path):
+    path = tmp_path / "r.tsv"
+    _write_rows(path, range(3)).close()
+    with pytest.raises(CertkitError, match="alpha, sigma"):
+        ResultWriter(path, "certify", {**SETTINGS, "sigma": 0.5, "alpha": 0.01})
+    with pytest.raises(CertkitError, match="not a predict result file"):
+        ResultWriter(path, "predict", SETTINGS)
+    # resume=False starts over
+    _write_rows(path, [7], settings={**SETTINGS, "sigma": 0.5}, resume=False).close()
+    assert read_results(path).idx.tolist() == [7]
+
+
+def test_resume_refuses_a_file_that_is_not_a_result_file(tmp_path: Path):
+    path = tmp_path / "notes.tsv"
+    path.write_text("some\tother\ttable\n")
+    with pytest.raises(CertkitError, match="not a certify result file"):
+        ResultWriter(path, "certify", SETTINGS)
+
+
+def test_planned_indices_follow_skip_max_and_shards():
+    assert planned_indices(10, skip=3) == [0, 3, 6, 9]
+    assert planned_indices(10, skip=2, max_idx=7) == [0, 2, 4, 6]
+    shards = [planned_indices(100, 7, -1, (i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == planned_indices(100, 7)
+    with pytest.raises(CertkitError):
+        planned_indices(10, shard=(3, 3))
+
+
+def test_merge_of_shards_equals_the_unsharded_rows(tmp_path: Path):
+    settings = {**SETTINGS, "dataset_size": 20, "skip": 2}
+    whole = tmp_path / "whole.tsv"
+    _write_rows(whole, planned_indices(20, 2), settings).close()
+    shards = []
+    for i in range(3):
+        p = tmp_path / f"shard{i}.tsv"
+        _write_rows(p, planned_indices(20, 2, -1, (i, 3)), {**settings, "shard": [i, 3]}).close()
+        shards.append(p)
+    merged = merge_results(shards, tmp_path / "merged.tsv")
+    assert merged.read_text() == whole.read_text()
+    assert json.loads(sidecar_path(merged).read_text())["settings"] == {k: v for k, v in settings.items() if k != "shard"}
+
+
+def test_merge_refusals(tmp_path: Path):
+    settings = {**SETTINGS, "dataset_size": 6}
+    a, b, c = tmp_path / "a.tsv", tmp_path / "b.tsv", tmp_path / "c.tsv"
+    _write_rows(a, [0, 2, 4], {**settings, "shard": [0, 2]}).close()
+    _write_rows(b, [1, 3, 5], {**settings, "shard": [1, 2], "sigma": 0.5}).close()
+    with pytest.raises(CertkitError, match="settings differ in sigma"):
+        merge_results([a, b], tmp_path / "m.tsv")
+    _write_rows(c, [1, 2, 3, 5], {**settings, "shard": [1, 2]}).close()
+    with pytest.raises(CertkitError, match="index 2 appears in both"):
+        merge_results([a, c], tmp_path / "m.tsv")
+    with pytest.raises(CertkitError, match="missing \\[1\\]"):
+        merge_results([a], tmp_path / "m.tsv")
+    _write_rows(c, [1, 3], {**settings, "shard": [1, 2]}, resume=False).close()
+    with pytest.raises(CertkitError, match="missing from the shards"):
+        merge_results([a, c], tmp_path / "m.tsv")
+
+
+def test_summary_beside_the_file(tmp_path: Path):
+    path = tmp_path / "run.tsv"
+    with ResultWriter(path, "certify", {"sigma": 0.25, "n": 100_000, "alpha": 0.001}) as out:
+        out.write_certify(0, 1, 1, 0.953, 1.0)
+        out.write_certify(1, 2, 2, 0.3, 1.0)
+        out.write_certify(2, 3, 4, 0.7, 1.0)
+        out.write_certify(3, 4, -1, 0.0, 3.0)
+    summary = write_summary(path)
+    assert summary_path(path) == tmp_path / "run.summary.json"
+    on_disk = json.loads(summary_path(path).read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["N"] == 4 and on_disk["acr"] == pytest.approx((0.953 + 0.3) / 4)
+    assert on_disk["certified_accuracy"] == {"0": 0.5, "0.25": 0.5, "0.5": 0.25, "0.75": 0.25}
+    assert on_disk["abstain_rate"] == 0.25 and on_disk["radius_bound_violated"] is False
+    assert on_disk["parameters"]["sigma"] == 0.25 and on_disk["seconds_per_image"] == pytest.approx(1.5)
+    assert np.isfinite(on_disk["certified_accuracy_high_prob"]["0"])

@@ -1,0 +1,97 @@
+"""The trainer: learns on real data, counts its cost, and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from certkit import checkpoint
+from certkit.data import ArrayDataset, dataset_info, load_dataset
+from certkit.errors import CertkitError
+from certkit.models import create_model
+from certkit.objectives.gaussian import Gaussian
+from certkit.train import Trainer, TrainConfig, recipe, train
+
+
+def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
+    """A learnable synthetic MNIST-shaped set: the class is encoded as a bright block."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, 0, 2 * y : 2 * y + 6, 4:24] = 250
+    return ArrayDataset(dataset_info("mnist"), images, labels)
+
+
+def _trainer(out: Path | None, epochs: int = 3, seed: int = 0) -> Trainer:
+    torch.manual_seed(123)
+    model = create_model("smallcnn", 10, (1, 28, 28))
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32)
+    meta = checkpoint.make_meta("smallcnn", "mnist", 0.25, "gaussian")
+    return Trainer(model, Gaussian(0.25), tiny_data(), tiny_data(32, seed=1), cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
+
+
+def test_ledger_counts_passes_and_time(tmp_path: Path) -> None:
+    t = _trainer(tmp_path / "run", epochs=2)
+    t.fit()
+    for e in t.ledger.epochs:
+        assert e["forward"] == 64 and e["backward"] == 64  # 1 + 1 pass per image; test passes not counted
+        assert e["seconds"] > 0 and e["steps"] == 4
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["cost"]["total"]["forward"] == 128 and meta["epochs_completed"] == 2
+    assert meta["cost"]["device"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and "test_clean_acc" in json.loads(lines[-1])
+
+
+def test_resume_is_exact(tmp_path: Path) -> None:
+    full = _trainer(None, epochs=3)
+    full.fit()
+    part = _trainer(tmp_path / "run", epochs=3)
+    for epoch in range(2):  # an interrupted run: two epochs completed and saved
+        part.history.append(part.train_epoch(epoch))
+        part.save(epoch)
+    resumed = _trainer(tmp_path / "run", epochs=3)
+    assert resumed.resume() and resumed.start_epoch == 2
+    resumed.fit()
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert len(resumed.ledger.epochs) == 3
+    assert torch.equal(checkpoint.load(tmp_path / "run")[1].classifier[1].weight, full.model[1].classifier[1].weight)
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    t = _trainer(tmp_path / "run", epochs=1)
+    t.fit()
+    other = _trainer(tmp_path / "run", epochs=3, seed=7)
+    with pytest.raises(CertkitError, match="seed"):
+        other.resume()
+
+
+def test_recipes() -> None:
+    assert recipe("mnist", "gaussian") == dict(epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30)
+    assert recipe("cifar10", "crt")["milestones"] == (100, 150)
+
+
+def test_real_fashion_mnist_beats_chance(fmnist_root: Path, tmp_path: Path) -> None:
+    trainer = train(
+        "fashion-mnist", "lenet", "gaussian", sigma=0.25, out=tmp_path / "g", train_subset=6000, test_subset=1000,
+        epochs=2, lr=0.05, batch_size=64, device="cpu", progress=False,
+    )
+    last = trainer.history[-1]
+    assert last["test_clean_acc"] > 0.6 and last["test_noisy_acc"] > 0.6  # chance is 0.1
+    model = checkpoint.load(tmp_path / "g")
+    test = load_dataset("fashion-mnist", "test").subset(1000)
+    with torch.no_grad():
+        acc = (model(test.images.float() / 255).argmax(1) == test.labels).float().mean().item()
+    assert abs(acc - last["test_clean_acc"]) < 1e-6
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    t = _trainer(tmp_path / "run", epochs=1)
+    t.fit()
+    with pytest.raises(CertkitError, match="--resume"):
+        train("mnist", "smallcnn", "gaussian", out=tmp_path / "run", data_dir="/nonexistent")
