@@ -22,7 +22,7 @@ import hashlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from certkit.errors import CertkitError
 from certkit.results import ResultWriter, planned_indices, write_summary
 from certkit.smooth import (
+    MIN_VOTE_AGREEMENT,
     NOISE_BLOCK,
     AdaptiveSchedule,
     Smooth,
@@ -89,7 +90,12 @@ def certify_dataset(
     Writes ``out`` (TSV, one flushed row per image, time = that image's wall-clock share of its group,
     split in proportion to the samples each input used), its settings sidecar, and once every planned
     index is done, the summary beside it (returned). Returns None if the run ended incomplete.
-    ``smooth_options`` go to :class:`Smooth` (``channels_last``, ``amp``, ``compile``).
+
+    ``smooth_options`` go to :class:`Smooth` (``channels_last``, ``amp``, ``compile``; CUDA only except
+    ``compile``). When any is on, a vote check runs first: 1,000 noisy copies of each of the first (up to)
+    four planned inputs are classified both ways, and the run is refused if fewer than
+    :data:`~certkit.smooth.MIN_VOTE_AGREEMENT` of the votes equal the fp32 votes. The agreement is recorded
+    in the summary under ``speed_check``.
     """
     if mode not in ("certify", "predict"):
         raise CertkitError(f"mode must be 'certify' or 'predict' (got {mode!r})")
@@ -115,54 +121,117 @@ def certify_dataset(
         "n": n,
         "alpha": alpha,
         "seed": seed,
-        "skip": skip,
-        "max": max_idx,
-        "shard": list(shard) if shard is not None else None,
-        "dataset_size": len(dataset),
         "noise_block": min(NOISE_BLOCK, batch_size),
-        "model_sha256": model_fingerprint(model),
+        **plan_settings(model, dataset, skip, max_idx, shard),
     }
     if mode == "certify":
         settings["n0"] = n0
         settings["adaptive"] = adaptive.as_dict() if adaptive is not None else None
     settings.update(dict(settings_extra or {}))
     extra_columns = ("samples",) if adaptive is not None else ()
+    speed_check = _speed_check(smoothed, dataset, indices, batch_size, seed)
 
-    with ResultWriter(out, mode, settings, resume=resume, extra_columns=extra_columns) as writer:
+    score = _RunningScore()
+
+    def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
+        generators = [input_generator(seed, idx, smoothed.device) for idx in group]
+        began = time.perf_counter()
+        if mode == "certify":
+            certificates = smoothed.certify_batch(xs, n0, n, alpha, batch_size, generators, adaptive)
+            elapsed = time.perf_counter() - began
+            total_samples = sum(c.samples for c in certificates)
+            for idx, label, cert in zip(group, labels, certificates):
+                seconds = elapsed * cert.samples / total_samples
+                extra = {"samples": cert.samples} if adaptive is not None else {}
+                writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
+                score.add(cert.prediction == label, cert.radius)
+        else:
+            predictions = smoothed.predict_batch(xs, n, alpha, batch_size, generators)
+            elapsed = time.perf_counter() - began
+            for idx, label, prediction in zip(group, labels, predictions):
+                writer.write_predict(idx, label, prediction, elapsed / len(group))
+                score.add(prediction == label, 0.0)
+        return score.describe(mode)
+
+    complete = run_planned(
+        out, mode, settings, dataset, indices, per_batch, process,
+        resume=resume, progress=progress, extra_columns=extra_columns,
+    )
+    if not complete:
+        return None
+    return write_summary(out, settings, extra={"speed_check": speed_check} if speed_check else None)
+
+
+def _speed_check(
+    smoothed: Smooth, dataset: Dataset, indices: Sequence[int], batch_size: int, seed: int
+) -> dict[str, Any] | None:
+    """With amp/channels_last/compile on, check on a sample that the network votes as in fp32."""
+    options = {k: v for k, v in smoothed.speed_options.items() if v}
+    if not options or not indices:
+        return None
+    probe = list(indices[:4])
+    xs, _ = _load(dataset, probe)
+    num = 1000
+    agreement = smoothed.vote_agreement(xs, num=num, seed=seed, batch_size=batch_size)
+    if agreement < MIN_VOTE_AGREEMENT:
+        raise CertkitError(
+            f"with {options} only {agreement:.2%} of noisy votes equal the fp32 votes (needs "
+            f"{MIN_VOTE_AGREEMENT:.0%}); certify without these options"
+        )
+    return {"options": options, "vote_agreement": agreement, "inputs": probe, "copies_per_input": num}
+
+
+def plan_settings(
+    model: nn.Module, dataset: Dataset, skip: int, max_idx: int, shard: tuple[int, int] | None
+) -> dict[str, Any]:
+    """The settings every result file records about *which* rows it holds and *which weights* made them."""
+    return {
+        "skip": skip,
+        "max": max_idx,
+        "shard": list(shard) if shard is not None else None,
+        "dataset_size": len(dataset),
+        "model_sha256": model_fingerprint(model),
+    }
+
+
+#: ``process(writer, indices, images, labels)`` writes one row per index and returns a progress-bar note
+ProcessGroup = Callable[[ResultWriter, list[int], Tensor, list[int]], str]
+
+
+def run_planned(
+    out: str | Path,
+    kind: str,
+    settings: Mapping[str, Any],
+    dataset: Dataset,
+    indices: Sequence[int],
+    group_size: int,
+    process: ProcessGroup,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+    extra_columns: Sequence[str] = (),
+) -> bool:
+    """The loop every dataset certifier shares (smoothing here, GloRo in :mod:`certkit.gloro.certify`).
+
+    Opens ``out`` through :class:`ResultWriter` (sidecar, resume with matching settings), skips the indices
+    already written, loads the rest ``group_size`` at a time and hands each group to ``process``, with a
+    progress bar on a terminal. Returns True when every planned index is in the file.
+    """
+    with ResultWriter(out, kind, settings, resume=resume, extra_columns=extra_columns) as writer:
         todo = [i for i in indices if i not in writer.done_indices]
         bar = _progress_bar(len(indices), len(indices) - len(todo), enabled=progress)
-        score = _RunningScore()
         try:
-            for start in range(0, len(todo), per_batch):
-                group = todo[start : start + per_batch]
+            for start in range(0, len(todo), group_size):
+                group = todo[start : start + group_size]
                 xs, labels = _load(dataset, group)
-                generators = [input_generator(seed, idx, smoothed.device) for idx in group]
-                began = time.perf_counter()
-                if mode == "certify":
-                    certificates = smoothed.certify_batch(xs, n0, n, alpha, batch_size, generators, adaptive)
-                    elapsed = time.perf_counter() - began
-                    total_samples = sum(c.samples for c in certificates)
-                    for idx, label, cert in zip(group, labels, certificates):
-                        seconds = elapsed * cert.samples / total_samples
-                        extra = {"samples": cert.samples} if adaptive is not None else {}
-                        writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
-                        score.add(cert.prediction == label, cert.radius)
-                else:
-                    predictions = smoothed.predict_batch(xs, n, alpha, batch_size, generators)
-                    elapsed = time.perf_counter() - began
-                    for idx, label, prediction in zip(group, labels, predictions):
-                        writer.write_predict(idx, label, prediction, elapsed / len(group))
-                        score.add(prediction == label, 0.0)
+                note = process(writer, group, xs, labels)
                 if bar is not None:
                     bar.update(len(group))
-                    bar.set_postfix_str(score.describe(mode))
+                    bar.set_postfix_str(note)
         finally:
             if bar is not None:
                 bar.close()
-        complete = all(i in writer.done_indices for i in indices)
-    if not complete:
-        return None
-    return write_summary(out, settings)
+        return all(i in writer.done_indices for i in indices)
 
 
 def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:

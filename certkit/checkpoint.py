@@ -131,7 +131,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def build_model(meta: dict[str, Any]) -> nn.Sequential:
     """An untrained model of the architecture, shape and normalization that ``meta`` describes."""
     norm = meta["normalization"]
-    return create_model(meta["arch"], meta["num_classes"], meta["in_shape"], norm["mean"], norm["std"])
+    model = create_model(meta["arch"], meta["num_classes"], meta["in_shape"], norm["mean"], norm["std"])
+    if meta.get("method") == "gloro" or "gloro" in meta:
+        from certkit.gloro.model import GloroNet  # the frozen bound, epsilon and iterates are buffers
+
+        model = GloroNet.from_meta(model, meta)
+    return model
 
 
 def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

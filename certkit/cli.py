@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
         c.add_argument("--max", type=int, default=-1, help="stop at this dataset index (-1: all)")
         c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
+        c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
+        c.add_argument("--channels-last", action="store_true", help="CUDA only: channels_last memory format")
+        c.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
         c.add_argument("--shard", type=_shard, default=None, help="i/k: certify the i-th of k disjoint slices (automatic under torchrun)")
         c.add_argument("--out", required=True, help="result TSV")
 
@@ -195,10 +198,10 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CertkitError(f"{args.run}: the checkpoint records no training sigma; pass --sigma")
-    if meta.get("sigma") is not None and abs(float(sigma) - float(meta["sigma"])) > 1e-12:
-        print(f"certkit: note: certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", file=sys.stderr)
     if not float(sigma) > 0:
         raise CertkitError(f"--sigma must be > 0 (got {sigma})")
+    if meta.get("sigma") is not None and abs(float(sigma) - float(meta["sigma"])) > 1e-12:
+        print(f"certkit: note: certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", file=sys.stderr)
     shard, out = args.shard, args.out
     rank, size = world()
     auto_shard = shard is None and size > 1
@@ -214,6 +217,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
         max_idx=args.max, seed=args.seed, shard=shard, mode=mode, adaptive=adaptive,
         progress=sys.stderr.isatty() and rank == 0,
+        smooth_options={"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile},
         settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
     )
     if auto_shard:

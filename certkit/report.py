@@ -103,15 +103,33 @@ def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.2
     return [round(i * step, 10) for i in range(count + 1)]
 
 
+def mean_samples(results: ResultsLike) -> float | None:
+    """Mean noisy samples per input (n0 + estimation samples drawn) of an adaptive run; None when the file
+    has no ``samples`` column (a fixed-n run spends n0 + n on every input)."""
+    res = load(results)
+    if res.samples is None or len(res) == 0:
+        return None
+    return float(res.samples.mean())
+
+
 def markdown_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None = None) -> str:
-    """A Markdown table, one row per file: N, ACR, certified accuracy on the grid, abstain rate."""
+    """A Markdown table, one row per file: N, ACR, certified accuracy on the grid, abstain rate.
+
+    When any file has a ``samples`` column (adaptive certification), a ``samples/input`` column after ACR
+    gives its mean samples per input ("-" for the files without one).
+    """
     loaded = {name: load(r) for name, r in named_results.items()}
     grid = list(radii) if radii is not None else default_grid(list(loaded.values()))
-    head = ["name", "N", "ACR"] + [f"r={r:.2f}" for r in grid] + ["abstain"]
+    with_samples = any(res.samples is not None for res in loaded.values())
+    head = ["name", "N", "ACR"] + (["samples/input"] if with_samples else [])
+    head += [f"r={r:.2f}" for r in grid] + ["abstain"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, res in loaded.items():
         has_radius = res.radius is not None
-        cells = [name, str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
+        cells = [name.replace("|", "\\|"), str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
+        if with_samples:
+            samples = mean_samples(res)
+            cells.append(f"{samples:.0f}" if samples is not None else "-")
         for r in grid:
             cells.append(f"{certified_accuracy(res, r):.3f}" if has_radius or r == 0 else "-")
         cells.append(f"{abstain_rate(res):.3f}")
@@ -147,8 +165,68 @@ def plot_curves(
     if title:
         ax.set_title(title)
     path = Path(path)
+    fmt = path.suffix[1:].lower() or "png"
     buf = io.BytesIO()
-    fig.savefig(buf, format=(path.suffix[1:] or "png"), dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    try:
+        if fmt not in fig.canvas.get_supported_filetypes():
+            raise CertkitError(f"{path}: cannot plot to a .{fmt} file; use .png, .pdf or .svg")
+        fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot write the plot ({e.strerror or e})") from None
     return path
+
+
+def file_labels(files: Sequence[str | os.PathLike]) -> list[str]:
+    """Short, distinct names for result files: the file stem, with as many parent folders as it takes to
+    tell files apart (``sigma_0.25/cohen`` and ``sigma_0.5/cohen``); the same path twice gets ``#2``."""
+    paths = [Path(f) for f in files]
+    parts = [p.with_suffix("").parts if p.suffix == ".tsv" else p.parts for p in paths]
+    labels = []
+    for mine in parts:
+        depth = 1
+        while depth < len(mine) and any(
+            other[-depth:] == mine[-depth:] and other != mine for other in parts
+        ):
+            depth += 1
+        labels.append("/".join(mine[-depth:]))
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return unique
+
+
+def report_files(
+    files: Sequence[str | os.PathLike], radii: Sequence[float] | None = None, plot: str | os.PathLike | None = None
+) -> str:
+    """What ``certkit report`` prints: one Markdown table row per result file (certkit's or any code base's
+    in the standard format) with N, ACR, mean samples per input for adaptive runs, certified accuracy at
+    ``radii`` (default 0, 0.25, ... up to the largest radius present) and abstain rate.
+
+    With ``plot``, certified accuracy against radius of every file goes on one image at that path, and the
+    returned text ends with a line naming it. A file that is not a result file raises
+    :class:`CertkitError` naming it.
+    """
+    if not files:
+        raise CertkitError("report needs at least one result file")
+    if radii is not None:
+        radii = [float(r) for r in radii]
+        bad = [r for r in radii if not (math.isfinite(r) and r >= 0)]
+        if not radii or bad:
+            raise CertkitError(f"radii must be finite and >= 0 (got {bad or 'none'})")
+    named = {label: read_results(f) for label, f in zip(file_labels(files), files)}
+    text = markdown_table(named, radii)
+    predict_only = [name for name, res in named.items() if res.radius is None]
+    if predict_only:
+        text += f"\nPREDICT files (accuracy only, no radii): {', '.join(predict_only)}\n"
+    if plot is not None:
+        if len(predict_only) == len(named):
+            raise CertkitError("--plot needs at least one CERTIFY result file (PREDICT files have no radii)")
+        path = plot_curves(named, plot)
+        text += f"\nplot: {path}\n"
+    return text.rstrip("\n")

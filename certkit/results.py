@@ -271,6 +271,8 @@ def read_results(path: str | os.PathLike) -> Results:
         raise CertkitError(f"{path}: is a directory, not a result file") from None
     except UnicodeDecodeError:
         raise CertkitError(f"{path}: not a result file (not UTF-8 text)") from None
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot read it ({e.strerror or e})") from None
     lines = text.split("\n")
     partial = lines.pop() if lines else ""  # "" when the file ends with a newline
     header = tuple(lines[0].rstrip("\r").split("\t")) if lines else tuple(partial.split("\t"))
@@ -412,13 +414,14 @@ def write_summary(
     radii: Sequence[float] | None = None,
     rho: float = 0.001,
     path: str | os.PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``<file>.summary.json`` beside a result file and return its content.
 
     Holds N, accuracy, ACR, certified accuracy on the radius grid (with Cohen's high-probability lower
     bound at level ``rho``), abstain rate, cost (total and per-image time, mean samples if known) and the
-    run's parameters (``settings``, else the sidecar's). A radius above sigma*Phi^-1(alpha^(1/n)) is
-    impossible and is flagged as ``radius_bound_violated``.
+    run's parameters (``settings``, else the sidecar's), and any ``extra`` entries. A radius above
+    sigma*Phi^-1(alpha^(1/n)) is impossible and is flagged as ``radius_bound_violated``.
     """
     from certkit import report  # report imports this module; import here to keep the graph acyclic
 
@@ -457,6 +460,7 @@ def write_summary(
         summary["accuracy"] = float(res.correct.mean()) if n_rows else 0.0
     if res.samples is not None and n_rows:
         summary["mean_samples"] = float(res.samples.mean())
+    summary.update(dict(extra or {}))
     out = Path(path) if path is not None else summary_path(results_path)
     atomic_write_json(out, _finite(summary))
     return summary

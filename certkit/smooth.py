@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -48,6 +49,9 @@ ABSTAIN = -1
 
 #: noise is drawn per input in blocks of this many copies; 100 divides the usual n0 and n exactly
 NOISE_BLOCK = 100
+
+#: below this agreement with fp32 votes, a run with speed options (amp, channels_last, compile) is refused
+MIN_VOTE_AGREEMENT = 0.99
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -279,12 +283,18 @@ class Smooth:
             its first layer. It is put in eval mode for each call and its mode is restored afterwards.
         num_classes: number of classes K.
         sigma: noise level (> 0), in [0, 1] pixel units.
-        channels_last: CUDA only; feed the network channels-last batches (faster convolutions on tensor
-            cores). The noise is drawn exactly as without it.
-        amp: CUDA only; ``"bf16"`` or ``"fp16"`` autocast for the forward pass. The certificate is then about
-            the reduced-precision base classifier; :meth:`vote_agreement` checks it votes like fp32.
-        compile: wrap the model in ``torch.compile``; the last, partial batch is padded so that every forward
-            pass has one shape.
+        channels_last: feed the network channels-last batches through a channels-last *copy* of it, made
+            here (the caller's model is left as it is, and stays the fp32 reference). Faster convolutions on
+            CUDA tensor cores, and on CPU too for small convolutional nets (oneDNN: LeNet about 1.5x). The noise
+            is drawn exactly as without it.
+        amp: CUDA only; ``"bf16"`` or ``"fp16"`` autocast for the forward pass (``None`` or ``"off"``: fp32).
+            The certificate is then about the reduced-precision base classifier, which is a fixed function
+            like any other, so the (1 - alpha) guarantee holds for *it*; whether it is still the network you
+            trained is what :meth:`vote_agreement` measures (:func:`certkit.certify.certify_dataset` runs it
+            on a sample and refuses to go on below :data:`MIN_VOTE_AGREEMENT`). On CPU ``amp`` is refused
+            with a :class:`CertkitError`: CPU autocast would change the classifier for little or no speed.
+        compile: wrap the network in ``torch.compile``; the last, partial batch is padded so that every
+            forward pass has one shape (the first call pays the compilation, tens of seconds on CPU).
     """
 
     def __init__(
@@ -306,17 +316,28 @@ class Smooth:
         self.sigma = float(sigma)
         param = next(iter(model.parameters()), None)
         self.device = param.device if param is not None else torch.device("cpu")
-        if (channels_last or amp) and self.device.type != "cuda":
-            raise CertkitError("channels_last and amp are CUDA-only options; the model is on " + str(self.device))
+        if amp == "off":
+            amp = None
         if amp not in (None, "bf16", "fp16"):
-            raise CertkitError(f"amp must be 'bf16' or 'fp16' (got {amp!r})")
+            raise CertkitError(f"amp must be 'off', 'bf16' or 'fp16' (got {amp!r})")
+        if amp and self.device.type != "cuda":
+            raise CertkitError(
+                f"amp {amp} is a CUDA-only speed option, but the model is on {self.device}; certify without it "
+                "(on CPU certkit votes in fp32)"
+            )
         self.channels_last = channels_last
         self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.compiled = compile
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        self._net: nn.Module = torch.compile(model, dynamic=False) if compile else model
+        # the network that votes; self.model stays untouched as the fp32 reference of vote_agreement
+        self._voter = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
+        self._net: nn.Module = torch.compile(self._voter, dynamic=False) if compile else self._voter
         self._buffer: Tensor | None = None
+
+    @property
+    def speed_options(self) -> dict[str, object]:
+        """The options that change how the network is run (not what is sampled)."""
+        amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype)  # type: ignore[arg-type]
+        return {"channels_last": self.channels_last, "amp": amp, "compile": self.compiled}
 
     def __repr__(self) -> str:
         return (
@@ -459,30 +480,32 @@ class Smooth:
 
     # --- reduced-precision check ---------------------------------------------------------------------------
 
-    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0) -> float:
-        """Fraction of noisy copies whose vote under this configuration equals the plain fp32 vote.
+    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> float:
+        """Fraction of noisy copies whose vote under this configuration (``amp``, ``channels_last``,
+        ``compile``) equals the vote of the plain fp32 model on the same copy.
 
-        Run it on a few inputs before trusting ``amp``/``channels_last``/``compile``: a certificate is about
-        the classifier that actually votes, so it should be the network you trained.
+        ``num`` noisy copies of each input of ``xs`` (B, C, H, W) go through both, in forward batches of
+        ``batch_size`` (default: the size already in use, so a compiled model sees no new shape). A
+        certificate is about the classifier that actually votes, so run this before trusting a reduced
+        precision: agreement well below 1 means the certified classifier is not the network you trained.
         """
         xs = self._prepare(xs, None)[0]
-        agree = total = 0
+        if batch_size is None:
+            batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
         gen = input_generator(seed, 0, self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                for x in xs:
-                    batch = x.unsqueeze(0) + self.sigma * torch.randn(
-                        (num, *x.shape), generator=gen, device=self.device
-                    )
-                    reference = self.model(batch.contiguous()).argmax(1)
-                    fast = self._forward(batch).argmax(1)
+        agree = total = 0
+        with self._eval_mode(), torch.inference_mode():
+            buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
+            for x in xs:
+                for size in _block_sizes(num, batch_size):
+                    noisy = buffer[:size]
+                    torch.randn(noisy.shape, generator=gen, out=noisy)
+                    noisy.mul_(self.sigma).add_(x)
+                    reference = self.model(noisy).argmax(1)  # the caller's model: fp32, no autocast, as given
+                    fast = self._votes(buffer, size)
                     agree += int((reference == fast).sum())
-                    total += num
-        finally:
-            self.model.train(was_training)
-        return agree / total
+                    total += size
+        return agree / max(total, 1)
 
     # --- sampling engine ------------------------------------------------------------------------------------
 
@@ -518,32 +541,42 @@ class Smooth:
         block = min(NOISE_BLOCK, batch_size)
         blocks = [(i, size) for i, num in enumerate(nums) for size in _block_sizes(num, block)]
         counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
-                for batch_blocks in _pack(blocks, batch_size):
-                    used = 0
-                    for i, size in batch_blocks:
-                        noisy = buffer[used : used + size]
-                        torch.randn(noisy.shape, generator=generators[i], out=noisy)
-                        noisy.mul_(self.sigma).add_(xs[i])
-                        used += size
-                    owners = torch.repeat_interleave(
-                        torch.tensor([i for i, _ in batch_blocks]), torch.tensor([s for _, s in batch_blocks])
-                    ).to(self.device)
-                    votes = self._votes(buffer, used)
-                    counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
-        finally:
-            self.model.train(was_training)
+        with self._eval_mode(), torch.inference_mode():
+            buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
+            for batch_blocks in _pack(blocks, batch_size):
+                used = 0
+                for i, size in batch_blocks:
+                    noisy = buffer[used : used + size]
+                    torch.randn(noisy.shape, generator=generators[i], out=noisy)
+                    noisy.mul_(self.sigma).add_(xs[i])
+                    used += size
+                owners = torch.repeat_interleave(
+                    torch.tensor([i for i, _ in batch_blocks]), torch.tensor([s for _, s in batch_blocks])
+                ).to(self.device)
+                votes = self._votes(buffer, used)
+                counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Eval mode for the caller's model and for the network that votes (a copy under channels_last),
+        restored afterwards."""
+        modules = [self.model] if self._voter is self.model else [self.model, self._voter]
+        modes = [m.training for m in modules]
+        for m in modules:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, mode in zip(modules, modes):
+                m.train(mode)
 
     def _noise_buffer(self, batch_size: int, shape: tuple[int, ...]) -> Tensor:
         """One (batch_size, C, H, W) buffer reused by every forward batch (no allocation per batch)."""
         buf = self._buffer
         if buf is None or buf.shape != (batch_size, *shape):
-            buf = torch.empty((batch_size, *shape), device=self.device)
+            # zeros, not empty: a compiled model runs the whole buffer, stale tail included
+            buf = torch.zeros((batch_size, *shape), device=self.device)
             self._buffer = buf
         return buf
 

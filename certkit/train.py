@@ -493,7 +493,10 @@ def train(
         raise CertkitError("--method crt needs --teacher RUN_DIR (a certkit run) or a reference .pth.tar")
     train_data = load_dataset(dataset, "train", data_dir).subset(train_subset)
     test_data = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None
+    torch.manual_seed(derive_seed(cfg.seed, "init"))  # the same seed gives the same initial weights
     model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
+    if hasattr(objective, "prepare_model"):
+        model = objective.prepare_model(model, info)  # GloRo: wrap the network so it certifies itself
     meta.update(train_subset=train_subset, test_subset=test_subset)
     trainer = Trainer(model, objective, train_data, test_data, cfg, out_dir=out, meta=meta, device=device, progress=progress)
     if teacher is not None:

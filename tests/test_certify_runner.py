@@ -125,3 +125,31 @@ def test_bad_inputs_are_user_errors(tmp_path: Path):
         certify_dataset(tiny_model(), TinyDataset(bad=3), out=tmp_path / "x.tsv", **COMMON)
     with pytest.raises(CertkitError, match="needs n >= 10"):
         certify_dataset(tiny_model(), TinyDataset(), out=tmp_path / "y.tsv", **{**COMMON, "n": 5, "alpha": 0.001})
+
+
+class _Negated(nn.Module):
+    """A 'compiled' model that votes differently from the original: what the speed check must catch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.model(x)
+
+
+def test_speed_options_run_a_vote_check_first(tmp_path: Path, monkeypatch):
+    model, data = tiny_model(), TinyDataset(4)
+    # a faithful compile (identity here: the real one is slow on CPU) passes and is recorded in the summary
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
+    summary = certify_dataset(model, data, out=tmp_path / "ok.tsv", smooth_options={"compile": True}, **COMMON)
+    assert summary is not None and summary["speed_check"]["vote_agreement"] == 1.0
+    assert summary["speed_check"]["options"] == {"compile": True}
+    # the rows are those of the plain run (the compiled batches are padded to one shape)
+    certify_dataset(model, data, out=tmp_path / "plain.tsv", **COMMON)
+    assert rows_without_time(tmp_path / "ok.tsv") == rows_without_time(tmp_path / "plain.tsv")
+    # a compile that changes the votes is refused before anything is certified
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: _Negated(m))
+    with pytest.raises(CertkitError, match="votes equal the fp32 votes"):
+        certify_dataset(model, data, out=tmp_path / "bad.tsv", smooth_options={"compile": True}, **COMMON)
+    assert not (tmp_path / "bad.tsv").exists()

@@ -79,3 +79,71 @@ def test_predict_files_have_accuracy_but_no_radii(tmp_path: Path):
         bad = tmp_path / "x.tsv"
         bad.write_text("a\tb\n")
         report.acr(bad)
+
+
+# --- report_files: what `certkit report` prints --------------------------------------------------------
+
+
+def test_report_files_table_default_grid_and_samples_column(hand_built: Path, tmp_path: Path):
+    adaptive = tmp_path / "adaptive.tsv"
+    adaptive.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\n"
+        "0\t1\t1\t0.5\t1\t0:00:01\t1100\n"
+        "1\t2\t-1\t0.0\t0\t0:00:01\t300\n"
+    )
+    text = report.report_files([str(hand_built), str(adaptive)], radii=None, plot=None)
+    lines = text.splitlines()
+    # grid 0, 0.25, ... up to the largest radius present (0.953)
+    assert lines[0] == "| name | N | ACR | samples/input | r=0.00 | r=0.25 | r=0.50 | r=0.75 | abstain |"
+    assert lines[2] == "| hand | 5 | 0.261 | - | 0.600 | 0.400 | 0.200 | 0.200 | 0.200 |"
+    assert lines[3] == "| adaptive | 2 | 0.250 | 700 | 0.500 | 0.500 | 0.500 | 0.000 | 0.500 |"
+    assert "plot" not in text
+    # without a samples column anywhere there is no samples column
+    assert "samples" not in report.report_files([str(hand_built)], radii=[0.0, 0.5], plot=None)
+
+
+def test_report_files_on_reference_files_with_a_plot(tmp_path: Path):
+    files = [PEER / "sigma_0.25" / "cohen.tsv", PEER / "sigma_0.5" / "cohen.tsv", PEER / "sigma_0.5" / "smoothmix.tsv"]
+    if not all(f.exists() for f in files):
+        pytest.skip("peer results not available")
+    png = tmp_path / "plots" / "curves.png"
+    text = report.report_files([str(f) for f in files], radii=None, plot=str(png))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:5]}
+    # same stem in two folders: the folder tells them apart
+    assert set(rows) == {"sigma_0.25/cohen", "sigma_0.5/cohen", "smoothmix"}
+    assert " | 10000 | 0.670 | " in rows["sigma_0.25/cohen"]
+    assert " | 10000 | 1.056 | " in rows["sigma_0.5/cohen"]
+    # the largest radius present is 1.91 (sigma = 0.5, n = 100,000): grid up to 1.75; sigma 0.25 is 0 from r = 1
+    assert text.splitlines()[0].split(" | ")[-2] == "r=1.75"
+    assert rows["sigma_0.25/cohen"].split(" | ")[7] == "0.000"
+    assert text.splitlines()[-1] == f"plot: {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("content", [b"epoch\ttime\tlr\n0\t2.0\t0.01\n", b"\x1f\x8b\x08\x00binary", b"", b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tx\t1\t0:00:01\n"])
+def test_report_files_refuses_a_non_result_file_in_one_line(tmp_path: Path, hand_built: Path, content: bytes):
+    bad = tmp_path / "bad.tsv"
+    bad.write_bytes(content)
+    with pytest.raises(CertkitError) as info:
+        report.report_files([str(hand_built), str(bad)], radii=None, plot=None)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message
+
+
+def test_report_command_errors_are_one_line(tmp_path: Path, hand_built: Path, capsys):
+    from certkit.cli import main
+
+    assert main(["report", str(hand_built), str(tmp_path / "missing.tsv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("certkit: error:") and "missing.tsv" in err and "\n" not in err
+    assert main(["report", str(hand_built), "--plot", str(tmp_path / "c.xyz")]) == 2
+    assert ".xyz" in capsys.readouterr().err
+    assert main(["report", str(hand_built), "--radii", "0,0.5", "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| hand | 5 | 0.261 | 0.600 | 0.200 | 0.200 |" in out and f"plot: {tmp_path / 'c.png'}" in out
+    with pytest.raises(CertkitError, match="radii"):
+        report.report_files([str(hand_built)], radii=[-0.5], plot=None)
+
+
+def test_file_labels_are_short_and_distinct():
+    assert report.file_labels(["a/x.tsv", "b/x.tsv", "c/y.tsv", "c/y.tsv"]) == ["a/x", "b/x", "y", "y#2"]

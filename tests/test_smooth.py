@@ -249,3 +249,55 @@ def test_guarantee_on_a_linear_classifier(p_class1):
         # power: the pitfall "one-sided bound at 2 alpha" breaks the same check
         loose = smoothed.certify_batch(xs, 10, 100, 2 * alpha, 4000, [input_generator(11, i) for i in range(runs)])
         assert false_certificates(loose, 1, true_radius) > binom.ppf(1 - 1e-4, runs, alpha)
+
+
+# --- speed options (amp, channels_last, compile) ---------------------------------------------------------
+
+
+def test_amp_is_refused_on_cpu_with_a_clear_message():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    for amp in ("bf16", "fp16"):
+        with pytest.raises(CertkitError, match="CUDA-only.*certify without it"):
+            Smooth(model, 3, 0.5, amp=amp)
+    with pytest.raises(CertkitError, match="amp must be"):
+        Smooth(model, 3, 0.5, amp="int8")
+    plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
+    assert plain.amp_dtype is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False}
+    assert plain.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0
+
+
+def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
+    from certkit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet", 10, (1, 28, 28))
+    model.train()
+    fast = Smooth(model, 10, 0.25, channels_last=True)
+    conv = model[1].features[3].weight  # 20 input channels: the two layouts differ
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # caller's model untouched
+    xs = torch.rand(3, 1, 28, 28)
+    assert fast.vote_agreement(xs, num=300, batch_size=300) >= 0.99
+    gens = lambda: [input_generator(0, i) for i in range(3)]  # noqa: E731
+    plain = Smooth(model, 10, 0.25).certify_batch(xs, 20, 300, 0.01, 300, gens())
+    quick = fast.certify_batch(xs, 20, 300, 0.01, 300, gens())
+    assert [c.prediction for c in quick] == [c.prediction for c in plain]
+    assert all(abs(a.radius - b.radius) < 0.02 for a, b in zip(quick, plain))
+    assert model.training and fast._voter.training  # modes restored on both
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_votes_agree_with_fp32_and_certify_batch_runs(amp):
+    torch.manual_seed(0)
+    from certkit.models import create_model
+
+    model = create_model("lenet", 10, (1, 28, 28)).cuda()
+    xs = torch.rand(4, 1, 28, 28)
+    fast = Smooth(model, 10, 0.25, amp=amp, channels_last=True)
+    assert fast.vote_agreement(xs, num=2000, batch_size=1000) >= 0.99
+    certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
+    plain = Smooth(model, 10, 0.25)  # the caller's model was left contiguous
+    reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
+    # same noise, votes nearly all equal: the radii stay close
+    for a, b in zip(certs, reference):
+        assert abs(a.radius - b.radius) < 0.05

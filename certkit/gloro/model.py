@@ -101,6 +101,7 @@ class GloroNet(nn.Sequential):
         ref = head.weight
         self.register_buffer("lipschitz_frozen", torch.zeros((), dtype=torch.float64, device=ref.device))
         self.register_buffer("epsilon", torch.tensor(float(epsilon), dtype=torch.float64, device=ref.device))
+        self._freeze_report: dict[str, Any] | None = None
         self._iterate_keys: dict[str, str] = {}
         for name, tensor in self.bound.init_iterates(dtype=ref.dtype).items():
             key = "lip_iterate_" + name.replace(".", "_")
@@ -160,6 +161,7 @@ class GloroNet(nn.Sequential):
         """As ``nn.Module.train``; entering training mode discards the frozen constant (weights will change)."""
         if mode and "lipschitz_frozen" in self._buffers:  # absent while __init__ records layer shapes
             self.lipschitz_frozen.zero_()
+            self._freeze_report = None
         return super().train(mode)
 
     # --- the Lipschitz constant --------------------------------------------------------------------------
@@ -180,29 +182,55 @@ class GloroNet(nn.Sequential):
     def freeze(self, safety: float = SAFETY_FACTOR) -> dict[str, Any]:
         """Compute, store and return the certification constant; call it in eval mode before saving.
 
-        Steps: converge every power iterate in float64 (a *lower* bound, kept as a tightness diagnostic
-        and to warm-start further training); compute each layer's guaranteed float64 bound; multiply their
-        product by ``safety``; round up to float32; store in ``lipschitz_frozen``. Returns JSON-ready
-        metadata for ``model.json``.
+        Steps: converge copies of the power iterates in float64 (a *lower* bound, kept as a tightness
+        diagnostic; the training iterates are left alone, so evaluating or saving never changes how
+        training continues); compute each layer's guaranteed float64 bound; multiply their product by
+        ``safety``; round up to float32; store in ``lipschitz_frozen``. Returns JSON-ready metadata for
+        ``model.json``.
         """
         if not safety >= 1.0:
             raise CertkitError(f"the safety factor must be >= 1 (got {safety})")
-        estimate = self.bound.converge(self._iterates())
-        raw = self.bound.guaranteed()
+        estimate = self.bound.converge({k: v.clone() for k, v in self._iterates().items()})
+        per_layer = self.bound.guaranteed_layers()
+        raw = self.bound.guaranteed(per_layer)
         if not math.isfinite(raw) or raw < 0:
             raise CertkitError(f"the Lipschitz bound is not finite ({raw}); the weights are corrupt")
         if estimate > raw * (1 + 1e-6):
             raise RuntimeError(f"internal error: power-iteration estimate {estimate} exceeds the guaranteed bound {raw}")
         frozen = _round_up_to_float32(raw * safety)
         self.lipschitz_frozen.fill_(frozen)
-        return {
+        self._freeze_report = {
             "lipschitz_bound": frozen,
             "lipschitz_guaranteed": raw,
             "lipschitz_estimate": estimate,
             "safety_factor": safety,
             "epsilon": self.eval_epsilon,
-            "layers": self.bound.report(),
+            "layers": self.bound.report(per_layer),
         }
+        return dict(self._freeze_report)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The ``gloro`` entry of ``model.json``: ε, power iterations and the frozen bound with its report.
+
+        Freezes first if needed, so the saved ``lipschitz_frozen`` buffer and the metadata agree. The
+        buffer is what certification uses; the metadata documents it (and lets :meth:`from_meta` rebuild).
+        """
+        if not self.is_frozen or self._freeze_report is None:
+            self.freeze()
+        assert self._freeze_report is not None
+        return dict(self._freeze_report, epsilon=self.eval_epsilon, power_iterations=self.power_iterations)
+
+    @classmethod
+    def from_meta(cls, model: nn.Sequential, meta: dict[str, Any]) -> "GloroNet":
+        """Wrap a freshly built registry model as described by a checkpoint's ``model.json``.
+
+        Only the structure is rebuilt here; the weights, the frozen constant, ε and the iterates come from
+        the state dict that :func:`certkit.checkpoint.load` loads next.
+        """
+        info = meta.get("gloro")
+        if not isinstance(info, dict) or "epsilon" not in info:
+            raise CertkitError("a GloRo checkpoint needs a 'gloro' entry with its epsilon in model.json")
+        return cls(model, meta["in_shape"], float(info["epsilon"]), int(info.get("power_iterations", 5)))
 
     def certification_constant(self) -> float:
         """The frozen ``K_sub`` (freezing now if needed) as a Python float."""

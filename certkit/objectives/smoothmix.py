@@ -106,7 +106,9 @@ class SmoothMix(Objective):
     5. ``L = CE_clean + η·w_e·mix`` with ``w_e = min(1, (e + 1)/warmup)``.
 
     Like the reference, each loader batch is split into ``m`` chunks with one optimizer step per chunk
-    (``num_chunks = m``). A non-finite loss raises ``DivergenceError`` before the optimizer step.
+    (``num_chunks = m``). The clean and the mixed noisy copies share one training forward pass (the reference
+    uses two), so the step is DistributedDataParallel-safe. A non-finite loss raises ``DivergenceError``
+    before the optimizer step.
 
     Cost per training image: ``m(T + 2)`` forward and ``m(T + 2)`` backward passes, ``m·T`` of the backward
     passes for input gradients only.
@@ -122,7 +124,8 @@ class SmoothMix(Objective):
         mix_step (int): the attack step used as the clean side, ``0 ≤ mix_step < T`` (MNIST-like 1, 0, 1;
             CIFAR-10 0, 1, 1).
         maxnorm (float | None): L2 cap on ``x_adv − x``; None (default) = unbounded.
-        maxnorm_s (float | None): L2 cap on ``x_c − x`` before the warm-up scaling; None = α·mix_step.
+        maxnorm_s (float | None): L2 cap on ``x_c − x`` before the warm-up scaling; None = α·mix_step, resolved
+            at construction (``hparams`` and ``model.json`` record the number).
         warmup (int): epochs of the linear ramp of ``w_e`` (10).
 
     Shapes: ``x`` (B, C, H, W) in [0, 1]; ``y`` (B,) int64; the model returns (N, K) logits.
@@ -173,6 +176,8 @@ class SmoothMix(Objective):
         )
         self.warmup = check_int(self.name, "warmup", hp["warmup"], 1)
         self.num_chunks = self.num_noise_vec
+        # model.json records the value in use, not "None = α·mix_step"; rebuilding from it gives this objective
+        hp["maxnorm_s"] = self.maxnorm_s
 
     @classmethod
     def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
@@ -201,18 +206,22 @@ class SmoothMix(Objective):
     def mix_batch(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> MixBatch:
         """Run steps 1–4 on one chunk with the given ``(m, B, C, H, W)`` noises; returns every intermediate."""
         x_clean, x_adv = self.attack(model, x, y, noises)
-
-        logits_clean = noisy_logits(model, x_clean, noises)
-        ce = mean_noisy_ce(logits_clean, y)
-        p_bar_clean = smoothed_probs(logits_clean)
-
-        num_classes = logits_clean.shape[-1]
-        lam = torch.rand(x.shape[0], device=x.device, dtype=x.dtype) / 2
+        b = x.shape[0]
+        lam = torch.rand(b, device=x.device, dtype=x.dtype) / 2
         lam_img = lam.view(-1, *([1] * (x.dim() - 1)))
         x_mix = (1 - lam_img) * x_clean + lam_img * x_adv
+
+        # The clean and the mixed copies go through the model in ONE training forward of 2·m·B samples (the
+        # reference makes two calls): a DistributedDataParallel step must see exactly one forward per
+        # backward. Both halves use the same m draws. (BatchNorm, if any, then normalises over both halves.)
+        logits = noisy_logits(model, torch.cat([x_clean, x_mix]), torch.cat([noises, noises], dim=1))
+        logits_clean, logits_mix = logits[:, :b], logits[:, b:]
+        ce = mean_noisy_ce(logits_clean, y)
+        p_bar_clean = smoothed_probs(logits_clean)
+        num_classes = logits_clean.shape[-1]
         y_mix = (1 - lam.unsqueeze(1)) * p_bar_clean + lam.unsqueeze(1) / num_classes
 
-        log_q = F.log_softmax(noisy_logits(model, x_mix, noises), dim=-1)
+        log_q = F.log_softmax(logits_mix, dim=-1)
         kl = (y_mix * (torch.log(y_mix.clamp_min(LOG_FLOOR)) - log_q)).sum(-1)  # (m, B)
         correct = p_bar_clean.detach().argmax(1) == y
         mix = (kl * correct.to(kl.dtype)).mean()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -59,8 +60,8 @@ class Stability(Objective):
         return table_defaults("stability", _DEFAULTS, family, sigma)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits_clean = model(x)
-        logits_noisy = model(x + self.noise(x))
+        # one training forward of 2B samples (DistributedDataParallel-safe); the reference makes two calls
+        logits_clean, logits_noisy = model(torch.cat([x, x + self.noise(x)])).chunk(2)
         ce = F.cross_entropy(logits_clean, y)
         target = F.softmax(logits_clean.detach(), dim=1)
         stab = -(target * F.log_softmax(logits_noisy, dim=1)).sum(1).mean()

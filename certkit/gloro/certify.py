@@ -1,0 +1,194 @@
+"""Deterministic one-pass certification of a GloRo net over a dataset, in the smoothing TSV format.
+
+What ``certkit certify RUN`` runs for a GloRo checkpoint (or with ``--method gloro``). Per input, with
+the frozen *guaranteed* Lipschitz bound ``K_sub`` (``shared/reference/gloro.md`` §4):
+
+* ``j`` = the first argmax of the logits; margins ``d_i = y_j − y_i`` and ``K_ji = K_sub·‖w_j − w_i‖``;
+* certified radius ``min_{i≠j} d_i / K_ji``; certified at ε iff every ``d_i > ε·K_ji`` (ties never are).
+
+Rows: ``idx label predict radius correct time clean_predict``. ``predict`` is ``j`` when the point is
+certified at ε and ``-1`` (⊥, rejected) otherwise, with radius 0; ``correct`` is therefore 1 exactly for
+the points that count towards VRA. ``radius`` is rounded *down* to the three significant digits the format
+keeps (the reference's rounding could overstate it by half a unit), and capped at the diameter of
+``[0, 1]^d`` (an infinite radius, from identical head rows, is no more useful and is not valid TSV).
+``clean_predict`` is ``j`` itself, so clean accuracy survives in the file and in resumed runs. ``time`` is
+each input's share of its batch's forward pass.
+
+Everything row-independent is shared with the smoothing runner (:func:`certkit.certify.run_planned`):
+settings sidecar, resume (refused if ε, the bound or the weights differ), ``--skip/--max/--shard`` and the
+``summary.json``, which here also holds clean accuracy, VRA, rejection rate, ε and the bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from decimal import ROUND_FLOOR, Decimal
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from certkit.certify import Dataset, plan_settings, run_planned
+from certkit.errors import CertkitError
+from certkit.gloro.model import BOTTOM, GloroNet
+from certkit.results import ResultWriter, planned_indices, write_summary
+
+#: extra TSV column after the standard six: the clean (un-certified) prediction
+CLEAN_COLUMN = "clean_predict"
+
+
+def floor_significant(value: float, digits: int = 3) -> float:
+    """``value`` rounded *down* to ``digits`` significant digits (0 for non-positive or NaN, inf stays)."""
+    if not value > 0:
+        return 0.0
+    if math.isinf(value):
+        return value
+    exact = Decimal(value)  # the float's exact value: no rounding before the floor
+    return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_FLOOR))
+
+
+def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
+    """The certification ``K_sub``: the frozen one, verified against the weights, or frozen now.
+
+    A checkpoint's ``lipschitz_frozen`` buffer is only trusted if it is at least the guaranteed bound
+    recomputed from the weights it came with; a smaller one (a tampered or foreign state dict) is refused.
+    """
+    began = time.perf_counter()
+    if net.is_frozen:
+        frozen = net.certification_constant()
+        raw = net.bound.guaranteed()
+        if not frozen >= raw:
+            raise CertkitError(
+                f"the checkpoint's frozen Lipschitz bound {frozen} is below the guaranteed bound {raw} of its weights; "
+                "refusing to certify with it"
+            )
+        info = {"lipschitz_bound": frozen, "lipschitz_guaranteed": raw, "source": "checkpoint (verified)"}
+    else:
+        info = net.freeze()
+        info.pop("layers", None)
+        info["source"] = "frozen now"
+    info["seconds"] = time.perf_counter() - began
+    return float(net.lipschitz_frozen), info
+
+
+def certify_gloro_dataset(
+    net: GloroNet,
+    dataset: Dataset,
+    *,
+    out: str | Path,
+    epsilon: float | None = None,
+    batch_size: int = 1000,
+    skip: int = 1,
+    max_idx: int = -1,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    settings_extra: dict[str, Any] | None = None,
+    resume: bool = True,
+) -> dict[str, Any] | None:
+    """Certify every planned index of ``dataset`` in one forward pass per batch; returns the summary.
+
+    ``epsilon`` (None: the net's own) decides which points are rejected. The summary (None if the run
+    ended incomplete) holds ``clean_accuracy``, ``vra``, ``rejection_rate``, ``epsilon``, the bound and
+    ``certify_seconds`` (forward passes of this session only, bound verification excluded).
+    """
+    if not isinstance(net, GloroNet):
+        raise CertkitError(f"GloRo certification needs a GloroNet, not a {type(net).__name__} (is this a gloro checkpoint?)")
+    eps = net.eval_epsilon if epsilon is None else float(epsilon)
+    if not eps >= 0:
+        raise CertkitError(f"--epsilon must be >= 0 (got {eps})")
+    if batch_size < 1:
+        raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
+    net.eval()
+    k_sub, bound_info = checked_constant(net)
+    device = net.lipschitz_frozen.device
+    indices = planned_indices(len(dataset), skip, max_idx, shard)
+    settings: dict[str, Any] = {
+        "mode": "certify",
+        "method": "gloro",
+        "epsilon": eps,
+        "lipschitz_bound": k_sub,
+        **plan_settings(net, dataset, skip, max_idx, shard),
+    }
+    settings.update(dict(settings_extra or {}))
+    seconds = [0.0]
+
+    @torch.no_grad()
+    def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
+        began = time.perf_counter()
+        logits = net(xs.to(device))
+        pred, radius, certified = net.certify_logits(logits, eps, k_sub)
+        pred, radius, certified = pred.tolist(), radius.tolist(), certified.tolist()
+        elapsed = time.perf_counter() - began
+        seconds[0] += elapsed
+        cap = math.sqrt(xs[0].numel())
+        for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
+            shown = floor_significant(min(r, cap)) if ok else 0.0
+            writer.write_certify(idx, label, j if ok else BOTTOM, shown, elapsed / len(group), **{CLEAN_COLUMN: j})
+        return ""
+
+    complete = run_planned(
+        out, "certify", settings, dataset, indices, batch_size, process,
+        resume=resume, progress=progress, extra_columns=(CLEAN_COLUMN,),
+    )
+    if not complete:
+        return None
+    metrics = file_metrics(out)
+    metrics.update(epsilon=eps, lipschitz=bound_info, certify_seconds=seconds[0])
+    summary = write_summary(out, settings, radii=_grid(eps), extra={"gloro": metrics})
+    return summary
+
+
+def _grid(eps: float) -> list[float]:
+    """Radii of the summary's certified-accuracy table: 0, the quarter steps up to 2, and ε itself."""
+    return sorted({0.0, *(0.25 * i for i in range(1, 9)), eps})
+
+
+def file_metrics(path: str | Path) -> dict[str, float]:
+    """Clean accuracy, VRA and rejection rate over every row of a GloRo result file (resumed rows too)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    col = {name: i for i, name in enumerate(header)}
+    if CLEAN_COLUMN not in col:
+        raise CertkitError(f"{path}: not a GloRo result file (no {CLEAN_COLUMN} column)")
+    rows = [line.split("\t") for line in lines[1:] if line]
+    n = max(len(rows), 1)
+    label = [int(r[col["label"]]) for r in rows]
+    return {
+        "N": len(rows),
+        "clean_accuracy": sum(int(r[col[CLEAN_COLUMN]]) == y for r, y in zip(rows, label)) / n,
+        "vra": sum(int(r[col["correct"]]) for r in rows) / n,
+        "rejection_rate": sum(int(r[col["predict"]]) == BOTTOM for r in rows) / n,
+    }
+
+
+def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: argparse.Namespace) -> None:
+    """``certkit certify RUN`` for a GloRo checkpoint: certify, print the three metrics, write the TSV.
+
+    Under torchrun without ``--shard`` rank 0 does the (one-pass, fast) work alone and the others wait.
+    """
+    from certkit.distributed import barrier, world
+
+    if not hasattr(args, "epsilon"):
+        raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
+    rank, size = world()
+    if rank == 0 or args.shard is not None:
+        dataset = args.dataset or meta.get("dataset")
+        summary = certify_gloro_dataset(
+            model, data, out=args.out, epsilon=args.epsilon, batch_size=args.batch, skip=args.skip,
+            max_idx=args.max, shard=args.shard, progress=sys.stderr.isatty(),
+            settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+        )
+        if summary is not None:
+            g = summary["gloro"]
+            print(
+                f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
+                f"VRA {g['vra']:.4f}, rejection rate {g['rejection_rate']:.4f} "
+                f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
+            )
+        print(f"wrote {args.out}")
+    if size > 1 and args.shard is None:
+        barrier()

@@ -1,0 +1,139 @@
+"""The command line end to end: train → certify → predict → report → merge, and one-line errors for bad input.
+
+Commands run in-process through ``certkit.cli.main`` (the console script calls the same function), so the
+exit status and the exact stderr text are what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from certkit.cli import main
+from certkit.results import read_results
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of one command (argparse's own errors exit through SystemExit)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
+    """A LeNet trained for one short epoch on a Fashion-MNIST subset (enough to have a real checkpoint)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--arch", "lenet", "--epochs", "1", "--train-subset", "512", "--test-subset", "100",
+                 "--batch-size", "64", "--lr", "0.05", "--sigma", "0.25", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_complete_run(trained: Path) -> None:
+    meta = json.loads((trained / "model.json").read_text())
+    assert meta["arch"] == "lenet" and meta["method"] == "gaussian" and meta["sigma"] == 0.25
+    assert meta["dataset"] == "fashion-mnist" and meta["num_classes"] == 10
+    assert meta["cost"]["total"]["forward"] > 0 and meta["cost"]["total"]["seconds"] > 0
+    lines = (trained / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and "test_noisy_acc" in json.loads(lines[0])
+
+
+def test_certify_predict_report_merge(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tsv = tmp_path / "r.tsv"
+    code, out, err = run(capsys, "certify", str(trained), "--n0", "20", "--n", "200", "--max", "12", "--out", str(tsv))
+    assert code == 0, err
+    res = read_results(tsv)
+    assert list(res.idx) == list(range(12))
+    assert tsv.read_text().splitlines()[0].split("\t") == ["idx", "label", "predict", "radius", "correct", "time"]
+    assert ((res.predict == -1) <= (res.radius == 0)).all()  # abstain rows carry radius 0
+
+    # a different sigma than the training one is allowed and said on stderr
+    code, _, err = run(capsys, "certify", str(trained), "--sigma", "0.5", "--n", "100", "--max", "2", "--out", str(tmp_path / "s.tsv"))
+    assert code == 0 and "sigma=0.5" in err and "trained at sigma=0.25" in err
+
+    ptsv = tmp_path / "p.tsv"
+    code, _, err = run(capsys, "predict", str(trained), "--n", "100", "--max", "5", "--out", str(ptsv))
+    assert code == 0, err
+    assert ptsv.read_text().splitlines()[0].split("\t") == ["idx", "label", "predict", "correct", "time"]
+
+    shards = []
+    for i in range(2):
+        shards.append(tmp_path / f"shard{i}.tsv")
+        code, _, err = run(capsys, "certify", str(trained), "--n0", "20", "--n", "200", "--max", "12",
+                           "--shard", f"{i}/2", "--out", str(shards[-1]))
+        assert code == 0, err
+    merged = tmp_path / "merged.tsv"
+    code, _, err = run(capsys, "merge", *map(str, shards), "--out", str(merged))
+    assert code == 0, err
+    m = read_results(merged)
+    for col in ("idx", "label", "predict", "radius", "correct"):
+        np.testing.assert_array_equal(getattr(m, col), getattr(res, col))
+
+    png = tmp_path / "curves.png"
+    code, out, err = run(capsys, "report", str(tsv), str(merged), "--plot", str(png))
+    assert code == 0, err
+    from certkit.report import acr
+
+    assert "ACR" in out and "| r |" in out and "| merged |" in out and f"{acr(tsv):.3f}" in out
+    assert png.stat().st_size > 0
+
+
+def test_certify_resumes_and_refuses_other_settings(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tsv = tmp_path / "r.tsv"
+    base = ["certify", str(trained), "--n0", "20", "--n", "200", "--max", "8", "--out", str(tsv)]
+    assert run(capsys, *base)[0] == 0
+    full = read_results(tsv)
+    # cut the file as a kill would: three rows lost and half of the next one written
+    lines = tsv.read_text().splitlines(keepends=True)
+    tsv.write_text("".join(lines[:-4]) + lines[-4][:5])
+    assert run(capsys, *base)[0] == 0  # continues after the last complete row
+    resumed = read_results(tsv)
+    for col in ("idx", "label", "predict", "radius", "correct"):
+        np.testing.assert_array_equal(getattr(resumed, col), getattr(full, col))
+    before = tsv.read_bytes()
+    code, _, err = run(capsys, *base, "--n", "300")
+    assert code == 2 and "settings differ in n" in err and len(err.strip().splitlines()) == 1
+    assert tsv.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["certify", "RUN", "--sigma", "0"], "--sigma must be > 0"),
+        (["certify", "RUN", "--sigma", "-0.5"], "--sigma must be > 0"),
+        (["certify", "RUN", "--alpha", "1.5"], "alpha must be in (0, 1)"),
+        (["certify", "RUN", "--alpha", "0"], "alpha must be in (0, 1)"),
+        (["certify", "RUN", "--n0", "0"], "n0 must be >= 1"),
+        (["certify", "RUN", "--n", "0"], "n must be >= 1"),
+        (["certify", "RUN", "--n", "5"], "CERTIFY needs n >= 10"),
+        (["predict", "RUN", "--n", "3"], "PREDICT needs n >= "),
+        (["certify", "no/such/run"], "not a certkit run"),
+        (["train", "--dataset", "foo"], "valid datasets: fashion-mnist, mnist, cifar10, imagenet"),
+        (["train", "--arch", "foo"], "valid architectures: "),
+        (["train", "--method", "foo"], "valid methods: "),
+        (["train", "--sigma", "0"], "--sigma must be > 0"),
+        (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir"], "train-images-idx3-ubyte.gz: missing"),
+        (["train", "--method", "crt"], "needs --teacher"),
+        (["train", "--method", "crt", "--teacher", "no/such/run"], "not a certkit run"),
+        (["train", "--epochs", "0"], "must be >= 1"),
+        (["certify", "RUN", "--shard", "3/2"], "0 <= i < k"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_nothing(
+    argv: list[str], message: str, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    argv = [str(trained) if a == "RUN" else a for a in argv] + ["--out", str(out)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+

@@ -1,0 +1,153 @@
+"""Multi-process runs on CPU (gloo): DDP training keeps every rank's weights equal to the checkpoint, and
+sharded certification (by hand, or automatic under torchrun) merges into exactly the unsharded rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from certkit import checkpoint
+from certkit.cli import main
+from certkit.data import dataset_info, load_dataset
+from certkit.models import create_model
+from certkit.objectives.gaussian import Gaussian
+from certkit.results import read_results
+from certkit.train import Trainer, TrainConfig
+from conftest import write_idx
+
+WORLD = 2
+# a tiny, cheap certification: enough samples that radii differ between inputs. ``--N``, not ``--n``: torchrun's
+# own parser reads abbreviations even after the script's name, and ``--n`` abbreviates several of its options
+CERTIFY = ["--N0", "20", "--N", "200", "--alpha", "0.01", "--batch", "200", "--seed", "3"]
+
+
+def make_block_dataset(root: Path, n_train: int = 24, n_test: int = 10, seed: int = 0) -> Path:
+    """A small learnable MNIST-format set (gzipped IDX): the class is a bright band at a class-dependent
+    height on a noisy background, so a few SGD steps already give inputs different votes and radii."""
+    gen = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = gen.integers(0, 10, n)
+        images = gen.integers(0, 80, (n, 28, 28))
+        for i, y in enumerate(labels):
+            images[i, 2 * y : 2 * y + 6, 4:24] = 250
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def _train_worker(rank: int, init_file: str, data_dir: str, run_dir: str, dump_dir: str) -> None:
+    """One DDP rank: train, then dump this rank's weights; then a control run without gradient sync."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        info = dataset_info("mnist")
+        train = load_dataset("mnist", "train", data_dir)
+        cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, schedule="constant", seed=0)
+
+        def trainer(out: str | None) -> Trainer:
+            # different initial weights on each rank: DDP must start every rank from rank 0's
+            torch.manual_seed(100 + rank)
+            model = create_model("lenet", info.num_classes, info.in_shape, info.mean, info.std)
+            meta = checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian")
+            return Trainer(model, Gaussian(0.25), train, None, cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
+
+        ddp = trainer(run_dir)
+        assert ddp.world_size == WORLD
+        save_file({k: v.contiguous() for k, v in ddp.model.state_dict().items()}, f"{dump_dir}/ddp{rank}.safetensors")
+        ddp.fit()
+        save_file({k: v.contiguous() for k, v in ddp.model.state_dict().items()}, f"{dump_dir}/trained{rank}.safetensors")
+
+        # control: the same ranks with DDP's gradient all-reduce bypassed must drift apart, which shows that
+        # the equality above is DDP's doing and that the comparison below can fail
+        control = trainer(None)
+        control.net = control.model
+        control.fit()
+        save_file({k: v.contiguous() for k, v in control.model.state_dict().items()}, f"{dump_dir}/control{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rows(path: Path) -> list[tuple]:
+    r = read_results(path)
+    return list(zip(r.idx.tolist(), r.label.tolist(), r.predict.tolist(), r.radius.tolist(), r.correct.tolist()))
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_block_dataset(root / "data")
+    run, dumps = root / "run", root / "dumps"
+    run.mkdir()
+    dumps.mkdir()
+    mp.spawn(_train_worker, args=(str(root / "init"), str(data), str(run), str(dumps)), nprocs=WORLD, join=True)
+    return {"root": root, "data": data, "run": run, "dumps": dumps}
+
+
+def test_ddp_checkpoint_equals_the_weights_on_every_rank(ddp_run):
+    dumps = ddp_run["dumps"]
+    start = [load_file(dumps / f"ddp{r}.safetensors") for r in range(WORLD)]
+    trained = [load_file(dumps / f"trained{r}.safetensors") for r in range(WORLD)]
+    control = [load_file(dumps / f"control{r}.safetensors") for r in range(WORLD)]
+    saved = checkpoint.load(ddp_run["run"]).state_dict()
+    # DDP broadcast rank 0's initial weights although each rank built its own
+    assert _equal(start[0], start[1])
+    # training moved the weights, and every rank ends with exactly the checkpoint rank 0 wrote
+    assert not _equal(trained[0], start[0])
+    for r in range(WORLD):
+        assert _equal(trained[r], saved), f"rank {r} differs from the checkpoint"
+    assert checkpoint.read_meta(ddp_run["run"])["world_size"] == WORLD
+    # the control (no gradient sync) drifts apart: the check above is able to fail
+    assert not _equal(control[0], control[1])
+
+
+def _certify(ddp_run: dict[str, Path], out: Path, *extra: str) -> list[tuple]:
+    args = ["certify", str(ddp_run["run"]), "--dataset", "mnist", "--data-dir", str(ddp_run["data"]), "--device", "cpu"]
+    assert main([*args, *CERTIFY, *extra, "--out", str(out)]) == 0
+    return _rows(out)
+
+
+@pytest.fixture(scope="module")
+def unsharded(ddp_run) -> list[tuple]:
+    rows = _certify(ddp_run, ddp_run["root"] / "whole.tsv")
+    assert [r[0] for r in rows] == list(range(10))
+    # not vacuous: predictions and radii differ between inputs, so a mix-up of rows would show
+    assert len({r[2] for r in rows}) > 1 and len({r[3] for r in rows}) > 1
+    return rows
+
+
+def test_shards_merge_into_the_unsharded_rows(ddp_run, unsharded, tmp_path: Path):
+    shards = [tmp_path / f"s{i}.tsv" for i in range(WORLD)]
+    shard_rows = [_certify(ddp_run, path, "--shard", f"{i}/{WORLD}") for i, path in enumerate(shards)]
+    assert [[r[0] for r in rows] for rows in shard_rows] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert main(["merge", *map(str, shards), "--out", str(tmp_path / "merged.tsv")]) == 0
+    assert _rows(tmp_path / "merged.tsv") == unsharded
+    # the comparison can fail: noise from another seed gives other rows
+    assert _certify(ddp_run, tmp_path / "other.tsv", "--seed", "4") != unsharded
+
+
+def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unsharded, tmp_path: Path):
+    out = tmp_path / "auto.tsv"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+        "-m", "certkit", "certify", str(ddp_run["run"]), "--dataset", "mnist", "--data-dir", str(ddp_run["data"]),
+        "--device", "cpu", *CERTIFY, "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [len(read_results(f"{out}.shard{r}of{WORLD}")) for r in range(WORLD)] == [5, 5]
+    assert _rows(out) == unsharded

@@ -1,0 +1,445 @@
+"""GloRo nets: sound per-layer Lipschitz bounds, the ⊥ logit and its certificate, the objective, checkpoints
+and the one-pass certifier.
+
+Oracles: the exact operator norm (SVD of the Jacobian of a small layer, unrolled), gradient norms and PGD
+attacks that try to beat a bound or a certificate, and closed-form cases (ties, constant layers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from certkit import checkpoint
+from certkit.cli import main
+from certkit.errors import CertkitError
+from certkit.gloro.certify import certify_gloro_dataset, floor_significant
+from certkit.gloro.layers import MinMax, Residual
+from certkit.gloro.lipschitz import build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
+from certkit.gloro.model import GloroNet
+from certkit.models import Normalize, create_model
+from certkit.objectives import get_objective
+from certkit.objectives.gloro import Gloro
+from certkit.results import read_results, summary_path
+from certkit.train import recipe, train
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+def jacobian_norm(f: nn.Module, x: Tensor) -> float:
+    """Spectral norm of the Jacobian of ``f`` at one input ``x`` (no batch dim), in float64."""
+    x = x.double()
+    jac = torch.autograd.functional.jacobian(lambda z: f(z[None]).flatten(), x).reshape(-1, x.numel())
+    return float(torch.linalg.matrix_norm(jac, ord=2))
+
+
+def guaranteed(module: nn.Module, in_shape: tuple[int, ...]) -> float:
+    return build_bound(module, in_shape).guaranteed()
+
+
+def tiny_gloro(seed: int = 0, epsilon: float = 0.3) -> GloroNet:
+    """A small conv GloRo net on 1×8×8 inputs with 3 classes."""
+    torch.manual_seed(seed)
+    body = nn.Sequential(
+        nn.Conv2d(1, 4, 3, 2, 1), MinMax(), nn.Flatten(), nn.Linear(4 * 4 * 4, 32), MinMax(), nn.Linear(32, 3)
+    )
+    return GloroNet(nn.Sequential(Normalize([0.0], [1.0]), body), (1, 8, 8), epsilon=epsilon)
+
+
+def blobs(n: int = 192, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Three classes of 1×8×8 images: a fixed random prototype per class plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(99))
+    y = torch.arange(n) % 3
+    x = (protos[y] + 0.08 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def trained_tiny() -> GloroNet:
+    """``tiny_gloro`` trained with the gloro objective for a few hundred steps (seconds)."""
+    net = tiny_gloro()
+    obj = Gloro(epsilon=0.3, eps_ramp=0.0, train_eps_factor=1.5, power_iterations=5)
+    x, y = blobs()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    net.train()
+    for step in range(150):
+        idx = torch.arange(step * 64, step * 64 + 64) % len(y)
+        loss, _ = obj(net, x[idx], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# per-layer bounds against the exact operator norm
+# --------------------------------------------------------------------------------------------------
+def test_dense_bound_is_the_largest_singular_value() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(7, 5)
+    exact = float(torch.linalg.svdvals(lin.weight.double())[0])
+    assert guaranteed(lin, (7,)) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, k, stride, padding, size, dilation, groups",
+    [
+        (2, 3, 3, 1, 1, 6, 1, 1),
+        (2, 3, 4, 2, 1, 7, 1, 1),  # strided, odd size: output_padding matters in the transpose
+        (1, 2, 3, 2, 0, 8, 1, 1),
+        (2, 4, 4, 1, "same", 6, 1, 1),  # asymmetric 'same' padding
+        (2, 4, 3, 1, 2, 7, 2, 1),  # dilation
+        (4, 4, 3, 2, 1, 9, 1, 2),  # groups
+    ],
+)
+def test_conv_bound_matches_the_unrolled_operator(c_in, c_out, k, stride, padding, size, dilation, groups) -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding, dilation=dilation, groups=groups).double()
+    shape = (c_in, size, size)
+    exact = jacobian_norm(conv, torch.rand(*shape))
+    bound = guaranteed(conv, shape)
+    assert bound >= exact * (1 - 1e-9)
+    assert bound <= exact * 1.10
+    # the power-iteration pair (conv, transposed conv) is a true adjoint pair: <Av, u> = <v, Aᵀu>
+    lb = layer_bound("c", conv, shape)
+    v, u = torch.randn(1, *shape, dtype=torch.float64), torch.randn(1, *lb.out_shape, dtype=torch.float64)
+    w = conv.weight.detach()
+    assert (lb.apply(v, w) * u).sum().item() == pytest.approx((v * lb.adjoint(u, w)).sum().item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, size", [(3, 5, 3, 1, 1, 12), (3, 5, 4, 2, 1, 16), (3, 6, 5, 3, 2, 17)])
+def test_fft_bound_of_larger_convs_is_sound_and_tight(c_in, c_out, k, stride, padding, size) -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False).double()
+    lb = layer_bound("c", conv, (c_in, size, size))
+    exact = lb.exact_norm()
+    fft = conv_fft_bound(lb.dense_kernel(), lb.stride, lb.padded)
+    assert exact * (1 - 1e-9) <= fft <= exact * 1.10
+    assert exact == pytest.approx(jacobian_norm(conv, torch.zeros(c_in, size, size)), rel=1e-9)
+
+
+def test_pooling_bounds() -> None:
+    x = torch.rand(2, 6, 6)
+    # disjoint average pooling: 1/p per side
+    assert guaranteed(nn.AvgPool2d(2), (2, 6, 6)) == pytest.approx(0.5)
+    assert jacobian_norm(nn.AvgPool2d(2), x) == pytest.approx(0.5)
+    # overlapping average pooling: the fixed depthwise conv's exact norm
+    pool = nn.AvgPool2d(3, stride=1, padding=1)
+    exact = jacobian_norm(pool, x)
+    assert exact * (1 - 1e-9) <= guaranteed(pool, (2, 6, 6)) <= exact * 1.10
+    # max pooling: 1 only without overlap; 3x3 / stride 1 is 3, attained by a one-hot input
+    assert guaranteed(nn.MaxPool2d(2), (2, 6, 6)) == 1.0
+    mp = nn.MaxPool2d(3, stride=1)
+    assert guaranteed(mp, (1, 7, 7)) == pytest.approx(3.0)
+    bump = torch.zeros(1, 1, 7, 7)
+    bump[0, 0, 3, 3] = 1.0
+    assert torch.linalg.vector_norm(mp(bump) - mp(torch.zeros_like(bump))).item() == pytest.approx(3.0)
+    assert guaranteed(nn.AdaptiveAvgPool2d(3), (2, 6, 6)) == pytest.approx(0.5)
+
+
+def test_reshape_activation_normalize_and_residual_bounds() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(6, 4, 4)
+    assert guaranteed(nn.Flatten(), (6, 4, 4)) == 1.0 and jacobian_norm(nn.Flatten(), x) == pytest.approx(1.0)
+    assert guaranteed(MinMax(), (6, 4, 4)) == 1.0 and jacobian_norm(MinMax(), x) == pytest.approx(1.0)
+    assert MinMax()(torch.tensor([[3.0, -1.0, 1.0, 2.0]])).tolist() == [[1.0, -1.0, 3.0, 2.0]]
+    assert guaranteed(Normalize([0.1, 0.2], [0.5, 0.25]), (2, 3, 3)) == pytest.approx(4.0)
+    # x + Wx with W symmetric PSD: ‖I + W‖ = 1 + ‖W‖, so the 1 + L(g) rule is exact here
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    lin = nn.Linear(5, 5, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(q @ torch.diag(torch.tensor([0.7, 0.5, 0.3, 0.2, 0.0], dtype=torch.float64)) @ q.t())
+    res = Residual(lin)
+    assert guaranteed(res, (5,)) == pytest.approx(jacobian_norm(res, torch.randn(5)), rel=1e-9)
+    assert guaranteed(res, (5,)) == pytest.approx(1.7, rel=1e-9)
+
+
+def test_two_layer_network_bound_beats_every_sampled_gradient() -> None:
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    bound = lipschitz_upper_bound(net, (6,))
+    x = (3 * torch.randn(4000, 6)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(net(x).sum(), x)
+    biggest = grad.norm(dim=1).max().item()
+    assert biggest <= bound
+    assert biggest >= 0.25 * bound  # the search is not vacuous
+
+
+def test_margin_gradients_stay_below_the_pairwise_constants(trained_tiny: GloroNet) -> None:
+    net = trained_tiny
+    kmat = net.margin_constants(net.certification_constant())
+    x = torch.rand(64, 1, 8, 8, requires_grad=True)
+    logits = net(x)
+    for j in range(3):
+        for i in range(3):
+            if i != j:
+                (g,) = torch.autograd.grad((logits[:, j] - logits[:, i]).sum(), x, retain_graph=True)
+                assert g.flatten(1).norm(dim=1).max().item() <= kmat[j, i].item() * (1 + 1e-6)
+
+
+def test_unknown_layers_are_refused() -> None:
+    with pytest.raises(CertkitError, match="Sigmoid"):
+        build_bound(nn.Sequential(nn.Linear(4, 4), nn.Sigmoid()), (4,))
+
+    class Custom(nn.Module):  # a custom forward could wire its children any way
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.lin(x) * 3
+
+    with pytest.raises(CertkitError, match="Custom"):
+        build_bound(nn.Sequential(Custom()), (4,))
+    with pytest.raises(CertkitError, match="Dropout"):
+        GloroNet(nn.Sequential(nn.Linear(4, 8), nn.Dropout(), nn.Linear(8, 3)), (4,), epsilon=0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# the certificate
+# --------------------------------------------------------------------------------------------------
+def test_tied_logits_never_certify() -> None:
+    net = tiny_gloro()
+    logits = torch.tensor([[2.0, 2.0, -5.0], [3.0, -1.0, 3.0], [4.0, 0.0, 0.0]])
+    for eps in (0.0, 0.3):
+        pred, radius, certified = net.certify_logits(logits, eps, 1.0)
+        assert pred.tolist() == [0, 0, 0]  # one index: the first maximum
+        assert radius[:2].tolist() == [0.0, 0.0] and radius[2] > 0
+        assert certified[:2].tolist() == [False, False]
+        # only index j is masked: the tied class keeps ⊥ at or above y_j
+        bottom = net.bottom_logit(logits, eps, 1.0)
+        assert (bottom[:2] >= logits[:2, 0]).all()
+    # identical head rows (K_ji ≈ 0) with equal biases: the classic infinite-radius bug must not appear
+    with torch.no_grad():
+        net.head.weight[1] = net.head.weight[0]
+        net.head.bias[1] = net.head.bias[0]
+        net.head.bias[0] += 100.0
+        net.head.bias[1] += 100.0
+    net.eval()
+    pred, radius, _ = net.certify(torch.rand(32, 1, 8, 8))
+    assert (pred == -1).all() and (radius < 1e-3).all()
+
+
+def test_certified_points_survive_pgd_inside_their_radius(trained_tiny: GloroNet) -> None:
+    net = trained_tiny
+    x, y = blobs(60, seed=5)
+    pred, radius, j = net.certify(x)
+    ok = pred >= 0
+    assert ok.sum() >= 20, "the tiny model should certify most blobs at 0.3"
+    xs, js, rs = x[ok], j[ok], radius[ok]
+    # inside the radius: no flip; at 4x the radius the same attack flips some (so the attack is real)
+    assert pgd_flips(net, xs, js, 0.999 * rs).sum() == 0
+    assert pgd_flips(net, xs, js, 4.0 * rs).sum() > 0
+
+
+def pgd_flips(net: nn.Module, x: Tensor, j: Tensor, rho: Tensor, restarts: int = 16, steps: int = 40) -> Tensor:
+    """L2 PGD on the best wrong logit's margin inside balls of radii ``rho``; True where argmax changed."""
+    g = torch.Generator().manual_seed(0)
+    xr, jr = x.repeat(restarts, 1, 1, 1), j.repeat(restarts)
+    rr = rho.repeat(restarts).view(-1, 1, 1, 1)
+    delta = torch.randn(xr.shape, generator=g)
+    delta = delta / delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * rr * torch.rand(len(xr), 1, 1, 1, generator=g)
+    flipped = torch.zeros(len(xr), dtype=torch.bool)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = net(xr + delta)
+        flipped |= logits.argmax(1) != jr
+        own = logits.gather(1, jr[:, None])[:, 0]
+        other = logits.scatter(1, jr[:, None], float("-inf")).max(1).values
+        (grad,) = torch.autograd.grad((other - own).sum(), delta)
+        with torch.no_grad():
+            step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            delta = delta + 0.25 * rr * step
+            norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * torch.clamp(rr / norm.clamp_min(1e-12), max=1.0)
+    with torch.no_grad():
+        flipped |= net(xr + delta).argmax(1) != jr
+    return flipped.view(restarts, -1).any(0)
+
+
+def test_frozen_bound_is_guaranteed_and_discarded_by_training() -> None:
+    net = tiny_gloro().eval()
+    info = net.freeze()
+    assert info["lipschitz_bound"] >= info["lipschitz_guaranteed"] >= info["lipschitz_estimate"]
+    assert net.is_frozen and float(net.lipschitz_frozen) == info["lipschitz_bound"]
+    net.train()
+    assert not net.is_frozen
+
+
+def test_floor_significant_never_rounds_up() -> None:
+    for v in (0.49999, 0.123456, 1.0, 2.0000001, 1234.56):
+        f = floor_significant(v)
+        assert f <= v and float(format(f, ".3")) <= v and v - f < 0.01 * v
+    assert floor_significant(0.0) == 0.0 and floor_significant(float("nan")) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective
+# --------------------------------------------------------------------------------------------------
+def test_objective_needs_a_gloro_net_and_ignores_sigma() -> None:
+    x, y = blobs(16)
+    plain = create_model("gloro-2c2f", 3, (1, 8, 8))
+    with pytest.raises(CertkitError, match="GloroNet"):
+        Gloro(epsilon=0.3)(plain, x, y)
+    losses = []
+    for sigma in (0.12, 1.0):
+        obj = get_objective("gloro").from_config(sigma, "mnist", {"epsilon": 0.3})
+        assert obj.sigma is None and obj.config()["sigma"] is None
+        net = tiny_gloro().train()
+        losses.append(obj(net, x, y)[0].item())
+    assert losses[0] == losses[1]
+
+
+def test_defaults_and_recipe_are_the_published_ones() -> None:
+    d = Gloro.defaults("mnist", 0.25)
+    assert d["epsilon"] == 0.3 and d["train_eps_factor"] == 1.5 and d["power_iterations"] == 10
+    assert Gloro.defaults("cifar10", 0.25)["epsilon"] == pytest.approx(36 / 255)
+    r = recipe("mnist", "gloro")
+    assert (r["optimizer"], r["lr"], r["schedule"], r["lr_final"], r["weight_decay"]) == ("adam", 1e-3, "exp", 1e-6, 0.0)
+
+
+def test_training_epsilon_ramps_above_the_evaluation_epsilon() -> None:
+    obj = Gloro(epsilon=0.4, train_eps_factor=1.5, eps_ramp=0.5)
+    values = []
+    for epoch in range(10):
+        obj.start_epoch(epoch, 10)
+        values.append(obj.train_epsilon())
+    assert all(a < b for a, b in zip(values[:5], values[1:5]))  # increasing over the first half
+    assert values[4:] == [pytest.approx(0.6)] * 6
+    assert values[0] > 0.4 * 0.01
+    t = 0.2  # after epoch 1 of 10, 20% of the ramp: the library's log-concave form
+    assert values[0] == pytest.approx(0.4 * math.log(math.exp(0.01) + (math.exp(1.5) - math.exp(0.01)) * t))
+    flat = Gloro(epsilon=0.4, eps_ramp=0.0, train_eps_factor=1.2)
+    flat.start_epoch(0, 10)
+    assert flat.train_epsilon() == pytest.approx(0.48)
+
+
+def test_losses_are_gloro_ce_and_trades() -> None:
+    x, y = blobs(16)
+    net = tiny_gloro().train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    ce_obj = Gloro(epsilon=0.3, eps_ramp=0.0, train_eps_factor=1.0, power_iterations=3)
+    loss, parts = ce_obj(net, x, y)
+    net.load_state_dict(state)  # same iterates for the reference computation
+    logits = net(x)
+    k = net.lipschitz_constant(3)
+    bottom = net.bottom_logit(logits, 0.3, k)
+    assert loss.item() == pytest.approx(F.cross_entropy(torch.cat([logits, bottom[:, None]], 1), y).item(), rel=1e-5)
+    net.load_state_dict(state)
+    trades, parts = Gloro(epsilon=0.3, eps_ramp=0.0, train_eps_factor=1.0, power_iterations=3, lbd=2.0)(net, x, y)
+    p = torch.cat([F.softmax(logits, 1), torch.zeros(len(y), 1)], 1)
+    q = F.log_softmax(torch.cat([logits, bottom[:, None]], 1), 1)
+    kl = (p * (torch.log(p.clamp_min(1e-30)) - q)).sum(1).mean()
+    assert trades.item() == pytest.approx((F.cross_entropy(logits, y) + 2.0 * kl).item(), rel=1e-4)
+    assert set(parts) >= {"ce", "robust", "vra", "acc", "lipschitz", "train_eps"}
+
+
+def test_power_iteration_is_warm_started_and_converges_from_below() -> None:
+    net = tiny_gloro().train()
+    obj = Gloro(epsilon=0.3, power_iterations=5)
+    x, y = blobs(8)
+    keys = [k for k in net.state_dict() if k.startswith("lip_iterate_")]
+    assert keys
+    before = {k: net.state_dict()[k].clone() for k in keys}
+    estimates = []
+    for _ in range(60):
+        estimates.append(obj(net, x, y)[1]["lipschitz"].item())
+    assert any(not torch.equal(before[k], net.state_dict()[k]) for k in keys)  # iterates persist as buffers
+    bound = net.bound.guaranteed()
+    assert estimates[-1] <= bound * (1 + 1e-5)
+    assert estimates[-1] >= 0.98 * bound
+
+
+def test_evaluate_reports_sums(trained_tiny: GloroNet) -> None:
+    x, y = blobs(30, seed=7)
+    m = Gloro(epsilon=0.3).evaluate(trained_tiny, x, y)
+    assert set(m) == {"clean_acc", "vra", "rejection"}
+    assert 0 <= m["vra"] <= m["clean_acc"] <= 30 and m["vra"] + m["rejection"] <= 30
+    assert m["vra"] >= 10  # sums, not means
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints and the certifier, on real Fashion-MNIST
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
+    run = tmp_path_factory.mktemp("gloro") / "run"
+    code = main([
+        "train", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_root), "--arch", "gloro-2c2f",
+        "--method", "gloro", "--epsilon", "0.5", "--train-subset", "768", "--test-subset", "0", "--epochs", "1",
+        "--lr-final", "1e-3", "--device", "cpu", "--out", str(run),
+    ])
+    assert code == 0
+    return run
+
+
+def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Path) -> None:
+    trainer = train(
+        "fashion-mnist", "gloro-2c2f", "gloro", hparams={"epsilon": 0.5}, data_dir=str(fmnist_root),
+        out=tmp_path / "run", train_subset=512, test_subset=100, epochs=1, device="cpu", progress=False,
+    )
+    record = trainer.history[-1]
+    assert 0 <= record["test_vra"] <= record["test_clean_acc"] and "test_rejection" in record
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["method"] == "gloro" and meta["sigma"] is None
+    assert meta["gloro"]["epsilon"] == 0.5 and meta["gloro"]["lipschitz_bound"] >= meta["gloro"]["lipschitz_guaranteed"]
+    loaded = checkpoint.load(tmp_path / "run")
+    assert isinstance(loaded, GloroNet) and loaded.is_frozen
+    assert float(loaded.lipschitz_frozen) == meta["gloro"]["lipschitz_bound"]
+    original = trainer.model.eval()
+    x = torch.stack([trainer.test_data.get(i)[0] for i in range(100)])
+    for a, b in zip(original.certify(x), loaded.certify(x)):
+        assert torch.equal(a, b)
+
+
+def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root: Path, capsys) -> None:
+    out = cli_run.parent / "gloro.tsv"
+    args = ["certify", str(cli_run), "--data-dir", str(fmnist_root), "--max", "300", "--batch", "128", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "clean accuracy" in printed and "VRA" in printed and "rejection rate" in printed
+    res = read_results(out)
+    assert res.idx.tolist() == list(range(300))
+    assert ((res.predict == -1) == (res.radius == 0)).all()
+    assert (res.radius[res.predict >= 0] >= 0.499).all()  # certified at ε = 0.5 (radius floored to 3 digits)
+    assert (res.correct == (res.predict == res.label)).all()
+    summary = json.loads(summary_path(out).read_text())
+    g = summary["gloro"]
+    assert g["N"] == 300 and g["vra"] == pytest.approx(res.correct.mean()) and g["vra"] <= g["clean_accuracy"]
+    assert g["rejection_rate"] == pytest.approx((res.predict == -1).mean())
+    # the rows are the model's own certificates
+    model = checkpoint.load(cli_run)
+    from certkit.data import load_dataset
+
+    data = load_dataset("fashion-mnist", "test", str(fmnist_root))
+    x = torch.stack([data.get(i)[0] for i in range(300)])
+    pred, _, _ = model.certify(x)
+    assert pred.tolist() == res.predict.tolist()
+    # resuming adds nothing; another epsilon is refused (settings differ)
+    before = out.read_text()
+    assert main(args) == 0 and out.read_text() == before
+    assert main(args + ["--epsilon", "0.3"]) == 2
+
+
+def test_a_tampered_frozen_bound_is_refused(cli_run: Path, fmnist_root: Path, tmp_path: Path) -> None:
+    model = checkpoint.load(cli_run)
+    with torch.no_grad():
+        model.lipschitz_frozen.mul_(0.5)
+
+    class Few:
+        def __len__(self) -> int:
+            return 4
+
+        def get(self, i: int) -> tuple[Tensor, int]:
+            return torch.rand(1, 28, 28), 0
+
+    with pytest.raises(CertkitError, match="below the guaranteed bound"):
+        certify_gloro_dataset(model, Few(), out=tmp_path / "t.tsv", progress=False)
