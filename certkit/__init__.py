@@ -2,6 +2,20 @@
 
 The data flow is one line: dataset → model (normalization is its first layer; noise lives in [0, 1] pixel
 space) → objective (a training loss on a batch) → trainer → checkpoint → certifier → result TSV → report.
+
+The names most programs need are here::
+
+    import certkit
+    model = certkit.load("runs/gaussian")                 # safetensors + JSON, nothing unpickled
+    smoothed = certkit.Smooth(model, num_classes=10, sigma=0.25)
+    prediction, radius = smoothed.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=1000)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # first: submodules read it while this package is still importing
+
+from certkit.checkpoint import load
+from certkit.errors import CertkitError
+from certkit.smooth import ABSTAIN, Smooth
+from certkit.train import train
+
+__all__ = ["ABSTAIN", "CertkitError", "Smooth", "load", "train", "__version__"]

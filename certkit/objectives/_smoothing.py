@@ -43,6 +43,17 @@ def _float_or_none(text: str) -> Any:
     return None if text.lower() == "none" else float(text)
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false (got {text!r})")
+
+
+_bool.__name__ = "bool"  # argparse names the type in its error message
+
 HYPER_SPECS: dict[str, Hyper] = {
     "num_noise_vec": Hyper(int, "m: Gaussian noise draws per image; chunked methods also split each batch into m chunks"),
     "gauss_num": Hyper(int, "k: Gaussian noise copies per image (MACER)"),
@@ -58,6 +69,7 @@ HYPER_SPECS: dict[str, Hyper] = {
     "mix_step": Hyper(int, "SmoothMix: attack step whose point is the clean side of the mixup (0 = the clean image)"),
     "maxnorm": Hyper(_float_or_none, "SmoothMix: L2 cap on the adversarial perturbation (none = unbounded)"),
     "maxnorm_s": Hyper(_float_or_none, "SmoothMix: L2 cap on the clean-side perturbation (none = step_size·mix_step)"),
+    "detach_target": Hyper(_bool, "Stability: true = softmax(f(x)) is a fixed label; false = also train through it, as the reference code does"),
 }
 
 
