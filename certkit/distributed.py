@@ -6,6 +6,12 @@ DistributedDataParallel and gives each rank a disjoint share of every epoch's pe
 logs and writes checkpoints. ``certkit certify`` under torchrun certifies the rank's shard and rank 0 merges.
 Multi-node: run the same torchrun command on every node with ``--nnodes N --node-rank R
 --rdzv-endpoint HOST:PORT``.
+
+torchrun parses abbreviated options even after the script's name, so two certkit spellings collide with
+its own: write ``--N`` (not ``--n``, which abbreviates ``--nnodes``, ``--nproc-per-node``, ...) and
+``--max-index`` (not ``--max``, which abbreviates ``--max-restarts``)::
+
+    torchrun --standalone --nproc-per-node 2 -m certkit certify RUN --N 100000 --max-index 500 --out r.tsv
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ from certkit.train import Trainer, TrainConfig
 from conftest import write_idx
 
 WORLD = 2
-# a tiny, cheap certification: enough samples that radii differ between inputs. ``--N``, not ``--n``: torchrun's
-# own parser reads abbreviations even after the script's name, and ``--n`` abbreviates several of its options
-CERTIFY = ["--N0", "20", "--N", "200", "--alpha", "0.01", "--batch", "200", "--seed", "3"]
+# a tiny, cheap certification: enough samples that radii differ between inputs. ``--N`` and ``--max-index``, not
+# ``--n`` and ``--max``: torchrun's own parser reads abbreviations even after the script's name, and those two
+# abbreviate its options (the spellings torchrun users must use; the same list serves the in-process runs)
+CERTIFY = ["--N0", "20", "--N", "200", "--alpha", "0.01", "--batch", "200", "--seed", "3", "--max-index", "10"]
 
 
 def make_block_dataset(root: Path, n_train: int = 24, n_test: int = 10, seed: int = 0) -> Path:

@@ -34,6 +34,15 @@ from certkit.train import Trainer, TrainConfig, recipe, train
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every model here is tiny: one thread is faster and immune to OpenMP spin-waits on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def jacobian_norm(f: nn.Module, x: Tensor) -> float:
     """Spectral norm of the Jacobian of ``f`` at one input ``x`` (no batch dim), in float64."""
     x = x.double()

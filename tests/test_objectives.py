@@ -349,15 +349,17 @@ def test_consistency_kl_zero_when_predictions_agree() -> None:
 # --------------------------------------------------------------------------------------------------
 def test_stability_target_detached_or_trained() -> None:
     x, y = batch()
-    grads = {}
+    grads, losses = {}, {}
     for detach in (True, False):
         model = mlp()
         torch.manual_seed(5)
         loss, parts = Stability(sigma=0.25, lbd=2.0, detach_target=detach)(model, x, y)
         assert loss.item() == pytest.approx(float(parts["ce"]) + 2.0 * float(parts["stab"]), rel=1e-6)
         loss.backward()
+        losses[detach] = loss.item()
         grads[detach] = torch.cat([p.grad.flatten() for p in model.parameters()])
     # same loss value, different gradient: the reference's form also trains through softmax(f(x))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     assert not torch.allclose(grads[True], grads[False])
     with pytest.raises(CertkitError, match="detach_target"):
         Stability(sigma=0.25, detach_target="yes")
