@@ -5,8 +5,9 @@ trained with CRT from a SmoothMix teacher. Both are certified on the same test s
 trained once; its cost is printed on its own line, with the cumulative cost of a three-generation chain
 (teacher + three CRT students) against three SmoothMix trainings.
 
-    python benchmarks/crt_speedup.py                      # about 25 minutes on 2 CPU cores
-    python benchmarks/crt_speedup.py --epochs 30 --train-subset 0 --certify-images 1000 --n 10000
+    python benchmarks/crt_speedup.py                      # the demo's sizes: about 10-15 minutes on 2 CPU cores
+    python benchmarks/crt_speedup.py --out demo-out/quick  # after `make demo`: reuses its runs (everything resumes)
+    python benchmarks/crt_speedup.py --epochs 30 --teacher-epochs 30 --train-subset 0 --certify-images 1000 --n 10000
 
 Last line: ``crt_speedup: <SmoothMix seconds / CRT seconds>x  acr_ratio: <CRT ACR / SmoothMix ACR>``.
 Training seconds are the training loops' wall time (the per-epoch test is excluded), from the runs' ledgers.
@@ -24,13 +25,13 @@ def main() -> None:
     d = CompareConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="bench-out/crt_speedup", help="run folder (re-running resumes)")
-    p.add_argument("--epochs", type=int, default=8, help="student epochs, both students")
-    p.add_argument("--teacher-epochs", type=int, default=12, help="teacher epochs (paid once)")
+    p.add_argument("--epochs", type=int, default=d.student_epochs, help="student epochs, both students")
+    p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="teacher epochs (paid once)")
     p.add_argument("--teacher-arch", default=d.teacher_arch)
     p.add_argument("--student-arch", default=d.student_arch)
-    p.add_argument("--train-subset", type=int, default=12_000, help="training images (0: all 60,000)")
-    p.add_argument("--certify-images", type=int, default=500)
-    p.add_argument("--n", type=int, default=4_000, help="certification samples per image")
+    p.add_argument("--train-subset", type=int, default=d.train_subset, help="training images (0: all 60,000)")
+    p.add_argument("--certify-images", type=int, default=d.certify_images)
+    p.add_argument("--n", type=int, default=d.n, help="certification samples per image")
     p.add_argument("--sigma", type=float, default=d.sigma)
     p.add_argument("--device", default="auto")
     a = p.parse_args()

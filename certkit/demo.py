@@ -34,10 +34,10 @@ class CompareConfig:
     teacher_arch: str = "smallcnn"
     student_arch: str = "lenet"
     teacher_method: str = "smoothmix"
-    train_subset: int | None = 12_000
+    train_subset: int | None = 6_000
     test_subset: int = 1_000
-    teacher_epochs: int = 10
-    student_epochs: int = 10
+    teacher_epochs: int = 8
+    student_epochs: int = 6
     batch_size: int = 128
     lr: float = 0.05
     schedule: str = "cosine"

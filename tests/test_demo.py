@@ -1,0 +1,37 @@
+"""The main job's pipeline on a tiny budget: teacher → CRT student vs direct student, certified and compared."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from certkit.demo import CompareConfig, compare, render
+
+
+def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path) -> None:
+    cfg = dataclasses.replace(
+        CompareConfig(), train_subset=256, test_subset=50, teacher_epochs=1, student_epochs=1, batch_size=64,
+        certify_images=6, n0=20, n=100, cert_batch=200,
+    )
+    figures = compare(cfg, tmp_path, log=lambda m: None)
+    for name in ("teacher", "crt", "direct"):
+        assert (tmp_path / name / "model.safetensors").exists()
+        assert len((tmp_path / f"{name}.tsv").read_text().splitlines()) == 1 + 6
+    # the CRT student's lineage names its teacher; its ledger counts teacher forwards, never backwards
+    meta = json.loads((tmp_path / "crt" / "model.json").read_text())
+    assert meta["teacher"]["method"] == "smoothmix" and meta["teacher"]["arch"] == cfg.teacher_arch
+    cost = meta["cost"]["total"]
+    assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
+    assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])
+    chain = figures["chain"]
+    assert chain["crt_seconds"] == pytest.approx(figures["teacher"]["seconds"] + 3 * figures["crt"]["seconds"])
+
+    text = render(cfg, figures, plot=tmp_path / "curves.png")
+    assert text.splitlines()[-4].startswith("crt_speedup: ") and "acr_ratio: " in text
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+    again = compare(cfg, tmp_path, log=lambda m: None)  # everything resumes: nothing is trained twice
+    assert again["crt"]["seconds"] == figures["crt"]["seconds"]
