@@ -170,23 +170,44 @@ class ResultWriter:
         if meta.get("kind") != self.kind or list(meta.get("columns", [])) != list(self.columns):
             raise CertkitError(f"{self.path} was written as a different kind of result file; cannot resume it")
         differing = _differing_keys(meta["settings"], self.settings)
-        if differing:
+        if differing and differing != ["max"]:
             raise CertkitError(
                 f"cannot resume {self.path}: settings differ in {', '.join(differing)} "
                 "(use the same settings, or another output file)"
             )
         complete = data[: data.rfind(b"\n") + 1]
+        done: set[int] = set()
+        for number, line in enumerate(complete.decode("utf-8").splitlines()[1:], start=2):
+            try:
+                done.add(int(line.split("\t", 1)[0]))
+            except ValueError:
+                raise CertkitError(f"{self.path}:{number}: not a result row: {line[:60]!r}") from None
+        if differing:
+            self._extend(meta, done)
         if len(complete) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
                 f.flush()
                 os.fsync(f.fileno())
-        for number, line in enumerate(complete.decode("utf-8").splitlines()[1:], start=2):
-            try:
-                self.done_indices.add(int(line.split("\t", 1)[0]))
-            except ValueError:
-                raise CertkitError(f"{self.path}:{number}: not a result row: {line[:60]!r}") from None
+        self.done_indices = done
         return True
+
+    def _extend(self, meta: dict[str, Any], done: set[int]) -> None:
+        """Accept a new ``--max`` when the rows already written are all inside the new plan.
+
+        Indices are certified in plan order and a plan with a larger ``max`` (same skip, same shard) starts
+        with every index of the smaller one, so the file stays a prefix of the new plan and growing a run
+        (first 500 images, later all of them) needs no recomputation. A smaller ``max`` that would leave rows
+        outside the plan is refused.
+        """
+        new_max = self.settings.get("max")
+        if not isinstance(new_max, int) or (new_max >= 0 and any(i >= new_max for i in done)):
+            raise CertkitError(
+                f"cannot resume {self.path}: it holds rows up to index {max(done, default=-1)}, beyond --max {new_max} "
+                "(use a larger --max, or another output file)"
+            )
+        atomic_write_json(sidecar_path(self.path), dict(meta, settings=self.settings))
+        summary_path(self.path).unlink(missing_ok=True)  # it described the smaller run; rewritten when complete
 
     def _flush(self) -> None:
         self._file.flush()

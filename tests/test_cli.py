@@ -103,6 +103,26 @@ def test_certify_resumes_and_refuses_other_settings(trained: Path, tmp_path: Pat
     assert tsv.read_bytes() == before
 
 
+def test_certify_grows_with_a_larger_max_and_refuses_a_smaller_one(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(trained), "--n0", "20", "--n", "200"]
+    whole = tmp_path / "whole.tsv"
+    assert run(capsys, "certify", *args, "--max", "10", "--out", str(whole))[0] == 0
+    grown = tmp_path / "grown.tsv"
+    assert run(capsys, "certify", *args, "--max", "4", "--out", str(grown))[0] == 0
+    assert (tmp_path / "grown.summary.json").exists()
+    assert run(capsys, "certify", *args, "--max", "10", "--out", str(grown))[0] == 0
+    a, b = read_results(whole), read_results(grown)
+    for col in ("idx", "label", "predict", "radius", "correct"):
+        np.testing.assert_array_equal(getattr(b, col), getattr(a, col))
+    assert json.loads((tmp_path / "grown.summary.json").read_text())["N"] == 10
+    before = grown.read_bytes()
+    code, _, err = run(capsys, "certify", *args, "--max", "6", "--out", str(grown))
+    assert code == 2 and "beyond --max 6" in err and len(err.strip().splitlines()) == 1
+    assert grown.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
