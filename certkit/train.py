@@ -377,10 +377,24 @@ class Trainer:
                     f"{path}: run was started with {key}={saved_train[key]!r}, not {getattr(self.config, key)!r}; "
                     "use the same settings or another --out"
                 )
-        if saved_train.get("epochs") != self.config.epochs and info["epoch"] + 1 > self.config.epochs:
-            raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
+        if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
+            if info["epoch"] + 1 > self.config.epochs:
+                raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
+            if self.config.schedule in ("cosine", "exp"):  # their learning rate at every epoch depends on the total
+                raise CertkitError(
+                    f"{path}: run was started with epochs={saved_train['epochs']} and a {self.config.schedule} schedule, "
+                    f"which --epochs {self.config.epochs} would change retroactively; use another --out"
+                )
         if info["meta"].get("method") != self.objective.name:
             raise CertkitError(f"{path}: run was trained with method {info['meta'].get('method')!r}, not {self.objective.name!r}")
+        saved = {"sigma": info["meta"].get("sigma"), **info["meta"].get("hparams", {})}
+        now = json.loads(json.dumps({"sigma": self.objective.sigma, **self.objective.hparams}))  # as stored
+        differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if differing:
+            k = differing[0]
+            raise CertkitError(
+                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; use the same settings or another --out"
+            )
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
         opt_state: dict[str, Any] = {"param_groups": info["optimizer"]["param_groups"], "state": {}}

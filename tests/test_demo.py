@@ -14,7 +14,7 @@ from certkit.demo import CompareConfig, compare, render
 def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(
         CompareConfig(), train_subset=256, test_subset=50, teacher_epochs=1, student_epochs=1, batch_size=64,
-        certify_images=6, n0=20, n=100, cert_batch=200,
+        certify_images=6, n0=20, n=100, cert_batch=200, crt_batch_size=32, crt_alpha=0.5,
     )
     figures = compare(cfg, tmp_path, log=lambda m: None)
     for name in ("teacher", "crt", "direct"):
@@ -23,6 +23,8 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     # the CRT student's lineage names its teacher; its ledger counts teacher forwards, never backwards
     meta = json.loads((tmp_path / "crt" / "model.json").read_text())
     assert meta["teacher"]["method"] == "smoothmix" and meta["teacher"]["arch"] == cfg.teacher_arch
+    assert meta["hparams"]["alpha"] == 0.5 and meta["train"]["batch_size"] == 32  # the CRT student's own settings
+    assert json.loads((tmp_path / "direct" / "model.json").read_text())["train"]["batch_size"] == 64
     cost = meta["cost"]["total"]
     assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
     assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])

@@ -26,10 +26,10 @@ def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(dataset_info("mnist"), images, labels)
 
 
-def _trainer(out: Path | None, epochs: int = 3, seed: int = 0) -> Trainer:
+def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step") -> Trainer:
     torch.manual_seed(123)
     model = create_model("smallcnn", 10, (1, 28, 28))
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32, schedule=schedule)
     meta = checkpoint.make_meta("smallcnn", "mnist", 0.25, "gaussian")
     return Trainer(model, Gaussian(0.25), tiny_data(), tiny_data(32, seed=1), cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
 
@@ -69,6 +69,28 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     other = _trainer(tmp_path / "run", epochs=3, seed=7)
     with pytest.raises(CertkitError, match="seed"):
         other.resume()
+
+
+def test_resume_refuses_another_sigma_or_method_setting(tmp_path: Path) -> None:
+    t = _trainer(tmp_path / "run", epochs=1)
+    t.fit()
+    other = _trainer(tmp_path / "run", epochs=3)
+    other.objective = Gaussian(0.5)
+    with pytest.raises(CertkitError, match="sigma=0.25, not 0.5"):
+        other.resume()
+    other.objective = Gaussian(0.25)
+    other.objective.hparams["extra"] = 1  # a method setting the saved run did not have
+    with pytest.raises(CertkitError, match="extra=None, not 1"):
+        other.resume()
+
+
+def test_resume_extends_a_step_schedule_but_not_a_cosine_one(tmp_path: Path) -> None:
+    _trainer(tmp_path / "step", epochs=1).fit()
+    longer = _trainer(tmp_path / "step", epochs=2)  # step: more epochs leave the first epochs' rates unchanged
+    assert longer.resume() and longer.start_epoch == 1
+    _trainer(tmp_path / "cos", epochs=1, schedule="cosine").fit()
+    with pytest.raises(CertkitError, match="change retroactively"):  # cosine: every rate depends on the total
+        _trainer(tmp_path / "cos", epochs=2, schedule="cosine").resume()
 
 
 def test_recipes() -> None:
