@@ -277,7 +277,8 @@ class ResultWriter:
 class Results:
     """The rows of one result file as arrays (full precision as printed; abstain is predict = -1).
 
-    ``radius`` is None for PREDICT files; ``samples`` is None unless the file has that column.
+    ``radius`` is None for PREDICT files; ``samples`` (adaptive certification) and ``clean_predict``
+    (GloRo: the prediction before the certification check) are None unless the file has that column.
     """
 
     idx: np.ndarray
@@ -288,6 +289,7 @@ class Results:
     time_seconds: np.ndarray
     kind: str = "certify"
     samples: np.ndarray | None = None
+    clean_predict: np.ndarray | None = None
     path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -350,6 +352,7 @@ def read_results(path: str | os.PathLike) -> Results:
             time_seconds=np.array([parse_time(r[column["time"]]) for r in rows], dtype=np.float64),
             kind=kind,
             samples=ints("samples") if "samples" in column else None,
+            clean_predict=ints("clean_predict") if "clean_predict" in column else None,
             path=str(path),
         )
     except ValueError as e:

@@ -370,13 +370,22 @@ class Trainer:
             tensors = st_load(path.read_bytes())
         except Exception as e:  # a corrupt resume file must not be half-used
             raise CertkitError(f"{path}: cannot resume from it ({e})") from None
-        saved_train = info["meta"].get("train", {})
-        for key in ("seed", "batch_size", "optimizer", "schedule"):
-            if key in saved_train and saved_train[key] != getattr(self.config, key):
-                raise CertkitError(
-                    f"{path}: run was started with {key}={saved_train[key]!r}, not {getattr(self.config, key)!r}; "
-                    "use the same settings or another --out"
-                )
+        meta = info["meta"]
+        if meta.get("method") != self.objective.name:
+            raise CertkitError(f"{path}: run was trained with method {meta.get('method')!r}, not {self.objective.name!r}")
+        # every setting that changes what an epoch computes must match: optimisation, sigma, method hyperparameters
+        saved_train = meta.get("train", {})
+        train_keys = [k for k in ("seed", "batch_size", "optimizer", "schedule") if k in saved_train]
+        saved = {**{k: saved_train[k] for k in train_keys}, "sigma": meta.get("sigma"), **meta.get("hparams", {})}
+        now = json.loads(json.dumps(  # compared as stored in JSON (tuples become lists)
+            {**{k: getattr(self.config, k) for k in train_keys}, "sigma": self.objective.sigma, **self.objective.hparams}
+        ))
+        differing = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k) != now.get(k)]
+        if differing:
+            k = differing[0]
+            raise CertkitError(
+                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; use the same settings or another --out"
+            )
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
                 raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
@@ -385,16 +394,6 @@ class Trainer:
                     f"{path}: run was started with epochs={saved_train['epochs']} and a {self.config.schedule} schedule, "
                     f"which --epochs {self.config.epochs} would change retroactively; use another --out"
                 )
-        if info["meta"].get("method") != self.objective.name:
-            raise CertkitError(f"{path}: run was trained with method {info['meta'].get('method')!r}, not {self.objective.name!r}")
-        saved = {"sigma": info["meta"].get("sigma"), **info["meta"].get("hparams", {})}
-        now = json.loads(json.dumps({"sigma": self.objective.sigma, **self.objective.hparams}))  # as stored
-        differing = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if differing:
-            k = differing[0]
-            raise CertkitError(
-                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; use the same settings or another --out"
-            )
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
         opt_state: dict[str, Any] = {"param_groups": info["optimizer"]["param_groups"], "state": {}}
@@ -407,13 +406,13 @@ class Trainer:
         self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(info["scheduler"])
         self.history = list(info["history"])
-        self.ledger = CostLedger.from_json(info["meta"]["cost"])
+        self.ledger = CostLedger.from_json(meta["cost"])
         self.start_epoch = info["epoch"] + 1
         if hasattr(self.objective, "load_checkpoint_meta"):
-            self.objective.load_checkpoint_meta(info["meta"])
+            self.objective.load_checkpoint_meta(meta)
         if self.rank == 0:
             # re-publish, in case the kill fell between writing the resume state and the checkpoint
-            checkpoint.save(self.model, self.out_dir, info["meta"])
+            checkpoint.save(self.model, self.out_dir, meta)
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
         return True

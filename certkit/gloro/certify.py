@@ -35,7 +35,7 @@ from torch import Tensor
 from certkit.certify import Dataset, plan_settings, run_planned
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet
-from certkit.results import ResultWriter, planned_indices, write_summary
+from certkit.results import ResultWriter, planned_indices, read_results, write_summary
 
 #: extra TSV column after the standard six: the clean (un-certified) prediction
 CLEAN_COLUMN = "clean_predict"
@@ -143,8 +143,7 @@ def certify_gloro_dataset(
         return None
     metrics = file_metrics(out)
     metrics.update(epsilon=eps, lipschitz=bound_info, certify_seconds=seconds[0])
-    summary = write_summary(out, settings, radii=_grid(eps), extra={"gloro": metrics})
-    return summary
+    return write_summary(out, settings, radii=_grid(eps), extra={"gloro": metrics})
 
 
 def _grid(eps: float) -> list[float]:
@@ -154,19 +153,15 @@ def _grid(eps: float) -> list[float]:
 
 def file_metrics(path: str | Path) -> dict[str, float]:
     """Clean accuracy, VRA and rejection rate over every row of a GloRo result file (resumed rows too)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    header = lines[0].split("\t")
-    col = {name: i for i, name in enumerate(header)}
-    if CLEAN_COLUMN not in col:
+    res = read_results(path)
+    if res.clean_predict is None:
         raise CertkitError(f"{path}: not a GloRo result file (no {CLEAN_COLUMN} column)")
-    rows = [line.split("\t") for line in lines[1:] if line]
-    n = max(len(rows), 1)
-    label = [int(r[col["label"]]) for r in rows]
+    n = max(len(res), 1)
     return {
-        "N": len(rows),
-        "clean_accuracy": sum(int(r[col[CLEAN_COLUMN]]) == y for r, y in zip(rows, label)) / n,
-        "vra": sum(int(r[col["correct"]]) for r in rows) / n,
-        "rejection_rate": sum(int(r[col["predict"]]) == BOTTOM for r in rows) / n,
+        "N": len(res),
+        "clean_accuracy": int((res.clean_predict == res.label).sum()) / n,
+        "vra": int(res.correct.sum()) / n,
+        "rejection_rate": int((res.predict == BOTTOM).sum()) / n,
     }
 
 
