@@ -24,6 +24,12 @@ What runs:
 
     python benchmarks/adaptive.py                  # ~8 min on a shared 2-core CPU (one thread)
     python benchmarks/adaptive.py --images 30 --n 20000     # a quick look
+    python benchmarks/adaptive.py --published ../shared/peer-results/fashion-mnist   # ceiling on published runs, ~8 min
+
+``--published DIR`` samples nothing: for each ``sigma_*/<method>.tsv`` certification (n = 100,000) under DIR
+it recovers every certified row's vote count from its radius (the smallest n_A whose Clopper-Pearson bound
+gives that radius to the file's three digits), and reports the share of unanimous rows, the oracle bound
+of point 4, and the default schedule replayed on binomial votes drawn at those fractions.
 
 The last line reads ``adaptive_samples_ratio: <x>x (acr_ratio: <y>)``: x = (n0 + n) / mean adaptive samples
 per image (n0 included on both sides), y = adaptive ACR / fixed ACR.
@@ -155,6 +161,59 @@ def oracle_ratio(selection, estimation, labels, args: argparse.Namespace, loss: 
     return (args.n0 + args.n) / best
 
 
+def published_votes(path: Path, n: int, alpha: float, sigma: float, every: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(labels, selected class, estimated vote fraction) of every ``every``-th row of a published result file.
+
+    A certified row's fraction is the smallest n_A / n whose bound reproduces its radius; an abstained or
+    wrong row gets a wrong class (it carries no ACR whatever its fraction) at fraction 1/2.
+    """
+    res = read_results(path)
+    labels, classes, fractions = [], [], []
+    for y, pred, r in zip(res.label[::every], res.predict[::every], res.radius[::every]):
+        y, pred = int(y), int(pred)
+        if pred != y:
+            labels.append(y), classes.append((y + 1) % 10), fractions.append(0.5)
+            continue
+        lo, hi = n // 2, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if radius(sigma, lower_confidence_bound(mid, n, alpha)) >= r - 5e-4:
+                hi = mid
+            else:
+                lo = mid + 1
+        labels.append(y), classes.append(pred), fractions.append(lo / n)
+    return labels, np.array(classes), np.array(fractions)
+
+
+def published_ceiling(root: Path, args: argparse.Namespace, every: int = 5) -> None:
+    """Unanimous share, oracle bound and replayed schedule for each published file under ``root``."""
+    schedule = AdaptiveSchedule()
+    increments = np.diff([0] + schedule.stages(args.n))
+    rng = np.random.default_rng(args.seed)
+    print(f"published certifications under {root} (every {every}th row; n0={args.n0} n={args.n} alpha={args.alpha})")
+    print("| sigma | method | unanimous rows | oracle bound | schedule replayed | its ACR ratio |")
+    print("|---|---|---|---|---|---|")
+    best = 0.0
+    for folder in sorted(root.glob("sigma_*")):
+        sigma = float(folder.name.split("_", 1)[1])
+        for path in sorted(folder.glob("*.tsv")):
+            if path.name.endswith(".train-log.tsv"):
+                continue
+            labels, classes, fractions = published_votes(path, args.n, args.alpha, sigma, every)
+            one_hot = np.eye(10, dtype=np.int64)[classes]
+            # estimation counts, one binomial draw per stage increment: (images, stages, K)
+            draws = rng.binomial(increments[None, :], fractions[:, None])
+            estimation = one_hot[:, None, :] * draws[:, :, None]
+            run = argparse.Namespace(**{**vars(args), "sigma": sigma})
+            fixed, adaptive = replay(one_hot, estimation, labels, schedule, run)
+            ratio = float(np.mean([s for *_, s in fixed]) / np.mean([s for *_, s in adaptive]))
+            oracle = oracle_ratio(one_hot, estimation, labels, run)
+            unanimous = float(np.mean([f == 1.0 and c == y for f, c, y in zip(fractions, classes, labels)]))
+            best = max(best, oracle)
+            print(f"| {sigma:g} | {path.stem} | {unanimous:.0%} | {oracle:.2f}x | {ratio:.2f}x | {acr_of(adaptive, labels) / acr_of(fixed, labels):.4f} |")
+    print(f"adaptive_published_ceiling: {best:.2f}x (best oracle bound at ACR within 1%)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="mlp", help="mlp (default) or a certkit architecture (lenet, smallcnn)")
@@ -171,9 +230,13 @@ def main() -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the real certify_dataset adaptive run")
     p.add_argument("--out", default=None, help="keep the TSVs here (default: a temporary folder)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--published", default=None, metavar="DIR", help="only analyse published n = 100,000 result files (sigma_*/<method>.tsv) under DIR")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.published:
+        published_ceiling(Path(args.published), args)
+        return
 
     began = time.perf_counter()
     model = train_model(args)

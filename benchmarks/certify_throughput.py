@@ -12,6 +12,9 @@ input for the certifiers):
   :func:`certkit.certify.certify_dataset` forms them (``default_inputs_per_batch``: the n0 copies of several
   inputs share one forward batch), per-input seeded noise written into one reused buffer, votes counted on the
   device. ``--channels-last``, ``--compile`` and ``--amp`` are certkit's speed options (amp: CUDA only).
+  ``--shared-noise G``: groups of G inputs vote on the same draws (one generator per group, as
+  ``certkit certify --shared-noise G``), so the first layer runs once per input and once per draw
+  (:mod:`certkit.models.stem`); each certificate keeps its guarantee, certificates of a group are dependent.
 * **bare forward** -- the network certkit votes with (same options), run on one fixed batch of ``batch``
   images, argmax included: no noise, no counting. certkit's throughput divided by this is the share of the
   machine the sampling machinery leaves to the network.
@@ -23,6 +26,7 @@ processes on a shared machine hits all three alike.
     python benchmarks/certify_throughput.py --channels-last       # certkit with its CPU speed option
     python benchmarks/certify_throughput.py --device cuda --n 100000 --amp bf16 --channels-last
     python benchmarks/certify_throughput.py --arch resnet20 --n 500 --ref-inputs 2 --inputs 4
+    python benchmarks/certify_throughput.py --shared-noise 10 --channels-last --compile
 
 The last line reads ``certify_throughput: <samples/s> (<x>x vs reference loop, <y> of bare forward)``.
 """
@@ -47,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from certkit.certify import default_inputs_per_batch  # noqa: E402
 from certkit.errors import CertkitError  # noqa: E402
 from certkit.models import create_model  # noqa: E402
-from certkit.smooth import Smooth, input_generator  # noqa: E402
+from certkit.smooth import Smooth, input_generator, shared_generator  # noqa: E402
 
 SHAPES = {"lenet": (1, 28, 28), "smallcnn": (1, 28, 28), "resnet20": (3, 32, 32), "resnet110": (3, 32, 32)}
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -127,13 +131,16 @@ def time_reference(ref: ReferenceLoop, xs: Tensor, args: argparse.Namespace) -> 
 
 
 def time_certkit(smoothed: Smooth, xs: Tensor, first_idx: int, args: argparse.Namespace) -> tuple[float, list[tuple[int, float]]]:
-    group = args.inputs_per_batch or default_inputs_per_batch(args.batch, args.n0)
+    group = args.shared_noise or args.inputs_per_batch or default_inputs_per_batch(args.batch, args.n0)
     out: list[tuple[int, float]] = []
     sync(smoothed.device)
     start = time.perf_counter()
     for g in range(0, len(xs), group):
         chunk = xs[g : g + group]
-        gens = [input_generator(args.seed, first_idx + g + i, smoothed.device) for i in range(len(chunk))]
+        if args.shared_noise:
+            gens = [shared_generator(args.seed, (first_idx + g) // group, smoothed.device)]
+        else:
+            gens = [input_generator(args.seed, first_idx + g + i, smoothed.device) for i in range(len(chunk))]
         certs = smoothed.certify_batch(chunk, args.n0, args.n, args.alpha, args.batch, gens)
         out += [(c.prediction, c.radius) for c in certs]
     sync(smoothed.device)
@@ -167,6 +174,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws (the first layer runs once per input and once per draw)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -178,7 +186,10 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_model(args.arch, device)
     xs = load_inputs(args.arch, max(args.inputs, args.ref_inputs), args.data_dir)
-    smoothed = Smooth(model, 10, args.sigma, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
+    smoothed = Smooth(
+        model, 10, args.sigma, channels_last=args.channels_last, amp=args.amp, compile=args.compile,
+        shared_noise=args.shared_noise,
+    )
     reference = ReferenceLoop(model, 10, args.sigma, device)
     noisy = (xs[:1].to(device) + args.sigma * torch.randn((args.batch, *xs.shape[1:]), device=device)).contiguous()
     options = {k: v for k, v in smoothed.speed_options.items() if v}

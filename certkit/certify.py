@@ -10,6 +10,9 @@ This is what ``certkit certify`` and ``certkit predict`` run. It follows the ref
 * shards ``i/k`` that interleave the index list and can be merged with :func:`merge_results`;
 * per-input noise seeded from ``(seed, idx)``, so the rows do not depend on batch size, inputs per batch,
   shard count or resume point;
+* optional shared noise (``shared_noise=G``): G consecutive planned indices vote on one noise stream
+  seeded from ``(seed, group)``, the group fixed by the index alone, so rows still do not depend on
+  sharding or resume;
 * optional adaptive sampling (:class:`~certkit.smooth.AdaptiveSchedule`), with a ``samples`` column.
 
 The dataset needs ``len(dataset)`` and ``dataset.get(i) -> (x, label)`` with ``x`` a float tensor
@@ -37,6 +40,7 @@ from certkit.smooth import (
     check_certify_args,
     check_predict_args,
     input_generator,
+    shared_generator,
 )
 
 
@@ -84,6 +88,7 @@ def certify_dataset(
     settings_extra: Mapping[str, Any] | None = None,
     resume: bool = True,
     smooth_options: Mapping[str, Any] | None = None,
+    shared_noise: int = 0,
 ) -> dict[str, Any] | None:
     """Certify (``mode="certify"``) or predict (``mode="predict"``) every planned index of ``dataset``.
 
@@ -96,6 +101,10 @@ def certify_dataset(
     four planned inputs are classified both ways, and the run is refused if fewer than
     :data:`~certkit.smooth.MIN_VOTE_AGREEMENT` of the votes equal the fp32 votes. The agreement is recorded
     in the summary under ``speed_check``.
+
+    ``shared_noise=G`` (G >= 2) lets each run of G consecutive planned indices (positions ``p // G`` in
+    the unsharded plan) vote on one noise stream; see :class:`~certkit.smooth.Smooth` for what that keeps
+    (every certificate's guarantee) and what it gives up (independence between certificates of a group).
     """
     if mode not in ("certify", "predict"):
         raise CertkitError(f"mode must be 'certify' or 'predict' (got {mode!r})")
@@ -107,9 +116,11 @@ def certify_dataset(
             raise CertkitError("adaptive sampling applies to certify only")
     if batch_size < 1:
         raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
-    smoothed = Smooth(model, num_classes, sigma, **dict(smooth_options or {}))
+    if shared_noise < 0 or shared_noise == 1:
+        raise CertkitError(f"shared noise needs groups of at least 2 inputs (got {shared_noise}; 0 turns it off)")
+    smoothed = Smooth(model, num_classes, sigma, shared_noise=shared_noise, **dict(smooth_options or {}))
     indices = planned_indices(len(dataset), skip, max_idx, shard)
-    per_batch = inputs_per_batch or default_inputs_per_batch(batch_size, n0 if mode == "certify" else n)
+    per_batch = inputs_per_batch or shared_noise or default_inputs_per_batch(batch_size, n0 if mode == "certify" else n)
     if per_batch < 1:
         raise CertkitError(f"inputs per batch must be >= 1 (got {per_batch})")
 
@@ -127,30 +138,43 @@ def certify_dataset(
     if mode == "certify":
         settings["n0"] = n0
         settings["adaptive"] = adaptive.as_dict() if adaptive is not None else None
+    if shared_noise:
+        settings["shared_noise"] = shared_noise
     settings.update(dict(settings_extra or {}))
     extra_columns = ("samples",) if adaptive is not None else ()
     speed_check = _speed_check(smoothed, dataset, indices, batch_size, seed)
 
     score = _RunningScore()
 
+    def noise_groups(group: list[int]) -> list[tuple[list[int], list[torch.Generator]]]:
+        """(positions in ``group``, their generators): one per input, or one per shared-noise group."""
+        if not shared_noise:
+            return [(list(range(len(group))), [input_generator(seed, idx, smoothed.device) for idx in group])]
+        keys: dict[int, list[int]] = {}
+        for pos, idx in enumerate(group):
+            keys.setdefault(idx // skip // shared_noise, []).append(pos)
+        return [(pos, [shared_generator(seed, key, smoothed.device)]) for key, pos in keys.items()]
+
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
-        generators = [input_generator(seed, idx, smoothed.device) for idx in group]
-        began = time.perf_counter()
-        if mode == "certify":
-            certificates = smoothed.certify_batch(xs, n0, n, alpha, batch_size, generators, adaptive)
-            elapsed = time.perf_counter() - began
-            total_samples = sum(c.samples for c in certificates)
-            for idx, label, cert in zip(group, labels, certificates):
-                seconds = elapsed * cert.samples / total_samples
-                extra = {"samples": cert.samples} if adaptive is not None else {}
-                writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
-                score.add(cert.prediction == label, cert.radius)
-        else:
-            predictions = smoothed.predict_batch(xs, n, alpha, batch_size, generators)
-            elapsed = time.perf_counter() - began
-            for idx, label, prediction in zip(group, labels, predictions):
-                writer.write_predict(idx, label, prediction, elapsed / len(group))
-                score.add(prediction == label, 0.0)
+        for positions, generators in noise_groups(group):
+            members = [group[p] for p in positions]
+            member_labels = [labels[p] for p in positions]
+            began = time.perf_counter()
+            if mode == "certify":
+                certificates = smoothed.certify_batch(xs[positions], n0, n, alpha, batch_size, generators, adaptive)
+                elapsed = time.perf_counter() - began
+                total_samples = sum(c.samples for c in certificates)
+                for idx, label, cert in zip(members, member_labels, certificates):
+                    seconds = elapsed * cert.samples / total_samples
+                    extra = {"samples": cert.samples} if adaptive is not None else {}
+                    writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
+                    score.add(cert.prediction == label, cert.radius)
+            else:
+                predictions = smoothed.predict_batch(xs[positions], n, alpha, batch_size, generators)
+                elapsed = time.perf_counter() - began
+                for idx, label, prediction in zip(members, member_labels, predictions):
+                    writer.write_predict(idx, label, prediction, elapsed / len(members))
+                    score.add(prediction == label, 0.0)
         return score.describe(mode)
 
     complete = run_planned(

@@ -78,12 +78,14 @@ def abstain_rate(results: ResultsLike) -> float:
     return float(np.mean(res.predict == -1)) if len(res) else 0.0
 
 
-def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int) -> float:
+def high_prob_accuracy(emp: float, alpha: float, rho: float, n: float) -> float:
     """Cohen et al.'s lower bound, holding with probability >= 1 - rho, on the true certified accuracy.
 
     Each row's certificate is wrong with probability <= alpha, so the empirical accuracy overstates the
     truth by at most alpha plus a Bernstein deviation term:
     emp - alpha - sqrt(alpha (1 - alpha) ln(1/rho) / N) - ln(1/rho) / (3N).
+    The deviation term needs independent rows; for rows certified on shared noise in groups of G, pass
+    N / G (the groups are independent, each contributing a wrong count in [0, G]).
     """
     if n <= 0:
         raise CertkitError("high_prob_accuracy needs N >= 1 rows")

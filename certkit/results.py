@@ -487,10 +487,15 @@ def write_summary(
         summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
         summary["certified_accuracy"] = {f"{r:g}": float(a) for r, a in zip(grid, accuracies)}
         if alpha is not None and n_rows:
+            # with shared noise the wrong certificates of a group may coincide: the bound holds with the
+            # row count divided by the group width (a group's wrong count lies in [0, G], mean <= G alpha)
+            effective_n = n_rows / max(1, int(params.get("shared_noise") or 1))
             summary["certified_accuracy_high_prob"] = {
-                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows) for r, a in zip(grid, accuracies)
+                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, effective_n) for r, a in zip(grid, accuracies)
             }
             summary["rho"] = rho
+            if effective_n != n_rows:
+                summary["high_prob_effective_n"] = effective_n
         if alpha is not None and params.get("sigma") and params.get("n") and n_rows:
             from certkit.smooth import max_radius
 

@@ -23,6 +23,12 @@ alone or together with others. Results therefore do not depend on how many input
 on sharding or on the resume point, nor on ``batch_size`` as long as it is at least ``NOISE_BLOCK`` (a smaller
 batch size draws smaller blocks).
 
+Shared noise (opt-in, ``Smooth(..., shared_noise=G)``): up to G inputs vote on the *same* noise draws, taken
+from one generator. Each input's draws are still i.i.d. N(0, sigma^2 I) and its selection draws are still
+independent of its estimation draws, so every certificate keeps its (1 - alpha) guarantee unchanged; what
+is given up is independence *between* the certificates of one group. The gain: the first layer is affine,
+so it runs once per input and once per draw instead of once per pair (:mod:`certkit.models.stem`).
+
 Example::
 
     smoothed = Smooth(model, num_classes=10, sigma=0.25)
@@ -43,6 +49,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.models.stem import StemSplit, outer_sum, split_stem
 
 #: the class returned when the smoothed classifier declines to answer
 ABSTAIN = -1
@@ -175,7 +182,20 @@ def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> 
     size, shard count and resume point. ``(seed, idx)`` goes through NumPy's SeedSequence so neighbouring
     indices get unrelated streams (``seed + idx`` would make run 1's input 0 equal run 0's input 1).
     """
-    state = np.random.SeedSequence([int(seed), int(idx)]).generate_state(1, dtype=np.uint64)[0]
+    return _seeded_generator(np.random.SeedSequence([int(seed), int(idx)]), device)
+
+
+def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The one generator of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``).
+
+    A separate family from :func:`input_generator` (its own spawn key), so a group's stream is never the
+    stream of some single input.
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,)), device)
+
+
+def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
+    state = seeds.generate_state(1, dtype=np.uint64)[0]
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
     return gen
@@ -318,6 +338,15 @@ class Smooth:
             with a :class:`CertkitError`: CPU autocast would change the classifier for little or no speed.
         compile: wrap the network in ``torch.compile``; the last, partial batch is padded so that every
             forward pass has one shape (the first call pays the compilation, tens of seconds on CPU).
+        shared_noise: 0 (default) gives every input its own noise stream. G >= 1 lets up to G inputs of one
+            call vote on the same draws from one generator (pass one generator for them all). When the model
+            starts with an affine stem (:func:`~certkit.models.stem.split_stem`), its first layer then runs
+            once per input and once per draw instead of once per (input, draw) pair; on LeNet-sized nets
+            that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
+            input's draws are still i.i.d. and its selection and estimation draws independent; certificates
+            of inputs in one group are no longer independent *of each other* (a group's wrong certificates,
+            each of probability <= alpha, may coincide). The split path is rounded differently from the
+            plain model, so it counts as a speed option for :meth:`vote_agreement`.
     """
 
     def __init__(
@@ -329,6 +358,7 @@ class Smooth:
         channels_last: bool = False,
         amp: str | None = None,
         compile: bool = False,
+        shared_noise: int = 0,
     ) -> None:
         if not sigma > 0:
             raise CertkitError(f"sigma must be > 0 (got {sigma})")
@@ -355,17 +385,24 @@ class Smooth:
         self._voter = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
         self._net: nn.Module = torch.compile(self._voter, dynamic=False) if compile else self._voter
         self._buffer: Tensor | None = None
+        if shared_noise < 0:
+            raise CertkitError(f"shared_noise must be >= 0 (got {shared_noise})")
+        self.shared_noise = int(shared_noise)
+        self._stem: StemSplit | None = split_stem(self._voter) if shared_noise else None
+        # with shared noise the votes come from _combine(image part, noise part), compiled as one graph
+        self._combine_fn = torch.compile(self._combine, dynamic=False) if compile else self._combine
 
     @property
     def speed_options(self) -> dict[str, object]:
         """The options that change how the network is run (not what is sampled)."""
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype)  # type: ignore[arg-type]
-        return {"channels_last": self.channels_last, "amp": amp, "compile": self.compiled}
+        return {"channels_last": self.channels_last, "amp": amp, "compile": self.compiled, "stem_split": self._stem is not None}
 
     def __repr__(self) -> str:
         return (
             f"Smooth(model={type(self.model).__name__}, num_classes={self.num_classes}, sigma={self.sigma}, "
-            f"channels_last={self.channels_last}, amp={self.amp_dtype}, compile={self.compiled})"
+            f"channels_last={self.channels_last}, amp={self.amp_dtype}, compile={self.compiled}, "
+            f"shared_noise={self.shared_noise})"
         )
 
     # --- Cohen et al.'s three procedures, one input at a time --------------------------------------------
@@ -479,9 +516,9 @@ class Smooth:
         results: list[Certificate | None] = [None] * num_inputs
         for k, n_k in enumerate(stages):
             # draw the next n_k - n_{k-1} estimation samples of every input still sampling
-            counts = self._sample_noise_batch(
-                xs[active], [n_k - drawn] * len(active), batch_size, [generators[i] for i in active]
-            )
+            # (shared noise: the inputs still sampling go on drawing from the one shared stream)
+            gens = generators if self.shared_noise else [generators[i] for i in active]
+            counts = self._sample_noise_batch(xs[active], [n_k - drawn] * len(active), batch_size, gens)
             drawn = n_k
             still_active = []
             for row, i in enumerate(active):
@@ -512,6 +549,8 @@ class Smooth:
         if batch_size is None:
             batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
         gen = input_generator(seed, 0, self.device)
+        if self.shared_noise:
+            return self._shared_vote_agreement(xs, num, batch_size, gen)
         agree = total = 0
         with self._eval_mode(), torch.inference_mode():
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
@@ -526,6 +565,23 @@ class Smooth:
                     total += size
         return agree / max(total, 1)
 
+    def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> float:
+        """:meth:`vote_agreement` for the shared-noise path, in the shapes a run with ``batch_size`` uses."""
+        block, members, per_pass = self._shared_shape(batch_size)
+        agree = total = 0
+        with self._eval_mode(), torch.inference_mode():
+            eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
+            for first in range(0, len(xs), self.shared_noise):
+                group = xs[first : first + self.shared_noise]
+                images = self._image_part(group)
+                for used in _block_sizes(num, len(eps)):
+                    torch.randn((used, *xs.shape[1:]), generator=gen, out=eps[:used])
+                    reference = torch.stack([self.model(eps[:used] * self.sigma + x).argmax(1) for x in group])
+                    fast = self._shared_votes(images, eps, used, members)
+                    agree += int((reference == fast).sum())
+                    total += reference.numel()
+        return agree / max(total, 1)
+
     # --- sampling engine ------------------------------------------------------------------------------------
 
     def _prepare(
@@ -534,6 +590,13 @@ class Smooth:
         if xs.dim() != 4:
             raise CertkitError(f"expected a batch of images (B, C, H, W), got shape {tuple(xs.shape)}")
         self._check_inputs(xs)
+        if self.shared_noise:
+            gens = list(generators) if generators is not None else [None]
+            if len(gens) != 1:
+                raise CertkitError(f"with shared noise, pass one generator for all inputs (got {len(gens)})")
+            if len(xs) > self.shared_noise:
+                raise CertkitError(f"shared_noise={self.shared_noise} allows at most that many inputs per call, got {len(xs)}")
+            return xs.to(self.device, torch.float32), gens
         gens = list(generators) if generators is not None else [None] * len(xs)
         if len(gens) != len(xs):
             raise CertkitError(f"{len(xs)} inputs but {len(gens)} generators")
@@ -556,6 +619,8 @@ class Smooth:
         if batch_size < 1:
             raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
         xs = xs.to(self.device, torch.float32)
+        if self.shared_noise:
+            return self._sample_shared(xs, nums, batch_size, generators[0])
         num_inputs, k = len(xs), self.num_classes
         block = min(NOISE_BLOCK, batch_size)
         blocks = [(i, size) for i, num in enumerate(nums) for size in _block_sizes(num, block)]
@@ -585,6 +650,82 @@ class Smooth:
                 votes = self._votes(buffer, used)
                 counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _sample_shared(
+        self, xs: Tensor, nums: Sequence[int], batch_size: int, generator: torch.Generator | None
+    ) -> np.ndarray:
+        """Hard-vote counts (B, K) when every input votes on the same ``nums[0]`` draws from ``generator``.
+
+        The draws come in the same blocks of ``min(NOISE_BLOCK, batch_size)`` as an unshared input's, so an
+        input's noise is the stream's first draws whatever the group. A forward pass holds several blocks for
+        a few inputs, or one block for as many inputs as fit.
+        """
+        if len(set(nums)) > 1:
+            raise CertkitError("inputs that share noise must draw the same number of samples")
+        num_inputs, k = len(xs), self.num_classes
+        block, members, per_pass = self._shared_shape(batch_size)
+        sizes = _block_sizes(nums[0], block)
+        counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=self.device)
+        owners = torch.arange(num_inputs, device=self.device).unsqueeze(1) * k
+        with self._eval_mode(), torch.inference_mode():
+            images = self._image_part(xs)
+            eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
+            for start in range(0, len(sizes), per_pass):
+                used = 0
+                for size in sizes[start : start + per_pass]:
+                    torch.randn((size, *xs.shape[1:]), generator=generator, out=eps[used : used + size])
+                    used += size
+                votes = self._shared_votes(images, eps, used, members)
+                counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
+        return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _shared_shape(self, batch_size: int) -> tuple[int, int, int]:
+        """(block, inputs per forward pass, blocks per forward pass) under shared noise: fixed by the group
+        width and batch size only, so a compiled graph sees the same shapes in every call."""
+        block = min(NOISE_BLOCK, batch_size)
+        members = min(self.shared_noise, max(1, batch_size // block))
+        return block, members, max(1, batch_size // (members * block))
+
+    def _image_part(self, xs: Tensor) -> Tensor:
+        """What the clean inputs contribute to every noisy copy: the stem's output, or the images."""
+        if self.channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        images = self._stem.image_part(xs) if self._stem is not None else xs
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+
+    def _shared_votes(self, images: Tensor, eps: Tensor, used: int, members: int) -> Tensor:
+        """Votes (len(images), used): every image's class on each of the first ``used`` draws of ``eps``,
+        ``members`` images per forward pass."""
+        draws = eps if self.compiled else eps[:used]  # a compiled graph sees one shape: run the stale tail too
+        noise = self._stem.noise_part(draws, self.sigma) if self._stem is not None else draws * self.sigma
+        if self.channels_last and noise.dim() == 4:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        out = []
+        for first in range(0, len(images), members):
+            part = images[first : first + members]
+            count = len(part)
+            if self.compiled and count < members:
+                part = torch.cat([part, part.new_zeros((members - count, *part.shape[1:]))])
+            votes = self._combine_fn(part, noise)
+            if votes.shape != (len(part) * len(noise),):
+                raise CertkitError(f"the model's votes have shape {tuple(votes.shape)}, expected ({len(part) * len(noise)},)")
+            out.append(votes.view(len(part), -1)[:count, :used])
+        return torch.cat(out)
+
+    def _combine(self, images: Tensor, noise: Tensor) -> Tensor:
+        """argmax class of every (image, draw) pair, image-major: the rest of the network on their sums."""
+        channels_last = self.channels_last and not self.compiled  # compiled: the compiler picks layouts
+        with self._autocast():
+            if self._stem is None:
+                logits = self._voter(outer_sum(images, noise, channels_last))
+            else:
+                logits = self._stem.rest(self._stem.pair_sum(images, noise, channels_last))
+        return logits.argmax(1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
@@ -623,12 +764,7 @@ class Smooth:
     def _forward(self, batch: Tensor) -> Tensor:
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(device_type="cuda", dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
+        with self._autocast():
             return self._net(batch)
 
 

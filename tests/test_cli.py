@@ -157,3 +157,20 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
     assert not out.exists() and not list(tmp_path.iterdir())
 
+
+
+def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tsv = tmp_path / "shared.tsv"
+    args = ["certify", str(trained), "--n0", "20", "--n", "200", "--max", "10", "--shared-noise", "5"]
+    code, _, err = run(capsys, *args, "--out", str(tsv))
+    assert code == 0, err
+    res = read_results(tsv)
+    assert list(res.idx) == list(range(10)) and res.settings["shared_noise"] == 5
+    summary = json.loads((tmp_path / "shared.summary.json").read_text())
+    assert summary["high_prob_effective_n"] == 2 and summary["speed_check"]["options"] == {"stem_split": True}
+    # two shards under the same setting hold the same rows
+    code, _, err = run(capsys, *args, "--shard", "1/2", "--out", str(tmp_path / "half.tsv"))
+    assert code == 0, err
+    np.testing.assert_array_equal(read_results(tmp_path / "half.tsv").radius, res.radius[1::2])
+    code, _, err = run(capsys, *args[:-1], "1", "--out", str(tmp_path / "one.tsv"))
+    assert code == 2 and "at least 2" in err

@@ -473,6 +473,10 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     before = out.read_text()
     assert main(args) == 0 and out.read_text() == before
     assert main(args + ["--epsilon", "0.3"]) == 2
+    # sampling options of randomized smoothing are refused, not silently ignored
+    capsys.readouterr()
+    assert main(args + ["--shared-noise", "4"]) == 2
+    assert "apply to randomized smoothing" in capsys.readouterr().err
 
 
 def test_a_tampered_frozen_bound_is_refused(cli_run: Path, fmnist_root: Path, tmp_path: Path) -> None:

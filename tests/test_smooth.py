@@ -260,7 +260,7 @@ def test_amp_is_refused_on_cpu_with_a_clear_message():
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")
     plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
-    assert plain.amp_dtype is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False}
+    assert plain.amp_dtype is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
     assert plain.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0
 
 

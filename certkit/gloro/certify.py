@@ -174,6 +174,9 @@ def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: arg
 
     if not hasattr(args, "epsilon"):
         raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
+    sampling = [flag for flag, on in (("--adaptive", args.adaptive), ("--shared-noise", args.shared_noise)) if on]
+    if sampling:
+        raise CertkitError(f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling")
     rank, size = world()
     if rank == 0 or args.shard is not None:
         dataset = args.dataset or meta.get("dataset")

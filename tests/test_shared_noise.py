@@ -1,0 +1,180 @@
+"""Shared noise: the stem split computes the model, groups vote on one stream, and certificates stay sound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import binom, norm
+from torch import nn
+
+from certkit.certify import certify_dataset
+from certkit.errors import CertkitError
+from certkit.models import Normalize, create_model
+from certkit.models.stem import split_stem
+from certkit.results import read_results
+from certkit.smooth import ABSTAIN, AdaptiveSchedule, Smooth, input_generator, shared_generator
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(Normalize([0.3], [0.4]), nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+class Untraceable(nn.Module):
+    """Control flow on a tensor property: fx cannot trace it, so it must fall back to whole noisy copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = Normalize([0.5], [0.5]), nn.Linear(64, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(x)
+        if z.dim() == 4:
+            z = z.flatten(1)
+        return self.fc(z)
+
+
+CASES = [
+    ("lenet", (1, 28, 28), (True, 2)),
+    ("smallcnn", (1, 28, 28), (True, 2)),
+    ("resnet20", (3, 32, 32), (False, 0)),  # conv -> BatchNorm: only the conv is split off
+]
+
+
+@pytest.mark.parametrize("arch,shape,absorbed", CASES)
+def test_stem_split_computes_the_model(arch, shape, absorbed):
+    torch.manual_seed(0)
+    model = create_model(arch, 10, shape, [0.4] * shape[0], [0.3] * shape[0]).eval()
+    stem = split_stem(model)
+    assert stem is not None and (stem.relu, stem.pool) == absorbed
+    xs, eps, sigma = torch.rand(3, *shape), torch.randn(5, *shape), 0.25
+    with torch.no_grad():
+        split = stem.rest(stem.pair_sum(stem.image_part(xs), stem.noise_part(eps, sigma)))
+        plain = torch.cat([model(x + sigma * eps) for x in xs])  # image-major, like pair_sum
+    assert split.shape == plain.shape
+    torch.testing.assert_close(split, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_stem_split_of_an_mlp_and_what_cannot_be_split():
+    torch.manual_seed(0)
+    model = mlp()
+    stem = split_stem(model)
+    assert stem is not None and stem.flatten and (stem.relu, stem.pool) == (True, 0)
+    xs, eps = torch.rand(2, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stem.rest(stem.pair_sum(stem.image_part(xs), stem.noise_part(eps, 0.5))),
+            torch.cat([model(x + 0.5 * eps) for x in xs]), atol=1e-5, rtol=1e-5,
+        )
+    assert split_stem(nn.Sequential(nn.Flatten(), nn.Linear(64, 3))) is None  # no Normalize in front
+    assert split_stem(Untraceable()) is None
+    reflect = nn.Sequential(Normalize([0.5], [0.5]), nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"))
+    assert split_stem(reflect) is None  # reflect padding is not linear in the way zero padding is
+
+
+def counts_on_given_draws(model: nn.Module, xs: torch.Tensor, draws: torch.Tensor, sigma: float) -> np.ndarray:
+    with torch.no_grad():
+        return np.stack([np.bincount(model(draws * sigma + x).argmax(1).numpy(), minlength=10) for x in xs])
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_group_votes_on_one_stream_and_batching_does_not_matter(split):
+    torch.manual_seed(0)
+    model = create_model("lenet", 10, (1, 28, 28)).eval() if split else Untraceable()
+    classes = 10 if split else 3
+    smoothed = Smooth(model, classes, 0.25, shared_noise=5)
+    assert (smoothed._stem is not None) == split
+    xs = torch.rand(5, 1, 28, 28) if split else torch.rand(5, 1, 8, 8)
+    counts = smoothed._sample_noise_batch(xs, [250] * 5, 1000, [shared_generator(0, 0)])
+    # the same draws as one input's stream: blocks of NOISE_BLOCK from the group's generator
+    gen = shared_generator(0, 0)
+    draws = torch.cat([torch.randn((size, *xs.shape[1:]), generator=gen) for size in (100, 100, 50)])
+    expected = counts_on_given_draws(model, xs, draws, 0.25)[:, :classes]
+    assert np.abs(counts - expected).sum() <= 2  # split rounding may flip a vote on a boundary, no more
+    # one input at a time from a fresh copy of the stream, or another batch size: the same certificates
+    batched = smoothed.certify_batch(xs, 50, 300, 0.01, 1000, [shared_generator(1, 7)])
+    single = [smoothed.certify_batch(x[None], 50, 300, 0.01, 1000, [shared_generator(1, 7)])[0] for x in xs]
+    assert batched == single
+    assert smoothed.certify_batch(xs, 50, 300, 0.01, 250, [shared_generator(1, 7)]) == batched
+    adaptive = AdaptiveSchedule(first_stage=100)
+    assert smoothed.certify_batch(xs, 50, 400, 0.01, 1000, [shared_generator(2, 0)], adaptive) == [
+        smoothed.certify_batch(x[None], 50, 400, 0.01, 1000, [shared_generator(2, 0)], adaptive)[0] for x in xs
+    ]
+
+
+def test_shared_noise_argument_checks():
+    smoothed = Smooth(mlp(), 3, 0.5, shared_noise=2)
+    with pytest.raises(CertkitError, match="one generator"):
+        smoothed.certify_batch(torch.rand(2, 1, 8, 8), 10, 100, 0.01, 100, [input_generator(0, 0), input_generator(0, 1)])
+    with pytest.raises(CertkitError, match="at most"):
+        smoothed.certify_batch(torch.rand(3, 1, 8, 8), 10, 100, 0.01, 100, [shared_generator(0, 0)])
+    with pytest.raises(CertkitError, match="shared_noise must be"):
+        Smooth(mlp(), 3, 0.5, shared_noise=-1)
+    a = torch.randn(4, generator=shared_generator(0, 3))
+    assert torch.equal(a, torch.randn(4, generator=shared_generator(0, 3)))
+    assert not torch.equal(a, torch.randn(4, generator=input_generator(0, 3)))  # a family of its own
+
+
+def halfspace_model(w: list[float]) -> nn.Module:
+    """f(x) = [w.x > 0] behind a (trivial) Normalize: splittable, with a smoothed classifier in closed form."""
+    linear = nn.Linear(len(w), 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[-v for v in w], w]))
+        linear.bias.zero_()
+    return nn.Sequential(Normalize([0.0], [1.0]), nn.Flatten(), linear)
+
+
+def test_guarantee_holds_for_every_member_of_shared_groups():
+    """Groups of inputs at different margins share noise; per member, false certificates stay within alpha."""
+    sigma, alpha, groups, w = 0.5, 0.2, 400, [0.6, -0.8, 0.0, 0.0]
+    probs = [0.6, 0.7, 0.8, 0.9]
+    direction = torch.tensor(w) / float(np.linalg.norm(w))
+    margins = [float(norm.ppf(p)) * sigma for p in probs]
+    xs = torch.stack([(direction * m).view(1, 1, -1) for m in margins])
+    smoothed = Smooth(halfspace_model(w), 2, sigma, shared_noise=len(probs))
+    assert smoothed._stem is not None
+    certs = [smoothed.certify_batch(xs, 10, 100, alpha, 1000, [shared_generator(5, g)]) for g in range(groups)]
+    limit = binom.ppf(1 - 1e-4, groups, alpha)
+    for member, margin in enumerate(margins):
+        member_certs = [group[member] for group in certs]
+        false = sum(1 for c in member_certs if c.prediction != ABSTAIN and (c.prediction != 1 or c.radius > margin))
+        assert false <= limit
+        assert sum(c.prediction == 1 for c in member_certs) > groups / 2  # not vacuous
+    # and members of one group are dependent (same draws): their vote fractions move together
+    fractions = np.array([[c.p_lower for c in group] for group in certs])
+    assert np.corrcoef(fractions[:, 0], fractions[:, 1])[0, 1] > 0.2
+
+
+class Images:
+    def __init__(self, size: int = 10) -> None:
+        self.images = torch.rand(size, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], i % 10
+
+
+def test_dataset_runs_with_shared_noise(tmp_path: Path):
+    torch.manual_seed(0)
+    model, data = create_model("lenet", 10, (1, 28, 28)), Images()
+    common = dict(num_classes=10, sigma=0.25, n0=20, n=200, alpha=0.01, batch_size=200, progress=False, shared_noise=4)
+    summary = certify_dataset(model, data, out=tmp_path / "whole.tsv", **common)
+    assert summary is not None and summary["parameters"]["shared_noise"] == 4 and summary["high_prob_effective_n"] == 2.5
+    assert summary["speed_check"]["options"] == {"stem_split": True}
+    assert summary["speed_check"]["vote_agreement"] >= 0.99
+    whole = read_results(tmp_path / "whole.tsv")
+    # other loading groups and shards give the same rows: the group of an index is fixed by the index
+    certify_dataset(model, data, out=tmp_path / "small.tsv", inputs_per_batch=3, **common)
+    assert read_results(tmp_path / "small.tsv").radius.tolist() == whole.radius.tolist()
+    certify_dataset(model, data, out=tmp_path / "s1.tsv", shard=(1, 2), **common)
+    shard = read_results(tmp_path / "s1.tsv")
+    assert shard.radius.tolist() == whole.radius[1::2].tolist()
+    # it differs from independent noise, and resuming without the flag is refused
+    with pytest.raises(CertkitError, match="shared_noise"):
+        certify_dataset(model, data, out=tmp_path / "whole.tsv", **{**common, "shared_noise": 0})
+    with pytest.raises(CertkitError, match="at least 2"):
+        certify_dataset(model, data, out=tmp_path / "one.tsv", **{**common, "shared_noise": 1})
