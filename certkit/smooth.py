@@ -708,21 +708,24 @@ class Smooth:
             count = len(part)
             if self.compiled and count < members:
                 part = torch.cat([part, part.new_zeros((members - count, *part.shape[1:]))])
-            votes = self._combine_fn(part, noise)
-            if votes.shape != (len(part) * len(noise),):
-                raise CertkitError(f"the model's votes have shape {tuple(votes.shape)}, expected ({len(part) * len(noise)},)")
-            out.append(votes.view(len(part), -1)[:count, :used])
+            logits = self._combine_fn(part, noise)
+            if logits.shape != (len(part) * len(noise), self.num_classes):
+                raise CertkitError(
+                    f"the model returned logits of shape {tuple(logits.shape)}, expected "
+                    f"({len(part) * len(noise)}, {self.num_classes})"
+                )
+            out.append(logits.argmax(1).view(len(part), -1)[:count, :used])
         return torch.cat(out)
 
     def _combine(self, images: Tensor, noise: Tensor) -> Tensor:
-        """argmax class of every (image, draw) pair, image-major: the rest of the network on their sums."""
+        """Logits of every (image, draw) pair, image-major: the rest of the network on their sums."""
         channels_last = self.channels_last and not self.compiled  # compiled: the compiler picks layouts
         with self._autocast():
             if self._stem is None:
                 logits = self._voter(outer_sum(images, noise, channels_last))
             else:
                 logits = self._stem.rest(self._stem.pair_sum(images, noise, channels_last))
-        return logits.argmax(1)
+        return logits
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp_dtype is None:

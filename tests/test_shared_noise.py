@@ -178,3 +178,9 @@ def test_dataset_runs_with_shared_noise(tmp_path: Path):
         certify_dataset(model, data, out=tmp_path / "whole.tsv", **{**common, "shared_noise": 0})
     with pytest.raises(CertkitError, match="at least 2"):
         certify_dataset(model, data, out=tmp_path / "one.tsv", **{**common, "shared_noise": 1})
+
+
+def test_a_model_with_the_wrong_number_of_classes_is_refused():
+    smoothed = Smooth(mlp(), 5, 0.5, shared_noise=2)  # the model has 3 outputs
+    with pytest.raises(CertkitError, match=r"logits of shape \(20, 3\), expected \(20, 5\)"):
+        smoothed.certify_batch(torch.rand(2, 1, 8, 8), 10, 100, 0.01, 1000, [shared_generator(0, 0)])
