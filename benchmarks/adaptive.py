@@ -171,8 +171,10 @@ def published_votes(path: Path, n: int, alpha: float, sigma: float, every: int) 
     labels, classes, fractions = [], [], []
     for y, pred, r in zip(res.label[::every], res.predict[::every], res.radius[::every]):
         y, pred = int(y), int(pred)
+        labels.append(y)
         if pred != y:
-            labels.append(y), classes.append((y + 1) % 10), fractions.append(0.5)
+            classes.append((y + 1) % 10)
+            fractions.append(0.5)
             continue
         lo, hi = n // 2, n
         while lo < hi:
@@ -181,7 +183,8 @@ def published_votes(path: Path, n: int, alpha: float, sigma: float, every: int) 
                 hi = mid
             else:
                 lo = mid + 1
-        labels.append(y), classes.append(pred), fractions.append(lo / n)
+        classes.append(pred)
+        fractions.append(lo / n)
     return labels, np.array(classes), np.array(fractions)
 
 

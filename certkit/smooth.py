@@ -690,10 +690,9 @@ class Smooth:
 
     def _image_part(self, xs: Tensor) -> Tensor:
         """What the clean inputs contribute to every noisy copy: the stem's output, or the images."""
-        if self.channels_last:
+        if self.channels_last:  # a convolution keeps its input's layout, so the stem's output is channels-last too
             xs = xs.contiguous(memory_format=torch.channels_last)
-        images = self._stem.image_part(xs) if self._stem is not None else xs
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+        return self._stem.image_part(xs) if self._stem is not None else xs
 
     def _shared_votes(self, images: Tensor, eps: Tensor, used: int, members: int) -> Tensor:
         """Votes (len(images), used): every image's class on each of the first ``used`` draws of ``eps``,
@@ -708,13 +707,8 @@ class Smooth:
             count = len(part)
             if self.compiled and count < members:
                 part = torch.cat([part, part.new_zeros((members - count, *part.shape[1:]))])
-            logits = self._combine_fn(part, noise)
-            if logits.shape != (len(part) * len(noise), self.num_classes):
-                raise CertkitError(
-                    f"the model returned logits of shape {tuple(logits.shape)}, expected "
-                    f"({len(part) * len(noise)}, {self.num_classes})"
-                )
-            out.append(logits.argmax(1).view(len(part), -1)[:count, :used])
+            votes = self._class_votes(self._combine_fn(part, noise), len(part) * len(noise))
+            out.append(votes.view(len(part), -1)[:count, :used])
         return torch.cat(out)
 
     def _combine(self, images: Tensor, noise: Tensor) -> Tensor:
@@ -759,12 +753,16 @@ class Smooth:
         """argmax class of each of the first ``used`` rows of the buffer."""
         # a compiled model sees one shape only: run the full buffer and ignore the stale tail
         batch = buffer if self.compiled else buffer[:used]
-        logits = self._forward(batch)
-        if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+        return self._class_votes(self._forward(batch), len(batch))[:used]
+
+    def _class_votes(self, logits: Tensor, rows: int) -> Tensor:
+        """argmax class of each row, once the logits are known to be (rows, K): a wrong shape would
+        otherwise spill votes into another input's counts."""
+        if logits.shape != (rows, self.num_classes):
             raise CertkitError(
-                f"the model returned logits of shape {tuple(logits.shape)}, expected (batch, {self.num_classes})"
+                f"the model returned logits of shape {tuple(logits.shape)}, expected ({rows}, {self.num_classes})"
             )
-        return logits[:used].argmax(1)
+        return logits.argmax(1)
 
     def _forward(self, batch: Tensor) -> Tensor:
         if self.channels_last:

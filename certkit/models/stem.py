@@ -126,9 +126,8 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     if node is None:
         return None
     layer = module(node)
-    if not (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not flatten) and not isinstance(
-        layer, nn.Linear
-    ):
+    conv = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not flatten
+    if not conv and not isinstance(layer, nn.Linear):
         return None
     # an element-wise ReLU and a non-overlapping max-pool right after it, in either order, join the stem
     relu, pool, last = False, 0, node
@@ -139,7 +138,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
         m = module(nxt)
         if isinstance(m, nn.ReLU) and not relu:
             relu = True
-        elif isinstance(layer, nn.Conv2d) and _plain_max_pool(m) and not pool:
+        elif conv and not pool and _plain_max_pool(m):
             pool = _plain_max_pool(m)
         else:
             break
