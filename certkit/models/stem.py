@@ -8,8 +8,9 @@ a noisy copy ``x + sigma * eps`` it is therefore the sum of an *image part* and 
 (zero padding is linear too: padding the sum pads each term). When G inputs share the same noise draws
 (:class:`certkit.smooth.Smooth` with ``shared_noise``), the image part is computed once per input and the
 noise part once per draw, instead of the whole layer once per (input, draw) pair. On the small
-Fashion-MNIST nets the first convolution, with its single input channel, is the least efficient layer of
-the network, so this is where much of the certification time goes (``benchmarks/certify_throughput.py``).
+Fashion-MNIST nets the first convolution, with its single input channel, writes a large feature map for
+little arithmetic, which CPU kernels run far below their peak; the gain is measured by
+``benchmarks/certify_throughput.py --shared-noise``.
 
 The two sides are equal in exact arithmetic; in floating point they differ by rounding, which is why a run
 that uses the split checks its votes against the plain model first (``vote_agreement``).
