@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 import warnings
 from typing import Any, Sequence
 
@@ -182,7 +183,6 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.certify import certify_dataset
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
-    from certkit.results import merge_results
     from certkit.train import select_device
 
     device = select_device(args.device)
@@ -229,9 +229,25 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     if auto_shard:
         barrier()
         if rank == 0:
-            merge_results([f"{args.out}.shard{r}of{size}" for r in range(size)], args.out)
+            _merge_own_shards([f"{args.out}.shard{r}of{size}" for r in range(size)], args.out)
     if rank == 0:
         print(f"wrote {args.out}")
+
+
+def _merge_own_shards(shards: list[str], out: str) -> None:
+    """Rank 0's last step under torchrun: merge the ranks' shard files into ``out``, write its summary (with
+    the speed check the ranks ran, which is the same on every rank) and remove the shard files it merged."""
+    import json
+
+    from certkit.results import merge_results, sidecar_path, summary_path, write_summary
+
+    merge_results(shards, out)
+    first_summary = summary_path(shards[0])
+    speed_check = json.loads(first_summary.read_text()).get("speed_check") if first_summary.exists() else None
+    write_summary(out, extra={"speed_check": speed_check} if speed_check else None)
+    for shard in shards:
+        for path in (Path(shard), sidecar_path(shard), summary_path(shard)):
+            path.unlink(missing_ok=True)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -274,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "certify", "predict"):
             from certkit.distributed import init_from_env
 
-            init_from_env()
+            init_from_env(args.device)
         handler: dict[str, Any] = {
             "train": cmd_train,
             "certify": lambda a: cmd_certify(a, "certify"),

@@ -21,6 +21,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from certkit.errors import CertkitError
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside torchrun."""
@@ -29,15 +31,32 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_from_env() -> bool:
-    """Join the process group when launched by torchrun with more than one process."""
+def uses_cuda(device: str) -> bool:
+    """Whether a ``--device`` value puts this process on a GPU (``auto`` does when CUDA is present)."""
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Join the process group when launched by torchrun with more than one process.
+
+    The backend follows the device the ranks compute on, not what the machine has: NCCL for CUDA ranks, gloo
+    for ``--device cpu`` even on a GPU machine (NCCL cannot reduce CPU tensors). CUDA ranks each take the GPU
+    of their LOCAL_RANK, so more local ranks than GPUs is refused before anything is placed on a device
+    that does not exist.
+    """
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available() or dist.is_initialized():
         return dist.is_available() and dist.is_initialized()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
+    if not uses_cuda(device):
         dist.init_process_group("gloo")
+        return True
+    local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise CertkitError(
+            f"torchrun started local rank {local_rank} but this machine has {gpus} GPU(s): use "
+            f"--nproc-per-node {gpus} or less, or --device cpu"
+        )
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl")
     return True
 
 

@@ -3,6 +3,7 @@ sharded certification (by hand, or automatic under torchrun) merges into exactly
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from certkit.cli import main
 from certkit.data import dataset_info, load_dataset
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.results import read_results
+from certkit.errors import CertkitError
+from certkit.results import read_results, summary_path
 from certkit.train import Trainer, TrainConfig
 from conftest import write_idx
 
@@ -150,5 +152,33 @@ def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unshard
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [len(read_results(f"{out}.shard{r}of{WORLD}")) for r in range(WORLD)] == [5, 5]
     assert _rows(out) == unsharded
+    # rank 0 alone prints, writes the merged file's summary and removes the shard files it merged
+    assert proc.stdout.count("wrote") == 1
+    assert json.loads(summary_path(out).read_text())["N"] == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.summary.json", "auto.tsv", "auto.tsv.json"]
+
+
+@pytest.mark.parametrize("device, cuda, gpus, expect", [
+    ("cpu", True, 1, "gloo"),
+    ("auto", False, 0, "gloo"),
+    ("auto", True, 2, "nccl"),
+    ("cuda", True, 1, "refused"),
+])
+def test_backend_follows_the_device_and_ranks_must_fit_the_gpus(monkeypatch, device, cuda, gpus, expect):
+    """gloo for CPU ranks even where CUDA exists; local rank 1 on a one-GPU machine is one line, not a crash."""
+    from certkit import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    chosen: list[str] = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: chosen.append(backend))
+    if expect == "refused":
+        with pytest.raises(CertkitError, match="local rank 1 but this machine has 1 GPU"):
+            distributed.init_from_env(device)
+    else:
+        assert distributed.init_from_env(device) and chosen == [expect]
