@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
         c.add_argument("--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass")
         c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
-        c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun spell it --max-index (torchrun reads --max as its own --max-restarts)")
+        c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` or spell it --max-index (torchrun reads --max as its own --max-restarts)")
         c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
         c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
         c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), checked to match fp32 votes on a sample")

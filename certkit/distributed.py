@@ -7,11 +7,12 @@ logs and writes checkpoints. ``certkit certify`` under torchrun certifies the ra
 Multi-node: run the same torchrun command on every node with ``--nnodes N --node-rank R
 --rdzv-endpoint HOST:PORT``.
 
-torchrun parses abbreviated options even after the script's name, so two certkit spellings collide with
-its own: write ``--N`` (not ``--n``, which abbreviates ``--nnodes``, ``--nproc-per-node``, ...) and
-``--max-index`` (not ``--max``, which abbreviates ``--max-restarts``)::
+torchrun parses abbreviated options even after the script's name, so ``--n`` (an abbreviation of
+``--nnodes``, ``--nproc-per-node``, ...) and ``--max`` (of ``--max-restarts``) are taken as its own. Put
+``--`` after ``-m certkit`` and torchrun passes everything after it to certkit untouched; or spell them
+``--N`` and ``--max-index``, which torchrun cannot mistake::
 
-    torchrun --standalone --nproc-per-node 2 -m certkit certify RUN --N 100000 --max-index 500 --out r.tsv
+    torchrun --standalone --nproc-per-node 2 -m certkit -- certify RUN --n 100000 --max 500 --out r.tsv
 """
 
 from __future__ import annotations

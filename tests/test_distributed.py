@@ -147,8 +147,10 @@ def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unshard
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-        "-m", "certkit", "certify", str(ddp_run["run"]), "--dataset", "mnist", "--data-dir", str(ddp_run["data"]),
-        "--device", "cpu", *CERTIFY, "--out", str(out),
+        # after "--" torchrun passes every flag on untouched, so certkit's own spellings --n and --max work too
+        "-m", "certkit", "--", "certify", str(ddp_run["run"]), "--dataset", "mnist", "--data-dir", str(ddp_run["data"]),
+        "--device", "cpu", *[a.lower() if a in ("--N", "--N0") else "--max" if a == "--max-index" else a for a in CERTIFY],
+        "--out", str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
