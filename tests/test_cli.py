@@ -174,3 +174,23 @@ def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest
     np.testing.assert_array_equal(read_results(tmp_path / "half.tsv").radius, res.radius[1::2])
     code, _, err = run(capsys, *args[:-1], "1", "--out", str(tmp_path / "one.tsv"))
     assert code == 2 and "at least 2" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_take_the_mode_the_umask_gives(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], umask: int
+) -> None:
+    """Sidecars, summaries and plots (written atomically through a private temporary file) get 0666 less the
+    umask, like the TSV that open() writes: a labmate in the group can read what a run wrote."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        tsv = tmp_path / "r.tsv"
+        assert run(capsys, "certify", str(trained), "--n0", "20", "--n", "100", "--max", "2", "--out", str(tsv))[0] == 0
+        assert run(capsys, "report", str(tsv), "--plot", str(tmp_path / "c.png"))[0] == 0
+    finally:
+        os.umask(old)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["c.png", "r.summary.json", "r.tsv", "r.tsv.json"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {n: oct(0o666 & ~umask) for n in written}
