@@ -144,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- report / merge / demo / list ------------------------------------------------------------
     r = sub.add_parser("report", help="ACR and certified accuracy of result files, as a Markdown table and a plot")
     r.add_argument("files", nargs="+", help="result TSVs (certkit's or the reference implementations')")
-    r.add_argument("--plot", default=None, help="write certified accuracy vs radius for all files to this PNG")
+    r.add_argument("--plot", default=None, help="write certified accuracy vs radius of all files to this image; the suffix picks the format (.png, .pdf, .svg)")
     r.add_argument("--radii", default=None, help="comma-separated radii (default: 0, 0.25, ... up to the largest radius)")
+    r.add_argument("--labels", default=None, help="comma-separated names for the files, in order (default: the file names)")
+    r.add_argument("--title", default=None, help="plot title")
+    r.add_argument("--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown")
     m = sub.add_parser("merge", help="join shard result files into one TSV in index order")
     m.add_argument("shards", nargs="+", help="shard TSVs")
     m.add_argument("--out", required=True, help="merged TSV")
@@ -257,7 +260,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         radii = [float(r) for r in args.radii.split(",")] if args.radii else None
     except ValueError:
         raise CertkitError(f"--radii must be comma-separated numbers, e.g. 0,0.25,0.5 (got {args.radii!r})") from None
-    print(report_files(args.files, radii=radii, plot=args.plot))
+    labels = [v.strip() for v in args.labels.split(",")] if args.labels else None
+    print(report_files(args.files, radii=radii, plot=args.plot, labels=labels, title=args.title, latex=args.latex))
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence, Union, overload
 
@@ -114,56 +115,129 @@ def mean_samples(results: ResultsLike) -> float | None:
     return float(res.samples.mean())
 
 
-def markdown_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None = None) -> str:
-    """A Markdown table, one row per file: N, ACR, certified accuracy on the grid, abstain rate.
-
-    When any file has a ``samples`` column (adaptive certification), a ``samples/input`` column after ACR
-    gives its mean samples per input ("-" for the files without one).
-    """
+def _table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the report table: N, ACR, mean samples per input when any file is adaptive,
+    certified accuracy on the grid, abstain rate ("-" where a file has no such figure)."""
     loaded = {name: load(r) for name, r in named_results.items()}
     grid = list(radii) if radii is not None else default_grid(list(loaded.values()))
     with_samples = any(res.samples is not None for res in loaded.values())
     head = ["name", "N", "ACR"] + (["samples/input"] if with_samples else [])
     head += [f"r={r:.2f}" for r in grid] + ["abstain"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name, res in loaded.items():
         has_radius = res.radius is not None
-        cells = [name.replace("|", "\\|"), str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
+        cells = [name, str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
         if with_samples:
             samples = mean_samples(res)
             cells.append(f"{samples:.0f}" if samples is not None else "-")
         for r in grid:
             cells.append(f"{certified_accuracy(res, r):.3f}" if has_radius or r == 0 else "-")
         cells.append(f"{abstain_rate(res):.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return head, rows
+
+
+def markdown_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None = None) -> str:
+    """The report table in Markdown, one row per file (see :func:`report_files`)."""
+    head, rows = _table(named_results, radii)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([row[0].replace("|", "\\|"), *row[1:]]) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+_LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
+
+
+def latex_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None = None) -> str:
+    """The same table as a LaTeX ``tabular`` (booktabs rules), ready to paste into a paper."""
+    head, rows = _table(named_results, radii)
+
+    def tex(cell: str) -> str:
+        return "".join(_LATEX_SPECIAL.get(c, c) for c in cell)
+
+    lines = [
+        "\\begin{tabular}{l" + "r" * (len(head) - 1) + "}",
+        "\\toprule",
+        " & ".join(tex(h) for h in head) + " \\\\",
+        "\\midrule",
+        *(" & ".join(tex(c) for c in row) + " \\\\" for row in rows),
+        "\\bottomrule",
+        "\\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+#: the most points a curve is drawn with: a file holding one absurd radius must not make the grid huge
+MAX_CURVE_POINTS = 2000
+
+
+@dataclass
+class Curve:
+    """What one file contributes to a plot: its certified-accuracy curve, the largest radius its settings
+    allow (``sigma * PhiInv(alpha^(1/n))``, where its curve must fall to 0; None when the file does not say
+    its sigma, n and alpha) and a legend label that carries those settings."""
+
+    label: str
+    radii: np.ndarray
+    accuracy: np.ndarray
+    max_radius: float | None
+
+
+def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list[Curve]:
+    """The curves of every CERTIFY file on one shared radius grid (PREDICT files have none)."""
+    from certkit.smooth import max_radius
+
+    loaded = {name: load(r) for name, r in named_results.items()}
+    certify = {name: res for name, res in loaded.items() if res.radius is not None}
+    largest = max([float(res.radius.max()) for res in certify.values() if len(res)] or [0.0])
+    settings = {name: res.settings for name, res in certify.items()}
+    bounds = {
+        name: max_radius(float(s["sigma"]), int(s["n"]), float(s["alpha"])) if all(s.get(k) for k in ("sigma", "n", "alpha")) else None
+        for name, s in settings.items()
+    }
+    largest = max([largest] + [b for b in bounds.values() if b is not None])
+    step = max(step, largest / MAX_CURVE_POINTS)
+    grid = np.arange(0.0, largest + 2 * step, step)
+    out = []
+    for name, res in certify.items():
+        s = settings[name]
+        about = [f"ACR {acr(res):.3f}"]
+        about += [f"{sym}={s[k]:,}" if k == "n" else f"{sym}={s[k]:g}" for k, sym in (("sigma", "σ"), ("n", "n"), ("alpha", "α")) if s.get(k)]
+        about.append(f"N={len(res):,}")
+        out.append(Curve(f"{name} ({', '.join(about)})", grid, certified_accuracy(res, grid), bounds[name]))
+    return out
+
+
+LINE_STYLES = ("-", "--", "-.", ":")
 
 
 def plot_curves(
     named_results: Mapping[str, ResultsLike], path: str | os.PathLike, step: float = 0.01, title: str | None = None
 ) -> Path:
-    """Certified accuracy against radius (grid step ``step``) for every file on one plot, saved atomically.
+    """Certified accuracy against radius for every file on one plot, saved atomically; the format follows
+    the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``).
 
-    The format follows the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``).
+    Every curve has its own colour *and* line style, so identical curves stay visible, and a dotted vertical
+    mark of its colour at the largest radius its n allows: a curve that drops to 0 there has hit the
+    sampling limit, not the model's.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    loaded = {name: load(r) for name, r in named_results.items()}
-    largest = max([float(res.radius.max()) for res in loaded.values() if res.radius is not None and len(res)] or [0.0])
-    grid = np.arange(0.0, largest + step, step)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, res in loaded.items():
-        if res.radius is None:
-            continue
-        ax.plot(grid, certified_accuracy(res, grid), label=f"{name} (ACR {acr(res):.3f})")
-    ax.set_xlabel("radius (L2)")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drawn = curves(named_results, step)
+    for k, curve in enumerate(drawn):
+        (line,) = ax.plot(curve.radii, curve.accuracy, LINE_STYLES[k % len(LINE_STYLES)], label=curve.label, lw=1.6)
+        if curve.max_radius is not None:
+            ax.axvline(curve.max_radius, color=line.get_color(), ls=":", lw=1.0, alpha=0.8)
+    ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    marked = any(curve.max_radius is not None for curve in drawn)
+    ax.legend(fontsize="small", title="dotted: largest radius n allows" if marked else None, title_fontsize="small")
     if title:
         ax.set_title(title)
     path = Path(path)
@@ -204,7 +278,13 @@ def file_labels(files: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def report_files(
-    files: Sequence[str | os.PathLike], radii: Sequence[float] | None = None, plot: str | os.PathLike | None = None
+    files: Sequence[str | os.PathLike],
+    radii: Sequence[float] | None = None,
+    plot: str | os.PathLike | None = None,
+    *,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    latex: bool = False,
 ) -> str:
     """What ``certkit report`` prints: one Markdown table row per result file (certkit's or any code base's
     in the standard format) with N, ACR, mean samples per input for adaptive runs, certified accuracy at
@@ -221,14 +301,19 @@ def report_files(
         bad = [r for r in radii if not (math.isfinite(r) and r >= 0)]
         if not radii or bad:
             raise CertkitError(f"radii must be finite and >= 0 (got {bad or 'none'})")
-    named = {label: read_results(f) for label, f in zip(file_labels(files), files)}
-    text = markdown_table(named, radii)
+    if labels is not None and len(labels) != len(files):
+        raise CertkitError(f"--labels gives {len(labels)} names for {len(files)} files")
+    names = list(labels) if labels is not None else file_labels(files)
+    if len(set(names)) != len(names):
+        raise CertkitError(f"--labels must be distinct (got {', '.join(names)})")
+    named = {label: read_results(f) for label, f in zip(names, files)}
+    text = (latex_table if latex else markdown_table)(named, radii)
     predict_only = [name for name, res in named.items() if res.radius is None]
     if predict_only:
         text += f"\nPREDICT files (accuracy only, no radii): {', '.join(predict_only)}\n"
     if plot is not None:
         if len(predict_only) == len(named):
             raise CertkitError("--plot needs at least one CERTIFY result file (PREDICT files have no radii)")
-        path = plot_curves(named, plot)
+        path = plot_curves(named, plot, title=title)
         text += f"\nplot: {path}\n"
     return text.rstrip("\n")

@@ -147,3 +147,56 @@ def test_report_command_errors_are_one_line(tmp_path: Path, hand_built: Path, ca
 
 def test_file_labels_are_short_and_distinct():
     assert report.file_labels(["a/x.tsv", "b/x.tsv", "c/y.tsv", "c/y.tsv"]) == ["a/x", "b/x", "y", "y#2"]
+
+
+# --- figures and tables for a paper ---------------------------------------------------------------------
+
+
+def _certkit_file(path: Path, sigma: float, n: int, alpha: float, radii: list[float]) -> Path:
+    from certkit.results import ResultWriter
+
+    with ResultWriter(path, "certify", {"sigma": sigma, "n": n, "alpha": alpha}) as w:
+        for i, r in enumerate(radii):
+            w.write_certify(i, 1, 1, r, 0.1)
+    return path
+
+
+def test_curves_mark_the_largest_radius_n_allows_and_name_their_settings(tmp_path: Path, hand_built: Path):
+    from certkit.smooth import max_radius
+
+    mine = _certkit_file(tmp_path / "m.tsv", 0.25, 2000, 0.001, [0.1, 0.3, 0.5])
+    got = report.curves({"mine": mine, "reference": hand_built})
+    assert got[0].max_radius == pytest.approx(max_radius(0.25, 2000, 0.001))
+    assert got[0].label == "mine (ACR 0.300, σ=0.25, n=2,000, α=0.001, N=3)"
+    # a reference file has no settings: no mark, and no settings it cannot vouch for in its label
+    assert got[1].max_radius is None and got[1].label == "reference (ACR 0.261, N=5)"
+    # one grid for all, reaching past every file's largest radius and its mark
+    assert got[0].radii is got[1].radii and got[0].radii[-1] >= max(0.953, got[0].max_radius)
+    assert got[0].accuracy[0] == 1.0 and got[0].accuracy[-1] == 0.0
+
+
+def test_one_absurd_radius_does_not_make_the_grid_huge(tmp_path: Path):
+    path = tmp_path / "huge.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t1e12\t1\t0:00:01\n1\t1\t1\t0.5\t1\t0:00:01\n")
+    (curve,) = report.curves({"huge": path})
+    assert len(curve.radii) <= report.MAX_CURVE_POINTS + 2
+
+
+@pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml")])
+def test_report_plots_pdf_and_svg_with_labels_and_title(hand_built: Path, tmp_path: Path, suffix: str, magic: bytes):
+    out = tmp_path / f"c{suffix}"
+    text = report.report_files([hand_built, hand_built], plot=out, labels=["ours", "theirs"], title="Fashion-MNIST")
+    assert "| ours |" in text and "| theirs |" in text
+    assert out.read_bytes().startswith(magic)
+    if suffix == ".svg":
+        svg = out.read_text()
+        assert "Fashion-MNIST" in svg and "L2 radius (pixels in [0, 1])" in svg
+    with pytest.raises(CertkitError, match="2 files"):
+        report.report_files([hand_built, hand_built], labels=["one"])
+
+
+def test_latex_table(hand_built: Path):
+    tex = report.report_files([hand_built], radii=[0.0, 0.5], labels=["Gaussian_σ"], latex=True)
+    lines = tex.splitlines()
+    assert lines[0] == "\\begin{tabular}{lrrrrr}" and lines[-1] == "\\end{tabular}"
+    assert "Gaussian\\_σ & 5 & 0.261 & 0.600 & 0.200 & 0.200 \\\\" in lines
