@@ -22,7 +22,6 @@ The dataset needs ``len(dataset)`` and ``dataset.get(i) -> (x, label)`` with ``x
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices, write_summary
 from certkit.smooth import (
     MIN_VOTE_AGREEMENT,
@@ -239,22 +239,16 @@ def run_planned(
 
     Opens ``out`` through :class:`ResultWriter` (sidecar, resume with matching settings), skips the indices
     already written, loads the rest ``group_size`` at a time and hands each group to ``process``, with a
-    progress bar on a terminal. Returns True when every planned index is in the file.
+    progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`). Returns True when every planned index is in the file.
     """
     with ResultWriter(out, kind, settings, resume=resume, extra_columns=extra_columns) as writer:
         todo = [i for i in indices if i not in writer.done_indices]
-        bar = _progress_bar(len(indices), len(indices) - len(todo), enabled=progress)
-        try:
+        done = len(indices) - len(todo)
+        with Progress(len(indices), f"{kind} {Path(out).name}", done=done, enabled=progress) as bar:
             for start in range(0, len(todo), group_size):
                 group = todo[start : start + group_size]
                 xs, labels = _load(dataset, group)
-                note = process(writer, group, xs, labels)
-                if bar is not None:
-                    bar.update(len(group))
-                    bar.set_postfix_str(note)
-        finally:
-            if bar is not None:
-                bar.close()
+                bar.update(len(group), process(writer, group, xs, labels))
         return all(i in writer.done_indices for i in indices)
 
 
@@ -289,12 +283,3 @@ class _RunningScore:
         if mode == "predict":
             return f"acc={acc:.3f}"
         return f"acc={acc:.3f} acr={self.radius_sum / max(1, self.count):.3f}"
-
-
-def _progress_bar(total: int, done: int, enabled: bool) -> Any:
-    """tqdm on a terminal only: logs and CI output stay free of carriage-return noise."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="img", dynamic_ncols=True)

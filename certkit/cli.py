@@ -224,7 +224,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         model, data, num_classes=info.num_classes, sigma=float(sigma), out=out,
         n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
         max_idx=args.max, seed=args.seed, shard=shard, mode=mode, adaptive=adaptive,
-        progress=sys.stderr.isatty() and rank == 0,
+        progress=rank == 0,
         smooth_options={"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile},
         shared_noise=args.shared_noise,
         settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
@@ -289,6 +289,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"  # type: ignore[assignment]
+    from certkit.progress import log_to_stderr
+
+    log_to_stderr()
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "certify", "predict"):

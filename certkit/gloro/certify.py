@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -182,7 +181,7 @@ def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: arg
         dataset = args.dataset or meta.get("dataset")
         summary = certify_gloro_dataset(
             model, data, out=args.out, epsilon=args.epsilon, batch_size=args.batch, skip=args.skip,
-            max_idx=args.max, shard=args.shard, progress=sys.stderr.isatty(),
+            max_idx=args.max, shard=args.shard, progress=True,
             settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
         )
         if summary is not None:
