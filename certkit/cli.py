@@ -1,6 +1,6 @@
 """``certkit`` command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``merge``, ``demo``, ``list``. Every error that
+Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``curves``, ``merge``, ``demo``, ``list``. Every error that
 is the user's to fix prints one line on stderr and exits with status 2; no traceback.
 """
 
@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--labels", default=None, help="comma-separated names for the files, in order (default: the file names)")
     r.add_argument("--title", default=None, help="plot title")
     r.add_argument("--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown")
+    cv = sub.add_parser("curves", help="plot training loss and accuracy per epoch of one or more runs (from metrics.jsonl)")
+    cv.add_argument("runs", nargs="+", help="certkit run folders")
+    cv.add_argument("--plot", required=True, help="image to write; the suffix picks the format (.png, .pdf, .svg)")
+    cv.add_argument("--labels", default=None, help="comma-separated names for the runs, in order (default: the folder names)")
+    cv.add_argument("--title", default=None, help="figure title")
     m = sub.add_parser("merge", help="join shard result files into one TSV in index order")
     m.add_argument("shards", nargs="+", help="shard TSVs")
     m.add_argument("--out", required=True, help="merged TSV")
@@ -264,6 +269,13 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(report_files(args.files, radii=radii, plot=args.plot, labels=labels, title=args.title, latex=args.latex))
 
 
+def cmd_curves(args: argparse.Namespace) -> None:
+    from certkit.curves import plot_training_curves
+
+    labels = [v.strip() for v in args.labels.split(",")] if args.labels else None
+    print(f"plot: {plot_training_curves(args.runs, args.plot, labels=labels, title=args.title)}")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     from certkit.results import merge_results
 
@@ -303,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "certify": lambda a: cmd_certify(a, "certify"),
             "predict": lambda a: cmd_certify(a, "predict"),
             "report": cmd_report,
+            "curves": cmd_curves,
             "merge": cmd_merge,
             "demo": cmd_demo,
             "list": cmd_list,

@@ -15,7 +15,6 @@ Every function takes a :class:`certkit.results.Results` or a path to a result fi
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Mapping, Sequence, Union, overload
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.fileio import atomic_write_bytes
+from certkit.figures import pyplot, save_figure
 from certkit.results import Results, read_results
 
 ResultsLike = Union[Results, str, os.PathLike]
@@ -221,11 +220,7 @@ def plot_curves(
     mark of its colour at the largest radius its n allows: a curve that drops to 0 there has hit the
     sampling limit, not the model's.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = curves(named_results, step)
     for k, curve in enumerate(drawn):
@@ -240,20 +235,7 @@ def plot_curves(
     ax.legend(fontsize="small", title="dotted: largest radius n allows" if marked else None, title_fontsize="small")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fmt = path.suffix[1:].lower() or "png"
-    buf = io.BytesIO()
-    try:
-        if fmt not in fig.canvas.get_supported_filetypes():
-            raise CertkitError(f"{path}: cannot plot to a .{fmt} file; use .png, .pdf or .svg")
-        fig.savefig(buf, format=fmt, dpi=150, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    try:
-        atomic_write_bytes(path, buf.getvalue())
-    except OSError as e:
-        raise CertkitError(f"{path}: cannot write the plot ({e.strerror or e})") from None
-    return path
+    return save_figure(fig, path)
 
 
 def file_labels(files: Sequence[str | os.PathLike]) -> list[str]:

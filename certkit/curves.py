@@ -1,0 +1,82 @@
+"""Training curves from runs' ``metrics.jsonl``: ``certkit curves RUN [RUN ...] --plot curves.png``.
+
+Every run writes one JSON line per completed epoch (the epoch, its learning rate, seconds, the objective's
+loss and its parts, training accuracy and, when a test subset is evaluated, clean and noisy test
+accuracy). This module reads those lines back and draws loss and accuracy against the epoch, numbered from
+1 as the console prints them, for one run or several side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from certkit.errors import CertkitError
+from certkit.figures import pyplot, save_figure
+
+METRICS = "metrics.jsonl"
+#: accuracy-like keys drawn on the accuracy panel, in this order, with their legend names
+ACCURACIES = (("acc", "train"), ("test_clean_acc", "test clean"), ("test_noisy_acc", "test noisy"))
+
+
+def read_metrics(run: str | os.PathLike) -> list[dict[str, float]]:
+    """The epochs of a run (its folder or its ``metrics.jsonl``), epoch numbered from 1.
+
+    Files written before the numbering was unified count from 0; their first line says so (epoch 0), and
+    every epoch is shifted by one.
+    """
+    path = Path(run)
+    path = path / METRICS if path.is_dir() else path
+    if not path.is_file():
+        raise CertkitError(f"{run}: no {METRICS} (is it a certkit run folder?)")
+    epochs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise CertkitError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+            raise CertkitError(f"{path}:{number}: expected an object with an integer 'epoch'")
+        epochs.append(record)
+    if not epochs:
+        raise CertkitError(f"{path}: no completed epoch yet")
+    shift = 1 if epochs[0]["epoch"] == 0 else 0
+    return [{**e, "epoch": e["epoch"] + shift} for e in epochs]
+
+
+def plot_training_curves(
+    runs: Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Loss (left) and accuracies (right) against the epoch for every run, saved atomically in the format
+    of ``path``'s suffix (.png, .pdf, .svg). Runs are told apart by colour, the accuracies by line style."""
+    plt = pyplot()
+    if labels is not None and len(labels) != len(runs):
+        raise CertkitError(f"--labels gives {len(labels)} names for {len(runs)} runs")
+    names = list(labels) if labels is not None else [Path(r).name or str(r) for r in runs]
+    histories = [read_metrics(r) for r in runs]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = ("-", "--", ":")
+    for k, (name, history) in enumerate(zip(names, histories)):
+        color = f"C{k % 10}"
+        epochs = [e["epoch"] for e in history]
+        ax_loss.plot(epochs, [e.get("loss") for e in history], color=color, label=name)
+        for (key, what), style in zip(ACCURACIES, styles):
+            if any(key in e for e in history):
+                ax_acc.plot(epochs, [e.get(key) for e in history], style, color=color, label=f"{name}: {what}")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)

@@ -1,0 +1,51 @@
+"""``certkit curves``: training curves from metrics.jsonl, epochs numbered from 1 as the console prints them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from certkit.cli import main
+from certkit.curves import read_metrics
+from certkit.errors import CertkitError
+
+
+def _run(folder: Path, first_epoch: int, epochs: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    lines = [
+        {"epoch": first_epoch + e, "lr": 0.01, "seconds": 1.0, "loss": 1.0 / (e + 1), "acc": 0.5 + 0.1 * e,
+         "test_clean_acc": 0.6, "test_noisy_acc": 0.55}
+        for e in range(epochs)
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return folder
+
+
+def test_epochs_count_from_one_whatever_the_file_counted_from(tmp_path: Path) -> None:
+    assert [e["epoch"] for e in read_metrics(_run(tmp_path / "old", 0))] == [1, 2, 3]
+    assert [e["epoch"] for e in read_metrics(_run(tmp_path / "new", 1))] == [1, 2, 3]
+
+
+def test_curves_cli_plots_several_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _run(tmp_path / "a", 0), _run(tmp_path / "b", 1, epochs=2)
+    out = tmp_path / "curves.svg"
+    assert main(["curves", str(a), str(b), "--plot", str(out), "--labels", "gaussian,crt", "--title", "F-MNIST"]) == 0
+    svg = out.read_text()
+    assert "F-MNIST" in svg and "gaussian: test noisy" in svg and "crt: train" in svg
+    assert f"plot: {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [(None, "no metrics.jsonl"), ("", "no completed epoch"),
+                                              ("{oops\n", ":1: not a JSON line"), ('{"loss": 1}\n', "integer 'epoch'")])
+def test_bad_runs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    if content is not None:
+        (run / "metrics.jsonl").write_text(content)
+    with pytest.raises(CertkitError, match=message):
+        read_metrics(run)
+    assert main(["curves", str(run), "--plot", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "c.png").exists()
