@@ -1,6 +1,6 @@
 """``certkit`` command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``merge``, ``demo``, ``list``. Every error that
+Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``merge``, ``demo``, ``export``, ``list``. Every error that
 is the user's to fix prints one line on stderr and exits with status 2; no traceback.
 """
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     from certkit.models import list_models
     from certkit.objectives import list_objectives, registry
     from certkit.objectives.base import add_hyper_arguments
+    from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
         _common_data(c, dataset_default=None)
+        c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
+        c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
         c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
         c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
         if name == "certify":
@@ -153,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="output directory")
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
     d.add_argument("--device", default="auto")
+    e = sub.add_parser(
+        "export", help="write a certkit run in another layout",
+        description="--format reference writes {'epoch', 'arch', 'state_dict'} with the reference key names "
+        "(torch.save), which the reference repos' certify.py reads (pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
+    )
+    e.add_argument("run", help="certkit run directory")
+    e.add_argument("--format", choices=["reference"], required=True, help="output layout")
+    e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
     sub.add_parser("list", help="list datasets, architectures and methods")
     return parser
 
@@ -182,17 +193,19 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.certify import certify_dataset
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
+    from certkit.reference import check_fits_dataset
     from certkit.results import merge_results
     from certkit.train import select_device
 
     device = select_device(args.device)
-    model, meta = checkpoint.load_any(args.run, dataset=args.dataset, device=device)
+    model, meta = checkpoint.load_any(
+        args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
+    )
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise CertkitError(f"{args.run}: the checkpoint does not name its dataset; pass --dataset")
     info = dataset_info(dataset)
-    if int(meta["num_classes"]) != info.num_classes:
-        raise CertkitError(f"{args.run}: model has {meta['num_classes']} classes, dataset {dataset} has {info.num_classes}")
+    check_fits_dataset(str(args.run), meta["num_classes"], meta["in_shape"], info)
     data = load_dataset(dataset, args.split, args.data_dir)
     certifier = getattr(args, "method", None) or ("gloro" if meta.get("method") == "gloro" else "smoothing")
     if certifier == "gloro":
@@ -257,6 +270,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, full=args.full, data_dir=args.data_dir, device=args.device)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from certkit.reference import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.run, args.out)}")
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from certkit.data import DATASETS
     from certkit.models import list_models
@@ -282,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "report": cmd_report,
             "merge": cmd_merge,
             "demo": cmd_demo,
+            "export": cmd_export,
             "list": cmd_list,
         }
         handler[args.command](args)
