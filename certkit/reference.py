@@ -20,9 +20,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,10 +42,10 @@ NORMALIZATIONS = ("standard", "center", "none")
 #: Help text shared by the CLI and the README: which sources use which first layer.
 NORMALIZATION_HELP = (
     "input layer of a reference checkpoint: standard = (x-mu)/sigma (NormalizeLayer: Cohen et al., "
-    "Consistency, SmoothMix, CRT, and SmoothAdv's fine-tuned CIFAR-10 models), center = x-mu (InputCenterLayer: "
-    "SmoothAdv's ImageNet and from-scratch CIFAR-10 models), none = raw pixels (MACER; MNIST-like datasets, whose "
-    "reference layer is Identity). Default: standard when the file holds Sequential(layer, net) keys, none when "
-    "it holds a bare net (MACER)"
+    "Consistency, SmoothMix, CRT), center = x-mu (InputCenterLayer: Salman et al.'s SmoothAdv ImageNet models and "
+    "CIFAR-10 models trained from scratch), none = raw pixels (MACER). On MNIST-like datasets all three are the "
+    "reference Identity. Default: standard when the file holds Sequential(layer, net) keys, none when it holds a "
+    "bare net (MACER); on CIFAR-10/ImageNet the assumed layer is printed as a warning"
 )
 
 
@@ -107,15 +108,17 @@ def check_fits_dataset(where: str, num_classes: int, in_shape: Sequence[int], in
         )
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the checkpoint dict, its state dict)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError among others
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CertkitError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict", ckpt.get("net")), dict):
+    state = ckpt.get("state_dict", ckpt.get("net")) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
         raise CertkitError(f"{path}: expected a dict with 'state_dict' (or MACER's 'net'), the reference checkpoint format")
-    return ckpt
+    return ckpt, state
 
 
 def _body_state(path: Path, state: dict[str, Any], layout: ReferenceArch) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
@@ -200,7 +203,7 @@ def import_checkpoint(
     info = dataset_info(dataset)
     if normalization is not None and normalization not in NORMALIZATIONS:
         raise CertkitError(f"unknown normalization {normalization!r}; valid: {', '.join(NORMALIZATIONS)}")
-    ckpt = _read(path)
+    ckpt, state = _read(path)
     file_arch = ckpt.get("arch")
     if file_arch is None and arch is None:
         raise CertkitError(f"{path}: the checkpoint does not record its architecture (CRT's and MACER's do not); pass --arch NAME")
@@ -209,7 +212,7 @@ def import_checkpoint(
         raise CertkitError(f"{path}: --arch {arch} disagrees with the checkpoint's architecture {file_arch!r}")
     if model_spec(layout.arch).family == "cifar" and tuple(info.in_shape[1:]) != (32, 32):
         raise CertkitError(f"{path}: {layout.arch} is a CIFAR network for 32x32 inputs; dataset {info.name} has shape {tuple(info.in_shape)}")
-    body, origin, wrapped = _body_state(path, ckpt.get("state_dict", ckpt.get("net")), layout)
+    body, origin, wrapped = _body_state(path, state, layout)
     kind = normalization or ("standard" if wrapped else "none")
     mean, std = _first_layer(kind, info)
     model = create_model(layout.arch, info.num_classes, info.in_shape, mean, std)
@@ -248,10 +251,10 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     if dataset is None:
         raise CertkitError(f"{run}: model.json names no dataset, so the reference input layer is unknown")
     mean, std = _first_layer("standard", dataset_info(dataset))
-    norm = model[0]
-    if not (torch.equal(norm.mean.flatten(), torch.tensor(mean)) and torch.equal(norm.std.flatten(), torch.tensor(std))):
+    have = {k: v.flatten() for k, v in model[0].state_dict().items()}
+    if not (torch.equal(have["mean"], torch.tensor(mean)) and torch.equal(have["std"], torch.tensor(std))):
         raise CertkitError(
-            f"{run}: its input layer (mean {norm.mean.flatten().tolist()}, std {norm.std.flatten().tolist()}) is not "
+            f"{run}: its input layer (mean {have['mean'].tolist()}, std {have['std'].tolist()}) is not "
             f"the reference layer for {dataset} (mean {mean}, std {std})"
         )
     layout = _layout(arch, str(run))

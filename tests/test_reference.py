@@ -9,8 +9,9 @@ The modules below mirror the reference definitions' class structure and attribut
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -135,11 +136,11 @@ def _logits_match(ref: nn.Module, model: nn.Module, shape: Sequence[int], n: int
         return torch.allclose(want, model(x), rtol=1e-5, atol=1e-5)
 
 
-def _sgd_state(model: nn.Module) -> dict:
+def _sgd_state(model: nn.Module) -> dict[str, Any]:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9).state_dict()
 
 
-def _import_quietly(path: Path, dataset: str, **kw: str) -> tuple[nn.Sequential, dict]:
+def _import_quietly(path: Path, dataset: str, **kw: str) -> tuple[nn.Sequential, dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit or irrelevant normalization must not warn
         return import_checkpoint(path, dataset, **kw)
@@ -267,7 +268,7 @@ def _certkit_run(tmp_path: Path, arch: str, dataset: str, seed: int = 0) -> tupl
         ("resnet20", "cifar10", lambda: nn.Sequential(RefNormalizeLayer(CIFAR.mean, CIFAR.std), RefResNet(20)), "cifar_resnet20"),
     ],
 )
-def test_export_round_trip(tmp_path: Path, arch: str, dataset: str, ref, name: str) -> None:
+def test_export_round_trip(tmp_path: Path, arch: str, dataset: str, ref: Callable[[], nn.Module], name: str) -> None:
     run_dir, model = _certkit_run(tmp_path, arch, dataset)
     out = export_checkpoint(run_dir, tmp_path / "exported.pth.tar")
     saved = torch.load(out, weights_only=True)
