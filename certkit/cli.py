@@ -1,7 +1,7 @@
 """``certkit`` command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``merge``, ``demo``, ``export``, ``list``. Every error that
-is the user's to fix prints one line on stderr and exits with status 2; no traceback.
+Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``merge``, ``demo``, ``export``, ``list``. Every
+error that is the user's to fix prints one line on stderr and exits with status 2; no traceback.
 """
 
 from __future__ import annotations

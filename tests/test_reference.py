@@ -212,6 +212,21 @@ def test_macer_bare_net_defaults_to_no_input_layer(tmp_path: Path) -> None:
     assert _logits_match(ref, model, (3, 32, 32))
 
 
+def test_imagenet_dataparallel_inside_sequential(tmp_path: Path) -> None:
+    """Cohen et al.'s and SmoothAdv's ImageNet layout: Sequential(layer, DataParallel(torchvision ResNet)), keys
+    ``1.module.*``; SmoothAdv's layer is InputCenterLayer. (ResNet-18 stands in for ResNet-50: same key scheme.)"""
+    from torchvision.models import resnet18
+
+    imagenet = dataset_info("imagenet")
+    torch.manual_seed(0)
+    ref = _randomize(nn.Sequential(RefInputCenterLayer(imagenet.mean), nn.DataParallel(resnet18(num_classes=1000))))
+    assert next(iter(ref.state_dict())).startswith("1.module.")
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": ref.state_dict()}, path)
+    model, _ = _import_quietly(path, "imagenet", normalization="center")
+    assert _logits_match(ref, model, (3, 224, 224))
+
+
 def test_normalize_expresses_center_exactly() -> None:
     x = torch.rand(4, 3, 8, 8)
     mean = torch.tensor(CIFAR.mean).view(1, 3, 1, 1)
@@ -282,6 +297,19 @@ def test_export_round_trip(tmp_path: Path, arch: str, dataset: str, ref: Callabl
     x = torch.rand(2, *shape)
     with torch.no_grad():
         assert torch.equal(back(x), model(x))
+
+
+def test_export_resnet50_keeps_the_inner_dataparallel(tmp_path: Path) -> None:
+    """The reference builds ImageNet's ResNet-50 as Sequential(layer, DataParallel(resnet50)): keys ``1.module.*``."""
+    from torchvision.models import resnet50
+
+    run_dir = tmp_path / "run"
+    checkpoint.save(create_model("resnet50", 1000, (3, 224, 224), dataset_info("imagenet").mean, dataset_info("imagenet").std),
+                    run_dir, checkpoint.make_meta("resnet50", "imagenet", 0.5, "gaussian"))
+    saved = torch.load(export_checkpoint(run_dir, tmp_path / "r50.pth.tar"), weights_only=True)
+    assert saved["arch"] == "resnet50"
+    want = nn.Sequential(nn.Identity(), nn.DataParallel(resnet50(num_classes=1000))).state_dict()
+    assert {k: v.shape for k, v in saved["state_dict"].items()} == {k: v.shape for k, v in want.items()}
 
 
 def test_export_refusals(tmp_path: Path) -> None:
