@@ -182,78 +182,43 @@ def model_hash(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Checkpoints of the reference code bases (Cohen et al., SmoothAdv, MACER, Consistency, SmoothMix, CRT)
+# Checkpoints of the reference code bases (Cohen et al., SmoothAdv, MACER, Consistency, SmoothMix, CRT):
+# their layout lives in certkit.reference, imported on use (it builds on this module).
 # ---------------------------------------------------------------------------------------------------------
-#: their architecture names -> certkit's
-REFERENCE_ARCHS = {
-    "cifar_resnet20": "resnet20",
-    "cifar_resnet32": "resnet32",
-    "cifar_resnet44": "resnet44",
-    "cifar_resnet56": "resnet56",
-    "cifar_resnet110": "resnet110",
-    "resnet20": "resnet20",
-    "resnet32": "resnet32",
-    "resnet44": "resnet44",
-    "resnet56": "resnet56",
-    "resnet110": "resnet110",
-    "lenet": "lenet",
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-}
-
-
 def is_reference_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).is_file() and (str(path).endswith(".pth") or str(path).endswith(".pth.tar") or str(path).endswith(".pt"))
+    return Path(path).is_file() and str(path).endswith((".pth", ".pth.tar", ".pt"))
 
 
 def import_reference_checkpoint(
-    path: str | os.PathLike, dataset: str, sigma: float | None = None
+    path: str | os.PathLike,
+    dataset: str,
+    sigma: float | None = None,
+    arch: str | None = None,
+    normalization: str | None = None,
 ) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Map a reference ``{'arch', 'state_dict'}`` checkpoint onto a certkit model.
+    """A reference ``.pth``/``.pth.tar`` as a certkit model; see :func:`certkit.reference.import_checkpoint`."""
+    from certkit.reference import import_checkpoint
 
-    Their models are ``Sequential(NormalizeLayer, net)`` (keys ``1.*``), sometimes saved from
-    DataParallel (``module.`` prefix) or without the normalization layer (MACER: bare keys). The
-    normalization constants are not in their state dicts; certkit uses the dataset's reference constants.
+    return import_checkpoint(path, dataset, arch=arch, normalization=normalization, sigma=sigma)
+
+
+def load_any(
+    path: str | os.PathLike,
+    dataset: str | None = None,
+    device: torch.device | str = "cpu",
+    arch: str | None = None,
+    normalization: str | None = None,
+) -> tuple[nn.Sequential, dict[str, Any]]:
+    """A certkit run directory / model.json, or a reference ``.pth``/``.pth.tar`` (needs ``dataset``).
+
+    ``arch`` and ``normalization`` describe a reference file; a certkit run records both, so giving
+    them for one is refused rather than ignored.
     """
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError among others
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CertkitError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
-        raise CertkitError(f"{path}: expected a dict with 'arch' and 'state_dict' (reference checkpoint format)")
-    arch_name = str(ckpt["arch"])
-    if arch_name not in REFERENCE_ARCHS:
-        raise CertkitError(f"{path}: unsupported architecture {arch_name!r}; supported: {', '.join(sorted(REFERENCE_ARCHS))}")
-    arch = REFERENCE_ARCHS[arch_name]
-    info = dataset_info(dataset)
-    model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
-    state: dict[str, torch.Tensor] = {}
-    for key, value in ckpt["state_dict"].items():
-        if not isinstance(value, torch.Tensor):
-            raise CertkitError(f"{path}: state_dict entry {key!r} is not a tensor")
-        key = key.removeprefix("module.")
-        key = key if key.startswith("1.") else "1." + key
-        key = key.replace("1.module.", "1.")
-        state[key] = value
-    state["0.mean"] = model[0].mean.clone()
-    state["0.std"] = model[0].std.clone()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CertkitError(f"{path}: state_dict does not fit certkit's {arch!r} ({first})") from None
-    meta = make_meta(arch, dataset, sigma, "imported", source={"path": str(path), "arch": arch_name})
-    meta["weights"] = {"sha256": sha256_file(path)}
-    return model.eval(), meta
-
-
-def load_any(path: str | os.PathLike, dataset: str | None = None, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
-    """A certkit run directory / model.json, or a reference ``.pth``/``.pth.tar`` (needs ``dataset``)."""
     if is_reference_checkpoint(path):
         if dataset is None:
             raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
-        model, meta = import_reference_checkpoint(path, dataset)
+        model, meta = import_reference_checkpoint(path, dataset, arch=arch, normalization=normalization)
         return model.to(device), meta
+    if arch is not None or normalization is not None:
+        raise CertkitError(f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both")
     return load_with_meta(path, device)

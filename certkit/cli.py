@@ -1,15 +1,16 @@
 """``certkit`` command line: a thin layer over the Python API.
 
-Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``curves``, ``merge``, ``demo``, ``list``. Every error that
-is the user's to fix prints one line on stderr and exits with status 2; no traceback.
+Subcommands: ``train``, ``certify``, ``predict``, ``report``, ``curves``, ``merge``, ``demo``, ``reproduce``,
+``export``, ``list``. Every error that is the user's to fix prints one line on stderr and exits with status 2;
+no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from certkit import __version__
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     from certkit.models import list_models
     from certkit.objectives import list_objectives, registry
     from certkit.objectives.base import add_hyper_arguments
+    from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
         _common_data(c, dataset_default=None)
+        c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
+        c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
         c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
         c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
         if name == "certify":
@@ -173,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     from certkit.experiments.reproduce import add_arguments as add_reproduce_arguments
 
     add_reproduce_arguments(rp)
+    e = sub.add_parser(
+        "export", help="write a certkit run in another layout",
+        description="--format reference writes {'epoch', 'arch', 'state_dict'} with the reference key names "
+        "(torch.save), which the reference repos' certify.py reads (pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
+    )
+    e.add_argument("run", help="certkit run directory")
+    e.add_argument("--format", choices=["reference"], required=True, help="output layout")
+    e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
     sub.add_parser("list", help="list datasets, architectures and methods")
     return parser
 
@@ -202,16 +214,18 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.certify import certify_dataset
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
+    from certkit.reference import check_fits_dataset
     from certkit.train import select_device
 
     device = select_device(args.device)
-    model, meta = checkpoint.load_any(args.run, dataset=args.dataset, device=device)
+    model, meta = checkpoint.load_any(
+        args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
+    )
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise CertkitError(f"{args.run}: the checkpoint does not name its dataset; pass --dataset")
     info = dataset_info(dataset)
-    if int(meta["num_classes"]) != info.num_classes:
-        raise CertkitError(f"{args.run}: model has {meta['num_classes']} classes, dataset {dataset} has {info.num_classes}")
+    check_fits_dataset(str(args.run), meta["num_classes"], meta["in_shape"], info)
     data = load_dataset(dataset, args.split, args.data_dir)
     certifier = getattr(args, "method", None) or ("gloro" if meta.get("method") == "gloro" else "smoothing")
     if certifier == "gloro":
@@ -306,6 +320,12 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     reproduce(args)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from certkit.reference import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.run, args.out)}")
+
+
 def cmd_list(args: argparse.Namespace) -> None:
     from certkit.data import DATASETS
     from certkit.models import list_models
@@ -336,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "merge": cmd_merge,
             "demo": cmd_demo,
             "reproduce": cmd_reproduce,
+            "export": cmd_export,
             "list": cmd_list,
         }
         handler[args.command](args)
