@@ -8,8 +8,8 @@ the frozen *guaranteed* Lipschitz bound ``K_sub`` (``shared/reference/gloro.md``
 
 Rows: ``idx label predict radius correct time clean_predict``. ``predict`` is ``j`` when the point is
 certified at ε and ``-1`` (⊥, rejected) otherwise, with radius 0; ``correct`` is therefore 1 exactly for
-the points that count towards VRA. ``radius`` is rounded *down* to the three significant digits the format
-keeps (the reference's rounding could overstate it by half a unit), and capped at the diameter of
+the points that count towards VRA. ``radius`` is floored by the writer like every certkit radius
+(:func:`certkit.results.format_radius`), and capped at the diameter of
 ``[0, 1]^d`` (an infinite radius, from identical head rows, is no more useful and is not valid TSV).
 ``clean_predict`` is ``j`` itself, so clean accuracy survives in the file and in resumed runs. ``time`` is
 each input's share of its batch's forward pass. Rows are flushed to disk once per batch, not per row.
@@ -25,7 +25,6 @@ import argparse
 import math
 import sys
 import time
-from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +38,6 @@ from certkit.results import ResultWriter, planned_indices, read_results, write_s
 
 #: extra TSV column after the standard six: the clean (un-certified) prediction
 CLEAN_COLUMN = "clean_predict"
-
-
-def floor_significant(value: float, digits: int = 3) -> float:
-    """``value`` rounded *down* to ``digits`` significant digits (0 for non-positive or NaN, inf stays)."""
-    if not value > 0:
-        return 0.0
-    if math.isinf(value):
-        return value
-    exact = Decimal(value)  # the float's exact value: no rounding before the floor
-    return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_FLOOR))
 
 
 def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
@@ -128,7 +117,7 @@ def certify_gloro_dataset(
         cap = math.sqrt(xs[0].numel())
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
             for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
-                shown = floor_significant(min(r, cap)) if ok else 0.0
+                shown = min(r, cap) if ok else 0.0
                 writer.write_certify(idx, label, j if ok else BOTTOM, shown, elapsed / len(group), **{CLEAN_COLUMN: j})
                 tally[0] += 1
                 tally[1] += j == label
