@@ -49,7 +49,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.models.stem import StemSplit, outer_sum, split_stem
+from certkit.models.stem import StemSplit, outer_sum, split_stem, structure_key
 
 #: the class returned when the smoothed classifier declines to answer
 ABSTAIN = -1
@@ -342,8 +342,10 @@ class Smooth:
             forward pass has one shape (the first call pays the compilation, tens of seconds on CPU).
         shared_noise: 0 (default) gives every input its own noise stream. G >= 1 lets up to G inputs of one
             call vote on the same draws from one generator (pass one generator for them all). When the model
-            starts with an affine stem (:func:`~certkit.models.stem.split_stem`), its first layer then runs
-            once per input and once per draw instead of once per (input, draw) pair; on LeNet-sized nets
+            starts with an affine stem that the split computes exactly (:func:`~certkit.models.stem.split_stem`:
+            known classes only, no forward hooks; checked again on every call, so a hook added later turns
+            the split off), its first layer then runs once per input and once per draw instead of once per
+            (input, draw) pair; on LeNet-sized nets
             that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
             input's draws are still i.i.d. and its selection and estimation draws independent; certificates
             of inputs in one group are no longer independent *of each other* (a group's wrong certificates,
@@ -390,7 +392,9 @@ class Smooth:
         if shared_noise < 0:
             raise CertkitError(f"shared_noise must be >= 0 (got {shared_noise})")
         self.shared_noise = int(shared_noise)
-        self._stem: StemSplit | None = split_stem(self._voter) if shared_noise else None
+        self._stem: StemSplit | None = None
+        self._stem_key: object = None
+        self._refresh_stem()
         # with shared noise the votes come from _combine(image part, noise part), compiled as one graph
         self._combine_fn = torch.compile(self._combine, dynamic=False) if compile and shared_noise else self._combine
 
@@ -398,6 +402,7 @@ class Smooth:
     def speed_options(self) -> dict[str, object]:
         """The options that change how the network is run (not what is sampled)."""
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype)  # type: ignore[arg-type]
+        self._refresh_stem()
         return {"channels_last": self.channels_last, "amp": amp, "compile": self.compiled, "stem_split": self._stem is not None}
 
     def __repr__(self) -> str:
@@ -569,6 +574,7 @@ class Smooth:
 
     def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> float:
         """:meth:`vote_agreement` for the shared-noise path, in the shapes a run with ``batch_size`` uses."""
+        self._refresh_stem()
         block, members, per_pass = self._shared_shape(batch_size)
         agree = total = 0
         with self._eval_mode(), torch.inference_mode():
@@ -665,6 +671,7 @@ class Smooth:
         if len(set(nums)) > 1:
             raise CertkitError("inputs that share noise must draw the same number of samples")
         num_inputs, k = len(xs), self.num_classes
+        self._refresh_stem()
         block, members, per_pass = self._shared_shape(batch_size)
         sizes = _block_sizes(nums[0], block)
         counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=self.device)
@@ -680,6 +687,16 @@ class Smooth:
                 votes = self._shared_votes(images, eps, used, members)
                 counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _refresh_stem(self) -> None:
+        """Split the stem again (or give up the split) whenever the voting network's modules, their classes
+        or any forward hook changed since the last split: a hook registered after construction would
+        otherwise be skipped by the split, and the votes would no longer be the model's."""
+        if not self.shared_noise:
+            return
+        key = structure_key(self._voter)
+        if key != self._stem_key:
+            self._stem, self._stem_key = split_stem(self._voter), key
 
     def _shared_shape(self, batch_size: int) -> tuple[int, int, int]:
         """(block, inputs per forward pass, blocks per forward pass) under shared noise: fixed by the group
