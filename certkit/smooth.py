@@ -57,7 +57,8 @@ ABSTAIN = -1
 #: noise is drawn per input in blocks of this many copies; 100 divides the usual n0 and n exactly
 NOISE_BLOCK = 100
 
-#: below this agreement with fp32 votes, a run with speed options (amp, channels_last, compile) is refused
+#: below this agreement with fp32 votes at any checked input, a run with speed options (amp, channels_last,
+#: compile, the stem split) is refused
 MIN_VOTE_AGREEMENT = 0.99
 
 
@@ -192,6 +193,15 @@ def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") 
     stream of some single input.
     """
     return _seeded_generator(np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,)), device)
+
+
+def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the speed-option vote check (:meth:`Smooth.vote_agreement`) under run seed ``seed``.
+
+    A family of its own (spawn key 2), so the check never replays the draws that certify an input: a
+    speed option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed)], spawn_key=(2,)), device)
 
 
 def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
@@ -543,40 +553,40 @@ class Smooth:
 
     # --- reduced-precision check ---------------------------------------------------------------------------
 
-    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> float:
-        """Fraction of noisy copies whose vote under this configuration (``amp``, ``channels_last``,
-        ``compile``) equals the vote of the plain fp32 model on the same copy.
+    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> np.ndarray:
+        """Per input of ``xs`` (B, C, H, W): the fraction of ``num`` noisy copies whose vote under this
+        configuration (``amp``, ``channels_last``, ``compile``, the stem split) equals the vote of the plain
+        fp32 model on the same copy.
 
-        ``num`` noisy copies of each input of ``xs`` (B, C, H, W) go through both, in forward batches of
-        ``batch_size`` (default: the size already in use, so a compiled model sees no new shape). A
-        certificate is about the classifier that actually votes, so run this before trusting a reduced
-        precision: agreement well below 1 means the certified classifier is not the network you trained.
+        The copies come from :func:`check_generator` (``seed``), not from any input's certification stream,
+        in forward batches of ``batch_size`` (default: the size already in use, so a compiled model sees no
+        new shape). A certificate is about the classifier that actually votes; agreement below 1 at an
+        input bounds how far the options moved its vote probabilities there (by at most the disagreement).
         """
-        xs = self._prepare(xs, None)[0]
+        group = self.shared_noise or max(1, len(xs))  # checked as a run calls it: one noise group at a time
+        xs = torch.cat([self._prepare(part, None)[0] for part in xs.split(group)])
         if batch_size is None:
             batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
-        gen = input_generator(seed, 0, self.device)
+        gen = check_generator(seed, self.device)
         if self.shared_noise:
             return self._shared_vote_agreement(xs, num, batch_size, gen)
-        agree = total = 0
+        agree = np.zeros(len(xs))
         with self._eval_mode(), torch.inference_mode():
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
-            for x in xs:
+            for i, x in enumerate(xs):
                 for size in _block_sizes(num, batch_size):
                     noisy = buffer[:size]
                     torch.randn(noisy.shape, generator=gen, out=noisy)
                     noisy.mul_(self.sigma).add_(x)
                     reference = self.model(noisy).argmax(1)  # the caller's model: fp32, no autocast, as given
-                    fast = self._votes(buffer, size)
-                    agree += int((reference == fast).sum())
-                    total += size
-        return agree / max(total, 1)
+                    agree[i] += int((reference == self._votes(buffer, size)).sum())
+        return agree / num
 
-    def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> float:
+    def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
         """:meth:`vote_agreement` for the shared-noise path, in the shapes a run with ``batch_size`` uses."""
         self._refresh_stem()
         block, members, per_pass = self._shared_shape(batch_size)
-        agree = total = 0
+        agree = np.zeros(len(xs))
         with self._eval_mode(), torch.inference_mode():
             eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
             for first in range(0, len(xs), self.shared_noise):
@@ -586,9 +596,8 @@ class Smooth:
                     torch.randn((used, *xs.shape[1:]), generator=gen, out=eps[:used])
                     reference = torch.stack([self.model(eps[:used] * self.sigma + x).argmax(1) for x in group])
                     fast = self._shared_votes(images, eps, used, members)
-                    agree += int((reference == fast).sum())
-                    total += reference.numel()
-        return agree / max(total, 1)
+                    agree[first : first + len(group)] += (reference == fast).sum(1).cpu().numpy()
+        return agree / num
 
     # --- sampling engine ------------------------------------------------------------------------------------
 
