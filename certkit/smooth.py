@@ -355,8 +355,7 @@ class Smooth:
             starts with an affine stem that the split computes exactly (:func:`~certkit.models.stem.split_stem`:
             known classes only, no forward hooks; checked again on every call, so a hook added later turns
             the split off), its first layer then runs once per input and once per draw instead of once per
-            (input, draw) pair; on LeNet-sized nets
-            that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
+            (input, draw) pair; on LeNet-sized nets that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
             input's draws are still i.i.d. and its selection and estimation draws independent; certificates
             of inputs in one group are no longer independent *of each other* (a group's wrong certificates,
             each of probability <= alpha, may coincide). The split path is rounded differently from the
