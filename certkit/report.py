@@ -78,19 +78,43 @@ def abstain_rate(results: ResultsLike) -> float:
     return float(np.mean(res.predict == -1)) if len(res) else 0.0
 
 
-def high_prob_accuracy(emp: float, alpha: float, rho: float, n: float) -> float:
-    """Cohen et al.'s lower bound, holding with probability >= 1 - rho, on the true certified accuracy.
+def false_certificate_bound(alpha: float, rho: float, n: int, group: int = 1) -> float:
+    """An upper bound, holding with probability >= 1 - rho, on the fraction of the n rows whose certificate is
+    wrong, when each is wrong with probability <= alpha (at most 1/2).
 
-    Each row's certificate is wrong with probability <= alpha, so the empirical accuracy overstates the
-    truth by at most alpha plus a Bernstein deviation term:
-    emp - alpha - sqrt(alpha (1 - alpha) ln(1/rho) / N) - ln(1/rho) / (3N).
-    The deviation term needs independent rows; for rows certified on shared noise in groups of G, pass
-    N / G (the groups are independent, each contributing a wrong count in [0, G]).
+    Independent rows (``group`` 1): the wrong count is stochastically below Binomial(n, alpha), so its exact
+    (1 - rho) quantile k gives k / n; this is tighter than any deviation inequality. Rows certified on
+    shared noise in groups of ``group``: a group's wrong count, divided by ``group``, lies in [0, 1] with mean
+    <= alpha and variance <= alpha (1 - alpha), and the ceil(n / group) groups are independent, so
+    Bernstein's inequality bounds the fraction by
+    alpha + (group / n) (sqrt(2 m alpha (1 - alpha) ln(1/rho)) + 2 ln(1/rho) / 3), m = ceil(n / group).
     """
-    if n <= 0:
-        raise CertkitError("high_prob_accuracy needs N >= 1 rows")
+    if n < 1:
+        raise CertkitError("a high-probability bound needs N >= 1 rows")
+    if not 0 < rho < 1 or not 0 <= alpha <= 0.5:
+        raise CertkitError(f"a high-probability bound needs 0 < rho < 1 and 0 <= alpha <= 1/2 (got {rho}, {alpha})")
+    if group == 1:
+        from scipy.stats import binom
+
+        k = int(binom.ppf(1.0 - rho, n, alpha))
+        while k < n and binom.sf(k, n, alpha) > rho:  # ppf's 1 - rho is itself rounded; make sure
+            k += 1
+        return k / n
     log_term = math.log(1.0 / rho)
-    return emp - alpha - math.sqrt(alpha * (1.0 - alpha) * log_term / n) - log_term / (3.0 * n)
+    groups = math.ceil(n / group)
+    return alpha + group / n * (math.sqrt(2.0 * groups * alpha * (1.0 - alpha) * log_term) + 2.0 * log_term / 3.0)
+
+
+def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int, group: int = 1) -> float | None:
+    """A lower bound on the true certified accuracy holding with probability >= 1 - rho (Cohen et al. 2019,
+    with a sound deviation term): ``emp`` minus :func:`false_certificate_bound`, clipped at 0.
+
+    The empirical certified accuracy counts every wrong certificate as right, so the truth is at least
+    ``emp`` minus the fraction of wrong certificates. Returns None when that fraction's bound is >= 1, where
+    the bound says nothing for any accuracy (only for tiny N).
+    """
+    deduction = false_certificate_bound(alpha, rho, n, group)
+    return None if deduction >= 1.0 else max(0.0, emp - deduction)
 
 
 def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.25) -> list[float]:

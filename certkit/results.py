@@ -4,8 +4,10 @@ Format (Cohen et al.'s ``certify.py``/``predict.py``, used by every later code b
 
 * CERTIFY header ``idx label predict radius correct time``; PREDICT header ``idx label predict correct time``,
   tab-separated; one row per image in index order.
-* ``radius`` is printed with the reference's ``{:.3}`` (three significant digits, general format that keeps a
-  ``.0``: ``0.953``, ``1.91``, ``1.0``, ``0.0`` on abstain). ``.3g`` would print ``1`` and ``0`` instead.
+* ``radius`` is *floored* to six significant digits (``0.799644``, ``1.0``, ``0.0`` on abstain). The
+  reference prints ``{:.3}``, rounded to nearest, which can publish more than was proved (0.799644 as
+  ``0.8``); a floor never does, and six digits make its cost invisible. Files of other tools are read as
+  they are.
 * ``time`` is ``str(datetime.timedelta(seconds=t))`` (``0:00:00.694666``); readers also accept plain
   seconds, as in Cohen's own CIFAR-10 files.
 * certkit may add columns *after* those (``samples`` for adaptive runs), so other tools still read the file.
@@ -23,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -59,9 +62,28 @@ def summary_path(path: str | os.PathLike) -> Path:
     return path.with_name(stem + ".summary.json")
 
 
+#: significant digits of a published radius
+RADIUS_DIGITS = 6
+
+
+def floor_significant(value: float, digits: int = RADIUS_DIGITS) -> float:
+    """``value`` rounded *down* to ``digits`` significant digits (0 for non-positive or NaN, inf stays).
+
+    The floor is taken on the float's exact decimal expansion, so the decimal result d is <= value; the
+    float nearest to d is then <= value too (rounding to nearest is monotone and value is a float), which
+    is what makes ``float(format_radius(r)) <= r`` hold for every r.
+    """
+    if not value > 0:
+        return 0.0
+    if math.isinf(value):
+        return value
+    exact = Decimal(value)
+    return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_FLOOR))
+
+
 def format_radius(r: float) -> str:
-    """Three significant digits exactly as the reference prints them (``"{:.3}".format(r)``)."""
-    return format(float(r), ".3")
+    """A radius as published: floored to six significant digits, in Python's shortest form (``1.0``, not ``1``)."""
+    return repr(floor_significant(float(r)))
 
 
 def format_time(seconds: float) -> str:
@@ -460,8 +482,9 @@ def write_summary(
 ) -> dict[str, Any]:
     """Write ``<file>.summary.json`` beside a result file and return its content.
 
-    Holds N, accuracy, ACR, certified accuracy on the radius grid (with Cohen's high-probability lower
-    bound at level ``rho``), abstain rate, cost (total and per-image time, mean samples if known) and the
+    Holds N, accuracy, ACR, certified accuracy on the radius grid (with a lower bound holding with
+    probability >= 1 - ``rho``, :func:`certkit.report.high_prob_accuracy`; None with a note when vacuous),
+    abstain rate, cost (total and per-image time, mean samples if known) and the
     run's parameters (``settings``, else the sidecar's), and any ``extra`` entries. A radius above
     sigma*Phi^-1(alpha^(1/n)) is impossible and is flagged as ``radius_bound_violated``.
     """
@@ -487,20 +510,26 @@ def write_summary(
         summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
         summary["certified_accuracy"] = {f"{r:g}": float(a) for r, a in zip(grid, accuracies)}
         if alpha is not None and n_rows:
-            # with shared noise the wrong certificates of a group may coincide: the bound holds with the
-            # row count divided by the group width (a group's wrong count lies in [0, G], mean <= G alpha)
-            effective_n = n_rows / max(1, int(params.get("shared_noise") or 1))
-            summary["certified_accuracy_high_prob"] = {
-                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, effective_n) for r, a in zip(grid, accuracies)
-            }
+            # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
+            group = max(1, int(params.get("shared_noise") or 1))
+            bounds = {f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group) for r, a in zip(grid, accuracies)}
             summary["rho"] = rho
-            if effective_n != n_rows:
-                summary["high_prob_effective_n"] = effective_n
+            if None in bounds.values():
+                summary["certified_accuracy_high_prob"] = None
+                summary["high_prob_note"] = (
+                    f"omitted: with {n_rows} rows (groups of {group}) the bound on wrong certificates at "
+                    f"alpha = {alpha}, rho = {rho} is 100%, which says nothing"
+                )
+            else:
+                summary["certified_accuracy_high_prob"] = bounds
+            if group > 1:
+                summary["high_prob_effective_n"] = n_rows / group
         if alpha is not None and params.get("sigma") and params.get("n") and n_rows:
             from certkit.smooth import max_radius
 
             bound = max_radius(float(params["sigma"]), int(params["n"]), float(alpha))
-            # the file rounds to 3 significant digits, so allow half a unit in the third digit
+            # certkit floors its radii; another tool's file may round to nearest at 3 significant digits
+            # (the reference's {:.3}), so allow half a unit in the third digit
             summary["max_radius"] = bound
             summary["radius_bound_violated"] = bool(np.any(res.radius > bound * (1 + 5e-3)))
     else:

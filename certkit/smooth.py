@@ -49,7 +49,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.models.stem import StemSplit, outer_sum, split_stem
+from certkit.models.stem import StemSplit, outer_sum, split_stem, structure_key
 
 #: the class returned when the smoothed classifier declines to answer
 ABSTAIN = -1
@@ -57,7 +57,8 @@ ABSTAIN = -1
 #: noise is drawn per input in blocks of this many copies; 100 divides the usual n0 and n exactly
 NOISE_BLOCK = 100
 
-#: below this agreement with fp32 votes, a run with speed options (amp, channels_last, compile) is refused
+#: below this agreement with fp32 votes at any checked input, a run with speed options (amp, channels_last,
+#: compile, the stem split) is refused
 MIN_VOTE_AGREEMENT = 0.99
 
 
@@ -192,6 +193,15 @@ def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") 
     stream of some single input.
     """
     return _seeded_generator(np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,)), device)
+
+
+def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the speed-option vote check (:meth:`Smooth.vote_agreement`) under run seed ``seed``.
+
+    A family of its own (spawn key 2), so the check never replays the draws that certify an input: a
+    speed option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed)], spawn_key=(2,)), device)
 
 
 def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
@@ -342,9 +352,10 @@ class Smooth:
             forward pass has one shape (the first call pays the compilation, tens of seconds on CPU).
         shared_noise: 0 (default) gives every input its own noise stream. G >= 1 lets up to G inputs of one
             call vote on the same draws from one generator (pass one generator for them all). When the model
-            starts with an affine stem (:func:`~certkit.models.stem.split_stem`), its first layer then runs
-            once per input and once per draw instead of once per (input, draw) pair; on LeNet-sized nets
-            that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
+            starts with an affine stem that the split computes exactly (:func:`~certkit.models.stem.split_stem`:
+            known classes only, no forward hooks; checked again on every call, so a hook added later turns
+            the split off), its first layer then runs once per input and once per draw instead of once per
+            (input, draw) pair; on LeNet-sized nets that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
             input's draws are still i.i.d. and its selection and estimation draws independent; certificates
             of inputs in one group are no longer independent *of each other* (a group's wrong certificates,
             each of probability <= alpha, may coincide). The split path is rounded differently from the
@@ -390,7 +401,9 @@ class Smooth:
         if shared_noise < 0:
             raise CertkitError(f"shared_noise must be >= 0 (got {shared_noise})")
         self.shared_noise = int(shared_noise)
-        self._stem: StemSplit | None = split_stem(self._voter) if shared_noise else None
+        self._stem: StemSplit | None = None
+        self._stem_key: object = None
+        self._refresh_stem()
         # with shared noise the votes come from _combine(image part, noise part), compiled as one graph
         self._combine_fn = torch.compile(self._combine, dynamic=False) if compile and shared_noise else self._combine
 
@@ -398,6 +411,7 @@ class Smooth:
     def speed_options(self) -> dict[str, object]:
         """The options that change how the network is run (not what is sampled)."""
         amp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype)  # type: ignore[arg-type]
+        self._refresh_stem()
         return {"channels_last": self.channels_last, "amp": amp, "compile": self.compiled, "stem_split": self._stem is not None}
 
     def __repr__(self) -> str:
@@ -538,39 +552,40 @@ class Smooth:
 
     # --- reduced-precision check ---------------------------------------------------------------------------
 
-    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> float:
-        """Fraction of noisy copies whose vote under this configuration (``amp``, ``channels_last``,
-        ``compile``) equals the vote of the plain fp32 model on the same copy.
+    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> np.ndarray:
+        """Per input of ``xs`` (B, C, H, W): the fraction of ``num`` noisy copies whose vote under this
+        configuration (``amp``, ``channels_last``, ``compile``, the stem split) equals the vote of the plain
+        fp32 model on the same copy.
 
-        ``num`` noisy copies of each input of ``xs`` (B, C, H, W) go through both, in forward batches of
-        ``batch_size`` (default: the size already in use, so a compiled model sees no new shape). A
-        certificate is about the classifier that actually votes, so run this before trusting a reduced
-        precision: agreement well below 1 means the certified classifier is not the network you trained.
+        The copies come from :func:`check_generator` (``seed``), not from any input's certification stream,
+        in forward batches of ``batch_size`` (default: the size already in use, so a compiled model sees no
+        new shape). A certificate is about the classifier that actually votes; agreement below 1 at an
+        input bounds how far the options moved its vote probabilities there (by at most the disagreement).
         """
-        xs = self._prepare(xs, None)[0]
+        group = self.shared_noise or max(1, len(xs))  # checked as a run calls it: one noise group at a time
+        xs = torch.cat([self._prepare(part, None)[0] for part in xs.split(group)])
         if batch_size is None:
             batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
-        gen = input_generator(seed, 0, self.device)
+        gen = check_generator(seed, self.device)
         if self.shared_noise:
             return self._shared_vote_agreement(xs, num, batch_size, gen)
-        agree = total = 0
+        agree = np.zeros(len(xs))
         with self._eval_mode(), torch.inference_mode():
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
-            for x in xs:
+            for i, x in enumerate(xs):
                 for size in _block_sizes(num, batch_size):
                     noisy = buffer[:size]
                     torch.randn(noisy.shape, generator=gen, out=noisy)
                     noisy.mul_(self.sigma).add_(x)
                     reference = self.model(noisy).argmax(1)  # the caller's model: fp32, no autocast, as given
-                    fast = self._votes(buffer, size)
-                    agree += int((reference == fast).sum())
-                    total += size
-        return agree / max(total, 1)
+                    agree[i] += int((reference == self._votes(buffer, size)).sum())
+        return agree / num
 
-    def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> float:
+    def _shared_vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
         """:meth:`vote_agreement` for the shared-noise path, in the shapes a run with ``batch_size`` uses."""
+        self._refresh_stem()
         block, members, per_pass = self._shared_shape(batch_size)
-        agree = total = 0
+        agree = np.zeros(len(xs))
         with self._eval_mode(), torch.inference_mode():
             eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
             for first in range(0, len(xs), self.shared_noise):
@@ -580,9 +595,8 @@ class Smooth:
                     torch.randn((used, *xs.shape[1:]), generator=gen, out=eps[:used])
                     reference = torch.stack([self.model(eps[:used] * self.sigma + x).argmax(1) for x in group])
                     fast = self._shared_votes(images, eps, used, members)
-                    agree += int((reference == fast).sum())
-                    total += reference.numel()
-        return agree / max(total, 1)
+                    agree[first : first + len(group)] += (reference == fast).sum(1).cpu().numpy()
+        return agree / num
 
     # --- sampling engine ------------------------------------------------------------------------------------
 
@@ -665,6 +679,7 @@ class Smooth:
         if len(set(nums)) > 1:
             raise CertkitError("inputs that share noise must draw the same number of samples")
         num_inputs, k = len(xs), self.num_classes
+        self._refresh_stem()
         block, members, per_pass = self._shared_shape(batch_size)
         sizes = _block_sizes(nums[0], block)
         counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=self.device)
@@ -680,6 +695,16 @@ class Smooth:
                 votes = self._shared_votes(images, eps, used, members)
                 counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _refresh_stem(self) -> None:
+        """Split the stem again (or give up the split) whenever the voting network's modules, their classes
+        or any forward hook changed since the last split: a hook registered after construction would
+        otherwise be skipped by the split, and the votes would no longer be the model's."""
+        if not self.shared_noise:
+            return
+        key = structure_key(self._voter)
+        if key != self._stem_key:
+            self._stem, self._stem_key = split_stem(self._voter), key
 
     def _shared_shape(self, batch_size: int) -> tuple[int, int, int]:
         """(block, inputs per forward pass, blocks per forward pass) under shared noise: fixed by the group

@@ -12,7 +12,7 @@ from torch import nn
 from certkit.certify import certify_dataset
 from certkit.errors import CertkitError
 from certkit.results import merge_results, read_results, summary_path
-from certkit.smooth import AdaptiveSchedule
+from certkit.smooth import AdaptiveSchedule, Smooth, check_generator, input_generator
 
 
 class TinyDataset:
@@ -144,12 +144,75 @@ def test_speed_options_run_a_vote_check_first(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **kw: m)
     summary = certify_dataset(model, data, out=tmp_path / "ok.tsv", smooth_options={"compile": True}, **COMMON)
     assert summary is not None and summary["speed_check"]["vote_agreement"] == 1.0
+    assert summary["speed_check"]["min_input_agreement"] == 1.0 and "certifies" in summary["speed_check"]
     assert summary["speed_check"]["options"] == {"compile": True}
     # the rows are those of the plain run (the compiled batches are padded to one shape)
     certify_dataset(model, data, out=tmp_path / "plain.tsv", **COMMON)
     assert rows_without_time(tmp_path / "ok.tsv") == rows_without_time(tmp_path / "plain.tsv")
     # a compile that changes the votes is refused before anything is certified
     monkeypatch.setattr(torch, "compile", lambda m, **kw: _Negated(m))
-    with pytest.raises(CertkitError, match="votes equal the fp32 votes"):
+    with pytest.raises(CertkitError, match="equal the fp32 votes"):
         certify_dataset(model, data, out=tmp_path / "bad.tsv", smooth_options={"compile": True}, **COMMON)
     assert not (tmp_path / "bad.tsv").exists()
+
+
+class _Shifted(nn.Module):
+    """A 'compiled' half-space [w.x > 0] whose boundary moved by ``shift``: at an input on the boundary its
+    vote probability changes by Phi(shift / sigma) - 1/2; far from it, by nothing."""
+
+    def __init__(self, model: nn.Module, shift: float) -> None:
+        super().__init__()
+        self.model, self.shift = model, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) - torch.tensor([0.0, 2 * self.shift])
+
+
+class _HalfSpaceData:
+    """Eight 1x1x4 inputs 3 sigma from the boundary of [w.x > 0], except index 3, which lies on it."""
+
+    def __init__(self, w: torch.Tensor, sigma: float) -> None:
+        self.images = [(w * (0.0 if i == 3 else 3 * sigma * (-1) ** i)).view(1, 1, 4) for i in range(8)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(i % 2 == 0)
+
+
+def test_a_speed_option_that_moves_one_inputs_vote_probability_by_two_percent_is_refused(tmp_path: Path, monkeypatch):
+    from scipy.stats import norm
+
+    sigma, w = 0.25, torch.tensor([0.6, -0.8, 0.0, 0.0])
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([-w, w]))
+        model[1].bias.zero_()
+    data = _HalfSpaceData(w, sigma)
+    shift = sigma * float(norm.ppf(0.52))  # index 3 changes from p = 0.5 to 0.48; over all eight, 0.25% of votes
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: _Shifted(m, shift))
+    common = {**COMMON, "num_classes": 2, "sigma": sigma}
+    with pytest.raises(CertkitError, match="at index 3 equal the fp32 votes"):
+        certify_dataset(model, data, out=tmp_path / "bad.tsv", smooth_options={"compile": True}, **common)
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: _Shifted(m, 0.0))
+    summary = certify_dataset(model, data, out=tmp_path / "ok.tsv", smooth_options={"compile": True}, **common)
+    assert summary is not None and summary["speed_check"]["inputs"] == list(range(8))
+
+
+class _Recorder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.seen = nn.Linear(4, 2), []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return self.linear(x.flatten(1))
+
+
+def test_the_vote_check_draws_from_a_stream_of_its_own():
+    model, x = _Recorder(), torch.rand(1, 1, 1, 4)
+    Smooth(model, 2, 0.5, channels_last=True).vote_agreement(x, num=50, seed=7, batch_size=50)
+    noise = (model.seen[0] - x[0]) / 0.5
+    torch.testing.assert_close(noise, torch.randn(50, 1, 1, 4, generator=check_generator(7)), rtol=0, atol=1e-5)
+    assert not torch.allclose(noise, torch.randn(50, 1, 1, 4, generator=input_generator(7, 0)), atol=1e-3)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+from scipy.stats import binom
 
 from certkit import report
 from certkit.errors import CertkitError
@@ -38,10 +40,23 @@ def test_acr_and_certified_accuracy_over_all_rows(hand_built: Path):
     assert report.acr(results) == report.acr(hand_built)
 
 
-def test_high_probability_correction_matches_cohens_examples():
-    # alpha = rho = 0.001 subtracts 0.21 percentage points at N = 10,000 and 0.93 at N = 500
-    assert 0.9 - report.high_prob_accuracy(0.9, 0.001, 0.001, 10_000) == pytest.approx(0.0021, abs=5e-5)
-    assert 0.9 - report.high_prob_accuracy(0.9, 0.001, 0.001, 500) == pytest.approx(0.0093, abs=5e-5)
+@pytest.mark.parametrize("rho", [0.001, 0.05])
+@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.2])
+@pytest.mark.parametrize("n", [100, 500, 1000, 10_000, 100_000])
+def test_high_probability_bound_holds_at_its_level(n: int, alpha: float, rho: float):
+    # independent rows: W ~ Binomial(n, alpha) wrong certificates; the bound fails when W / n > emp - bound
+    deduction = 1.0 - report.high_prob_accuracy(1.0, alpha, rho, n)
+    assert binom.sf(math.floor(deduction * n * (1 + 1e-12)), n, alpha) <= rho
+    # shared noise in groups of 10, worst case: a group's wrong certificates all coincide (W = 10 Bin(n/10, alpha))
+    grouped = 1.0 - (report.high_prob_accuracy(1.0, alpha, rho, n, group=10) or 0.0)
+    assert binom.sf(math.floor(grouped * n / 10 * (1 + 1e-12)), n // 10, alpha) <= rho
+
+
+def test_high_probability_bound_is_clipped_and_omitted_when_vacuous():
+    assert report.high_prob_accuracy(0.001, 0.001, 0.001, 10_000) == 0.0
+    assert 0.9 - report.high_prob_accuracy(0.9, 0.001, 0.001, 10_000) == pytest.approx(0.0021)  # 21 of 10,000
+    assert report.high_prob_accuracy(0.9, 0.2, 0.001, 3) is None
+    assert report.high_prob_accuracy(0.9, 0.01, 0.001, 20, group=10) is None
 
 
 @pytest.mark.parametrize(

@@ -25,9 +25,10 @@ from certkit.results import (
 SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "skip": 1, "max": -1, "shard": None}
 
 
-def test_radius_and_time_are_printed_like_the_reference():
-    assert [format_radius(r) for r in [0.9533, 1.9066, 3.8114, 1.0, 0.0, 0.0277, 2.7e-05]] == [
-        "0.953", "1.91", "3.81", "1.0", "0.0", "0.0277", "2.7e-05"
+def test_radius_is_floored_to_six_digits_and_time_printed_like_the_reference():
+    # 3.8114 as a float is 3.81139999...: the floor of its exact value keeps the last digit below
+    assert [format_radius(r) for r in [0.9533, 1.9066, 3.8114, 1.0, 0.0, 0.0277, 2.7e-05, 0.95311119]] == [
+        "0.9533", "1.9066", "3.81139", "1.0", "0.0", "0.0276999", "2.69999e-05", "0.953111"
     ]
     assert format_time(0.694666) == "0:00:00.694666"
     assert format_time(2.0) == "0:00:02"
@@ -35,6 +36,22 @@ def test_radius_and_time_are_printed_like_the_reference():
     assert parse_time("0:00:00.694666") == pytest.approx(0.694666)
     assert parse_time("15.4") == pytest.approx(15.4)
     assert parse_time("1 day, 0:00:01") == pytest.approx(86401)
+
+
+def test_published_radius_never_exceeds_the_proved_one():
+    from certkit.smooth import max_radius
+
+    # all votes unanimous: CERTIFY proves 0.799644... (sigma 0.25) and 1.599289... (sigma 0.5) at n = 10,000;
+    # the reference's {:.3} publishes 0.8 and 1.6
+    for sigma in (0.25, 0.5):
+        proved = max_radius(sigma, 10_000, 0.001)
+        shown = format_radius(proved)
+        assert float(shown) <= proved and proved - float(shown) < 1e-5 * proved and float(shown) != round(proved, 1)
+    rng = np.random.default_rng(0)
+    radii = np.concatenate([rng.uniform(0, 4, 20_000), 10.0 ** rng.uniform(-8, 2, 20_000), rng.integers(0, 5, 100) + 0.0])
+    for r in radii.tolist():
+        assert float(format_radius(r)) <= r
+        assert float(format_radius(r)) >= r * (1 - 1e-5)
 
 
 def test_certify_file_byte_for_byte(tmp_path: Path):
@@ -45,9 +62,9 @@ def test_certify_file_byte_for_byte(tmp_path: Path):
         out.write_certify(2, 1, 3, 0.95311, 2.0)
     assert path.read_bytes() == (
         b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
-        b"0\t9\t9\t0.599\t1\t0:00:00.694666\n"
+        b"0\t9\t9\t0.599119\t1\t0:00:00.694666\n"
         b"1\t2\t-1\t0.0\t0\t0:00:01.500000\n"
-        b"2\t1\t3\t0.953\t0\t0:00:02\n"
+        b"2\t1\t3\t0.95311\t0\t0:00:02\n"
     )
     meta = json.loads(sidecar_path(path).read_text())
     assert meta["settings"] == SETTINGS and meta["kind"] == "certify"
@@ -201,7 +218,7 @@ def test_summary_beside_the_file(tmp_path: Path):
     assert summary_path(path) == tmp_path / "run.summary.json"
     on_disk = json.loads(summary_path(path).read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert on_disk["N"] == 4 and on_disk["acr"] == pytest.approx((0.953 + 0.3) / 4)
+    assert on_disk["N"] == 4 and on_disk["acr"] == pytest.approx((0.953 + 0.3) / 4, abs=1e-5)
     assert on_disk["certified_accuracy"] == {"0": 0.5, "0.25": 0.5, "0.5": 0.25, "0.75": 0.25}
     assert on_disk["abstain_rate"] == 0.25 and on_disk["radius_bound_violated"] is False
     assert on_disk["parameters"]["sigma"] == 0.25 and on_disk["seconds_per_image"] == pytest.approx(1.5)

@@ -74,6 +74,69 @@ def test_stem_split_of_an_mlp_and_what_cannot_be_split():
     assert split_stem(reflect) is None  # reflect padding is not linear in the way zero padding is
 
 
+class OwnNormalize(Normalize):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 1.05
+
+
+class OwnLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1.0
+
+
+def scale_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output * 1.05
+
+
+def scale_input(module: nn.Module, inputs: tuple) -> tuple:
+    return (inputs[0] * 1.05,)
+
+
+HOOKS = {
+    "hook on the layer": lambda m: m[2].register_forward_hook(scale_output),
+    "pre-hook on the layer": lambda m: m[2].register_forward_pre_hook(scale_input),
+    "hook on Normalize": lambda m: m[0].register_forward_hook(scale_output),
+    "hook after the stem": lambda m: m[4].register_forward_hook(scale_output),
+    "hook on the model": lambda m: m.register_forward_hook(scale_output),
+    "global hook": lambda m: nn.modules.module.register_module_forward_hook(scale_output),
+    "global pre-hook": lambda m: nn.modules.module.register_module_forward_pre_hook(scale_input),
+}
+
+
+def assert_votes_are_the_models(smoothed: Smooth, model: nn.Module) -> None:
+    xs = torch.rand(2, 1, 8, 8)
+    counts = smoothed._sample_noise_batch(xs, [300, 300], 300, [torch.Generator().manual_seed(3)])
+    draws = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = np.stack([np.bincount(model(draws * 0.5 + x).argmax(1).numpy(), minlength=3) for x in xs])
+    assert (counts == expected).all()
+
+
+@pytest.mark.parametrize("where", list(HOOKS))
+def test_a_hooked_model_is_not_split_even_when_hooked_after_smooth_was_built(where: str):
+    model = mlp()
+    smoothed = Smooth(model, 3, 0.5, shared_noise=2)
+    assert smoothed.speed_options["stem_split"]
+    handle = HOOKS[where](model)
+    try:
+        assert split_stem(model) is None
+        assert_votes_are_the_models(smoothed, model)
+        assert not smoothed.speed_options["stem_split"]
+    finally:
+        handle.remove()
+    assert smoothed.speed_options["stem_split"]  # split again once the hook is gone
+
+
+@pytest.mark.parametrize("position,subclass", [(0, lambda: OwnNormalize([0.3], [0.4])), (2, lambda: OwnLinear(64, 16))])
+def test_a_stem_module_of_a_subclass_is_not_split(position, subclass):
+    model = mlp()
+    model[position] = subclass()
+    assert split_stem(model) is None
+    smoothed = Smooth(model, 3, 0.5, shared_noise=2)
+    assert not smoothed.speed_options["stem_split"]
+    assert_votes_are_the_models(smoothed, model)
+
+
 def counts_on_given_draws(model: nn.Module, xs: torch.Tensor, draws: torch.Tensor, sigma: float) -> np.ndarray:
     with torch.no_grad():
         return np.stack([np.bincount(model(draws * sigma + x).argmax(1).numpy(), minlength=10) for x in xs])
@@ -145,6 +208,26 @@ def test_guarantee_holds_for_every_member_of_shared_groups():
     # and members of one group are dependent (same draws): their vote fractions move together
     fractions = np.array([[c.p_lower for c in group] for group in certs])
     assert np.corrcoef(fractions[:, 0], fractions[:, 1])[0, 1] > 0.2
+
+
+def test_a_hooked_affine_model_is_certified_soundly_with_shared_noise():
+    """A hook lowers the class-1 logit by 0.4: the hooked model is [w.x > 0.2], whose radius at x is known.
+    A split that skipped the hook would certify the unhooked [w.x > 0] and overstate most radii."""
+    sigma, alpha, groups, w = 0.5, 0.2, 300, [0.6, -0.8, 0.0, 0.0]
+    model = halfspace_model(w)
+    model[2].register_forward_hook(lambda m, i, o: o - torch.tensor([0.0, 0.4]))
+    true_radius = float(norm.ppf(0.8)) * sigma
+    x = (torch.tensor(w) * (true_radius + 0.2)).view(1, 1, -1)
+    smoothed = Smooth(model, 2, sigma, shared_noise=4)
+    assert smoothed._stem is None
+    xs = x.unsqueeze(0).repeat(4, 1, 1, 1)
+    certs = [smoothed.certify_batch(xs, 10, 100, alpha, 1000, [shared_generator(7, g)]) for g in range(groups)]
+    limit = binom.ppf(1 - 1e-4, groups, alpha)
+    for member in range(4):
+        member_certs = [group[member] for group in certs]
+        false = sum(1 for c in member_certs if c.prediction != ABSTAIN and (c.prediction != 1 or c.radius > true_radius))
+        assert false <= limit
+        assert sum(c.prediction == 1 for c in member_certs) > groups / 2  # not vacuous
 
 
 class Images:

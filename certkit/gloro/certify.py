@@ -3,13 +3,14 @@
 What ``certkit certify RUN`` runs for a GloRo checkpoint (or with ``--method gloro``). Per input, with
 the frozen *guaranteed* Lipschitz bound ``K_sub`` (``shared/reference/gloro.md`` §4):
 
-* ``j`` = the first argmax of the logits; margins ``d_i = y_j − y_i`` and ``K_ji = K_sub·‖w_j − w_i‖``;
+* ``j`` = the first argmax of the logits, evaluated in float64; margins ``d_i = y_j − y_i`` lowered by an
+  allowance for float64 rounding (:meth:`GloroNet.certify_logits`) and ``K_ji = K_sub·‖w_j − w_i‖``;
 * certified radius ``min_{i≠j} d_i / K_ji``; certified at ε iff every ``d_i > ε·K_ji`` (ties never are).
 
 Rows: ``idx label predict radius correct time clean_predict``. ``predict`` is ``j`` when the point is
 certified at ε and ``-1`` (⊥, rejected) otherwise, with radius 0; ``correct`` is therefore 1 exactly for
-the points that count towards VRA. ``radius`` is rounded *down* to the three significant digits the format
-keeps (the reference's rounding could overstate it by half a unit), and capped at the diameter of
+the points that count towards VRA. ``radius`` is floored by the writer like every certkit radius
+(:func:`certkit.results.format_radius`), and capped at the diameter of
 ``[0, 1]^d`` (an infinite radius, from identical head rows, is no more useful and is not valid TSV).
 ``clean_predict`` is ``j`` itself, so clean accuracy survives in the file and in resumed runs. ``time`` is
 each input's share of its batch's forward pass. Rows are flushed to disk once per batch, not per row.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +40,6 @@ from certkit.results import ResultWriter, planned_indices, read_results, write_s
 CLEAN_COLUMN = "clean_predict"
 
 
-def floor_significant(value: float, digits: int = 3) -> float:
-    """``value`` rounded *down* to ``digits`` significant digits (0 for non-positive or NaN, inf stays)."""
-    if not value > 0:
-        return 0.0
-    if math.isinf(value):
-        return value
-    exact = Decimal(value)  # the float's exact value: no rounding before the floor
-    return float(exact.quantize(Decimal(1).scaleb(exact.adjusted() - digits + 1), rounding=ROUND_FLOOR))
-
-
 def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
     """The certification ``K_sub``: the frozen one, verified against the weights, or frozen now.
 
@@ -58,14 +48,8 @@ def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
     """
     began = time.perf_counter()
     if net.is_frozen:
-        frozen = net.certification_constant()
-        raw = net.bound.guaranteed()
-        if not frozen >= raw:
-            raise CertkitError(
-                f"the checkpoint's frozen Lipschitz bound {frozen} is below the guaranteed bound {raw} of its weights; "
-                "refusing to certify with it"
-            )
-        info = {"lipschitz_bound": frozen, "lipschitz_guaranteed": raw, "source": "checkpoint (verified)"}
+        raw = net.verify_frozen()
+        info = {"lipschitz_bound": net.certification_constant(), "lipschitz_guaranteed": raw, "source": "checkpoint (verified)"}
     else:
         info = net.freeze()
         info.pop("layers", None)
@@ -119,15 +103,14 @@ def certify_gloro_dataset(
     @torch.no_grad()
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
         began = time.perf_counter()
-        logits = net(xs.to(device))
-        pred, radius, certified = net.certify_logits(logits, eps, k_sub)
+        pred, radius, certified = net.certify_logits(net.exact_logits(xs.to(device)), eps, k_sub)
         pred, radius, certified = pred.tolist(), radius.tolist(), certified.tolist()
         elapsed = time.perf_counter() - began
         seconds[0] += elapsed
         cap = math.sqrt(xs[0].numel())
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
             for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
-                shown = floor_significant(min(r, cap)) if ok else 0.0
+                shown = min(r, cap) if ok else 0.0
                 writer.write_certify(idx, label, j if ok else BOTTOM, shown, elapsed / len(group), **{CLEAN_COLUMN: j})
                 tally[0] += 1
                 tally[1] += j == label

@@ -11,6 +11,20 @@ Soundness rules this module keeps (``shared/reference/gloro.md`` §4, §10):
 * ``j`` is *one* index (torch's argmax: the first maximum), and only index ``j`` is masked when taking the
   max over ``i ≠ j``. Masking every entry equal to the max lets tied logits certify with an infinite radius
   (``klasleino/gloro`` issue #9); here a tie gives radius 0 and ⊥.
+* Certificates come from logits evaluated in float64 (:meth:`GloroNet.exact_logits`). The safety factor
+  on the constant is *relative*, but float32 logit error is *absolute* (about 1e-7 of the activations'
+  size, whatever the margin): at margins near 1e-5 a float32 certificate was wrong on about half the
+  points. Re-evaluating in float64 was chosen over an a priori float32 error bound from layer norms and
+  the input's size because it needs nothing per layer type (residual blocks, pools and MinMax included)
+  and costs one extra forward pass at certification only, where such a bound would be loose by the
+  product of the layers' norms. What remains is float64 rounding, about 1e-16 of the same size; every
+  margin is lowered by :data:`FLOAT64_ALLOWANCE` (1 + max|y|), millions of times that, which covers its
+  rounding at the point and anywhere in the ball. The certified classifier is therefore the net evaluated
+  in float64, as :meth:`GloroNet.certify` and :meth:`GloroNet.predict_with_bottom` do; a float32
+  ``forward`` agrees with it except within about 1e-6 of a tie.
+* The frozen constant is tied to the weights it was computed from: when a parameter or buffer changed
+  since (its version counter or storage, checked on every call), it is verified again against the
+  guaranteed bound of the current weights and refused if below.
 * In training mode ``K_sub`` is the differentiable power-iteration estimate. For evaluation
   :meth:`GloroNet.freeze` replaces it by the product of *guaranteed* per-layer upper bounds (computed in
   float64), times a small safety factor for floating-point error, rounded up to a float32 value so any
@@ -25,9 +39,10 @@ method, not an extra output, so accuracy code and attacks work unchanged.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +53,8 @@ from certkit.gloro.lipschitz import LipschitzBound, build_bound
 
 #: multiplies the guaranteed bound before it is frozen; covers float rounding of the bound and the logits
 SAFETY_FACTOR = 1.0 + 1e-4
+#: allowance on every float64 margin, per unit of (1 + the largest |logit|): float64 rounding is ~1e-16
+FLOAT64_ALLOWANCE = 1e-9
 #: what :meth:`GloroNet.predict_with_bottom` returns for a rejected (⊥) input
 BOTTOM = -1
 
@@ -89,6 +106,7 @@ class GloroNet(nn.Sequential):
         if not isinstance(model, nn.Sequential):
             raise CertkitError("GloroNet needs an nn.Sequential model (the registry's Sequential(Normalize, body))")
         super().__init__(OrderedDict(model._modules.items()))
+        self._frozen_key: Hashable = None  # the weights' state when lipschitz_frozen was computed or verified
         if not epsilon >= 0:
             raise CertkitError(f"epsilon must be >= 0 (got {epsilon})")
         self.in_shape = tuple(int(s) for s in in_shape)
@@ -162,6 +180,7 @@ class GloroNet(nn.Sequential):
         if mode and "lipschitz_frozen" in self._buffers:  # absent while __init__ records layer shapes
             self.lipschitz_frozen.zero_()
             self._freeze_report = None
+            self._frozen_key = None
         return super().train(mode)
 
     # --- the Lipschitz constant --------------------------------------------------------------------------
@@ -199,6 +218,7 @@ class GloroNet(nn.Sequential):
             raise RuntimeError(f"internal error: power-iteration estimate {estimate} exceeds the guaranteed bound {raw}")
         frozen = _round_up_to_float32(raw * safety)
         self.lipschitz_frozen.fill_(frozen)
+        self._frozen_key = self._weights_key()
         self._freeze_report = {
             "lipschitz_bound": frozen,
             "lipschitz_guaranteed": raw,
@@ -233,12 +253,44 @@ class GloroNet(nn.Sequential):
         return cls(model, meta["in_shape"], float(info["epsilon"]), int(info.get("power_iterations", 5)))
 
     def certification_constant(self) -> float:
-        """The frozen ``K_sub`` (freezing now if needed) as a Python float."""
+        """The frozen ``K_sub`` (freezing now if needed) as a Python float, verified again against the
+        weights whenever they changed since it was computed or last verified."""
         if self.lipschitz_frozen.dtype not in (torch.float32, torch.float64):
             raise CertkitError("lipschitz_frozen was cast to a low-precision dtype; reload the model in float32/64")
         if not self.is_frozen:
             self.freeze()
+        elif self._frozen_key != self._weights_key():
+            self.verify_frozen()
         return float(self.lipschitz_frozen)
+
+    @torch.no_grad()
+    def verify_frozen(self) -> float:
+        """The guaranteed bound of the current weights; raises if the frozen constant is below it (weights
+        changed after :meth:`freeze`, or a state dict whose constant does not belong to its weights)."""
+        frozen, raw = float(self.lipschitz_frozen), self.bound.guaranteed()
+        if not frozen >= raw:
+            raise CertkitError(
+                f"the frozen Lipschitz bound {frozen} is below the guaranteed bound {raw} of the current weights "
+                "(changed after freeze()?); refusing to certify with it: call freeze() again"
+            )
+        self._frozen_key = self._weights_key()
+        return raw
+
+    def _weights_key(self) -> Hashable:
+        """Cheap identity of the weights: every parameter's and buffer's storage and in-place version counter
+        (bumped by optimizers, ``load_state_dict`` and in-place edits under ``no_grad``; edits through
+        ``.data`` bypass it). The constant's own buffers and ε are left out."""
+        own = {"lipschitz_frozen", "epsilon", *self._iterate_keys.values()}
+        tensors = itertools.chain(self.named_parameters(), self.named_buffers())
+        return tuple((name, t.data_ptr(), t._version) for name, t in tensors if name not in own)
+
+    @torch.no_grad()
+    def exact_logits(self, x: Tensor) -> Tensor:
+        """The logits of ``x`` evaluated in float64 (weights, buffers and input cast up; the module itself is
+        left as it is): what certificates are computed from."""
+        tensors = itertools.chain(self.named_parameters(), self.named_buffers())
+        double = {name: t.double() if t.is_floating_point() else t for name, t in tensors}
+        return torch.func.functional_call(self, double, (x.double(),))
 
     # --- ⊥ logit and certificates --------------------------------------------------------------------------
     def margin_constants(self, lipschitz: Tensor | float | None = None) -> Tensor:
@@ -269,28 +321,31 @@ class GloroNet(nn.Sequential):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(predicted class ``j``, certified radius, certified-at-ε mask) from a batch of logits.
 
-        Radius ``min_{i≠j}(y_j − y_i)/K_ji``: 0 when any margin is ≤ 0 (a tie), +inf for a positive margin
-        whose constant is 0 (identical head rows: the margin is constant). Certified requires *both*
-        ``y_j > y_⊥`` and radius > ε, so the two formulas cannot disagree by a rounding error in the
-        lenient direction; non-finite logits never certify.
+        Every margin ``d_i = y_j − y_i`` is first lowered by the absolute allowance
+        ``A = FLOAT64_ALLOWANCE·(1 + max|y|)`` for rounding of the logits (meant for
+        :meth:`exact_logits`; float32 logits would need far more). Radius ``min_{i≠j}(d_i − A)/K_ji``: 0 when
+        any ``d_i ≤ A`` (ties included), +inf for a margin whose constant is 0 (identical head rows: the
+        margin is constant). Certified requires *both* ``y_j − A > y_⊥`` and radius > ε, so the two
+        formulas cannot disagree by a rounding error in the lenient direction; non-finite logits never certify.
         """
         eps = self.eval_epsilon if epsilon is None else float(epsilon)
         kmat = self.margin_constants(lipschitz).to(logits.dtype)
         j = logits.argmax(1, keepdim=True)
         kj = kmat[j[:, 0]]
-        d = logits.gather(1, j) - logits
+        allowance = FLOAT64_ALLOWANCE * (1.0 + logits.abs().amax(1, keepdim=True))
+        d = logits.gather(1, j) - logits - allowance
         ratio = torch.where(d > 0, d / kj, torch.zeros_like(d)).scatter(1, j, float("inf"))
         radius = ratio.min(1).values
         bottom = (logits + eps * kj).scatter(1, j, float("-inf")).max(1).values
-        certified = (logits.gather(1, j)[:, 0] > bottom) & (radius > eps) & torch.isfinite(logits).all(1)
+        certified = (logits.gather(1, j)[:, 0] - allowance[:, 0] > bottom) & (radius > eps) & torch.isfinite(logits).all(1)
         return j[:, 0], radius, certified
 
     @torch.no_grad()
     def certify(self, x: Tensor, epsilon: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(prediction with ⊥ = -1, certified radius, clean prediction) with the frozen constant."""
-        logits = self(x)
+        """(prediction with ⊥ = -1, certified radius, clean prediction) from the float64 logits and the
+        frozen constant (verified against the current weights)."""
         k = self.certification_constant()
-        j, radius, ok = self.certify_logits(logits, epsilon, k)
+        j, radius, ok = self.certify_logits(self.exact_logits(x), epsilon, k)
         return torch.where(ok, j, torch.full_like(j, BOTTOM)), radius, j
 
     def predict_with_bottom(self, x: Tensor, epsilon: float | None = None) -> Tensor:

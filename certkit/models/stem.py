@@ -12,18 +12,25 @@ Fashion-MNIST nets the first convolution, with its single input channel, writes 
 little arithmetic, which CPU kernels run far below their peak; the gain is measured by
 ``benchmarks/certify_throughput.py --shared-noise``.
 
-The two sides are equal in exact arithmetic; in floating point they differ by rounding, which is why a run
-that uses the split checks its votes against the plain model first (``vote_agreement``).
+The two sides are equal in exact arithmetic, but only for the modules the split re-implements: it calls
+``F.conv2d`` with the layer's weight and divides by the Normalize's ``std`` itself. So the split is made only
+when those modules are exactly the known classes (a subclass may compute something else) and no forward or
+pre-forward hook runs anywhere in the model or globally (``torch.fx`` inlines hooked containers, and the
+split never calls the stem modules' hooks). Otherwise the caller sends whole noisy copies through the model,
+which is always exact. In floating point the two sides still differ by rounding, which is why a run that
+uses the split checks its votes against the plain model first (``vote_agreement``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 from certkit.models.layers import Normalize
 
@@ -84,14 +91,33 @@ class _NormalizeLeaf(fx.Tracer):
         return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
 
 
+def has_forward_hooks(model: nn.Module) -> bool:
+    """Whether a forward or pre-forward hook would run in ``model``: on any of its modules, or globally."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def structure_key(model: nn.Module) -> Hashable:
+    """What a stem split depends on besides the weights: every module's identity, class and hooks, and the
+    global hooks. Cheap to compute, so a caller can re-split whenever it changes."""
+    modules = tuple(
+        (name, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
+    )
+    return modules, tuple(module_hooks._global_forward_hooks), tuple(module_hooks._global_forward_pre_hooks)
+
+
 def split_stem(model: nn.Module) -> StemSplit | None:
     """Split ``model`` as :class:`StemSplit`, or None when it does not start with a splittable affine stem.
 
-    Splittable: the input goes only into a :class:`Normalize`, whose output goes only (optionally through
-    a default ``nn.Flatten``) into a ``Conv2d`` with zero padding or a ``Linear``, and the model traces with
-    ``torch.fx`` (no data-dependent control flow). Anything else returns None and the caller sends whole
-    noisy copies through the model, which is always correct.
+    Splittable: no forward hooks (:func:`has_forward_hooks`); the input goes only into a
+    :class:`Normalize`, whose output goes only (optionally through a default ``nn.Flatten``) into a
+    ``Conv2d`` with zero padding or a ``Linear``, each of exactly that class, not a subclass; and the model
+    traces with ``torch.fx`` (no data-dependent control flow). Anything else returns None and the caller
+    sends whole noisy copies through the model, which is always correct.
     """
+    if has_forward_hooks(model):
+        return None
     try:
         tracer = _NormalizeLeaf()
         graph = tracer.trace(model)
@@ -113,12 +139,12 @@ def split_stem(model: nn.Module) -> StemSplit | None:
         return None
     chain = [placeholders[0]]
     norm = sole_user(chain[0])
-    if norm is None or not isinstance(module(norm), Normalize):
+    if norm is None or type(module(norm)) is not Normalize:
         return None
     chain.append(norm)
     node = sole_user(norm)
     flatten = False
-    if node is not None and isinstance(module(node), nn.Flatten):
+    if node is not None and type(module(node)) is nn.Flatten:
         if (module(node).start_dim, module(node).end_dim) != (1, -1):
             return None
         flatten = True
@@ -127,8 +153,8 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     if node is None:
         return None
     layer = module(node)
-    conv = isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and not flatten
-    if not conv and not isinstance(layer, nn.Linear):
+    conv = type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not flatten
+    if not conv and type(layer) is not nn.Linear:
         return None
     # an element-wise ReLU and a non-overlapping max-pool right after it, in either order, join the stem
     relu, pool, last = False, 0, node
@@ -137,7 +163,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
         if nxt is None:
             break
         m = module(nxt)
-        if isinstance(m, nn.ReLU) and not relu:
+        if type(m) is nn.ReLU and not relu:
             relu = True
         elif conv and not pool and _plain_max_pool(m):
             pool = _plain_max_pool(m)
@@ -159,7 +185,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
 
 def _plain_max_pool(m: nn.Module) -> int:
     """k for a ``MaxPool2d`` with square kernel k = stride, no padding, dilation or ceil mode; else 0."""
-    if not isinstance(m, nn.MaxPool2d) or m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
+    if type(m) is not nn.MaxPool2d or m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
         return 0
     k, stride = m.kernel_size, m.stride
     k = k if isinstance(k, int) else (k[0] if k[0] == k[1] else 0)
