@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.results import ResultWriter, planned_indices, write_summary
+from certkit.results import ResultWriter, planned_indices
+from certkit.summary import write_summary
 from certkit.smooth import (
     MIN_VOTE_AGREEMENT,
     NOISE_BLOCK,

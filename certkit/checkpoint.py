@@ -270,12 +270,13 @@ def import_reference_checkpoint(
 
 
 def load_any(
-    path: str | os.PathLike, dataset: str | None = None, device: torch.device | str = "cpu"
+    path: str | os.PathLike, dataset: str | None = None, device: torch.device | str = "cpu", model: nn.Module | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """A certkit run directory / model.json, or a reference ``.pth``/``.pth.tar`` (needs ``dataset``)."""
+    """A certkit run directory / model.json (``model``: see :func:`load_with_meta`), or a reference
+    ``.pth``/``.pth.tar`` (needs ``dataset``)."""
     if is_reference_checkpoint(path):
         if dataset is None:
             raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
         model, meta = import_reference_checkpoint(path, dataset)
         return model.to(device), meta
-    return load_with_meta(path, device)
+    return load_with_meta(path, device, model)

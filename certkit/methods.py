@@ -42,21 +42,25 @@ def build_objective(
     family: str = DEFAULT_FAMILY,
     hparams: Mapping[str, Any] | None = None,
     teacher: nn.Module | str | os.PathLike | None = None,
+    teacher_model: nn.Module | None = None,
     num_classes: int | None = None,
     dataset: str | None = None,
 ) -> Objective:
     """The objective ``method`` names, with the published defaults of ``family``/``sigma`` under ``hparams``.
 
-    Only CRT takes a ``teacher`` (loaded, checked against ``num_classes`` and frozen by :class:`CRT`); an
+    Only CRT takes a ``teacher`` and ``teacher_model`` (loaded, checked against ``num_classes`` and frozen by :class:`CRT`); an
     :class:`Objective` passes through unchanged, and then nothing else may be given.
     """
     if isinstance(method, Objective):
-        if hparams or teacher is not None:
+        if hparams or teacher is not None or teacher_model is not None:
             raise CertkitError("pass hyperparameters and the teacher to the objective you built, not beside it")
         return method
     cls = get_objective(method)
     if cls is CRT:
-        return CRT(sigma, teacher, num_classes=num_classes, dataset=dataset, family=family, **dict(hparams or {}))
-    if teacher is not None:
+        return CRT(
+            sigma, teacher, teacher_model=teacher_model, num_classes=num_classes, dataset=dataset, family=family,
+            **dict(hparams or {}),
+        )
+    if teacher is not None or teacher_model is not None:
         raise CertkitError(f"--teacher is only used by --method crt, not {method!r}")
     return cls(sigma, family=family, **dict(hparams or {}))

@@ -522,6 +522,7 @@ def build_trainer(
     out: str | os.PathLike | None = None,
     hparams: Mapping[str, Any] | None = None,
     teacher: str | os.PathLike | nn.Module | None = None,
+    teacher_model: nn.Module | None = None,
     data_dir: str | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
@@ -537,7 +538,8 @@ def build_trainer(
 
     ``dataset`` is a name or your own torch ``Dataset``/``DataLoader`` (then ``test_data`` is its test split
     and ``num_classes`` its class count, None = the model's logit count; hyperparameters and the recipe are
-    the MNIST-like published ones). Cheap checks run first (names, hyperparameters, the teacher, the
+    the MNIST-like published ones). A CRT ``teacher`` is a run directory, a reference checkpoint or a module;
+    ``teacher_model`` is an untrained instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters, the teacher, the
     settings), so a mistake is reported before any data is read.
     """
     if out is not None and not resume and (Path(out) / STATE).exists():
@@ -552,7 +554,8 @@ def build_trainer(
     if isinstance(arch, str):
         model_spec(arch)  # unknown names fail before any data is read
     objective = build_objective(
-        method, sigma, info.family if info else DEFAULT_FAMILY, hparams, teacher, classes, dataset if named else None
+        method, sigma, info.family if info else DEFAULT_FAMILY, hparams, teacher, teacher_model, classes,
+        dataset if named else None,
     )
     cfg = TrainConfig.for_method(info.family if info else DEFAULT_FAMILY, type(objective), **config)
     run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}

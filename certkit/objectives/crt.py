@@ -71,6 +71,7 @@ class CRT(Objective):
         teacher: the teacher, any architecture with the student's classes: a module, a certkit run
             directory, or a reference ``.pth``/``.pth.tar`` checkpoint (then ``dataset`` names its data).
         teacher_meta: the ``model.json`` of a teacher given as a module (its sigma, lineage and cost), if any.
+        teacher_model: for a teacher run of your own module, an untrained instance of it to load into.
         num_classes: the dataset's class count, checked against the teacher's when known.
         dataset: dataset name, for a reference checkpoint's normalization.
         alpha: weight of the transfer term; 1 − alpha weighs cross-entropy. Default 1.0 (official configs).
@@ -92,6 +93,7 @@ class CRT(Objective):
         teacher: nn.Module | str | os.PathLike | None = None,
         *,
         teacher_meta: dict[str, Any] | None = None,
+        teacher_model: nn.Module | None = None,
         num_classes: int | None = None,
         dataset: str | None = None,
         family: str = DEFAULT_FAMILY,
@@ -104,7 +106,7 @@ class CRT(Objective):
             info = dict(teacher_meta or {})
         else:
             path = str(teacher)
-            teacher, info = checkpoint.load_any(path, dataset=dataset)
+            teacher, info = checkpoint.load_any(path, dataset=dataset, model=teacher_model)
             info["path"] = path
         self.teacher = self._freeze(teacher)
         self.teacher_info = info
