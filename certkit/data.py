@@ -143,12 +143,7 @@ class ArrayDataset:
 
         ``rank``/``world_size`` give each DDP process a disjoint, equally sized share of the same permutation.
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:
-            per_rank = n // world_size
-            order = order[rank * per_rank : (rank + 1) * per_rank]
-        order = order.to(self.device)
+        order = epoch_order(len(self), shuffle, generator, rank, world_size).to(self.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             if drop_last and len(idx) < batch_size:
@@ -157,6 +152,18 @@ class ArrayDataset:
             if self.augment:
                 x = random_crop_flip(x, padding=4, generator=generator)
             yield x, self.labels[idx]
+
+
+def epoch_order(
+    n: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1
+) -> Tensor:
+    """The indices one process reads in an epoch: one ``randperm`` when shuffling, and under DDP an equal,
+    disjoint share of that same permutation per rank (the remainder is dropped, as DistributedSampler)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        per_rank = n // world_size
+        order = order[rank * per_rank : (rank + 1) * per_rank]
+    return order
 
 
 def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
@@ -241,11 +248,7 @@ class FolderDataset:
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:
-            per = n // world_size
-            order = order[rank * per : (rank + 1) * per]
+        order = epoch_order(len(self), shuffle, generator, rank, world_size)
         device = getattr(self, "_device", torch.device("cpu"))
         loader = DataLoader(
             Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
@@ -265,6 +268,7 @@ class TrainingData(Protocol):
     """What the trainer reads: certkit's datasets, or any torch data through :class:`TorchData`."""
 
     def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> Any: ...
     def to(self, device: torch.device | str) -> Any: ...
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -311,13 +315,9 @@ class TorchData:
         if isinstance(self.data, DataLoader):
             if world_size > 1:
                 raise CertkitError("a DataLoader cannot be split between processes; pass its Dataset under torchrun")
-            loader: DataLoader = self.data
+            loader: DataLoader[Any] = self.data
         else:
-            n = len(self)
-            order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-            if world_size > 1:
-                per = n // world_size
-                order = order[rank * per : (rank + 1) * per]
+            order = epoch_order(len(self), shuffle, generator, rank, world_size)
             loader = DataLoader(Subset(self.data, order.tolist()), batch_size=batch_size, drop_last=drop_last)
         for x, y in loader:
             yield x.to(self.device).float(), torch.as_tensor(y).to(self.device).long()

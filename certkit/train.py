@@ -566,6 +566,7 @@ def build_trainer(
     else:
         train_split, test_split = dataset, test_data
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # the same seed gives the same initial weights
+    model: nn.Module
     if isinstance(arch, str):
         if classes is None:
             raise CertkitError(f"architecture {arch!r} needs your dataset's class count: pass num_classes")
@@ -579,7 +580,8 @@ def build_trainer(
     return Trainer(model, objective, train_split, test_split, cfg, out_dir=out, meta=run_meta, device=device, progress=progress)
 
 
-def train(*args: Any, resume: bool = False, **kwargs: Any) -> Trainer:
+def train(dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", method: str | Objective = "gaussian",
+          **kwargs: Any) -> Trainer:
     """Train a model, as ``certkit train`` does; returns the finished :class:`Trainer`.
 
     Every argument of :func:`build_trainer`: ``dataset`` a name or your own torch ``Dataset``/``DataLoader``
@@ -590,8 +592,8 @@ def train(*args: Any, resume: bool = False, **kwargs: Any) -> Trainer:
         certkit.train("fashion-mnist", "lenet", "gaussian", sigma=0.25, epochs=2, out="runs/g")
         certkit.train(TensorDataset(x, y), nn.Sequential(...), "smoothmix", sigma=0.25, epochs=1, out="runs/m")
     """
-    trainer = build_trainer(*args, resume=resume, **kwargs)
-    if resume:
+    trainer = build_trainer(dataset, arch, method, **kwargs)
+    if kwargs.get("resume"):
         trainer.resume()
     trainer.fit()
     return trainer

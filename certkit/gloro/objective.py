@@ -106,6 +106,8 @@ class Gloro(Objective):
         """Wrap a model (a registry ``Sequential(Normalize, body)`` or any 1-Lipschitz-analysable network
         ending in ``nn.Linear``) as the GloroNet this objective trains."""
         if not isinstance(model, GloroNet):
+            if not isinstance(model, nn.Sequential):
+                raise CertkitError(f"method 'gloro' wraps an nn.Sequential ending in nn.Linear, not a {type(model).__name__}")
             model = GloroNet(model, in_shape, self.hp.epsilon, self.hp.power_iterations)
         return self.bind(model)
 

@@ -21,7 +21,7 @@ from certkit.models.layers import Normalize
 #: factory(num_classes, in_shape) -> body
 Factory = Callable[[int, tuple[int, int, int]], nn.Module]
 #: rebuild(model, meta) -> the wrapped model, its own buffers ready to receive the saved state
-Rebuild = Callable[[nn.Module, dict[str, Any]], nn.Module]
+Rebuild = Callable[[Any, dict[str, Any]], nn.Module]
 
 
 @dataclass(frozen=True)

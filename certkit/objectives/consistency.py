@@ -90,6 +90,7 @@ class Consistency(Objective):
     name = "consistency"
     Params = ConsistencyHypers
     hp: ConsistencyHypers
+    sigma: float
 
     @property
     def num_chunks(self) -> int:  # type: ignore[override]

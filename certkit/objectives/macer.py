@@ -98,6 +98,7 @@ class Macer(Objective):
     name = "macer"
     Params = MacerHypers
     hp: MacerHypers
+    sigma: float
 
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
         super().start_epoch(epoch, num_epochs)

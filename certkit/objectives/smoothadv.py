@@ -101,6 +101,7 @@ class SmoothAdv(Objective):
     name = "smoothadv"
     Params = SmoothAdvHypers
     hp: SmoothAdvHypers
+    sigma: float
 
     @property
     def num_chunks(self) -> int:  # type: ignore[override]

@@ -159,6 +159,7 @@ class SmoothMix(Objective):
     name = "smoothmix"
     Params = SmoothMixHypers
     hp: SmoothMixHypers
+    sigma: float
 
     @property
     def num_chunks(self) -> int:  # type: ignore[override]
@@ -181,7 +182,9 @@ class SmoothMix(Objective):
                 if self.hp.maxnorm is not None:
                     x_t = x + project_l2(x_t - x, self.hp.maxnorm)
                 x_t = x_t.clamp(0.0, 1.0)
-        x_clean = (x + project_l2(x_init - x, self.hp.maxnorm_s * self.weight())).clamp(0.0, 1.0)
+        cap = self.hp.maxnorm_s
+        assert cap is not None  # SmoothMixHypers.complete resolves "none" to step_size * mix_step
+        x_clean = (x + project_l2(x_init - x, cap * self.weight())).clamp(0.0, 1.0)
         return x_clean.detach(), x_t.detach()
 
     def mix_batch(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> MixBatch:
