@@ -81,7 +81,8 @@ def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> Non
     parsers: dict[str, Any] = {}
     for name, cls in methods.items():
         for key, spec in cls.Params.field_specs().items():
-            helps.setdefault(key, []).append(f"{name}: {spec['help']}")
+            official = f" (the reference code's {spec['official']})" if spec["official"] else ""
+            helps.setdefault(key, []).append(f"{name}: {spec['help']}{official}")
             parsers.setdefault(key, cls.Params.parse_function(key))
     group = p.add_argument_group("method hyperparameters (default: the published value for the dataset and sigma)")
     for key in sorted(helps):
