@@ -103,7 +103,7 @@ def load_inputs(arch: str, count: int, data_dir: str | None) -> Tensor:
             from certkit.data import load_dataset
 
             test = load_dataset("fashion-mnist", "test", data_dir)
-            return torch.stack([test.get(i)[0] for i in range(count)])
+            return torch.stack([test[i][0] for i in range(count)])
         except CertkitError:
             pass
     return torch.rand((count, *shape), generator=torch.Generator().manual_seed(0))

@@ -46,7 +46,7 @@ from certkit import report
 from certkit.certify import certify_dataset
 from certkit.data import dataset_info, load_dataset
 from certkit.models import create_model
-from certkit.objectives import get_objective
+from certkit.methods import get_objective
 from certkit.train import Trainer, TrainConfig
 
 METHODS = ("gaussian", "smoothadv", "macer", "smoothmix", "consistency")

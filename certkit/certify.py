@@ -15,8 +15,8 @@ This is what ``certkit certify`` and ``certkit predict`` run. It follows the ref
   sharding or resume;
 * optional adaptive sampling (:class:`~certkit.smooth.AdaptiveSchedule`), with a ``samples`` column.
 
-The dataset needs ``len(dataset)`` and ``dataset.get(i) -> (x, label)`` with ``x`` a float tensor
-(C, H, W) in [0, 1].
+The dataset is any torch ``Dataset``: ``len(dataset)`` and ``dataset[i] -> (x, label)`` with ``x`` a float
+tensor (C, H, W) in [0, 1].
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from certkit.errors import CertkitError
 from certkit.progress import Progress
-from certkit.results import ResultWriter, planned_indices, write_summary
+from certkit.results import ResultWriter, planned_indices
+from certkit.summary import write_summary
 from certkit.smooth import (
     MIN_VOTE_AGREEMENT,
     NOISE_BLOCK,
@@ -46,7 +47,7 @@ from certkit.smooth import (
 
 class Dataset(Protocol):
     def __len__(self) -> int: ...
-    def get(self, i: int) -> tuple[Tensor, int]: ...
+    def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -278,7 +279,7 @@ def run_planned(
 def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:
     xs, labels = [], []
     for idx in group:
-        x, label = dataset.get(idx)
+        x, label = dataset[idx]
         if not isinstance(x, Tensor) or x.dim() != 3:
             raise CertkitError(f"dataset item {idx}: expected an image tensor (C, H, W)")
         if not torch.isfinite(x).all():

@@ -16,7 +16,7 @@ from certkit.smooth import AdaptiveSchedule, Smooth, check_generator, input_gene
 
 
 class TinyDataset:
-    """12 random 1x4x4 images with labels 0..2, through the ``len``/``get`` interface of certkit.data."""
+    """12 random 1x4x4 images with labels 0..2, a plain indexable dataset (``len``, ``dataset[i]``)."""
 
     def __init__(self, size: int = 12, bad: int | None = None) -> None:
         gen = torch.Generator().manual_seed(0)
@@ -28,7 +28,7 @@ class TinyDataset:
     def __len__(self) -> int:
         return len(self.images)
 
-    def get(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], self.labels[i]
 
 
@@ -65,10 +65,10 @@ class Interrupted(TinyDataset):
         super().__init__()
         self.stop_at = stop_at
 
-    def get(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if i == self.stop_at:
             raise KeyboardInterrupt
-        return super().get(i)
+        return super().__getitem__(i)
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_rows(tmp_path: Path):
@@ -177,7 +177,7 @@ class _HalfSpaceData:
     def __len__(self) -> int:
         return len(self.images)
 
-    def get(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(i % 2 == 0)
 
 

@@ -155,7 +155,7 @@ def test_nan_images_are_refused_before_any_row(tmp_path: Path) -> None:
         def __len__(self) -> int:
             return 4
 
-        def get(self, i: int) -> tuple[torch.Tensor, int]:
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
             return self.x[i], 0
 
     model = create_model("lenet", 10, (1, 28, 28)).eval()

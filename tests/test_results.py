@@ -19,8 +19,8 @@ from certkit.results import (
     read_results,
     sidecar_path,
     summary_path,
-    write_summary,
 )
+from certkit.summary import write_summary
 
 SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "skip": 1, "max": -1, "shard": None}
 

@@ -237,7 +237,7 @@ class Images:
     def __len__(self) -> int:
         return len(self.images)
 
-    def get(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], i % 10
 
 

@@ -34,7 +34,8 @@ from torch import Tensor
 from certkit.certify import Dataset, plan_settings, run_planned
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet
-from certkit.results import ResultWriter, planned_indices, read_results, write_summary
+from certkit.results import ResultWriter, planned_indices, read_results
+from certkit.summary import write_summary
 
 #: extra TSV column after the standard six: the clean (un-certified) prediction
 CLEAN_COLUMN = "clean_predict"
