@@ -93,16 +93,29 @@ def high_prob_accuracy(emp: float, alpha: float, rho: float, n: float) -> float:
     return emp - alpha - math.sqrt(alpha * (1.0 - alpha) * log_term / n) - log_term / (3.0 * n)
 
 
+#: most radii in a table's default grid and on a plotted curve: a file's largest radius sets the grid's
+#: end, and a grid step that would exceed these counts is widened instead of allocating without bound
+MAX_TABLE_RADII = 64
+MAX_PLOT_POINTS = 10_000
+
+
+def _grid_step(largest: float, step: float, most: int) -> float:
+    """``step``, or the smallest whole multiple of it that covers [0, largest] in at most ``most`` points."""
+    return step * max(1, math.ceil(largest / step / (most - 1)))
+
+
 def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.25) -> list[float]:
-    """0, step, 2*step, ... up to the largest radius present in the file(s)."""
+    """0, step, 2*step, ... up to the largest radius present in the file(s), at most MAX_TABLE_RADII
+    radii (the step is widened for files with larger radii)."""
     items = [results] if isinstance(results, (Results, str, os.PathLike)) else list(results)
-    largest = 0.0
-    for item in items:
-        res = load(item)
-        if res.radius is not None and len(res):
-            largest = max(largest, float(res.radius.max()))
+    largest = max([_largest_radius(load(item)) for item in items] or [0.0])
+    step = _grid_step(largest, step, MAX_TABLE_RADII)
     count = int(math.floor(largest / step + 1e-9))
     return [round(i * step, 10) for i in range(count + 1)]
+
+
+def _largest_radius(res: Results) -> float:
+    return float(res.radius.max()) if res.radius is not None and len(res) else 0.0
 
 
 def mean_samples(results: ResultsLike) -> float | None:
@@ -142,7 +155,8 @@ def markdown_table(named_results: Mapping[str, ResultsLike], radii: Sequence[flo
 def plot_curves(
     named_results: Mapping[str, ResultsLike], path: str | os.PathLike, step: float = 0.01, title: str | None = None
 ) -> Path:
-    """Certified accuracy against radius (grid step ``step``) for every file on one plot, saved atomically.
+    """Certified accuracy against radius (grid step ``step``, widened to keep at most MAX_PLOT_POINTS points)
+    for every file on one plot, saved atomically.
 
     The format follows the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``).
     """
@@ -152,7 +166,8 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     loaded = {name: load(r) for name, r in named_results.items()}
-    largest = max([float(res.radius.max()) for res in loaded.values() if res.radius is not None and len(res)] or [0.0])
+    largest = max([_largest_radius(res) for res in loaded.values()] or [0.0])
+    step = _grid_step(largest, step, MAX_PLOT_POINTS)
     grid = np.arange(0.0, largest + step, step)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in loaded.items():

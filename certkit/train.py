@@ -16,6 +16,7 @@ Any two run directories can therefore be compared for training cost from their `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from certkit import checkpoint
 from certkit.errors import CertkitError
-from certkit.fileio import atomic_write_bytes, atomic_write_text
+from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text
 from certkit.objectives.base import Objective
 
 STATE = "train_state.safetensors"
@@ -515,8 +516,10 @@ def train(
     if teacher is not None:
         objective.teacher.to(trainer.device)  # type: ignore[attr-defined]
     trainer.ledger.ancestors = lineage_cost
-    if resume:
-        trainer.resume()
-        trainer.ledger.ancestors = lineage_cost or trainer.ledger.ancestors
-    trainer.fit()
+    # one process at a time writes a run directory (rank 0 alone writes under torchrun)
+    with PidLock(out) if out is not None and trainer.rank == 0 else contextlib.nullcontext():
+        if resume:
+            trainer.resume()
+            trainer.ledger.ancestors = lineage_cost or trainer.ledger.ancestors
+        trainer.fit()
     return trainer
