@@ -404,7 +404,7 @@ def _unpickle_batch(path: Path) -> object:
     if size > MAX_CIFAR_BATCH_BYTES:
         raise CertkitError(f"{path}: {size} bytes, larger than any CIFAR-10 batch ({MAX_CIFAR_BATCH_BYTES} at most)")
     with open(path, "rb") as f:
-        data = f.read(MAX_CIFAR_BATCH_BYTES + 1)
+        data = f.read(size)  # a file that grew since would be cut short and fail to unpickle
     try:
         for count, _ in enumerate(pickletools.genops(data), start=1):
             if count > MAX_PICKLE_OPS:
