@@ -343,7 +343,9 @@ def read_idx(path: str | os.PathLike, item_shape: tuple[int, ...] | None = None)
                 raise CertkitError(f"{path}: items of shape {dims[1:]}, expected {item_shape}")
             expected = math.prod(dims)
             if expected > MAX_IDX_BYTES:
-                raise CertkitError(f"{path}: declares {expected} data bytes, more than the {MAX_IDX_BYTES} certkit reads")
+                raise CertkitError(
+                    f"{path}: declares {expected} data bytes, more than the {MAX_IDX_BYTES} certkit reads"
+                )
             body = f.read(expected + 1)
     except (OSError, EOFError, zlib.error) as e:
         raise CertkitError(f"{path}: not a readable {'gzip' if opener is gzip.open else 'IDX'} file ({e})") from None
@@ -368,7 +370,9 @@ MAX_CIFAR_BATCH_BYTES = 64 << 20
 MAX_PICKLE_OPS = 200_000
 
 
-def _reconstruct_small(reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: object) -> np.ndarray:
+def _reconstruct_small(
+    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: object
+) -> np.ndarray:
     """numpy's array reconstructor, limited to what a batch holds: it allocates the shape it is given,
     so a crafted shape (or an object array, filled element by element) could ask for any amount of memory."""
     dt = np.dtype(dtype)

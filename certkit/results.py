@@ -129,7 +129,9 @@ class ResultWriter:
     ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
     names the keys that differ), any trailing partial line left by a crash is cut off, and
     :attr:`done_indices` holds the indices already written so the caller can skip them. With
-    ``resume=False`` an existing file is replaced.
+    ``resume=False`` an existing file is replaced. The file must be a regular file (or not exist yet), and
+    ``<file>.lock`` (:class:`~certkit.fileio.PidLock`) keeps a second process from writing it until
+    :meth:`close`.
 
     Use as a context manager::
 
@@ -331,7 +333,7 @@ def read_results(path: str | os.PathLike) -> Results:
         idx=ints("idx"),
         label=ints("label"),
         predict=ints("predict"),
-        radius=np.array([float(r[column["radius"]]) for r in rows], dtype=np.float64) if table.kind == "certify" else None,
+        radius=np.array([float(r[column["radius"]]) for r in rows]) if table.kind == "certify" else None,
         correct=ints("correct"),
         time_seconds=np.array([parse_time(r[column["time"]]) for r in rows], dtype=np.float64),
         kind=table.kind,

@@ -257,7 +257,9 @@ def test_resume_refuses_damage_other_than_an_unterminated_last_line(tmp_path: Pa
 
 def sharded(tmp_path: Path, tail: str = "") -> list[Path]:
     """Shards 0/2 and 1/2 of a 4-image plan; ``tail`` is appended to shard 0."""
-    paths = [started(tmp_path / f"s{i}.tsv", [i, i + 2], {**PLANNED, "dataset_size": 4, "shard": [i, 2]}) for i in (0, 1)]
+    paths = [
+        started(tmp_path / f"s{i}.tsv", [i, i + 2], {**PLANNED, "dataset_size": 4, "shard": [i, 2]}) for i in (0, 1)
+    ]
     with open(paths[0], "a") as f:
         f.write(tail)
     return paths
@@ -425,9 +427,11 @@ def mnist_like(seed: int) -> ArrayDataset:
 def test_resume_on_another_test_set_of_the_same_size_is_refused(tmp_path: Path, kind: str) -> None:
     torch.manual_seed(0)
     if kind == "held-arrays":
-        model, first, other, options = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), mnist_like(0), mnist_like(1), {**COMMON, "num_classes": 10}
+        model, first, other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), mnist_like(0), mnist_like(1)
+        options = {**COMMON, "num_classes": 10}
     else:
-        model, first, other, options = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), TinyDataset(0), TinyDataset(1), COMMON
+        model, first, other = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), TinyDataset(0), TinyDataset(1)
+        options = COMMON
     out = tmp_path / "r.tsv"
     certify_dataset(model, first, out=out, max_idx=3, **options)
     before = out.read_bytes()
