@@ -330,6 +330,10 @@ class Certificate:
     samples: int
 
 
+class NonFiniteLogits(CertkitError):
+    """The network returned NaN or inf on a noisy copy: its votes would be meaningless."""
+
+
 class Smooth:
     """The smoothed classifier g of a base classifier ``model``.
 
@@ -787,6 +791,8 @@ class Smooth:
             raise CertkitError(
                 f"the model returned logits of shape {tuple(logits.shape)}, expected ({rows}, {self.num_classes})"
             )
+        if not torch.isfinite(logits).all():  # argmax would count NaN rows as votes for class 0
+            raise NonFiniteLogits("the model returned NaN or inf logits; certify only a network with finite outputs")
         return logits.argmax(1)
 
     def _forward(self, batch: Tensor) -> Tensor:
