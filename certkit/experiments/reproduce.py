@@ -297,7 +297,7 @@ def plot(rows: Sequence[Row], plan: Plan, published_dir: Path, path: Path) -> No
 
     named: dict[str, Path] = {}
     for r in rows:
-        named[f"certkit {r.method} σ={r.sigma:g}"] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
+        named[f"certkit {r.method}"] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
         stem = plan.protocol.published[r.method]
         named[f"published {stem} σ={r.sigma:g}"] = published_dir / f"sigma_{sigma_tag(r.sigma)}" / f"{stem}.tsv"
     plot_curves(named, path, title=f"{plan.protocol.name}: certkit vs published")
