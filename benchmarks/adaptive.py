@@ -101,7 +101,7 @@ def shared_pass(smoothed: Smooth, data, indices: list[int], schedule: AdaptiveSc
     group = max(1, args.batch // args.n0)
     for start in range(0, len(indices), group):
         chunk = indices[start : start + group]
-        xs = torch.stack([data.get(i)[0] for i in chunk])
+        xs = torch.stack([data[i][0] for i in chunk])
         gens = [input_generator(args.seed, i, smoothed.device) for i in chunk]
         rows = slice(start, start + len(chunk))
         # the same draws, in the same order, as Smooth.certify_batch with the adaptive schedule
@@ -246,7 +246,7 @@ def main() -> None:
     trained = time.perf_counter()
     test = load_dataset("fashion-mnist", "test", args.data_dir)
     indices = list(range(0, len(test), len(test) // args.images))[: args.images]
-    labels = [test.get(i)[1] for i in indices]
+    labels = [test[i][1] for i in indices]
     schedule = AdaptiveSchedule()
     smoothed = Smooth(model, 10, args.sigma)
     print(

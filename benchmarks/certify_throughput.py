@@ -103,7 +103,7 @@ def load_inputs(arch: str, count: int, data_dir: str | None) -> Tensor:
             from certkit.data import load_dataset
 
             test = load_dataset("fashion-mnist", "test", data_dir)
-            return torch.stack([test.get(i)[0] for i in range(count)])
+            return torch.stack([test[i][0] for i in range(count)])
         except CertkitError:
             pass
     return torch.rand((count, *shape), generator=torch.Generator().manual_seed(0))
@@ -199,7 +199,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     if options:
-        agreement = smoothed.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
+        agreement = smoothed.sampler.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
         print(f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} (lowest input {agreement.min():.4%})")
 
     # warm-up: allocator, oneDNN primitives, compilation

@@ -1,6 +1,6 @@
 """Datasets by name, held where training happens.
 
-``load_dataset(name, split)`` returns an object with ``len()``, ``get(i) -> (image, label)`` for
+``load_dataset(name, split)`` returns an object with ``len()``, ``dataset[i] -> (image, label)`` for
 certification and ``batches(...)`` for training. Small datasets (MNIST, Fashion-MNIST, CIFAR-10) are held
 as one uint8 tensor on the training device and batched from there, with CIFAR-10's random crop (padding 4)
 and horizontal flip done on whole batches (the airbench recipe: no DataLoader, no per-image PIL work).
@@ -122,7 +122,7 @@ class ArrayDataset:
             raise CertkitError(f"subset size must be >= 1 (got {n})")
         return ArrayDataset(self.info, self.images[:n], self.labels[:n], self.augment, self.split)
 
-    def get(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
         """Image ``i`` as float ``(C, H, W)`` in [0, 1] and its label (no augmentation)."""
         return self.images[i].float().div_(255), int(self.labels[i])
 
@@ -224,7 +224,7 @@ class FolderDataset:
         self._device = torch.device(device)
         return self
 
-    def get(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
         x, y = self._folder[i]  # type: ignore[index]
         return x, int(y)
 

@@ -22,7 +22,7 @@ def test_idx_round_trip(tmp_path: Path) -> None:
     test = load_dataset("mnist", "test", data_dir=root)
     assert len(train) == 12 and len(test) == 5
     raw = read_idx(root / "train-images-idx3-ubyte.gz")
-    x, y = train.get(3)
+    x, y = train[3]
     assert x.shape == (1, 28, 28) and x.dtype == torch.float32
     assert torch.equal((x * 255).round().to(torch.uint8)[0], torch.from_numpy(raw[3].copy()))
     assert 0 <= y < 10
@@ -85,7 +85,7 @@ def test_cifar10_reader(tmp_path: Path) -> None:
     assert train.augment and not test.augment
     with open(root / "cifar-10-batches-py" / "test_batch", "rb") as f:
         batch = pickle.load(f, encoding="bytes")  # the test's own file
-    x, y = test.get(2)
+    x, y = test[2]
     assert y == batch[b"labels"][2]
     assert torch.equal((x * 255).round().to(torch.uint8), torch.from_numpy(batch[b"data"][2].reshape(3, 32, 32)))
     xb, yb = next(train.batches(8, shuffle=True, generator=torch.Generator().manual_seed(0)))
@@ -128,7 +128,7 @@ def test_imagenet_folder(tmp_path: Path) -> None:
     ds = load_dataset("imagenet", "test", data_dir=tmp_path)
     ds.workers = 0
     assert len(ds) == 6 and ds.classes == ["n01", "n02", "n03"]
-    x, y = ds.get(5)
+    x, y = ds[5]
     assert x.shape == (3, 224, 224) and y == 2 and 0 <= float(x.min()) and float(x.max()) <= 1
     xb, yb = next(ds.batches(4))
     assert xb.shape == (4, 3, 224, 224) and yb.tolist() == [0, 0, 1, 1]

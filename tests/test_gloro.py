@@ -510,7 +510,7 @@ def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Pa
     assert isinstance(loaded, GloroNet) and loaded.is_frozen
     assert float(loaded.lipschitz_frozen) == meta["gloro"]["lipschitz_bound"]
     original = trainer.model.eval()
-    x = torch.stack([trainer.test_data.get(i)[0] for i in range(100)])
+    x = torch.stack([trainer.test_data[i][0] for i in range(100)])
     for a, b in zip(original.certify(x), loaded.certify(x)):
         assert torch.equal(a, b)
 
@@ -535,7 +535,7 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     from certkit.data import load_dataset
 
     data = load_dataset("fashion-mnist", "test", str(fmnist_root))
-    x = torch.stack([data.get(i)[0] for i in range(300)])
+    x = torch.stack([data[i][0] for i in range(300)])
     pred, _, _ = model.certify(x)
     assert pred.tolist() == res.predict.tolist()
     # resuming adds nothing; another epsilon is refused (settings differ)
@@ -557,7 +557,7 @@ def test_a_tampered_frozen_bound_is_refused(cli_run: Path, fmnist_root: Path, tm
         def __len__(self) -> int:
             return 4
 
-        def get(self, i: int) -> tuple[Tensor, int]:
+        def __getitem__(self, i: int) -> tuple[Tensor, int]:
             return torch.rand(1, 28, 28), 0
 
     with pytest.raises(CertkitError, match="below the guaranteed bound"):

@@ -9,11 +9,11 @@ from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
 from certkit.errors import CertkitError
-from certkit.smooth import (
+from certkit.smoothing.samplers import input_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import (
     ABSTAIN,
-    Smooth,
     certify_from_counts,
-    input_generator,
     lower_confidence_bound,
     max_radius,
     min_n_certify,
@@ -260,8 +260,8 @@ def test_amp_is_refused_on_cpu_with_a_clear_message():
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")
     plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
-    assert plain.amp_dtype is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
-    assert (plain.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0).all()
+    assert plain.voter.amp is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
+    assert (plain.sampler.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0).all()
 
 
 def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
@@ -274,13 +274,13 @@ def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
     conv = model[1].features[3].weight  # 20 input channels: the two layouts differ
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # caller's model untouched
     xs = torch.rand(3, 1, 28, 28)
-    assert fast.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
+    assert fast.sampler.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
     gens = lambda: [input_generator(0, i) for i in range(3)]  # noqa: E731
     plain = Smooth(model, 10, 0.25).certify_batch(xs, 20, 300, 0.01, 300, gens())
     quick = fast.certify_batch(xs, 20, 300, 0.01, 300, gens())
     assert [c.prediction for c in quick] == [c.prediction for c in plain]
     assert all(abs(a.radius - b.radius) < 0.02 for a, b in zip(quick, plain))
-    assert model.training and fast._voter.training  # modes restored on both
+    assert model.training and fast.voter.network.training  # modes restored on both
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -292,7 +292,7 @@ def test_amp_votes_agree_with_fp32_and_certify_batch_runs(amp):
     model = create_model("lenet", 10, (1, 28, 28)).cuda()
     xs = torch.rand(4, 1, 28, 28)
     fast = Smooth(model, 10, 0.25, amp=amp, channels_last=True)
-    assert fast.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
+    assert fast.sampler.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
     certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
     plain = Smooth(model, 10, 0.25)  # the caller's model was left contiguous
     reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])

@@ -1,0 +1,96 @@
+"""The ``summary.json`` beside each result file: the report's metrics over the file, with the run's settings.
+
+It sits above both :mod:`certkit.results` (which reads the file) and :mod:`certkit.report` (which computes
+the metrics), so neither needs the other's caller.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from certkit import report
+from certkit.fileio import atomic_write_json
+from certkit.results import normalise_settings, read_results, summary_path
+from certkit.smoothing.statistics import max_radius
+
+
+def write_summary(
+    results_path: str | os.PathLike,
+    settings: Mapping[str, Any] | None = None,
+    radii: Sequence[float] | None = None,
+    rho: float = 0.001,
+    path: str | os.PathLike | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``<file>.summary.json`` beside a result file and return its content.
+
+    Holds N, accuracy, ACR, certified accuracy on the radius grid (with a lower bound holding with
+    probability >= 1 - ``rho``, :func:`certkit.report.high_prob_accuracy`; None with a note when vacuous),
+    abstain rate, cost (total and per-image time, mean samples if known) and the
+    run's parameters (``settings``, else the sidecar's), and any ``extra`` entries. A radius above
+    sigma*Phi^-1(alpha^(1/n)) is impossible and is flagged as ``radius_bound_violated``.
+    """
+    res = read_results(results_path)
+    params = normalise_settings(settings) if settings is not None else res.settings
+    n_rows = len(res)
+    summary: dict[str, Any] = {
+        "file": Path(results_path).name,
+        "kind": res.kind,
+        "N": n_rows,
+        "parameters": params,
+        "abstain_rate": report.abstain_rate(res),
+        "total_seconds": float(res.time_seconds.sum()),
+        "seconds_per_image": float(res.time_seconds.mean()) if n_rows else 0.0,
+    }
+    alpha = params.get("alpha")
+    if res.kind == "certify":
+        grid = list(radii) if radii is not None else report.default_grid(res)
+        accuracies = report.certified_accuracy(res, grid) if n_rows else np.zeros(len(grid))
+        summary["acr"] = report.acr(res)
+        summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
+        summary["certified_accuracy"] = {f"{r:g}": float(a) for r, a in zip(grid, accuracies)}
+        if alpha is not None and n_rows:
+            # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
+            group = max(1, int(params.get("shared_noise") or 1))
+            bounds = {f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group) for r, a in zip(grid, accuracies)}
+            summary["rho"] = rho
+            if None in bounds.values():
+                summary["certified_accuracy_high_prob"] = None
+                summary["high_prob_note"] = (
+                    f"omitted: with {n_rows} rows (groups of {group}) the bound on wrong certificates at "
+                    f"alpha = {alpha}, rho = {rho} is 100%, which says nothing"
+                )
+            else:
+                summary["certified_accuracy_high_prob"] = bounds
+            if group > 1:
+                summary["high_prob_effective_n"] = n_rows / group
+        if alpha is not None and params.get("sigma") and params.get("n") and n_rows:
+            bound = max_radius(float(params["sigma"]), int(params["n"]), float(alpha))
+            # certkit floors its radii; another tool's file may round to nearest at 3 significant digits
+            # (the reference's {:.3}), so allow half a unit in the third digit
+            summary["max_radius"] = bound
+            summary["radius_bound_violated"] = bool(np.any(res.radius > bound * (1 + 5e-3)))
+    else:
+        summary["accuracy"] = float(res.correct.mean()) if n_rows else 0.0
+    if res.samples is not None and n_rows:
+        summary["mean_samples"] = float(res.samples.mean())
+    summary.update(dict(extra or {}))
+    out = Path(path) if path is not None else summary_path(results_path)
+    atomic_write_json(out, _finite(summary))
+    return summary
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: turn them into None so the summary stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
