@@ -234,3 +234,40 @@ def test_the_vote_check_draws_from_a_stream_of_its_own():
     noise = (model.seen[0] - x[0]) / 0.5
     torch.testing.assert_close(noise, torch.randn(50, 1, 1, 4, generator=check_generator(7)), rtol=0, atol=1e-5)
     assert not torch.allclose(noise, torch.randn(50, 1, 1, 4, generator=input_generator(7, 0)), atol=1e-3)
+
+
+def test_a_plain_torch_dataset_is_certified_like_certkits_own(tmp_path: Path):
+    from torch.utils.data import TensorDataset
+
+    model, data = tiny_model(), TinyDataset()
+    tensors = TensorDataset(data.images, torch.tensor(data.labels))  # labels come back as 0-d tensors
+    run(model, tensors, out=tmp_path / "torch.tsv", **COMMON)
+    run(model, data, out=tmp_path / "own.tsv", **COMMON)
+    assert rows_without_time(tmp_path / "torch.tsv") == rows_without_time(tmp_path / "own.tsv")
+
+
+@pytest.mark.parametrize(
+    "plan,message",
+    [
+        ({"mode": "attack"}, "mode must be"),
+        ({"mode": "predict", "adaptive": AdaptiveSchedule()}, "certify only"),
+        ({"n": 5, "alpha": 0.001}, "needs n >= 10"),
+        ({"batch_size": 0}, "batch size"),
+        ({"inputs_per_batch": 0}, "inputs per batch"),
+        ({"skip": 0}, "skip"),
+        ({"shard": (2, 2)}, "shard"),
+    ],
+)
+def test_a_bad_run_plan_is_refused_when_it_is_made(plan: dict, message: str):
+    with pytest.raises(CertkitError, match=message):
+        RunPlan(**plan)
+
+
+def test_run_plan_settings_and_group_size():
+    plan = RunPlan(n0=50, n=500, batch_size=1000)
+    assert plan.group_size(0) == 20 and plan.group_size(4) == 4
+    assert RunPlan(inputs_per_batch=3).group_size(4) == 3
+    assert RunPlan(mode="predict", n=100, batch_size=1000).group_size(0) == 10
+    assert plan.settings()["noise_block"] == 100 and RunPlan(batch_size=30).settings()["noise_block"] == 30
+    assert "n0" not in RunPlan(mode="predict").settings()
+    assert plan.indices(10) == list(range(10)) and RunPlan(skip=3, shard=(1, 2)).indices(10) == [3, 9]

@@ -9,7 +9,8 @@ from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
 from certkit.errors import CertkitError
-from certkit.smoothing.samplers import input_generator
+from certkit.models import Normalize
+from certkit.smoothing.samplers import PerInputNoise, SharedNoise, input_generator, shared_generator
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import (
     ABSTAIN,
@@ -22,6 +23,7 @@ from certkit.smoothing.statistics import (
     radius,
     upper_confidence_bound,
 )
+from certkit.smoothing.voter import Voter
 
 
 class HalfSpace(nn.Module):
@@ -192,6 +194,41 @@ def test_argument_checks():
             smoothed.certify(x, batch_size=10, **kwargs)
     with pytest.raises(CertkitError, match="NaN"):
         smoothed.certify(torch.full((1, 2, 2), float("nan")), 10, 100, 0.001, 10)
+
+
+def test_certify_and_predict_take_one_image_with_or_without_a_batch_axis():
+    smoothed = Smooth(HalfSpace([1.0, 0.0, 0.0, 0.0], 0.0), num_classes=2, sigma=0.5)
+    x = torch.tensor([0.3, 0.0, 0.0, 0.0]).view(1, 1, 4)
+    assert smoothed.certify(x[None], 100, 1000, 0.01, 300, input_generator(0, 0)) == smoothed.certify(
+        x, 100, 1000, 0.01, 300, input_generator(0, 0)
+    )
+    assert smoothed.predict(x[None], 1000, 0.01, 300, input_generator(0, 1)) == smoothed.predict(
+        x, 1000, 0.01, 300, input_generator(0, 1)
+    )
+    for shape in [(2, 1, 1, 4), (1, 4), (1, 1, 1, 1, 4)]:
+        for call in (lambda z: smoothed.certify(z, 10, 100, 0.01, 100), lambda z: smoothed.predict(z, 100, 0.01, 100)):
+            with pytest.raises(CertkitError, match=r"one image \(C, H, W\) or \(1, C, H, W\)") as err:
+                call(torch.zeros(shape))
+            assert "\n" not in str(err.value)
+
+
+def test_smooth_built_from_its_parts_certifies_as_the_convenience_constructor():
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.5], [0.25]), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    xs = torch.rand(3, 1, 4, 4)
+    plain = Smooth(model, 3, 0.25).certify_batch(xs, 50, 500, 0.01, 200, [input_generator(0, i) for i in range(3)])
+    parts = Smooth.from_sampler(PerInputNoise(Voter(model, 3), 0.25))
+    assert parts.certify_batch(xs, 50, 500, 0.01, 200, [input_generator(0, i) for i in range(3)]) == plain
+    shared = Smooth(model, 3, 0.25, shared_noise=3)
+    from_parts = Smooth.from_sampler(SharedNoise(Voter(model, 3), 0.25, group=3))
+    assert shared.speed_options == from_parts.speed_options and from_parts.shared_noise == 3
+    one = shared.certify_batch(xs, 50, 500, 0.01, 200, [shared_generator(0, 0)])
+    assert from_parts.certify_batch(xs, 50, 500, 0.01, 200, [shared_generator(0, 0)]) == one
+    # the public sampling step is SAMPLEUNDERNOISE: counts of each input's own noisy copies
+    counts = parts.sampler.counts(xs, [120, 80, 0], 200, [input_generator(1, i) for i in range(3)])
+    assert counts.shape == (3, 3) and counts.sum(1).tolist() == [120, 80, 0]
+    with pytest.raises(CertkitError, match="at least 2 inputs"):
+        SharedNoise(Voter(model, 3), 0.25, group=1)
 
 
 def test_model_mode_is_restored():
