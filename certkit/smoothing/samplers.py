@@ -155,7 +155,7 @@ class PerInputNoise(Sampler):
     """Every input draws its noise from its own generator, in blocks of ``min(NOISE_BLOCK, batch_size)``."""
 
     def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
-        gens = list(generators) if generators is not None else [None] * count
+        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None] * count
         if len(gens) != count:
             raise CertkitError(f"{count} inputs but {len(gens)} generators")
         return gens
@@ -239,7 +239,7 @@ class SharedNoise(Sampler):
         return {**self.voter.speed_options, "stem_split": self._stem is not None}
 
     def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
-        gens = list(generators) if generators is not None else [None]
+        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None]
         if len(gens) != 1:
             raise CertkitError(f"with shared noise, pass one generator for all inputs (got {len(gens)})")
         if count > self.group:
