@@ -1,0 +1,311 @@
+"""Training speed of certkit against the official training scripts, run side by side on the same data.
+
+The official code is ``../shared/peer-code/smoothmix`` (jh-jeong/smoothmix, unmodified). It is only *run*,
+from a scratch copy of its ``code/`` folder; nothing of it is imported here or copied into certkit. Both
+sides train LeNet on Fashion-MNIST at sigma = 0.25 with batch 256, SGD lr 0.01 (momentum 0.9, weight decay
+1e-4, x0.1 every 30 epochs) and the method hyperparameters of the published MNIST-family command lines in
+the peer code's ``EXPERIMENTS.MD``:
+
+    gaussian      train_cohen.py
+    smoothmix     train.py            m = 4, T = 3, step 1.0, mix_step 0, eta 1.0, warm-up 10
+    smoothadv     train_salman.py     PGD, epsilon 255/256, T = 10, m = 4, warm-up 10
+    macer         train_macer.py      k = 16, beta 16, gamma 8, lambda 16, *not* deferred
+    consistency   train_consistency.py  m = 2, lambda 10, eta 0.5
+
+MACER runs without its deferral (the published run sets lambda = 0 for the first 31 epochs), because a
+deferred epoch skips the robustness loss on both sides and the comparison is about the full objective.
+
+How the time is taken: both sides get the same scratch copy of the first ``K*256`` training images and
+the first 16 test images (truncated IDX files under ``dataset_cache/MNIST/raw``, which torchvision's
+MNIST class reads on the official side and ``--data-dir`` points certkit at), so an epoch is exactly K
+batches. Each run trains ``--epochs`` epochs (default 3) in a fresh process; the first epoch is warm-up
+and dropped. The runs are interleaved per method, official then certkit, over ``--rounds`` rounds (the
+order flips each round), so load from other jobs hits both sides alike. A side's seconds per image is the
+mean of its timed epochs over all rounds divided by ``K*256``; the ratio is certkit's over the official
+one (lower is better for certkit).
+
+What each side's epoch time includes:
+
+- official: the second column of its ``logs/.../log.txt`` (printed to 3 significant digits): the
+  training epoch with its DataLoader (``--workers 0``, one image converted at a time), per-step
+  ``.item()`` calls and prints, plus the test pass over the 16 test images and the per-epoch scalar logging;
+- certkit: the ``seconds`` of each epoch in the run's ``metrics.jsonl`` (``python -m certkit train``):
+  the training loop only (``--test-subset 0``, and certkit never counts its per-epoch test).
+
+Threads: ``--threads N`` sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for both processes. ``--device cpu``
+hides CUDA from both (the official scripts take CUDA whenever it is visible); ``--device cuda`` runs both
+on the GPU.
+
+Requirements: none beyond certkit's own. The official scripts import ``tensorboardX``; a stub module on
+their ``PYTHONPATH`` re-exports ``torch.utils.tensorboard.SummaryWriter`` when the ``tensorboard`` package
+is installed and otherwise supplies a writer that drops the per-epoch scalars (they only log).
+``statsmodels`` is needed only by their certifier, which is not run.
+
+    python benchmarks/vs_official.py [--methods gaussian,smoothmix] [--batches 4] [--rounds 2]
+                                     [--threads 1] [--device cpu] [--keep DIR]
+
+One line per method, ``train_ratio_<method>: <ratio>  (certkit <ms> ms/image, official <ms> ms/image)``, and a
+last line ``vs_official: <worst ratio> (<method>; certkit s/image / official s/image, lower is better)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from certkit.data import dataset_info
+from certkit.errors import CertkitError
+
+BATCH = 256
+SIGMA = 0.25
+TEST_IMAGES = 16
+PEER_CODE = Path(__file__).resolve().parents[2] / "shared" / "peer-code" / "smoothmix"
+#: the unzipped IDX files torchvision's MNIST class reads from ``<root>/MNIST/raw``
+IDX_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+TENSORBOARDX_STUB = '''\
+"""Stand-in for the tensorboardX package, for running the official training scripts."""
+try:
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:  # no tensorboard package: the scripts only log per-epoch scalars, so drop them
+
+    class SummaryWriter:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def add_scalar(self, *args, **kwargs):
+            pass
+
+        def close(self):
+            pass
+'''
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method: the official script and the same hyperparameters in each side's flags."""
+
+    script: str
+    official: tuple[str, ...]
+    certkit: tuple[str, ...]
+
+
+METHODS: dict[str, Method] = {
+    "gaussian": Method("train_cohen.py", (), ()),
+    "smoothmix": Method(
+        "train.py",
+        ("--num-noise-vec", "4", "--num-steps", "3", "--alpha", "1.0", "--mix_step", "0", "--eta", "1.0",
+         "--warmup", "10"),
+        ("--num-noise-vec", "4", "--num-steps", "3", "--step-size", "1.0", "--mix-step", "0", "--eta", "1.0",
+         "--warmup", "10"),
+    ),
+    "smoothadv": Method(
+        "train_salman.py",
+        ("--attack", "PGD", "--epsilon", "255", "--num-steps", "10", "--warmup", "10", "--num-noise-vec", "4"),
+        ("--epsilon", repr(255 / 256), "--num-steps", "10", "--warmup", "10", "--num-noise-vec", "4"),
+    ),
+    "macer": Method(
+        "train_macer.py",
+        ("--num-noise-vec", "16", "--beta", "16.0", "--margin", "8.0", "--lbd", "16.0"),
+        ("--gauss-num", "16", "--beta", "16.0", "--gamma", "8.0", "--lbd", "16.0", "--deferred-epochs", "0"),
+    ),
+    "consistency": Method(
+        "train_consistency.py",
+        ("--num-noise-vec", "2", "--lbd", "10"),
+        ("--num-noise-vec", "2", "--lbd", "10", "--eta", "0.5"),
+    ),
+}
+
+
+def truncate_idx(src: Path, dst: Path, count: int) -> None:
+    """Write the first ``count`` items of the IDX file ``src`` (gzipped or not) to ``dst``, unzipped.
+
+    The header's item count is rewritten, since torchvision shapes the data from the header.
+    """
+    raw = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise CertkitError(f"{src}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    start = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", raw[4:start])
+    if not 1 <= count <= dims[0]:
+        raise CertkitError(f"{src}: holds {dims[0]} items, cannot take {count}")
+    size = math.prod(dims[1:])
+    body = raw[start : start + count * size]
+    if len(body) != count * size:
+        raise CertkitError(f"{src}: truncated; its header promises {dims[0]} items")
+    dst.write_bytes(raw[:4] + struct.pack(f">{ndim}I", count, *dims[1:]) + body)
+
+
+def write_subset(source: Path, raw_dir: Path, train: int, test: int) -> None:
+    """Fill ``raw_dir`` with the first ``train`` training and ``test`` test images and labels of ``source``."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for split, count in (("train", train), ("test", test)):
+        for stem in IDX_STEMS[split]:
+            src = next((p for p in (source / f"{stem}.gz", source / stem) if p.is_file()), None)
+            if src is None:
+                raise CertkitError(f"{source / stem}.gz: missing; expected the Fashion-MNIST IDX files there")
+            truncate_idx(src, raw_dir / stem, count)
+
+
+def official_epoch_seconds(log: Path) -> list[float]:
+    """Per-epoch wall seconds from an official ``log.txt`` (tab-separated; the second column is the time)."""
+    lines = log.read_text().splitlines()
+    if not lines or lines[0].split("\t")[:2] != ["epoch", "time"]:
+        raise CertkitError(f"{log}: not an official training log (expected the header 'epoch<TAB>time...')")
+    return [float(line.split("\t")[1]) for line in lines[1:] if line.strip()]
+
+
+def certkit_epoch_seconds(metrics: Path) -> list[float]:
+    """Per-epoch training-loop seconds from a certkit run's ``metrics.jsonl``."""
+    return [float(json.loads(line)["seconds"]) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise CertkitError(f"{what} exited with status {done.returncode}:\n{tail}")
+
+
+def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[str, str]) -> list[float]:
+    cmd = [
+        sys.executable, METHODS[method].script, "mnist", "lenet", "--lr", "0.01", "--lr_step_size", "30",
+        "--epochs", str(epochs), "--noise_sd", str(SIGMA), "--batch", str(BATCH), "--workers", "0",
+        "--id", str(run_id), *METHODS[method].official,
+    ]
+    run(cmd, code, env, f"official {METHODS[method].script}")
+    logs = sorted(code.glob(f"logs/**/lenet/{run_id}/log.txt"))
+    if len(logs) != 1:
+        raise CertkitError(f"official {method}: expected one log.txt for id {run_id}, found {len(logs)}")
+    return official_epoch_seconds(logs[0])
+
+
+def run_certkit(method: str, data: Path, out: Path, epochs: int, device: str, env: dict[str, str]) -> list[float]:
+    cmd = [
+        sys.executable, "-m", "certkit", "train", "--dataset", "fashion-mnist", "--data-dir", str(data),
+        "--arch", "lenet", "--method", method, "--sigma", str(SIGMA), "--out", str(out),
+        "--epochs", str(epochs), "--batch-size", str(BATCH), "--lr", "0.01", "--momentum", "0.9",
+        "--weight-decay", "1e-4", "--schedule", "step", "--lr-step", "30", "--test-subset", "0",
+        "--device", device, *METHODS[method].certkit,
+    ]
+    run(cmd, out.parent, env, f"certkit train --method {method}")
+    return certkit_epoch_seconds(out / "metrics.jsonl")
+
+
+def timed(seconds: list[float], epochs: int, what: str) -> list[float]:
+    """The epochs after the first (warm-up), checking the run logged every epoch."""
+    if len(seconds) != epochs:
+        raise CertkitError(f"{what}: logged {len(seconds)} epochs, expected {epochs}")
+    return seconds[1:]
+
+
+def child_env(threads: int, device: str, pythonpath: str | None) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--batches", type=int, default=4, help="K: batches of 256 per epoch")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per method")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up (at least 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each side")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
+    p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
+    p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
+    a = p.parse_args(argv)
+    a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown or not a.methods:
+        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if a.batches < 1 or a.rounds < 1 or a.epochs < 2 or a.threads < 1:
+        p.error("--batches, --rounds and --threads must be >= 1 and --epochs >= 2")
+    return a
+
+
+def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, float]]:
+    """Seconds per image ``(official, certkit)`` of each method."""
+    if not (a.peer_code / "code" / "train.py").is_file():
+        raise CertkitError(f"{a.peer_code}: missing the official code (code/train.py); pass --peer-code")
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CertkitError("--device cuda: no CUDA device is visible")
+    code = scratch / "official"
+    shutil.copytree(a.peer_code / "code", code)
+    raw = code / "dataset_cache" / "MNIST" / "raw"
+    source = a.source if a.source is not None else Path(dataset_info("fashion-mnist").default_root or "")
+    images = a.batches * BATCH
+    write_subset(source, raw, images, TEST_IMAGES)
+    stub = scratch / "stub"
+    stub.mkdir()
+    (stub / "tensorboardX.py").write_text(TENSORBOARDX_STUB)
+    official_env = child_env(a.threads, a.device, str(stub))
+    certkit_env = child_env(a.threads, a.device, None)
+    runs = scratch / "certkit"
+    runs.mkdir()
+
+    times: dict[str, dict[str, list[float]]] = {m: {"official": [], "certkit": []} for m in a.methods}
+    for r in range(a.rounds):
+        for i, method in enumerate(a.methods):
+            run_id = r * len(METHODS) + i
+            sides = ("official", "certkit") if r % 2 == 0 else ("certkit", "official")
+            for side in sides:
+                if side == "official":
+                    secs = run_official(method, code, run_id, a.epochs, official_env)
+                else:
+                    secs = run_certkit(method, raw, runs / f"{method}-{r}", a.epochs, a.device, certkit_env)
+                times[method][side] += timed(secs, a.epochs, f"{side} {method}")
+                print(f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs)
+                      + " s", file=sys.stderr, flush=True)
+    return {
+        m: (sum(t["official"]) / len(t["official"]) / images, sum(t["certkit"]) / len(t["certkit"]) / images)
+        for m, t in times.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    print(f"device {a.device}, {a.threads} thread(s) each side, {a.batches} batches of {BATCH} per epoch, "
+          f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)", flush=True)
+    try:
+        if a.keep is not None:
+            a.keep.mkdir(parents=True, exist_ok=False)
+            rates = measure(a, a.keep)
+        else:
+            with tempfile.TemporaryDirectory(prefix="vs_official-") as tmp:
+                rates = measure(a, Path(tmp))
+    except (CertkitError, FileExistsError) as e:
+        print(f"vs_official: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    ratios = {m: ours / theirs for m, (theirs, ours) in rates.items()}
+    for m, (theirs, ours) in rates.items():
+        print(f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {ours * 1e3:.3f} ms/image, "
+              f"official {theirs * 1e3:.3f} ms/image)")
+    worst = max(ratios, key=ratios.__getitem__)
+    print(f"vs_official: {ratios[worst]:.3f} (worst train_ratio, {worst}; certkit s/image / official s/image, "
+          "lower is better)")
+
+
+if __name__ == "__main__":
+    main()
