@@ -222,14 +222,13 @@ def _speed_check(
     """With a speed option on, check on a sample that the network votes as the plain fp32 model does.
 
     ``CHECK_COPIES`` noisy copies of each of the first ``CHECK_INPUTS`` planned inputs, drawn from the check's
-    own stream (:func:`~certkit.smoothing.samplers.check_generator`), go through both; the run is refused if
-    at any of them fewer than :data:`~certkit.smoothing.voter.MIN_VOTE_AGREEMENT` of the votes agree. Power: a speed option
-    that moves an input's vote probability by 2% disagrees on at least 2% of its copies, and a
-    Binomial(2000, 0.02) count is <= 20 (1%) with probability 3e-4, so that change is caught with
-    probability > 0.999; a faithful option that flips 0.2% of votes (rounding near the decision boundary)
-    exceeds 20 with probability 2e-9 per input. About 32,000 forward passes, a second or two for LeNet on
-    CPU. When the run goes on, the summary's ``speed_check`` records the agreement and says that the
-    certificates are about the classifier as run with these options.
+    own stream (:func:`~certkit.smoothing.samplers.check_generator`), go through both; the run is refused if at
+    any of them fewer than :data:`~certkit.smoothing.voter.MIN_VOTE_AGREEMENT` of the votes agree. Power: a
+    speed option that moves an input's vote probability by 2% disagrees on at least 2% of its copies, and a
+    Binomial(2000, 0.02) count is <= 20 (1%) with probability 3e-4, so that change is caught with probability >
+    0.999; a faithful option that flips 0.2% of votes (rounding near the decision boundary) exceeds 20 with
+    probability 2e-9 per input. About 32,000 forward passes. When the run goes on, the summary's ``speed_check``
+    records the agreement and says that the certificates are about the classifier as run with these options.
     """
     options = {k: v for k, v in smoothed.speed_options.items() if v}
     if not options or not indices:
