@@ -15,7 +15,7 @@ What runs:
    * the **adaptive** certificate replays :meth:`AdaptiveSchedule.decide` at every look, on the same samples.
 
    The comparison is paired: both see the same noise, so the difference is the schedule's alone.
-3. **The real adaptive run**: :func:`certkit.certify.certify_dataset` with ``adaptive=AdaptiveSchedule()``
+3. **The real adaptive run**: :func:`certkit.certify_dataset` with ``adaptive=AdaptiveSchedule()``
    writes its TSV (with the ``samples`` column) and its rows must equal the replay's, row by row; that ties
    the figures to the code path users run.
 4. For context, an **oracle bound**: if every image's true vote probability were known and each image could be

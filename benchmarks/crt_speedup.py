@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from certkit.demo import CompareConfig, compare, render
+from certkit.experiments.crt_demo import CompareConfig, compare, render
 
 
 #: longer than the demo (6 and 8 epochs): at 6 epochs the CRT student has not converged (ACR ratio ~0.97),

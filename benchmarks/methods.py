@@ -45,7 +45,7 @@ import torch
 from certkit import RunPlan, Smooth, certify_dataset, report
 from certkit.data import dataset_info, load_dataset
 from certkit.models import create_model
-from certkit.objectives import get_objective
+from certkit.methods import get_objective
 from certkit.train import Trainer, TrainConfig
 
 METHODS = ("gaussian", "smoothadv", "macer", "smoothmix", "consistency")

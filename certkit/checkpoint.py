@@ -34,7 +34,7 @@ from certkit import __version__
 from certkit.data import dataset_info
 from certkit.errors import CertkitError
 from certkit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from certkit.models import create_model
+from certkit.models import create_model, wrapper
 
 FORMAT = "certkit-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -122,21 +122,32 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CertkitError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CertkitError(f"{meta_path}: not a certkit checkpoint (expected format {FORMAT!r})")
-    for key in ("arch", "num_classes", "in_shape", "normalization", "weights"):
+    for key in ("arch", "num_classes", "in_shape", "weights"):
         if key not in meta:
             raise CertkitError(f"{meta_path}: missing field {key!r}")
     return meta
 
 
-def build_model(meta: dict[str, Any]) -> nn.Sequential:
-    """An untrained model of the architecture, shape and normalization that ``meta`` describes."""
-    norm = meta["normalization"]
-    model = create_model(meta["arch"], meta["num_classes"], meta["in_shape"], norm["mean"], norm["std"])
-    if meta.get("method") == "gloro" or "gloro" in meta:
-        from certkit.gloro.model import GloroNet  # the frozen bound, epsilon and iterates are buffers
+def wrapper_key(meta: dict[str, Any]) -> str | None:
+    """The registered wrapper ``meta`` declares; files written before the key existed name GloRo implicitly."""
+    if "wrapper" in meta:
+        return meta["wrapper"]
+    return "gloro" if meta.get("method") == "gloro" or "gloro" in meta else None
 
-        model = GloroNet.from_meta(model, meta)
-    return model
+
+def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Module:
+    """An untrained model as ``meta`` describes it: ``model`` (your own module) or the registered
+    architecture, inside the wrapper ``meta`` declares (if any)."""
+    if model is None:
+        norm = meta.get("normalization")
+        if not isinstance(norm, dict):
+            raise CertkitError(
+                f"model.json: architecture {meta['arch']!r} is not one of certkit's; "
+                "load the run with certkit.load(run, model=<an untrained instance of your module>)"
+            )
+        model = create_model(meta["arch"], meta["num_classes"], meta["in_shape"], norm["mean"], norm["std"])
+    key = wrapper_key(meta)
+    return wrapper(key)(model, meta) if key is not None else model
 
 
 def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
@@ -156,12 +167,18 @@ def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str,
     return state
 
 
-def load_with_meta(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild a certkit model from its two files; returns (model in eval mode, metadata)."""
+def load_with_meta(
+    path: str | os.PathLike, device: torch.device | str = "cpu", model: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a certkit model from its two files; returns (model in eval mode, metadata).
+
+    ``model``: an untrained instance of the module the run trained (required for your own modules); its
+    weights are replaced by the saved ones, which must match it name for name and shape for shape.
+    """
     weights, _ = run_paths(path)
     meta = read_meta(path)
     state = read_weights(weights, meta)
-    model = build_model(meta)
+    model = build_model(meta, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -170,55 +187,15 @@ def load_with_meta(path: str | os.PathLike, device: torch.device | str = "cpu") 
     return model.to(device).eval(), meta
 
 
-def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Sequential:
-    """``certkit.load(run_dir)``: the model, in eval mode, rebuilt from ``model.json`` + ``model.safetensors``."""
-    return load_with_meta(path, device)[0]
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", model: nn.Module | None = None) -> nn.Module:
+    """``certkit.load(run_dir)``: the model, in eval mode, rebuilt from ``model.json`` + ``model.safetensors``.
+
+    A run of your own module loads into an untrained instance of it: ``certkit.load(run, model=MyNet())``.
+    """
+    return load_with_meta(path, device, model)[0]
 
 
 def model_hash(path: str | os.PathLike) -> str:
     """The SHA-256 of a checkpoint's weights file (or of a foreign checkpoint file)."""
     p = Path(path)
     return sha256_file(run_paths(p)[0] if p.is_dir() or p.suffix in (".json", ".safetensors") else p)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checkpoints of the reference code bases (Cohen et al., SmoothAdv, MACER, Consistency, SmoothMix, CRT):
-# their layout lives in certkit.reference, imported on use (it builds on this module).
-# ---------------------------------------------------------------------------------------------------------
-def is_reference_checkpoint(path: str | os.PathLike) -> bool:
-    return Path(path).is_file() and str(path).endswith((".pth", ".pth.tar", ".pt"))
-
-
-def import_reference_checkpoint(
-    path: str | os.PathLike,
-    dataset: str,
-    sigma: float | None = None,
-    arch: str | None = None,
-    normalization: str | None = None,
-) -> tuple[nn.Sequential, dict[str, Any]]:
-    """A reference ``.pth``/``.pth.tar`` as a certkit model; see :func:`certkit.reference.import_checkpoint`."""
-    from certkit.reference import import_checkpoint
-
-    return import_checkpoint(path, dataset, arch=arch, normalization=normalization, sigma=sigma)
-
-
-def load_any(
-    path: str | os.PathLike,
-    dataset: str | None = None,
-    device: torch.device | str = "cpu",
-    arch: str | None = None,
-    normalization: str | None = None,
-) -> tuple[nn.Sequential, dict[str, Any]]:
-    """A certkit run directory / model.json, or a reference ``.pth``/``.pth.tar`` (needs ``dataset``).
-
-    ``arch`` and ``normalization`` describe a reference file; a certkit run records both, so giving
-    them for one is refused rather than ignored.
-    """
-    if is_reference_checkpoint(path):
-        if dataset is None:
-            raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
-        model, meta = import_reference_checkpoint(path, dataset, arch=arch, normalization=normalization)
-        return model.to(device), meta
-    if arch is not None or normalization is not None:
-        raise CertkitError(f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both")
-    return load_with_meta(path, device)

@@ -8,6 +8,8 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -58,10 +60,43 @@ def _common_data(p: argparse.ArgumentParser, dataset_default: str | None = "fash
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
 
 
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`~certkit.train.TrainConfig` field; unset ones take the published recipe."""
+    from certkit.train import TrainConfig
+
+    group = p.add_argument_group("optimisation (default: the published recipe for the dataset family and method)")
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        parse = meta["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
+        group.add_argument(
+            *(meta["flags"] or ["--" + f.name.replace("_", "-")]), dest=f.name, type=parse, choices=meta["choices"] or None,
+            default=None, help=f"{meta['help']} (default: recipe, else {f.default!r})",
+        )
+
+
+def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> None:
+    """One flag per hyperparameter name across all methods (a name means one thing everywhere); the help
+    says which methods take it. Only given flags reach the namespace, as ``hp_<name>``."""
+    helps: dict[str, list[str]] = {}
+    parsers: dict[str, Any] = {}
+    for name, cls in methods.items():
+        for key, spec in cls.Params.field_specs().items():
+            official = f" (the reference code's {spec['official']})" if spec["official"] else ""
+            helps.setdefault(key, []).append(f"{name}: {spec['help']}{official}")
+            parsers.setdefault(key, cls.Params.parse_function(key))
+    group = p.add_argument_group("method hyperparameters (default: the published value for the dataset and sigma)")
+    for key in sorted(helps):
+        group.add_argument(
+            "--" + key.replace("_", "-"), dest="hp_" + key, metavar=key.upper(), type=parsers[key],
+            default=argparse.SUPPRESS, help="; ".join(helps[key]),
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from certkit.methods import list_objectives, registry
     from certkit.models import list_models
-    from certkit.objectives import list_objectives, registry
-    from certkit.objectives.base import add_hyper_arguments
     from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
@@ -75,31 +110,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model. Optimisation defaults follow the literature's recipe for the dataset family and "
         "method (MNIST-like: 90 epochs, SGD lr 0.01, x0.1 every 30, batch 256; CIFAR-10: 150 epochs, lr 0.1, step 50; "
         "CRT on CIFAR-10: 200 epochs, lr 0.1, x0.1 at 50%%/75%%). Method hyperparameters default to the published "
-        "values for the dataset and sigma; the resolved values are written to OUT/model.json.",
+        "values for the dataset and sigma; the resolved values are written to OUT/model.json. Your own model and "
+        "data: --arch pkg.module:factory (returns an nn.Module) and --dataset pkg.module:factory (returns "
+        "train and test torch Datasets and the class count).",
         formatter_class=_Formatter,
     )
     _common_data(t)
-    t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}")
+    t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
     t.add_argument("--method", default="gaussian", help=f"training method: {', '.join(list_objectives())}")
     t.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma)")
     t.add_argument("--out", required=True, help="run directory (model.safetensors, model.json, metrics.jsonl)")
     t.add_argument("--teacher", default=None, help="CRT teacher: a certkit run directory or a reference .pth/.pth.tar")
-    t.add_argument("--epochs", type=_positive_int, default=None, help="epochs (default: recipe)")
-    t.add_argument("--batch-size", "--batch", dest="batch_size", type=_positive_int, default=None, help="loader batch (default: recipe, 256)")
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default=None, help="optimizer (default: sgd; adam for gloro)")
-    t.add_argument("--lr", type=float, default=None, help="initial learning rate (default: recipe)")
-    t.add_argument("--momentum", type=float, default=None, help="SGD momentum (default 0.9)")
-    t.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 1e-4)")
-    t.add_argument("--schedule", choices=["step", "multistep", "cosine", "exp", "constant"], default=None, help="LR schedule (default: recipe)")
-    t.add_argument("--lr-step", type=_positive_int, default=None, help="step schedule: epochs between x gamma decays")
-    t.add_argument("--milestones", type=lambda s: tuple(int(v) for v in s.split(",")), default=None, help="multistep schedule: comma-separated epochs")
-    t.add_argument("--lr-gamma", dest="gamma", type=float, default=None, help="LR decay factor (default 0.1)")
-    t.add_argument("--lr-final", type=float, default=None, help="exp schedule: final learning rate")
-    t.add_argument("--seed", type=int, default=0, help="seed for data order and noise (re-seeded per epoch)")
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images each epoch (0: no per-epoch test)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
-    add_hyper_arguments(t, registry())
+    _config_arguments(t)
+    _hyper_arguments(t, registry())
 
     # --- certify / predict -------------------------------------------------------------------------
     for name in ("certify", "predict"):
@@ -190,34 +216,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def cmd_train(args: argparse.Namespace) -> None:
-    from certkit.objectives import get_objective
-    from certkit.objectives.base import collect_hyper_overrides
-    from certkit.train import train
+def _factory(spec: str, what: str) -> Any:
+    """Call ``pkg.module:factory`` (your own model or data on the command line)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise CertkitError(f"--{what} {spec}: cannot import it ({e})") from None
+    return factory()
 
-    cls = get_objective(args.method)
-    trainer = train(
-        dataset=args.dataset, arch=args.arch, method=args.method, sigma=args.sigma, out=args.out,
-        hparams=collect_hyper_overrides(args, cls), teacher=args.teacher, data_dir=args.data_dir,
-        train_subset=args.train_subset, test_subset=args.test_subset, device=args.device, resume=args.resume,
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, schedule=args.schedule, lr_step=args.lr_step, milestones=args.milestones,
-        gamma=args.gamma, lr_final=args.lr_final, seed=args.seed,
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Turn the flags into a dataset, a model, an objective and a training configuration, then train."""
+    from certkit.train import TrainConfig, build_trainer
+
+    data: dict[str, Any] = {"dataset": args.dataset}
+    if ":" in args.dataset:
+        made = _factory(args.dataset, "dataset")
+        if not (isinstance(made, tuple) and len(made) == 3):
+            raise CertkitError(f"--dataset {args.dataset}: the factory must return (train, test, num_classes)")
+        data = {"dataset": made[0], "test_data": made[1], "num_classes": int(made[2])}
+    arch = _factory(args.arch, "arch") if ":" in args.arch else args.arch
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    trainer = build_trainer(
+        arch=arch, method=args.method, sigma=args.sigma, out=args.out, teacher=args.teacher,
+        hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
+        data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
+        resume=args.resume, meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
+        **data, **given,
     )
+    if args.resume:
+        trainer.resume()
+    trainer.fit()
     total = trainer.ledger.totals()
     print(f"trained {args.arch} with {args.method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
 
 
 def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     """Load the checkpoint, resolve sigma and the dataset, then run the certifier over the test set."""
-    from certkit import checkpoint
+    from certkit import reference
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
     from certkit.reference import check_fits_dataset
+    from certkit.smoothing.runner import RunPlan, certify_dataset
+    from certkit.smoothing.samplers import sampler_for
+    from certkit.smoothing.smooth import Smooth
+    from certkit.smoothing.statistics import AdaptiveSchedule
+    from certkit.smoothing.voter import Voter
     from certkit.train import select_device
 
     device = select_device(args.device)
-    model, meta = checkpoint.load_any(
+    model, meta = reference.load_any(
         args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
     )
     dataset = args.dataset or meta.get("dataset")
@@ -244,12 +293,6 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     auto_shard = shard is None and size > 1
     if auto_shard:
         shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
-    from certkit.smoothing.runner import RunPlan, certify_dataset
-    from certkit.smoothing.samplers import sampler_for
-    from certkit.smoothing.smooth import Smooth
-    from certkit.smoothing.statistics import AdaptiveSchedule
-    from certkit.smoothing.voter import Voter
-
     plan = RunPlan(
         mode=mode, n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
         max_idx=args.max, shard=shard, seed=args.seed,
@@ -312,7 +355,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from certkit.demo import run_demo
+    from certkit.experiments.crt_demo import run_demo
 
     run_demo(out=args.out, full=args.full, data_dir=args.data_dir, device=args.device)
 
@@ -331,8 +374,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_list(args: argparse.Namespace) -> None:
     from certkit.data import DATASETS
+    from certkit.methods import list_objectives
     from certkit.models import list_models
-    from certkit.objectives import list_objectives
 
     print("datasets:      " + ", ".join(DATASETS))
     print("architectures: " + ", ".join(list_models()))

@@ -1,7 +1,8 @@
 """Datasets by name, held where training happens.
 
-``load_dataset(name, split)`` returns an object with ``len()``, ``dataset[i] -> (image, label)`` for
-certification and ``batches(...)`` for training. Small datasets (MNIST, Fashion-MNIST, CIFAR-10) are held
+``load_dataset(name, split)`` returns a torch ``Dataset`` (``len()``, ``dataset[i] -> (image, label)``,
+what certification reads) with ``batches(...)`` for training. Your own torch ``Dataset`` or ``DataLoader``
+trains through :class:`TorchData`, which gives it the same ``batches(...)``. Small datasets (MNIST, Fashion-MNIST, CIFAR-10) are held
 as one uint8 tensor on the training device and batched from there, with CIFAR-10's random crop (padding 4)
 and horizontal flip done on whole batches (the airbench recipe: no DataLoader, no per-image PIL work).
 ImageNet uses torchvision's folder loader and transforms. Images are always float in [0, 1]; the model's
@@ -21,12 +22,15 @@ import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+import warnings
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Dataset as TorchDataset
 
 from certkit.errors import CertkitError
 
@@ -139,12 +143,7 @@ class ArrayDataset:
 
         ``rank``/``world_size`` give each DDP process a disjoint, equally sized share of the same permutation.
         """
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:
-            per_rank = n // world_size
-            order = order[rank * per_rank : (rank + 1) * per_rank]
-        order = order.to(self.device)
+        order = epoch_order(len(self), shuffle, generator, rank, world_size).to(self.device)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             if drop_last and len(idx) < batch_size:
@@ -153,6 +152,18 @@ class ArrayDataset:
             if self.augment:
                 x = random_crop_flip(x, padding=4, generator=generator)
             yield x, self.labels[idx]
+
+
+def epoch_order(
+    n: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1
+) -> Tensor:
+    """The indices one process reads in an epoch: one ``randperm`` when shuffling, and under DDP an equal,
+    disjoint share of that same permutation per rank (the remainder is dropped, as DistributedSampler)."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if world_size > 1:
+        per_rank = n // world_size
+        order = order[rank * per_rank : (rank + 1) * per_rank]
+    return order
 
 
 def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
@@ -237,13 +248,7 @@ class FolderDataset:
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        from torch.utils.data import DataLoader, Subset
-
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        if world_size > 1:
-            per = n // world_size
-            order = order[rank * per : (rank + 1) * per]
+        order = epoch_order(len(self), shuffle, generator, rank, world_size)
         device = getattr(self, "_device", torch.device("cpu"))
         loader = DataLoader(
             Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
@@ -257,6 +262,93 @@ class FolderDataset:
 
 
 Dataset = ArrayDataset | FolderDataset
+
+
+class TrainingData(Protocol):
+    """What the trainer reads: certkit's datasets, or any torch data through :class:`TorchData`."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> Any: ...
+    def to(self, device: torch.device | str) -> Any: ...
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+        drop_last: bool = False, rank: int = 0, world_size: int = 1,
+    ) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+class TorchData:
+    """Your own torch ``Dataset`` (items: float image ``(C, H, W)`` in [0, 1], int label) or ``DataLoader``,
+    batched for the trainer.
+
+    A ``Dataset`` is shuffled like certkit's own (one ``randperm`` from the trainer's seeded generator per
+    epoch, an equal share per DDP rank), so a resumed run sees the same order. A ``DataLoader`` is used as
+    it is: its own batch size, order and workers (one process only, since it does not know the ranks).
+    """
+
+    def __init__(self, data: TorchDataset | DataLoader) -> None:
+        self.data = data
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def dataset(self) -> TorchDataset:
+        return self.data.dataset if isinstance(self.data, DataLoader) else self.data
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def to(self, device: torch.device | str) -> "TorchData":
+        self.device = torch.device(device)
+        return self
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        if isinstance(self.data, DataLoader):
+            if world_size > 1:
+                raise CertkitError("a DataLoader cannot be split between processes; pass its Dataset under torchrun")
+            loader: DataLoader[Any] = self.data
+        else:
+            order = epoch_order(len(self), shuffle, generator, rank, world_size)
+            loader = DataLoader(Subset(self.data, order.tolist()), batch_size=batch_size, drop_last=drop_last)
+        for x, y in loader:
+            yield x.to(self.device).float(), torch.as_tensor(y).to(self.device).long()
+
+
+def as_training_data(data: Any) -> TrainingData:
+    """certkit's datasets as they are; a torch ``Dataset`` or ``DataLoader`` through :class:`TorchData`."""
+    if hasattr(data, "batches"):
+        return data
+    if isinstance(data, (TorchDataset, DataLoader)) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return TorchData(data)
+    raise CertkitError(f"training data must be a torch Dataset or DataLoader, not {type(data).__name__}")
+
+
+def check_item(item: Any, where: str = "dataset item 0") -> tuple[Tensor, int]:
+    """An item as (image, label), or a one-line error saying what it should be; warns on pixels outside [0, 1]."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise CertkitError(f"{where}: expected (image, label), got {type(item).__name__}")
+    x, y = item
+    if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise CertkitError(f"{where}: expected a float image tensor (C, H, W), got {shape}")
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 1:
+        cause = "0-255 pixels? divide by 255" if high > 1.5 else "normalized images? certkit normalizes inside the model"
+        warnings.warn(
+            f"{where}: pixel values span [{low:g}, {high:g}], outside [0, 1] ({cause}); "
+            "sigma and radii are in [0, 1] pixel units",
+            stacklevel=3,
+        )
+    return x, int(y)
 
 
 # --------------------------------------------------------------------------------------------------------

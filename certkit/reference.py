@@ -271,3 +271,32 @@ __all__ = [
     "EXPORT_NAMES", "NORMALIZATIONS", "REFERENCE_ARCHS", "REFERENCE_LAYOUTS", "ReferenceArch",
     "check_fits_dataset", "export_checkpoint", "import_checkpoint",
 ]
+
+
+def is_reference_checkpoint(path: str | os.PathLike) -> bool:
+    """A ``.pth``/``.pth.tar``/``.pt`` file: the reference code bases' checkpoints, not a certkit run."""
+    return Path(path).is_file() and str(path).endswith((".pth", ".pth.tar", ".pt"))
+
+
+def load_any(
+    path: str | os.PathLike,
+    dataset: str | None = None,
+    device: torch.device | str = "cpu",
+    arch: str | None = None,
+    normalization: str | None = None,
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A certkit run directory / model.json (``model``: see :func:`certkit.checkpoint.load_with_meta`), or a
+    reference ``.pth``/``.pth.tar`` (needs ``dataset``).
+
+    ``arch`` and ``normalization`` describe a reference file; a certkit run records both, so giving
+    them for one is refused rather than ignored.
+    """
+    if is_reference_checkpoint(path):
+        if dataset is None:
+            raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
+        imported, meta = import_checkpoint(path, dataset, arch=arch, normalization=normalization)
+        return imported.to(device), meta
+    if arch is not None or normalization is not None:
+        raise CertkitError(f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both")
+    return load_with_meta(path, device, model)

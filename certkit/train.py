@@ -16,6 +16,7 @@ Any two run directories can therefore be compared for training cost from their `
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -32,47 +33,76 @@ from safetensors.torch import load as st_load
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from certkit import checkpoint
+from certkit import __version__, checkpoint
+from certkit.data import as_training_data, check_item, dataset_info, load_dataset
 from certkit.errors import CertkitError
 from certkit.fileio import atomic_write_bytes, atomic_write_text
-from certkit.objectives.base import Objective
+from certkit.methods import build_objective, get_objective
+from certkit.models import create_model, model_spec
+from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
 
 STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
 
 
+def setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] = (),
+            flags: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A :class:`TrainConfig` field; the command line's flags (``flags``, else ``--name``) are made from it."""
+    return field(default=default, metadata=dict(help=help, parse=parse, choices=choices, flags=flags, cli=cli))
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 @dataclass
 class TrainConfig:
-    """Optimisation settings. Defaults are the MNIST/Fashion-MNIST LeNet recipe of the RS literature."""
+    """Optimisation settings, checked once when built. Defaults are the MNIST/Fashion-MNIST LeNet recipe of
+    the RS literature; :meth:`for_method` gives the published recipe of a dataset family and method."""
 
-    epochs: int = 90
-    batch_size: int = 256
-    optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    #: step (×gamma every lr_step epochs) | multistep (×gamma at milestones) | cosine | exp (to lr_final) | constant
-    schedule: str = "step"
-    lr_step: int = 30
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    lr_final: float = 1e-6
-    seed: int = 0
-    test_batch_size: int = 1000
+    epochs: int = setting(90, "epochs")
+    batch_size: int = setting(256, "loader batch (chunked methods take one optimizer step per chunk)", flags=("--batch-size", "--batch"))
+    optimizer: str = setting("sgd", "optimizer", choices=("sgd", "adam"))
+    lr: float = setting(0.01, "initial learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(1e-4, "weight decay")
+    schedule: str = setting(
+        "step", "LR schedule: step (x gamma every lr_step epochs), multistep (x gamma at milestones), cosine, "
+        "exp (to lr_final), constant", choices=("step", "multistep", "cosine", "exp", "constant"),
+    )
+    lr_step: int = setting(30, "step schedule: epochs between x gamma decays")
+    milestones: tuple[int, ...] = setting((), "multistep schedule: comma-separated epochs", parse=_milestones)
+    gamma: float = setting(0.1, "LR decay factor", flags=("--lr-gamma",))  # --gamma is MACER's
+    lr_final: float = setting(1e-6, "exp schedule: final learning rate")
+    seed: int = setting(0, "seed for weights, data order and noise (re-seeded per epoch)")
+    test_batch_size: int = setting(1000, "batch of the per-epoch test")
     #: stop with an error when the loss is NaN/inf (diverged run, e.g. SmoothAdv with a large epsilon)
-    check_finite: bool = True
+    check_finite: bool = setting(True, "stop when the loss is NaN/inf", cli=False)
 
-    def validate(self) -> None:
-        if self.epochs < 1:
-            raise CertkitError(f"--epochs must be >= 1 (got {self.epochs})")
-        if self.batch_size < 1:
-            raise CertkitError(f"--batch-size must be >= 1 (got {self.batch_size})")
+    def __post_init__(self) -> None:
+        self.milestones = tuple(int(m) for m in self.milestones)
+        for name in ("epochs", "batch_size", "lr_step", "test_batch_size"):
+            if getattr(self, name) < 1:
+                raise CertkitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if not self.lr > 0:
             raise CertkitError(f"--lr must be > 0 (got {self.lr})")
+        for name in ("momentum", "weight_decay", "gamma", "lr_final"):
+            if not getattr(self, name) >= 0:
+                raise CertkitError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.optimizer not in ("sgd", "adam"):
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
         if self.schedule not in ("step", "multistep", "cosine", "exp", "constant"):
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: step, multistep, cosine, exp, constant")
+
+    @classmethod
+    def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> "TrainConfig":
+        """:func:`recipe`'s published values for ``family``/``method``, under the non-None ``overrides``."""
+        settings = recipe(family, method)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
+        return cls(**settings)
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -164,6 +194,14 @@ class PassCounter:
 class Trainer:
     """Train ``model`` on ``train_data`` by minimising ``objective``; evaluate on ``test_data`` each epoch.
 
+    ``model`` is any ``nn.Module`` returning ``(N, K)`` logits for ``(N, C, H, W)`` images in [0, 1];
+    ``train_data``/``test_data`` are certkit datasets or your own torch ``Dataset`` (items: float image
+    ``(C, H, W)`` in [0, 1], int label) or ``DataLoader``. Before any work, one training image goes through
+    the model (and every module the objective counts): a model that does not fit the images, logits that
+    do not match ``meta["num_classes"]`` or a teacher's, or a label outside the logits are one-line errors,
+    and pixels outside [0, 1] a warning. ``model.json`` gets ``arch``, ``num_classes`` and ``in_shape``
+    from ``meta`` when given, else from the module and that probe, so every run loads again.
+
     Example::
 
         model = create_model("lenet", 10, (1, 28, 28))
@@ -176,39 +214,44 @@ class Trainer:
         model: nn.Module,
         objective: Objective,
         train_data: Any,
-        test_data: Any | None,
-        config: TrainConfig,
+        test_data: Any | None = None,
+        config: TrainConfig | None = None,
         out_dir: str | os.PathLike | None = None,
         meta: dict[str, Any] | None = None,
         device: torch.device | str = "auto",
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        config.validate()
-        self.config = config
+        self.config = config if config is not None else TrainConfig()
         self.device = select_device(device) if isinstance(device, str) else device
         self.objective = objective
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.model = model.to(self.device)
-        self.train_data = train_data.to(self.device)
-        self.test_data = test_data.to(self.device) if test_data is not None else None
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.train_data = as_training_data(train_data).to(self.device)
+        self.test_data = as_training_data(test_data).to(self.device) if test_data is not None else None
+        image, label = check_item(self.train_data[0], "training item 0")
         self.meta = dict(meta or {})
+        self.meta.setdefault("arch", f"custom:{type(unwrap(model)).__name__}")
+        self.meta.setdefault("in_shape", list(image.shape))
+        self.model = objective.prepare_model(model, tuple(image.shape)).to(self.device)
+        counted = objective.counted_modules()
+        for module in counted.values():
+            module.to(self.device)
+        self.meta["num_classes"] = check_fit(self.model, counted, image.to(self.device), label, self.meta.get("num_classes"))
+        self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
         self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.rank == 0 else None)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
-        self.ledger = CostLedger(device=checkpoint.environment()["device"])
+        self.ledger = CostLedger(device=checkpoint.environment()["device"], ancestors=objective.cost_ancestors())
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.net: nn.Module = self.model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        counted = {"": self.model}
-        counted.update({f"{k}_": m for k, m in getattr(objective, "counted_modules", dict)().items()})
-        self.counters = [PassCounter(m, prefix) for prefix, m in counted.items()]
+        modules = {"": self.model, **{f"{k}_": m for k, m in counted.items()}}
+        self.counters = [PassCounter(m, prefix) for prefix, m in modules.items()]
 
     # --- optimisation -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -328,7 +371,7 @@ class Trainer:
             metrics=self.history[-1] if self.history else {},
             world_size=self.world_size,
         )
-        meta.update(getattr(self.objective, "checkpoint_meta", dict)())
+        meta.update(self.objective.checkpoint_meta())
         return meta
 
     def save(self, epoch: int) -> None:
@@ -407,9 +450,8 @@ class Trainer:
         self.scheduler.load_state_dict(info["scheduler"])
         self.history = list(info["history"])
         self.ledger = CostLedger.from_json(meta["cost"])
+        self.ledger.ancestors = self.objective.cost_ancestors() or self.ledger.ancestors
         self.start_epoch = info["epoch"] + 1
-        if hasattr(self.objective, "load_checkpoint_meta"):
-            self.objective.load_checkpoint_meta(meta)
         if self.rank == 0:
             # re-publish, in case the kill fell between writing the resume state and the checkpoint
             checkpoint.save(self.model, self.out_dir, meta)
@@ -418,8 +460,39 @@ class Trainer:
         return True
 
 
+def check_fit(model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None) -> int:
+    """One image through ``model`` (and ``others``, e.g. a teacher) in eval mode: the class count, or a
+    one-line error for a model that does not fit the image, logits of the wrong width, or a bad label.
+
+    Eval mode and no gradients, so batch statistics, parameters and the random streams are untouched.
+    """
+    widths = {}
+    for name, module in {"model": model, **others}.items():
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(image.unsqueeze(0))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CertkitError(f"the {name} does not fit images of shape {tuple(image.shape)}: {first}") from None
+        finally:
+            module.train(was_training)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise CertkitError(f"the {name} must return logits of shape (N, classes), got {shape} for one image")
+        widths[name] = int(out.shape[1])
+    classes = widths["model"] if num_classes is None else int(num_classes)
+    for name, width in widths.items():
+        if width != classes:
+            raise CertkitError(f"the {name} outputs {width} logits but the dataset has {classes} classes")
+    if not 0 <= label < classes:
+        raise CertkitError(f"training item 0 has label {label}, outside 0..{classes - 1}")
+    return classes
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Recipes and the one-call API used by the CLI
+# Recipes and the one-call API (names become objects here and in the CLI)
 # ---------------------------------------------------------------------------------------------------------
 #: published optimisation recipes per dataset family (training-methods.md §1, crt.md §3, gloro.md §7)
 RECIPES: dict[tuple[str, str], dict[str, Any]] = {
@@ -431,92 +504,96 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def recipe(family: str, method: str) -> dict[str, Any]:
+def recipe(family: str, method: str | type[Objective]) -> dict[str, Any]:
     """The literature's optimisation settings for a dataset family and method (method-specific first)."""
-    base = dict(RECIPES.get((family, "*"), {}))
-    base.update(RECIPES.get((family, method), {}))
-    base.update(getattr(_objective_class(method), "RECIPE", {}))
+    cls = get_objective(method) if isinstance(method, str) else method
+    key = family_key(family)
+    base = dict(RECIPES.get((key, "*"), {}))
+    base.update(RECIPES.get((key, cls.name), {}))
+    base.update(cls.recipe)
     return base
 
 
-def _objective_class(method: str) -> type[Objective]:
-    from certkit.objectives import get_objective
-
-    return get_objective(method)
-
-
-def train(
-    dataset: str = "fashion-mnist",
-    arch: str = "lenet",
-    method: str = "gaussian",
+def build_trainer(
+    dataset: Any = "fashion-mnist",
+    arch: str | nn.Module = "lenet",
+    method: str | Objective = "gaussian",
     sigma: float = 0.25,
     out: str | os.PathLike | None = None,
-    hparams: dict[str, Any] | None = None,
-    teacher: str | os.PathLike | None = None,
+    hparams: Mapping[str, Any] | None = None,
+    teacher: str | os.PathLike | nn.Module | None = None,
+    teacher_model: nn.Module | None = None,
     data_dir: str | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
     device: str = "auto",
     resume: bool = False,
     progress: bool | None = None,
+    test_data: Any | None = None,
+    num_classes: int | None = None,
+    meta: Mapping[str, Any] | None = None,
     **config: Any,
 ) -> Trainer:
-    """Train a model by names, as ``certkit train`` does; returns the finished :class:`Trainer`.
+    """Names and objects in, a :class:`Trainer` out (not started): what :func:`train` and the CLI share.
 
-    ``config`` overrides :class:`TrainConfig` fields; unset ones take :func:`recipe`'s published values.
-    Example::
-
-        certkit.train.train("fashion-mnist", "lenet", "gaussian", sigma=0.25, epochs=2, out="runs/g")
+    ``dataset`` is a name or your own torch ``Dataset``/``DataLoader`` (then ``test_data`` is its test split
+    and ``num_classes`` its class count, None = the model's logit count; hyperparameters and the recipe are
+    the MNIST-like published ones). A CRT ``teacher`` is a run directory, a reference checkpoint or a module;
+    ``teacher_model`` is an untrained instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters, the teacher, the
+    settings), so a mistake is reported before any data is read.
     """
-    from certkit.data import dataset_info, load_dataset
-    from certkit.models import create_model, model_spec
-
-    if not sigma > 0:
-        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
-    info = dataset_info(dataset)
-    model_spec(arch)  # unknown names fail before any data is read
     if out is not None and not resume and (Path(out) / STATE).exists():
         raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-    cls = _objective_class(method)
-    settings = recipe(info.family, method)
-    settings.update({k: v for k, v in config.items() if v is not None})
-    unknown = set(settings) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
-    cfg = TrainConfig(**settings)
-    cfg.validate()
-    objective = cls.from_config(sigma, info.family, hparams)
-    meta: dict[str, Any] = checkpoint.make_meta(arch, dataset, sigma, method)
-    lineage_cost: list[dict[str, Any]] = []
-    if teacher is not None:
-        if not hasattr(objective, "set_teacher"):
-            raise CertkitError(f"--teacher is only used by --method crt, not {method!r}")
-        t_model, t_meta = checkpoint.load_any(teacher, dataset=dataset)
-        if int(t_meta["num_classes"]) != info.num_classes:
-            raise CertkitError(f"{teacher}: teacher has {t_meta['num_classes']} classes, dataset {dataset} has {info.num_classes}")
-        t_meta = dict(t_meta, path=str(teacher), sha256=t_meta.get("weights", {}).get("sha256"))
-        objective.set_teacher(t_model, t_meta)  # type: ignore[attr-defined]
-        lineage_cost = list(t_meta.get("cost", {}).get("ancestors", []))
-        if "cost" in t_meta:
-            lineage_cost.append(
-                {"path": str(teacher), "method": t_meta.get("method"), "arch": t_meta.get("arch"),
-                 "seconds": t_meta["cost"].get("total", {}).get("seconds", 0.0), "total": t_meta["cost"].get("total", {})}
-            )
-    elif method == "crt":
-        raise CertkitError("--method crt needs --teacher RUN_DIR (a certkit run) or a reference .pth.tar")
-    train_data = load_dataset(dataset, "train", data_dir).subset(train_subset)
-    test_data = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None
+    named = isinstance(dataset, str)
+    info = dataset_info(dataset) if named else None
+    if info is not None and (test_data is not None or num_classes not in (None, info.num_classes)):
+        raise CertkitError(f"dataset {dataset!r} brings its own test split and {info.num_classes} classes")
+    if info is None and (train_subset is not None or test_subset is not None or data_dir is not None):
+        raise CertkitError("--train-subset, --test-subset and --data-dir apply to certkit's datasets; subset your own")
+    classes = info.num_classes if info is not None else num_classes
+    if isinstance(arch, str):
+        model_spec(arch)  # unknown names fail before any data is read
+    objective = build_objective(
+        method, sigma, info.family if info else DEFAULT_FAMILY, hparams, teacher, teacher_model, classes,
+        dataset if named else None,
+    )
+    cfg = TrainConfig.for_method(info.family if info else DEFAULT_FAMILY, type(objective), **config)
+    run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}
+    if info is not None:
+        train_split = load_dataset(dataset, "train", data_dir).subset(train_subset)
+        test_split = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None
+        run_meta.update(dataset=dataset, train_subset=train_subset, test_subset=test_subset)
+    else:
+        train_split, test_split = dataset, test_data
     torch.manual_seed(derive_seed(cfg.seed, "init"))  # the same seed gives the same initial weights
-    model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
-    if hasattr(objective, "prepare_model"):
-        model = objective.prepare_model(model, info)  # GloRo: wrap the network so it certifies itself
-    meta.update(train_subset=train_subset, test_subset=test_subset)
-    trainer = Trainer(model, objective, train_data, test_data, cfg, out_dir=out, meta=meta, device=device, progress=progress)
-    if teacher is not None:
-        objective.teacher.to(trainer.device)  # type: ignore[attr-defined]
-    trainer.ledger.ancestors = lineage_cost
-    if resume:
+    model: nn.Module
+    if isinstance(arch, str):
+        if classes is None:
+            raise CertkitError(f"architecture {arch!r} needs your dataset's class count: pass num_classes")
+        in_shape = info.in_shape if info else tuple(check_item(as_training_data(train_split)[0])[0].shape)
+        mean, std = (list(info.mean), list(info.std)) if info else ([0.0] * in_shape[0], [1.0] * in_shape[0])
+        model = create_model(arch, classes, in_shape, mean, std)
+        run_meta.update(arch=arch, normalization={"mean": mean, "std": std})
+    else:
+        model = arch
+    run_meta.update(dict(meta or {}))
+    return Trainer(model, objective, train_split, test_split, cfg, out_dir=out, meta=run_meta, device=device, progress=progress)
+
+
+def train(dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", method: str | Objective = "gaussian",
+          **kwargs: Any) -> Trainer:
+    """Train a model, as ``certkit train`` does; returns the finished :class:`Trainer`.
+
+    Every argument of :func:`build_trainer`: ``dataset`` a name or your own torch ``Dataset``/``DataLoader``
+    (with ``test_data``, ``num_classes``), ``arch`` a name or an ``nn.Module``, ``method`` a name or an
+    :class:`Objective`; other keywords override :class:`TrainConfig` fields, unset ones take :func:`recipe`'s
+    published values. Example::
+
+        certkit.train("fashion-mnist", "lenet", "gaussian", sigma=0.25, epochs=2, out="runs/g")
+        certkit.train(TensorDataset(x, y), nn.Sequential(...), "smoothmix", sigma=0.25, epochs=1, out="runs/m")
+    """
+    trainer = build_trainer(dataset, arch, method, **kwargs)
+    if kwargs.get("resume"):
         trainer.resume()
-        trainer.ledger.ancestors = lineage_cost or trainer.ledger.ancestors
     trainer.fit()
     return trainer

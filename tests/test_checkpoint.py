@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from certkit import checkpoint
+from certkit import checkpoint, reference
 from certkit.errors import CertkitError
 from certkit.models import create_model
 
@@ -101,12 +101,12 @@ def test_pickle_payload_refused_without_running(tmp_path: Path) -> None:
     with open(bad, "wb") as f:
         pickle.dump({"arch": "cifar_resnet20", "state_dict": {}, "x": _Payload()}, f)
     with pytest.raises(CertkitError, match="evil.pth.tar: refused"):
-        checkpoint.load_any(bad, dataset="cifar10")
+        reference.load_any(bad, dataset="cifar10")
     assert not marker.exists()
     # torch.save'd payloads too
     torch.save({"arch": "cifar_resnet20", "state_dict": {}, "x": _Payload()}, bad)
     with pytest.raises(CertkitError, match="refused"):
-        checkpoint.load_any(bad, dataset="cifar10")
+        reference.load_any(bad, dataset="cifar10")
     assert not marker.exists()
 
 
@@ -117,25 +117,25 @@ def test_reference_checkpoint_maps_onto_certkit(tmp_path: Path) -> None:
     state = {"module." + k: v for k, v in ref.state_dict().items() if not k.startswith("0.")}
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"arch": "cifar_resnet20", "state_dict": state, "epoch": 150}, path)
-    model, meta = checkpoint.load_any(path, dataset="cifar10")
+    model, meta = reference.load_any(path, dataset="cifar10")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        expected = ref[1](checkpoint.load_any(path, dataset="cifar10")[0][0](x))
+        expected = ref[1](reference.load_any(path, dataset="cifar10")[0][0](x))
         assert torch.allclose(model(x), expected)
     assert meta["arch"] == "resnet20" and meta["source"]["arch"] == "cifar_resnet20"
     # MACER-style bare keys (no normalization layer in their model)
     torch.save({"arch": "resnet20", "state_dict": {k[2:]: v for k, v in ref.state_dict().items() if k.startswith("1.")}}, path)
-    assert checkpoint.load_any(path, dataset="cifar10")[1]["arch"] == "resnet20"
+    assert reference.load_any(path, dataset="cifar10")[1]["arch"] == "resnet20"
 
 
 def test_reference_checkpoint_errors(tmp_path: Path) -> None:
     path = tmp_path / "x.pth.tar"
     torch.save({"state_dict": {}}, path)
     with pytest.raises(CertkitError, match="does not record its architecture"):
-        checkpoint.load_any(path, dataset="cifar10")
+        reference.load_any(path, dataset="cifar10")
     torch.save({"arch": "densenet40", "state_dict": {}}, path)
     with pytest.raises(CertkitError, match="unsupported architecture 'densenet40'"):
-        checkpoint.load_any(path, dataset="cifar10")
+        reference.load_any(path, dataset="cifar10")
     torch.save({"arch": "cifar_resnet20", "state_dict": {"1.conv1.weight": torch.zeros(1)}}, path)
     with pytest.raises(CertkitError, match="does not fit"):
-        checkpoint.load_any(path, dataset="cifar10")
+        reference.load_any(path, dataset="cifar10")

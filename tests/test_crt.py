@@ -113,7 +113,7 @@ def test_student_learns_the_teacher_and_ledger_counts_teacher() -> None:
 
 def test_sigma_mismatch_warns() -> None:
     with pytest.warns(UserWarning, match="sigma=0.5"):
-        CRT(0.25).set_teacher(_linear(0), {"sigma": 0.5})
+        CRT(0.25, teacher=_linear(0), teacher_meta={"sigma": 0.5})
 
 
 def test_class_count_mismatch_refused() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from certkit.demo import CompareConfig, compare, render
+from certkit.experiments.crt_demo import CompareConfig, compare, render
 
 
 def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path) -> None:

@@ -25,8 +25,8 @@ from certkit.gloro.layers import MinMax, Residual
 from certkit.gloro.lipschitz import build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
 from certkit.gloro.model import GloroNet
 from certkit.models import Normalize, create_model
-from certkit.objectives import get_objective
-from certkit.objectives.gloro import Gloro
+from certkit.methods import get_objective
+from certkit.gloro.objective import Gloro
 from certkit.results import floor_significant, read_results, summary_path
 from certkit.train import Trainer, TrainConfig, recipe, train
 
@@ -513,6 +513,12 @@ def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Pa
     x = torch.stack([trainer.test_data[i][0] for i in range(100)])
     for a, b in zip(original.certify(x), loaded.certify(x)):
         assert torch.equal(a, b)
+    # the wrapper is rebuilt through the key model.json declares; files written before the key still load
+    assert meta["wrapper"] == "gloro"
+    del meta["wrapper"]
+    (tmp_path / "run" / "model.json").write_text(json.dumps(meta))
+    legacy = checkpoint.load(tmp_path / "run")
+    assert isinstance(legacy, GloroNet) and float(legacy.lipschitz_frozen) == meta["gloro"]["lipschitz_bound"]
 
 
 def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root: Path, capsys) -> None:

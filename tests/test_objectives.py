@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.objectives import Objective, get_objective, registry
+from certkit.methods import get_objective, registry
+from certkit.objectives import Objective
 from certkit.objectives._smoothing import (
-    HYPER_SPECS,
     DivergenceError,
     draw_noises,
     l2_norms,
@@ -111,12 +111,9 @@ def test_registered_and_shared_names_agree() -> None:
         assert name in reg
     seen: dict[str, object] = {}
     for cls in reg.values():
-        for key, spec in cls.HYPERS.items():
+        for key, spec in cls.Params.field_specs().items():
             # one CLI flag serves every method that uses a name: same type everywhere
-            assert seen.setdefault(key, spec.type) is spec.type, key
-    for name in MINE:
-        for key, spec in reg[name].HYPERS.items():
-            assert spec is HYPER_SPECS[key]
+            assert seen.setdefault(key, (spec["kind"], spec["optional"])) == (spec["kind"], spec["optional"]), key
 
 
 @pytest.mark.parametrize(
@@ -150,7 +147,7 @@ def test_registered_and_shared_names_agree() -> None:
 def test_defaults(name: str, family: str, sigma: float, expected: dict) -> None:
     cls = get_objective(name)
     got = cls.defaults(family, sigma)
-    assert set(got) == set(cls.HYPERS)
+    assert set(got) == set(cls.Params.field_specs())
     for k, v in expected.items():
         assert got[k] == v, k
     obj = cls.from_config(sigma, family)
@@ -164,15 +161,17 @@ def test_defaults(name: str, family: str, sigma: float, expected: dict) -> None:
 
 
 def test_construction_and_errors() -> None:
-    assert SmoothAdv(sigma=0.5).hparams == SmoothAdv.defaults("cifar10", 0.5)  # bare constructor: CIFAR values
+    # bare constructor: the command line's default family (Fashion-MNIST's), for every method
+    assert SmoothAdv(sigma=0.5).hparams == SmoothAdv.defaults("mnist", 0.5)
+    assert SmoothAdv(sigma=0.5, family="cifar10").hparams == SmoothAdv.defaults("cifar10", 0.5)
     obj = SmoothAdv.from_config(0.25, "mnist", {"num_noise_vec": 2})
-    assert obj.num_chunks == 2 and obj.epsilon == 255 / 256
+    assert obj.num_chunks == 2 and obj.hp.epsilon == 255 / 256
     assert SmoothMix.from_config(0.25, "mnist").num_chunks == 4
     assert Consistency.from_config(0.25, "mnist").num_chunks == 2
     assert Macer.from_config(0.25, "mnist").num_chunks == 1
     with pytest.raises(CertkitError, match="identically 0"):
         Consistency(sigma=0.25, num_noise_vec=1)
-    with pytest.raises(CertkitError, match="mix_step"):
+    with pytest.raises(CertkitError, match="--mix-step"):
         SmoothMix(sigma=0.25, num_steps=2, mix_step=2)
     with pytest.raises(CertkitError, match="no hyperparameter"):
         SmoothAdv.from_config(0.25, "mnist", {"bogus": 1})
@@ -373,12 +372,12 @@ def test_stability_target_detached_or_trained() -> None:
     # same loss value, different gradient: the reference's form also trains through softmax(f(x))
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)
     assert not torch.allclose(grads[True], grads[False])
-    with pytest.raises(CertkitError, match="detach_target"):
+    with pytest.raises(CertkitError, match="--detach-target"):
         Stability(sigma=0.25, detach_target="yes")
-    spec = HYPER_SPECS["detach_target"]
-    assert spec.type("false") is False and spec.type("True") is True
+    parse = Stability.Params.parse_function("detach_target")
+    assert parse("false") is False and parse("True") is True
     with pytest.raises(ValueError):
-        spec.type("maybe")
+        parse("maybe")
 
 
 # --------------------------------------------------------------------------------------------------

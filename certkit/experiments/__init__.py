@@ -1,0 +1,1 @@
+"""Experiments built on the library: scripts that turn names into objects and compare runs (not the API)."""

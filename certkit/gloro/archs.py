@@ -5,7 +5,8 @@
 "same" padding (``4×4/2`` convs halve the size, ``⌈n/2⌉``), MinMax activations (1-Lipschitz and gradient-
 norm preserving), orthogonal initialisation (every layer starts with all singular values 1, so the initial
 Lipschitz bound is not astronomically loose), and no normalization layers (a batch-dependent layer has no
-fixed Lipschitz constant). Every layer is one the bound analysis of :mod:`certkit.gloro.lipschitz` knows.
+fixed Lipschitz constant). Every layer is one the bound analysis of :mod:`certkit.gloro.lipschitz` knows. The GloroNet wrapper
+is registered here too, so checkpoints rebuild it by its ``wrapper`` key.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Sequence
 from torch import nn
 
 from certkit.gloro.layers import MinMax
-from certkit.models import register_model
+from certkit.gloro.model import GloroNet
+from certkit.models.registry import register_model, register_wrapper
 
 # (channels, kernel, stride) per conv, then widths of the hidden dense layers
 _ARCHS: dict[str, tuple[list[tuple[int, int, int]], list[int], str, str]] = {
@@ -98,3 +100,6 @@ def _register(name: str) -> None:
 
 for _name in _ARCHS:
     _register(_name)
+
+# a GloRo checkpoint's model.json says "wrapper": "gloro"; its frozen bound, epsilon and iterates are buffers
+register_wrapper("gloro", GloroNet.from_meta)

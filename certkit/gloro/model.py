@@ -138,7 +138,7 @@ class GloroNet(nn.Sequential):
         power_iterations: int = 5,
     ) -> "GloroNet":
         """``GloroNet(create_model(arch, ...))``: what ``certkit train --method gloro`` builds."""
-        from certkit.models import create_model
+        from certkit.models.registry import create_model
 
         return cls(create_model(arch, num_classes, in_shape, mean, std), in_shape, epsilon, power_iterations)
 

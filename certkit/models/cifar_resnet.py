@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certkit.models import register_model
+from certkit.models.registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from certkit.models import register_model
+from certkit.models.registry import register_model
 
 
 @register_model("resnet18", "torchvision ResNet-18 (ImageNet)", family="imagenet")

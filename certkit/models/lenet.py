@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certkit.models import register_model
+from certkit.models.registry import register_model
 
 
 def _flat_size(features: nn.Module, in_shape: tuple[int, int, int]) -> int:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from certkit.models import register_model
+from certkit.models.registry import register_model
 
 
 class WideBlock(nn.Module):

@@ -1,55 +1,20 @@
-"""Training objectives by name: ``get_objective("smoothmix")``, ``list_objectives()``.
+"""The smoothing-training objectives, one module per method, and the :class:`Objective` interface.
 
-Each method lives in its own module and registers itself with :func:`register_objective`.
+The registry of every training method by name (these plus CRT and GloRo) is :mod:`certkit.methods`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from certkit.objectives.base import Hypers, Objective, eval_mode, hyper, unwrap
+from certkit.objectives.consistency import Consistency
+from certkit.objectives.crt import CRT
+from certkit.objectives.gaussian import Gaussian
+from certkit.objectives.macer import Macer
+from certkit.objectives.smoothadv import SmoothAdv
+from certkit.objectives.smoothmix import SmoothMix
+from certkit.objectives.stability import Stability
 
-from certkit.errors import CertkitError
-from certkit.objectives.base import Objective, eval_mode, unwrap
-
-_REGISTRY: dict[str, type[Objective]] = {}
-T = TypeVar("T", bound=type[Objective])
-
-
-def register_objective(name: str) -> Callable[[T], T]:
-    def wrap(cls: T) -> T:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def get_objective(name: str) -> type[Objective]:
-    _load_all()
-    if name not in _REGISTRY:
-        raise CertkitError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def list_objectives() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def registry() -> dict[str, type[Objective]]:
-    _load_all()
-    return dict(_REGISTRY)
-
-
-def _load_all() -> None:
-    # Importing the modules registers them; done lazily so `certkit.objectives.base` has no import cycle.
-    import importlib
-    import pkgutil
-
-    import certkit.objectives as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"certkit.objectives.{info.name}")
-
-
-__all__ = ["Objective", "eval_mode", "unwrap", "register_objective", "get_objective", "list_objectives", "registry"]
+__all__ = [
+    "CRT", "Consistency", "Gaussian", "Hypers", "Macer", "Objective", "SmoothAdv", "SmoothMix", "Stability",
+    "eval_mode", "hyper", "unwrap",
+]

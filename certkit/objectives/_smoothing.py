@@ -14,15 +14,13 @@ attack and the update step.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.objectives.base import Hyper
 
 #: floor inside ``log p̄`` of the attack objective and the entropy, as in the reference code bases
 LOG_FLOOR = 1e-20
@@ -33,125 +31,8 @@ class DivergenceError(CertkitError):
 
 
 # --------------------------------------------------------------------------------------------------
-# hyperparameters: one spec per name, so a CLI flag shared by several methods means one thing
+# divergence
 # --------------------------------------------------------------------------------------------------
-def _int_or_none(text: str) -> Any:
-    return None if text.lower() == "none" else int(text)
-
-
-def _float_or_none(text: str) -> Any:
-    return None if text.lower() == "none" else float(text)
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false (got {text!r})")
-
-
-_bool.__name__ = "bool"  # argparse names the type in its error message
-
-HYPER_SPECS: dict[str, Hyper] = {
-    "num_noise_vec": Hyper(int, "m: Gaussian noise draws per image; chunked methods also split each batch into m chunks"),
-    "gauss_num": Hyper(int, "k: Gaussian noise copies per image (MACER)"),
-    "epsilon": Hyper(float, "L2 attack radius in [0,1] pixel units (255/256 ≈ 1.0; the reference CLI takes 1/256 units)"),
-    "num_steps": Hyper(int, "T: attack steps"),
-    "warmup": Hyper(int, "epochs over which the attack radius / regulariser weight ramps up linearly"),
-    "lbd": Hyper(float, "lambda: weight of the robustness/consistency/stability regulariser"),
-    "eta": Hyper(float, "eta: weight of the second regulariser (Consistency: entropy of p̄; SmoothMix: mix loss)"),
-    "gamma": Hyper(float, "MACER hinge: margins xi = Φ⁻¹(p1) − Φ⁻¹(p2) above gamma are not pushed further"),
-    "beta": Hyper(float, "MACER inverse temperature of the soft votes softmax(beta·z)"),
-    "deferred_epochs": Hyper(int, "MACER: lambda is 0 for the first this-many epochs (0 = no deferral)"),
-    "step_size": Hyper(float, "L2 length of one SmoothMix attack step, pixel units (SmoothMix's --alpha)"),
-    "mix_step": Hyper(int, "SmoothMix: attack step whose point is the clean side of the mixup (0 = the clean image)"),
-    "maxnorm": Hyper(_float_or_none, "SmoothMix: L2 cap on the adversarial perturbation (none = unbounded)"),
-    "maxnorm_s": Hyper(_float_or_none, "SmoothMix: L2 cap on the clean-side perturbation (none = step_size·mix_step)"),
-    "detach_target": Hyper(_bool, "Stability: true = softmax(f(x)) is a fixed label; false = also train through it, as the reference code does"),
-}
-
-
-def pick_hypers(*names: str) -> dict[str, Hyper]:
-    """The shared specs of ``names``, in order: the ``HYPERS`` of one method."""
-    return {n: HYPER_SPECS[n] for n in names}
-
-
-# --------------------------------------------------------------------------------------------------
-# published defaults
-# --------------------------------------------------------------------------------------------------
-_FAMILY_ALIASES = {
-    "mnist": "mnist",
-    "fashion-mnist": "mnist",
-    "fashion_mnist": "mnist",
-    "fmnist": "mnist",
-    "cifar10": "cifar10",
-    "cifar-10": "cifar10",
-    # No method below publishes ImageNet training recipes for these losses at every sigma; the CIFAR-10
-    # (ResNet-110) values are the ones the re-implementations carry over.
-    "imagenet": "cifar10",
-}
-
-
-def table_defaults(
-    method: str, table: Mapping[str, Mapping[float, Mapping[str, Any]]], family: str, sigma: float
-) -> dict[str, Any]:
-    """Look up ``table[family][sigma]``.
-
-    ``family`` is ``mnist`` (MNIST-like: MNIST, Fashion-MNIST), ``cifar10`` or ``imagenet`` (CIFAR-10
-    values). A sigma outside the tabulated ones takes the nearest tabulated sigma on a log scale (noise
-    levels are compared by ratio: 0.12 → 0.25, 0.75 → 1.0, 2.0 → 1.0); an exact tie takes the smaller.
-    """
-    key = _FAMILY_ALIASES.get(str(family).lower())
-    if key is None:
-        raise CertkitError(
-            f"no published {method} defaults for dataset family {family!r}; use one of mnist, fashion-mnist, cifar10, imagenet"
-        )
-    if not sigma > 0:
-        raise CertkitError(f"sigma must be > 0 (got {sigma})")
-    rows = table[key]
-    nearest = min(sorted(rows), key=lambda s: abs(math.log(s / sigma)))
-    return dict(rows[nearest])
-
-
-def resolve_hparams(
-    method: str, table: Mapping[str, Mapping[float, Mapping[str, Any]]], sigma: float, given: dict[str, Any]
-) -> dict[str, Any]:
-    """Fill arguments left as ``None`` with the CIFAR-10 default at the nearest sigma.
-
-    Only used when an objective is built directly (``SmoothAdv(sigma=0.5)``); the CLI and
-    :meth:`Objective.from_config` always pass the defaults of the chosen dataset family.
-    """
-    base = table_defaults(method, table, "cifar10", sigma)
-    return {k: (base.get(k) if v is None else v) for k, v in given.items()}
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks
-# --------------------------------------------------------------------------------------------------
-def require(condition: bool, message: str) -> None:
-    """Raise a one-line :class:`CertkitError` unless ``condition`` holds."""
-    if not condition:
-        raise CertkitError(message)
-
-
-def check_int(method: str, name: str, value: Any, minimum: int) -> int:
-    require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{method}: {name} must be an integer >= {minimum} (got {value!r})",
-    )
-    return int(value)
-
-
-def check_float(method: str, name: str, value: Any, minimum: float = 0.0) -> float:
-    require(
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum,
-        f"{method}: {name} must be a finite number >= {minimum} (got {value!r})",
-    )
-    return float(value)
-
-
 def check_finite(loss: Tensor, method: str, epoch: int, hint: str) -> None:
     """Stop before a non-finite loss reaches the optimizer (one host sync per step).
 

@@ -8,26 +8,15 @@ satisfied by a flat prediction.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
-from certkit.objectives._smoothing import (
-    LOG_FLOOR,
-    check_float,
-    draw_noises,
-    mean_noisy_ce,
-    noisy_accuracy,
-    noisy_logits,
-    pick_hypers,
-    require,
-    resolve_hparams,
-    table_defaults,
-)
-from certkit.objectives.base import Objective
+from certkit.objectives._smoothing import LOG_FLOOR, draw_noises, mean_noisy_ce, noisy_accuracy, noisy_logits
+from certkit.objectives.base import Hypers, Objective, hyper
 
 
 def _row(lbd: float) -> dict[str, Any]:
@@ -38,6 +27,20 @@ _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
     "mnist": {0.25: _row(10.0), 0.5: _row(5.0), 1.0: _row(5.0)},
     "cifar10": {0.25: _row(20.0), 0.5: _row(10.0), 1.0: _row(10.0)},
 }
+
+
+@dataclass
+class ConsistencyHypers(Hypers):
+    """Consistency's hyperparameters (see :class:`Consistency`)."""
+
+    TABLE = _DEFAULTS
+
+    num_noise_vec: int = hyper(
+        int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=2,
+        why="with one draw the KL term is identically 0",
+    )
+    lbd: float = hyper(float, "lambda: weight of the KL term pulling each noisy prediction to their mean", minimum=0.0)
+    eta: float = hyper(float, "eta: weight of the entropy of the mean prediction", minimum=0.0)
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -54,7 +57,6 @@ def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:
     return kl, entropy
 
 
-@register_objective("consistency")
 class Consistency(Objective):
     """Consistency regularization — Jeong & Shin, "Consistency Regularization for Certified Robustness of
     Smoothed Classifiers", NeurIPS 2020.
@@ -70,8 +72,7 @@ class Consistency(Objective):
 
     Cost per training image: ``m`` forward and ``m`` backward passes.
 
-    Arguments (``None`` takes the CIFAR-10 default at the nearest σ; ``from_config(σ, "mnist")`` gives the
-    MNIST-like ones):
+    Arguments (left out: the published value of ``family``, default MNIST-like, at the nearest σ):
         sigma (float): noise level, pixel units.
         num_noise_vec (int): m ≥ 2, noise draws per image and chunks per batch (2). With m = 1 (the
             reference script's default) the KL term is identically 0, so it is rejected.
@@ -86,38 +87,20 @@ class Consistency(Objective):
         loss, parts = obj(model, images, labels)                    # parts: ce, kl, entropy, acc
     """
 
-    HYPERS = pick_hypers("num_noise_vec", "lbd", "eta")
+    name = "consistency"
+    Params = ConsistencyHypers
+    hp: ConsistencyHypers
+    sigma: float
 
-    def __init__(
-        self,
-        sigma: float,
-        num_noise_vec: int | None = None,
-        lbd: float | None = None,
-        eta: float | None = None,
-        **unknown: Any,
-    ) -> None:
-        given = dict(num_noise_vec=num_noise_vec, lbd=lbd, eta=eta)
-        super().__init__(sigma, **resolve_hparams("consistency", _DEFAULTS, sigma, given), **unknown)
-        hp = self.hparams
-        m = hp["num_noise_vec"]
-        require(
-            isinstance(m, int) and not isinstance(m, bool) and m >= 2,
-            f"consistency: num_noise_vec must be an integer >= 2 (got {m!r}); with one draw the KL term is identically 0",
-        )
-        self.num_noise_vec = int(m)
-        self.lbd = check_float(self.name, "lbd", hp["lbd"])
-        self.eta = check_float(self.name, "eta", hp["eta"])
-        self.num_chunks = self.num_noise_vec
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return table_defaults("consistency", _DEFAULTS, family, sigma)
+    @property
+    def num_chunks(self) -> int:  # type: ignore[override]
+        return self.hp.num_noise_vec
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = noisy_logits(model, x, draw_noises(x, self.num_noise_vec, self.sigma))
+        logits = noisy_logits(model, x, draw_noises(x, self.hp.num_noise_vec, self.sigma))
         ce = mean_noisy_ce(logits, y)
         kl, entropy = consistency_terms(logits)
-        loss = ce + (self.lbd * kl + self.eta * entropy).mean()
+        loss = ce + (self.hp.lbd * kl + self.hp.eta * entropy).mean()
         parts = {
             "ce": ce.detach(),
             "kl": kl.detach().mean(),

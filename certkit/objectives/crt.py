@@ -22,22 +22,28 @@ certkit does none of that.
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from certkit import reference
 from certkit.errors import CertkitError
-from certkit.objectives import register_objective
-from certkit.objectives.base import Hyper, Objective
+from certkit.objectives.base import DEFAULT_FAMILY, Hypers, Objective, hyper
 
 
-def _match_choice(value: str) -> str:
-    if value not in ("logits", "softmax"):
-        raise CertkitError(f"--match must be 'logits' or 'softmax' (got {value!r})")
-    return value
+@dataclass
+class CRTHypers(Hypers):
+    """CRT's hyperparameters (see :class:`CRT`); the official configurations use the defaults."""
+
+    alpha: float = hyper(
+        float, "weight of the teacher-matching term; 1-alpha weighs cross-entropy", default=1.0, minimum=0.0, maximum=1.0
+    )
+    match: str = hyper(str, "compare 'logits' (official code) or 'softmax' outputs", default="logits", choices=("logits", "softmax"))
 
 
 def transfer_distance(student: Tensor, teacher: Tensor) -> Tensor:
@@ -53,71 +59,101 @@ def transfer_distance(student: Tensor, teacher: Tensor) -> Tensor:
     return torch.where(zero, torch.zeros_like(sq), torch.sqrt(torch.where(zero, torch.ones_like(sq), sq)))
 
 
-@register_objective("crt")
 class CRT(Objective):
     """Train a student to match a frozen teacher on shared Gaussian-noisy inputs.
 
+    The objective owns its teacher: it loads it (from a certkit run directory, a reference ``.pth.tar`` or a
+    module), checks its class count, freezes it, and records its lineage and training cost once, for
+    ``model.json`` and the cost ledger.
+
     Arguments:
         sigma: noise level in [0, 1] pixel units (must equal the teacher's; a mismatch is warned about).
-        teacher: the teacher model (any architecture, same number of classes), put in eval mode and frozen.
+        teacher: the teacher, any architecture with the student's classes: a module, a certkit run
+            directory, or a reference ``.pth``/``.pth.tar`` checkpoint (then ``dataset`` names its data).
+        teacher_meta: the ``model.json`` of a teacher given as a module (its sigma, lineage and cost), if any.
+        teacher_model: for a teacher run of your own module, an untrained instance of it to load into.
+        num_classes: the dataset's class count, checked against the teacher's when known.
+        dataset: dataset name, for a reference checkpoint's normalization.
         alpha: weight of the transfer term; 1 − alpha weighs cross-entropy. Default 1.0 (official configs).
         match: 'logits' (official code, default) or 'softmax' (the paper's wording).
 
     Example::
 
-        obj = CRT(sigma=0.25, teacher=certkit.load("runs/teacher"))
+        obj = CRT(sigma=0.25, teacher="runs/teacher")
         loss, parts = obj(student, images, labels)   # images (B,C,H,W) in [0,1]
     """
 
-    HYPERS = {
-        "alpha": Hyper(float, "CRT: weight of the teacher-matching term; 1-alpha weighs cross-entropy (default 1.0)"),
-        "match": Hyper(_match_choice, "CRT: compare 'logits' (official code, default) or 'softmax' outputs"),
-    }
+    name = "crt"
+    Params = CRTHypers
+    hp: CRTHypers
 
-    def __init__(self, sigma: float, teacher: nn.Module | None = None, alpha: float = 1.0, match: str = "logits") -> None:
-        super().__init__(sigma, alpha=float(alpha), match=_match_choice(match))
-        if not 0.0 <= alpha <= 1.0:
-            raise CertkitError(f"--alpha must be in [0, 1] (got {alpha})")
-        self.alpha = float(alpha)
-        self.match = match
-        self.teacher: nn.Module | None = None
-        self.teacher_info: dict[str, Any] = {}
-        if teacher is not None:
-            self.set_teacher(teacher)
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return {"alpha": 1.0, "match": "logits"}
-
-    def set_teacher(self, teacher: nn.Module, info: dict[str, Any] | None = None) -> None:
-        """Freeze ``teacher`` (eval mode, no parameter gradients) and record where it came from.
-
-        ``info`` is the teacher's checkpoint metadata; its sigma is compared with the student's and its own
-        lineage is extended, so a chain of generations stays traceable.
-        """
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        self.teacher = teacher
-        self.teacher_info = dict(info or {})
-        t_sigma = self.teacher_info.get("sigma")
-        if t_sigma is not None and abs(float(t_sigma) - self.sigma) > 1e-12:
+    def __init__(
+        self,
+        sigma: float | None = None,
+        teacher: nn.Module | str | os.PathLike | None = None,
+        *,
+        teacher_meta: dict[str, Any] | None = None,
+        teacher_model: nn.Module | None = None,
+        num_classes: int | None = None,
+        dataset: str | None = None,
+        family: str = DEFAULT_FAMILY,
+        **hparams: Any,
+    ) -> None:
+        super().__init__(sigma, family=family, **hparams)
+        if teacher is None:
+            raise CertkitError("--method crt needs --teacher RUN_DIR (a certkit run) or a reference .pth.tar")
+        if isinstance(teacher, nn.Module):
+            info = dict(teacher_meta or {})
+        else:
+            path = str(teacher)
+            teacher, info = reference.load_any(path, dataset=dataset, model=teacher_model)
+            info["path"] = path
+        self.teacher = self._freeze(teacher)
+        self.teacher_info = info
+        if num_classes is not None and info.get("num_classes") is not None and int(info["num_classes"]) != num_classes:
+            raise CertkitError(f"{info.get('path')}: teacher has {info['num_classes']} classes, the dataset has {num_classes}")
+        t_sigma = info.get("sigma")
+        if t_sigma is not None and abs(float(t_sigma) - float(self.sigma or 0)) > 1e-12:
             warnings.warn(
                 f"teacher was trained at sigma={t_sigma}, student uses sigma={self.sigma}; CRT assumes equal sigma",
                 stacklevel=2,
             )
+        self.record = {k: info.get(k) for k in ("path", "arch", "method", "sigma")}
+        self.record["sha256"] = info.get("weights", {}).get("sha256")
+        self.lineage = list(info.get("lineage", [])) + [self.record]
+        self.ancestors = list(info.get("cost", {}).get("ancestors", []))
+        if "cost" in info:
+            total = info["cost"].get("total", {})
+            self.ancestors.append(
+                {"path": self.record["path"], "method": info.get("method"), "arch": info.get("arch"),
+                 "seconds": total.get("seconds", 0.0), "total": total}
+            )
+
+    @staticmethod
+    def _freeze(teacher: nn.Module) -> nn.Module:
+        """Eval mode (a teacher in train mode would use batch statistics and update them), no gradients."""
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
 
     def counted_modules(self) -> dict[str, nn.Module]:
         """The teacher's forward passes go into the cost ledger as ``teacher_forward``."""
-        return {"teacher": self.teacher} if self.teacher is not None else {}
+        return {"teacher": self.teacher}
+
+    def cost_ancestors(self) -> list[dict[str, Any]]:
+        """The teacher's own training cost, after its ancestors' (oldest first)."""
+        return list(self.ancestors)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """``teacher`` (path, arch, method, sigma, hash) and the whole ancestor ``lineage``, oldest first."""
+        return {"teacher": dict(self.record), "lineage": list(self.lineage)}
 
     def outputs(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(student logits, teacher logits, noisy input) for one shared noise draw."""
-        if self.teacher is None:
-            raise CertkitError("CRT needs a teacher: pass --teacher RUN_DIR or a reference .pth.tar")
         noisy = x + self.noise(x)
         with torch.no_grad():
-            self.teacher.eval()  # a teacher in train mode would use batch statistics and update them
+            self.teacher.eval()  # in case someone switched it back: train mode would update batch statistics
             t = self.teacher(noisy)
         return model(noisy), t, noisy
 
@@ -125,31 +161,18 @@ class CRT(Objective):
         s, t, _ = self.outputs(model, x)
         if s.shape != t.shape:
             raise CertkitError(f"teacher outputs {t.shape[1]} classes but the student {s.shape[1]}")
-        if self.match == "softmax":
+        if self.hp.match == "softmax":
             s_cmp, t_cmp = F.softmax(s, dim=1), F.softmax(t, dim=1)
         else:
             s_cmp, t_cmp = s, t
         transfer = transfer_distance(s_cmp, t_cmp).mean()
         ce = F.cross_entropy(s, y)
-        if self.alpha == 1.0:
+        if self.hp.alpha == 1.0:
             loss = transfer
-        elif self.alpha == 0.0:
+        elif self.hp.alpha == 0.0:
             loss = ce  # exactly Gaussian-augmentation training (same noise stream as `gaussian`)
         else:
-            loss = self.alpha * transfer + (1.0 - self.alpha) * ce
+            loss = self.hp.alpha * transfer + (1.0 - self.hp.alpha) * ce
         agree = (s.argmax(1) == t.argmax(1)).float().mean()
         acc = (s.argmax(1) == y).float().mean()
         return loss, {"transfer": transfer.detach(), "ce": ce.detach(), "agree": agree, "acc": acc}
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """``teacher`` (path, arch, method, hash) and the whole ancestor ``lineage``, oldest first."""
-        info = self.teacher_info
-        teacher = {
-            "path": info.get("path"),
-            "arch": info.get("arch"),
-            "method": info.get("method"),
-            "sigma": info.get("sigma"),
-            "sha256": info.get("sha256"),
-        }
-        lineage = list(info.get("lineage", [])) + [teacher]
-        return {"teacher": teacher, "lineage": lineage}

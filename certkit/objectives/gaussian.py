@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
 from certkit.objectives.base import Objective
 
 
-@register_objective("gaussian")
 class Gaussian(Objective):
     """Cross-entropy on one Gaussian-noisy copy of each image.
 
@@ -23,6 +21,8 @@ class Gaussian(Objective):
         obj = Gaussian(sigma=0.25)
         loss, parts = obj(model, images, labels)   # images (B,C,H,W) in [0,1]
     """
+
+    name = "gaussian"
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = model(x + self.noise(x))

@@ -14,19 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
-from certkit.objectives._smoothing import (
-    check_float,
-    check_int,
-    draw_noises,
-    noisy_accuracy,
-    noisy_logits,
-    pick_hypers,
-    resolve_hparams,
-    smoothed_probs,
-    table_defaults,
-)
-from certkit.objectives.base import Objective
+from certkit.objectives._smoothing import draw_noises, noisy_accuracy, noisy_logits, smoothed_probs
+from certkit.objectives.base import Hypers, Objective, hyper
 
 #: floor inside the classification loss's log, as in the reference
 _CL_FLOOR = 1e-10
@@ -46,6 +35,19 @@ _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
 
 
 @dataclass
+class MacerHypers(Hypers):
+    """MACER's hyperparameters (see :class:`Macer`)."""
+
+    TABLE = _DEFAULTS
+
+    gauss_num: int = hyper(int, "k: Gaussian noise copies per image", minimum=1)
+    beta: float = hyper(float, "inverse temperature of the soft votes softmax(beta*z)", minimum=0.0)
+    gamma: float = hyper(float, "hinge: margins xi = PhiInv(p1) - PhiInv(p2) above gamma are not pushed further", minimum=0.0)
+    lbd: float = hyper(float, "lambda: weight of the robustness loss", minimum=0.0)
+    deferred_epochs: int = hyper(int, "lambda is 0 for the first this-many epochs (0 = no deferral)", minimum=0)
+
+
+@dataclass
 class MacerTerms:
     """The pieces of the MACER loss for one batch (for logging and for tests)."""
 
@@ -59,7 +61,6 @@ class MacerTerms:
     kept: Tensor
 
 
-@register_objective("macer")
 class Macer(Objective):
     """MACER — Zhai et al., "MACER: Attack-free and Scalable Robust Training via Maximizing Certified
     Radius", ICLR 2020.
@@ -75,8 +76,7 @@ class Macer(Objective):
 
     One optimizer step per batch. Cost per training image: ``k`` forward and ``k`` backward passes.
 
-    Arguments (``None`` takes the CIFAR-10 default at the nearest σ; ``from_config(σ, "mnist")`` gives the
-    MNIST-like ones):
+    Arguments (left out: the published value of ``family``, default MNIST-like, at the nearest σ):
         sigma (float): noise level, pixel units; also scales RL (the radius is in σ units).
         gauss_num (int): k, noisy copies per image (16).
         beta (float): inverse temperature of the soft votes (16.0).
@@ -95,63 +95,43 @@ class Macer(Objective):
         loss, parts = obj(model, images, labels)             # parts: cl, rl, kept, lbd, acc
     """
 
-    HYPERS = pick_hypers("gauss_num", "beta", "gamma", "lbd", "deferred_epochs")
-
-    def __init__(
-        self,
-        sigma: float,
-        gauss_num: int | None = None,
-        beta: float | None = None,
-        gamma: float | None = None,
-        lbd: float | None = None,
-        deferred_epochs: int | None = None,
-        **unknown: Any,
-    ) -> None:
-        given = dict(gauss_num=gauss_num, beta=beta, gamma=gamma, lbd=lbd, deferred_epochs=deferred_epochs)
-        super().__init__(sigma, **resolve_hparams("macer", _DEFAULTS, sigma, given), **unknown)
-        hp = self.hparams
-        self.gauss_num = check_int(self.name, "gauss_num", hp["gauss_num"], 1)
-        self.beta = check_float(self.name, "beta", hp["beta"])
-        self.gamma = check_float(self.name, "gamma", hp["gamma"])
-        self.lbd = check_float(self.name, "lbd", hp["lbd"])
-        self.deferred_epochs = check_int(self.name, "deferred_epochs", hp["deferred_epochs"], 0)
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return table_defaults("macer", _DEFAULTS, family, sigma)
+    name = "macer"
+    Params = MacerHypers
+    hp: MacerHypers
+    sigma: float
 
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
         super().start_epoch(epoch, num_epochs)
-        if epoch == 0 and self.lbd > 0 and self.deferred_epochs >= num_epochs:
+        if epoch == 0 and self.hp.lbd > 0 and self.hp.deferred_epochs >= num_epochs:
             warnings.warn(
-                f"macer: deferred_epochs={self.deferred_epochs} >= epochs={num_epochs}, so the robustness loss "
+                f"macer: deferred_epochs={self.hp.deferred_epochs} >= epochs={num_epochs}, so the robustness loss "
                 "is never used; pass --deferred-epochs for this schedule (e.g. its first LR milestone + 1, or 0)",
                 stacklevel=2,
             )
 
     def current_lbd(self) -> float:
         """λ of the current epoch: 0 while deferred."""
-        return 0.0 if self.epoch < self.deferred_epochs else self.lbd
+        return 0.0 if self.epoch < self.hp.deferred_epochs else self.hp.lbd
 
     def terms(self, logits: Tensor, y: Tensor) -> MacerTerms:
         """CL, RL and the hinge mask from the ``(k, B, K)`` logits of the noisy copies."""
         p_bar = smoothed_probs(logits)
         cl = -torch.log(p_bar.gather(1, y.view(-1, 1)).squeeze(1) + _CL_FLOOR).sum()
 
-        votes = smoothed_probs(logits, beta=self.beta)
+        votes = smoothed_probs(logits, beta=self.hp.beta)
         top, idx = votes.topk(2, dim=1)
         ndtri = torch.special.ndtri
         with torch.no_grad():
             xi = ndtri(top[:, 0]) - ndtri(top[:, 1])
-            kept = (idx[:, 0] == y) & torch.isfinite(xi) & (xi <= self.gamma)
+            kept = (idx[:, 0] == y) & torch.isfinite(xi) & (xi <= self.hp.gamma)
         # Φ⁻¹ is evaluated with gradients only on the kept points: at p1 = 1 or p2 = 0 its derivative is
         # infinite, and even a masked-out inf turns into NaN (0·inf) in the backward pass.
         xi_kept = ndtri(top[kept, 0]) - ndtri(top[kept, 1])
-        rl = (self.sigma / 2.0) * (self.gamma - xi_kept).sum()
+        rl = (self.sigma / 2.0) * (self.hp.gamma - xi_kept).sum()
         return MacerTerms(cl=cl, rl=rl, xi=xi, kept=kept)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = noisy_logits(model, x, draw_noises(x, self.gauss_num, self.sigma))
+        logits = noisy_logits(model, x, draw_noises(x, self.hp.gauss_num, self.sigma))
         t = self.terms(logits, y)
         lbd = self.current_lbd()
         b = x.shape[0]

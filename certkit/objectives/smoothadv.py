@@ -7,30 +7,25 @@ it on the points where the *smoothed* classifier is weakest. It attacks the soft
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
 from certkit.objectives._smoothing import (
     check_finite,
-    check_float,
-    check_int,
     draw_noises,
     input_gradient,
     mean_noisy_ce,
     noisy_accuracy,
     noisy_logits,
-    pick_hypers,
     project_l2,
-    resolve_hparams,
     smoothed_nll,
-    table_defaults,
     unit_l2,
     warmup_factor,
 )
-from certkit.objectives.base import Objective, eval_mode
+from certkit.objectives.base import Hypers, Objective, eval_mode, hyper
 
 _E1 = 255 / 256  # the reference CLI's "255" (1/256 units), i.e. ≈ 1.0 in pixel units
 
@@ -47,7 +42,20 @@ _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
 }
 
 
-@register_objective("smoothadv")
+@dataclass
+class SmoothAdvHypers(Hypers):
+    """SmoothAdv's hyperparameters (see :class:`SmoothAdv`)."""
+
+    TABLE = _DEFAULTS
+
+    epsilon: float = hyper(
+        float, "L2 attack radius in [0,1] pixel units (255/256 ≈ 1.0; the reference CLI takes 1/256 units)", minimum=0.0
+    )
+    num_steps: int = hyper(int, "T: PGD steps", minimum=1)
+    num_noise_vec: int = hyper(int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1)
+    warmup: int = hyper(int, "epochs over which the attack radius ramps up linearly", minimum=1)
+
+
 class SmoothAdv(Objective):
     """SmoothAdv with the multi-noise PGD attack — Salman et al., "Provably Robust Deep Learning via
     Adversarially Trained Smoothed Classifiers", NeurIPS 2019.
@@ -74,8 +82,7 @@ class SmoothAdv(Objective):
     Cost per training image: ``m(T + 1)`` forward and ``m(T + 1)`` backward passes of noisy samples, ``m·T``
     of the backward passes for input gradients only.
 
-    Arguments (``None`` takes the CIFAR-10 default at the nearest σ; ``from_config(σ, "mnist")`` gives the
-    MNIST-like ones):
+    Arguments (left out: the published value of ``family``, default MNIST-like, at the nearest σ):
         sigma (float): noise level of training and certification, pixel units.
         epsilon (float): L2 attack radius in [0, 1] pixel units (MNIST-like: 255/256; CIFAR-10: 1.0, 1.0,
             2.0 at σ = 0.25, 0.5, 1.0). The reference CLI takes it in 1/256 units; divide by 256.
@@ -91,33 +98,18 @@ class SmoothAdv(Objective):
         loss, parts = obj(model, images, labels)                  # parts: ce, acc, epsilon
     """
 
-    HYPERS = pick_hypers("epsilon", "num_steps", "num_noise_vec", "warmup")
+    name = "smoothadv"
+    Params = SmoothAdvHypers
+    hp: SmoothAdvHypers
+    sigma: float
 
-    def __init__(
-        self,
-        sigma: float,
-        epsilon: float | None = None,
-        num_steps: int | None = None,
-        num_noise_vec: int | None = None,
-        warmup: int | None = None,
-        **unknown: Any,
-    ) -> None:
-        given = dict(epsilon=epsilon, num_steps=num_steps, num_noise_vec=num_noise_vec, warmup=warmup)
-        super().__init__(sigma, **resolve_hparams("smoothadv", _DEFAULTS, sigma, given), **unknown)
-        hp = self.hparams
-        self.epsilon = check_float(self.name, "epsilon", hp["epsilon"])
-        self.num_steps = check_int(self.name, "num_steps", hp["num_steps"], 1)
-        self.num_noise_vec = check_int(self.name, "num_noise_vec", hp["num_noise_vec"], 1)
-        self.warmup = check_int(self.name, "warmup", hp["warmup"], 1)
-        self.num_chunks = self.num_noise_vec
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return table_defaults("smoothadv", _DEFAULTS, family, sigma)
+    @property
+    def num_chunks(self) -> int:  # type: ignore[override]
+        return self.hp.num_noise_vec
 
     def current_epsilon(self) -> float:
         """The warmed-up radius ``ε_e`` of the current epoch."""
-        return self.epsilon * warmup_factor(self.epoch, self.warmup)
+        return self.hp.epsilon * warmup_factor(self.epoch, self.hp.warmup)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, epsilon: float) -> Tensor:
         """The PGD perturbation ``δ`` (B, C, H, W) against the soft smoothed classifier at ``x`` with ``noises``.
@@ -128,10 +120,10 @@ class SmoothAdv(Objective):
         delta = torch.zeros_like(x)
         if epsilon <= 0:
             return delta
-        step = 2.0 * epsilon / self.num_steps
+        step = 2.0 * epsilon / self.hp.num_steps
         x = x.detach()
         with eval_mode(model) as net:
-            for _ in range(self.num_steps):
+            for _ in range(self.hp.num_steps):
                 grad = input_gradient(lambda d: smoothed_nll(net, x + d, noises, y), delta)
                 delta = delta + step * unit_l2(grad, random_if_zero=True)
                 delta = (x + delta).clamp(0.0, 1.0) - x
@@ -139,13 +131,13 @@ class SmoothAdv(Objective):
         return delta.detach()
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        noises = draw_noises(x, self.num_noise_vec, self.sigma)
+        noises = draw_noises(x, self.hp.num_noise_vec, self.sigma)
         epsilon = self.current_epsilon()
         x_adv = x + self.perturb(model, x, y, noises, epsilon)
         logits = noisy_logits(model, x_adv, noises)
         loss = mean_noisy_ce(logits, y)
         check_finite(
-            loss, "smoothadv", self.epoch, f"lower --epsilon (now {self.epsilon:g}) or the learning rate, or lengthen --warmup"
+            loss, "smoothadv", self.epoch, f"lower --epsilon (now {self.hp.epsilon:g}) or the learning rate, or lengthen --warmup"
         )
         parts = {
             "ce": loss.detach(),

@@ -15,28 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
+from certkit.errors import CertkitError
 from certkit.objectives._smoothing import (
     LOG_FLOOR,
     check_finite,
-    check_float,
-    check_int,
     draw_noises,
     input_gradient,
     mean_noisy_ce,
     noisy_accuracy,
     noisy_logits,
-    pick_hypers,
     project_l2,
-    require,
-    resolve_hparams,
     smoothed_nll,
     smoothed_probs,
-    table_defaults,
     unit_l2,
     warmup_factor,
 )
-from certkit.objectives.base import Objective, eval_mode
+from certkit.objectives.base import Hypers, Objective, eval_mode, hyper
 
 
 def _row(m: int, step_size: float, num_steps: int, mix_step: int) -> dict[str, Any]:
@@ -58,6 +52,34 @@ _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
     "mnist": {0.25: _row(4, 1.0, 2, 1), 0.5: _row(4, 1.0, 4, 0), 1.0: _row(4, 1.0, 8, 1)},
     "cifar10": {0.25: _row(2, 0.5, 4, 0), 0.5: _row(2, 1.0, 4, 1), 1.0: _row(2, 2.0, 4, 1)},
 }
+
+
+@dataclass
+class SmoothMixHypers(Hypers):
+    """SmoothMix's hyperparameters (see :class:`SmoothMix`)."""
+
+    TABLE = _DEFAULTS
+
+    num_noise_vec: int = hyper(int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1)
+    step_size: float = hyper(float, "alpha: L2 length of one attack step, pixel units", minimum=0.0, official="--alpha")
+    num_steps: int = hyper(int, "T: attack steps", minimum=1)
+    eta: float = hyper(float, "eta: weight of the mix loss", minimum=0.0)
+    mix_step: int = hyper(int, "attack step whose point is the clean side of the mixup (0 = the clean image)", minimum=0)
+    maxnorm: float | None = hyper(float, "L2 cap on the adversarial perturbation (none = unbounded)", minimum=0.0, optional=True)
+    maxnorm_s: float | None = hyper(
+        float, "L2 cap on the clean-side perturbation (none = step_size x mix_step)", minimum=0.0, optional=True
+    )
+    warmup: int = hyper(int, "epochs over which the mix-loss weight and the clean-side cap ramp up linearly", minimum=1)
+
+    def check(self, method: str) -> None:
+        super().check(method)
+        if self.mix_step >= self.num_steps:
+            raise CertkitError(f"{method}: --mix-step must be below --num-steps {self.num_steps} (got {self.mix_step})")
+
+    def complete(self) -> None:
+        # model.json records the value in use, not "None = α·mix_step"; rebuilding from it gives this objective
+        if self.maxnorm_s is None:
+            self.maxnorm_s = self.step_size * self.mix_step
 
 
 @dataclass
@@ -86,7 +108,6 @@ class MixBatch:
     mix: Tensor
 
 
-@register_objective("smoothmix")
 class SmoothMix(Objective):
     """SmoothMix — Jeong et al., "SmoothMix: Training Confidence-calibrated Smoothed Classifiers for Certified
     Robustness", NeurIPS 2021.
@@ -113,8 +134,7 @@ class SmoothMix(Objective):
     Cost per training image: ``m(T + 2)`` forward and ``m(T + 2)`` backward passes, ``m·T`` of the backward
     passes for input gradients only.
 
-    Arguments (``None`` takes the CIFAR-10 default at the nearest σ; ``from_config(σ, "mnist")`` gives the
-    MNIST-like ones):
+    Arguments (left out: the published value of ``family``, default MNIST-like, at the nearest σ):
         sigma (float): noise level, pixel units.
         num_noise_vec (int): m, noise draws per image and chunks per batch (MNIST-like 4; CIFAR-10 2).
         step_size (float): α, L2 length of an attack step in pixel units (MNIST-like 1.0; CIFAR-10 0.5,
@@ -136,71 +156,35 @@ class SmoothMix(Objective):
         loss, parts = obj(model, images, labels)                  # parts: ce, mix, correct, acc
     """
 
-    HYPERS = pick_hypers(
-        "num_noise_vec", "step_size", "num_steps", "eta", "mix_step", "maxnorm", "maxnorm_s", "warmup"
-    )
+    name = "smoothmix"
+    Params = SmoothMixHypers
+    hp: SmoothMixHypers
+    sigma: float
 
-    def __init__(
-        self,
-        sigma: float,
-        num_noise_vec: int | None = None,
-        step_size: float | None = None,
-        num_steps: int | None = None,
-        eta: float | None = None,
-        mix_step: int | None = None,
-        maxnorm: float | None = None,
-        maxnorm_s: float | None = None,
-        warmup: int | None = None,
-        **unknown: Any,
-    ) -> None:
-        given = dict(
-            num_noise_vec=num_noise_vec, step_size=step_size, num_steps=num_steps, eta=eta, mix_step=mix_step,
-            maxnorm=maxnorm, maxnorm_s=maxnorm_s, warmup=warmup,
-        )
-        super().__init__(sigma, **resolve_hparams("smoothmix", _DEFAULTS, sigma, given), **unknown)
-        hp = self.hparams
-        self.num_noise_vec = check_int(self.name, "num_noise_vec", hp["num_noise_vec"], 1)
-        self.step_size = check_float(self.name, "step_size", hp["step_size"])
-        self.num_steps = check_int(self.name, "num_steps", hp["num_steps"], 1)
-        self.eta = check_float(self.name, "eta", hp["eta"])
-        self.mix_step = check_int(self.name, "mix_step", hp["mix_step"], 0)
-        require(
-            self.mix_step < self.num_steps,
-            f"smoothmix: mix_step must be below num_steps={self.num_steps} (got {self.mix_step})",
-        )
-        self.maxnorm = None if hp["maxnorm"] is None else check_float(self.name, "maxnorm", hp["maxnorm"])
-        self.maxnorm_s = (
-            self.step_size * self.mix_step
-            if hp["maxnorm_s"] is None
-            else check_float(self.name, "maxnorm_s", hp["maxnorm_s"])
-        )
-        self.warmup = check_int(self.name, "warmup", hp["warmup"], 1)
-        self.num_chunks = self.num_noise_vec
-        # model.json records the value in use, not "None = α·mix_step"; rebuilding from it gives this objective
-        hp["maxnorm_s"] = self.maxnorm_s
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return table_defaults("smoothmix", _DEFAULTS, family, sigma)
+    @property
+    def num_chunks(self) -> int:  # type: ignore[override]
+        return self.hp.num_noise_vec
 
     def weight(self) -> float:
         """``w_e``: the warm-up factor of the current epoch (scales η and maxnorm_s)."""
-        return warmup_factor(self.epoch, self.warmup)
+        return warmup_factor(self.epoch, self.hp.warmup)
 
     def attack(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_c, x_adv)`` of the SmoothMix adversary (both detached, in [0, 1]); eval mode, restored after."""
         x = x.detach()
         x_t, x_init = x, x
         with eval_mode(model) as net:
-            for t in range(self.num_steps):
-                if t == self.mix_step:
+            for t in range(self.hp.num_steps):
+                if t == self.hp.mix_step:
                     x_init = x_t
                 grad = input_gradient(lambda z: smoothed_nll(net, z, noises, y), x_t)
-                x_t = x_t + self.step_size * unit_l2(grad, eps=1e-8)
-                if self.maxnorm is not None:
-                    x_t = x + project_l2(x_t - x, self.maxnorm)
+                x_t = x_t + self.hp.step_size * unit_l2(grad, eps=1e-8)
+                if self.hp.maxnorm is not None:
+                    x_t = x + project_l2(x_t - x, self.hp.maxnorm)
                 x_t = x_t.clamp(0.0, 1.0)
-        x_clean = (x + project_l2(x_init - x, self.maxnorm_s * self.weight())).clamp(0.0, 1.0)
+        cap = self.hp.maxnorm_s
+        assert cap is not None  # SmoothMixHypers.complete resolves "none" to step_size * mix_step
+        x_clean = (x + project_l2(x_init - x, cap * self.weight())).clamp(0.0, 1.0)
         return x_clean.detach(), x_t.detach()
 
     def mix_batch(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> MixBatch:
@@ -231,8 +215,8 @@ class SmoothMix(Objective):
         )
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        mb = self.mix_batch(model, x, y, draw_noises(x, self.num_noise_vec, self.sigma))
-        loss = mb.ce + self.eta * self.weight() * mb.mix
+        mb = self.mix_batch(model, x, y, draw_noises(x, self.hp.num_noise_vec, self.sigma))
+        loss = mb.ce + self.hp.eta * self.weight() * mb.mix
         check_finite(loss, "smoothmix", self.epoch, "lower --step-size/--num-steps or the learning rate, or set --maxnorm")
         parts = {
             "ce": mb.ce.detach(),

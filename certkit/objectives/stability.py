@@ -7,15 +7,14 @@ target for the noisy one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from certkit.objectives import register_objective
-from certkit.objectives._smoothing import check_float, pick_hypers, require, resolve_hparams, table_defaults
-from certkit.objectives.base import Objective
+from certkit.objectives.base import Hypers, Objective, hyper
 
 
 def _row(lbd: float) -> dict[str, Any]:
@@ -28,7 +27,18 @@ _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
 }
 
 
-@register_objective("stability")
+@dataclass
+class StabilityHypers(Hypers):
+    """Stability training's hyperparameters (see :class:`Stability`)."""
+
+    TABLE = _DEFAULTS
+
+    lbd: float = hyper(float, "lambda: weight of the stability term", minimum=0.0)
+    detach_target: bool = hyper(
+        bool, "true = softmax(f(x)) is a fixed label; false = also train through it, as the reference code does"
+    )
+
+
 class Stability(Objective):
     """Stability training — Zheng et al., "Improving the Robustness of Deep Neural Networks via Stability
     Training", CVPR 2016 (as the baseline of Li et al. 2019 and the smoothing re-implementations).
@@ -49,7 +59,7 @@ class Stability(Objective):
 
     Cost per training image: 2 forward and 2 backward passes.
 
-    Arguments (``None`` takes the CIFAR-10 default at the nearest σ):
+    Arguments (left out: the published value of ``family``, default MNIST-like, at the nearest σ):
         sigma (float): noise level, pixel units.
         lbd (float): λ, weight of the stability term (2.0; CIFAR-10 at σ = 1.0: 1.0).
         detach_target (bool): stop the gradient through ``softmax(f(x))`` in the soft term (True;
@@ -63,28 +73,16 @@ class Stability(Objective):
         loss, parts = obj(model, images, labels)                 # parts: ce, stab, acc
     """
 
-    HYPERS = pick_hypers("lbd", "detach_target")
-
-    def __init__(
-        self, sigma: float, lbd: float | None = None, detach_target: bool | None = None, **unknown: Any
-    ) -> None:
-        given = {"lbd": lbd, "detach_target": detach_target}
-        super().__init__(sigma, **resolve_hparams("stability", _DEFAULTS, sigma, given), **unknown)
-        self.lbd = check_float(self.name, "lbd", self.hparams["lbd"])
-        detach = self.hparams["detach_target"]
-        require(isinstance(detach, bool), f"stability: detach_target must be true or false (got {detach!r})")
-        self.detach_target = detach
-
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return table_defaults("stability", _DEFAULTS, family, sigma)
+    name = "stability"
+    Params = StabilityHypers
+    hp: StabilityHypers
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         # one training forward of 2B samples (DistributedDataParallel-safe); the reference makes two calls
         logits_clean, logits_noisy = model(torch.cat([x, x + self.noise(x)])).chunk(2)
         ce = F.cross_entropy(logits_clean, y)
-        target = F.softmax(logits_clean.detach() if self.detach_target else logits_clean, dim=1)
+        target = F.softmax(logits_clean.detach() if self.hp.detach_target else logits_clean, dim=1)
         stab = -(target * F.log_softmax(logits_noisy, dim=1)).sum(1).mean()
-        loss = ce + self.lbd * stab
+        loss = ce + self.hp.lbd * stab
         acc = (logits_noisy.detach().argmax(1) == y).float().mean()
         return loss, {"ce": ce.detach(), "stab": stab.detach(), "acc": acc}

@@ -20,19 +20,20 @@ ramps up to it like the library's ``[0.01]-log-[50%:f]`` string: the multiplier 
 ``f = train_eps_factor``. Unlike the library (per batch) the value is updated per epoch and is the one
 reached at the *end* of the epoch, so a one-epoch run trains at ``f·ε``.
 
-Sigma plays no part: the trainer passes one because smoothing methods need it, and it is ignored
-(``model.json`` records ``sigma: null``).
+Sigma plays no part: the objective declares ``uses_sigma = False``, so its sigma is None (``model.json``
+records ``sigma: null``).
 
 Example::
 
-    obj = Gloro.from_config(1.0, "mnist", {"epsilon": 0.5})
-    net = obj.prepare_model(create_model("gloro-2c2f", 10, (1, 28, 28)), dataset_info("fashion-mnist"))
+    obj = Gloro(epsilon=0.5, family="mnist")
+    net = obj.prepare_model(create_model("gloro-2c2f", 10, (1, 28, 28)), (1, 28, 28))
     loss, parts = obj(net, images, labels)   # images (B,1,28,28) in [0,1]
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -41,23 +42,40 @@ from torch import Tensor, nn
 
 from certkit.errors import CertkitError
 from certkit.gloro.model import GloroNet
-from certkit.objectives import register_objective
-from certkit.objectives.base import Hyper, Objective, unwrap
+from certkit.objectives.base import Hypers, Objective, hyper, unwrap
 
 #: the ε multiplier the log ramp starts from (the library's ``[0.01]``)
 RAMP_START = 0.01
 
 #: published settings per dataset family (gloro.md §5–§7; README and ICML code of klasleino/gloro)
-_DEFAULTS: dict[str, dict[str, Any]] = {
+#: (no noise, so one row per family, under sigma None)
+_DEFAULTS: dict[str, dict[Any, dict[str, Any]]] = {
     # MNIST ε=0.3 with 2C2F; trained at 0.45 (1.5×), 10 power iterations per step
-    "mnist": dict(epsilon=0.3, train_eps_factor=1.5, eps_ramp=0.5, lbd=0.0, power_iterations=10),
+    "mnist": {None: dict(epsilon=0.3, train_eps_factor=1.5, eps_ramp=0.5, lbd=0.0, power_iterations=10)},
     # CIFAR-10 ε=36/255 with 6C2F: 1.1× with a log ramp over the first half, 5 power iterations
-    "cifar10": dict(epsilon=36 / 255, train_eps_factor=1.1, eps_ramp=0.5, lbd=0.0, power_iterations=5),
-    "imagenet": dict(epsilon=36 / 255, train_eps_factor=1.1, eps_ramp=0.5, lbd=0.0, power_iterations=5),
+    "cifar10": {None: dict(epsilon=36 / 255, train_eps_factor=1.1, eps_ramp=0.5, lbd=0.0, power_iterations=5)},
+    "imagenet": {None: dict(epsilon=36 / 255, train_eps_factor=1.1, eps_ramp=0.5, lbd=0.0, power_iterations=5)},
 }
 
 
-@register_objective("gloro")
+@dataclass
+class GloroHypers(Hypers):
+    """GloRo's hyperparameters (see :class:`Gloro`)."""
+
+    TABLE = _DEFAULTS
+
+    epsilon: float = hyper(float, "evaluation radius epsilon, L2 in [0,1] pixel units", minimum=0.0)
+    train_eps_factor: float = hyper(float, "training epsilon = this x epsilon after the ramp (overcompensation)", minimum=0.0)
+    eps_ramp: float = hyper(float, "fraction of the epochs over which the training epsilon ramps up (log-concave)", minimum=0.0, maximum=1.0)
+    lbd: float = hyper(float, "TRADES weight lambda (0 = the GloRo cross-entropy over C+1 logits)", minimum=0.0)
+    power_iterations: int = hyper(int, "power-iteration steps per optimizer step (warm-started iterates)", minimum=1)
+
+    def check(self, method: str) -> None:
+        super().check(method)
+        if self.train_eps_factor <= 0:
+            raise CertkitError(f"{method}: --train-eps-factor must be > 0 (got {self.train_eps_factor})")
+
+
 class Gloro(Objective):
     """GloRo-CE / GloRo-TRADES on a :class:`GloroNet`; every hyperparameter below has a published default.
 
@@ -69,53 +87,28 @@ class Gloro(Objective):
         power_iterations: power-iteration steps per optimizer step (MNIST 10, CIFAR-10 5).
     """
 
-    HYPERS: ClassVar[dict[str, Hyper]] = {
-        "epsilon": Hyper(float, "GloRo: evaluation radius epsilon, L2 in [0,1] pixel units (SmoothAdv: attack radius)"),
-        "train_eps_factor": Hyper(float, "GloRo: training epsilon = this x epsilon after the ramp (overcompensation)"),
-        "eps_ramp": Hyper(float, "GloRo: fraction of the epochs over which the training epsilon ramps up (log-concave)"),
-        "lbd": Hyper(float, "lambda: weight of the robustness/consistency/stability regulariser (GloRo: TRADES, 0 = CE)"),
-        "power_iterations": Hyper(int, "GloRo: power-iteration steps per optimizer step (warm-started iterates)"),
-    }
+    name = "gloro"
+    Params = GloroHypers
+    hp: GloroHypers
+    uses_sigma = False
     #: the optimisation recipe of the GloRo library's training scripts (gloro.md §7): Adam 1e-3 decayed
     #: exponentially to 1e-6 over the run, batch 256 and 500 epochs as the ICML MNIST-0.3 run, no weight decay
-    RECIPE: ClassVar[dict[str, Any]] = dict(
+    recipe: ClassVar[dict[str, Any]] = dict(
         optimizer="adam", lr=1e-3, schedule="exp", lr_final=1e-6, weight_decay=0.0, batch_size=256, epochs=500
     )
 
-    def __init__(self, sigma: float | None = None, **hparams: Any) -> None:
-        # the base class insists on a positive sigma for the smoothing methods; GloRo has none
-        super().__init__(1.0, **hparams)
-        self.sigma = None  # type: ignore[assignment]
-        if "epsilon" not in self.hparams:
-            raise CertkitError("method 'gloro' needs epsilon (the evaluation radius)")
-        for key, value in _DEFAULTS["mnist"].items():
-            self.hparams.setdefault(key, value)
-        h = self.hparams
-        h["epsilon"], h["train_eps_factor"], h["eps_ramp"], h["lbd"] = (
-            float(h["epsilon"]), float(h["train_eps_factor"]), float(h["eps_ramp"]), float(h["lbd"])
-        )
-        h["power_iterations"] = int(h["power_iterations"])
-        if not h["epsilon"] >= 0:
-            raise CertkitError(f"--epsilon must be >= 0 (got {h['epsilon']})")
-        if not h["train_eps_factor"] > 0:
-            raise CertkitError(f"--train-eps-factor must be > 0 (got {h['train_eps_factor']})")
-        if not 0 <= h["eps_ramp"] <= 1:
-            raise CertkitError(f"--eps-ramp must be in [0, 1] (got {h['eps_ramp']})")
-        if not h["lbd"] >= 0:
-            raise CertkitError(f"--lbd must be >= 0 (got {h['lbd']})")
-        if h["power_iterations"] < 1:
-            raise CertkitError(f"--power-iterations must be >= 1 (got {h['power_iterations']})")
+    def __init__(self, sigma: float | None = None, **kwargs: Any) -> None:
+        super().__init__(sigma, **kwargs)
         self.net: GloroNet | None = None
 
-    @classmethod
-    def defaults(cls, family: str, sigma: float) -> dict[str, Any]:
-        return dict(_DEFAULTS.get(family, _DEFAULTS["cifar10"]))
-
     # --- the model ----------------------------------------------------------------------------------
-    def prepare_model(self, model: nn.Module, info: Any) -> GloroNet:
-        """Wrap a registry model (``Sequential(Normalize, body)``) as the GloroNet this objective trains."""
+    def prepare_model(self, model: nn.Module, in_shape: tuple[int, ...]) -> GloroNet:
+        """Wrap a model (a registry ``Sequential(Normalize, body)`` or any 1-Lipschitz-analysable network
+        ending in ``nn.Linear``) as the GloroNet this objective trains."""
         if not isinstance(model, GloroNet):
-            model = GloroNet(model, info.in_shape, self.hparams["epsilon"], self.hparams["power_iterations"])
+            if not isinstance(model, nn.Sequential):
+                raise CertkitError(f"method 'gloro' wraps an nn.Sequential ending in nn.Linear, not a {type(model).__name__}")
+            model = GloroNet(model, in_shape, self.hp.epsilon, self.hp.power_iterations)
         return self.bind(model)
 
     def bind(self, model: nn.Module) -> GloroNet:
@@ -126,15 +119,15 @@ class Gloro(Objective):
                 f"method 'gloro' trains a GloroNet (one of the gloro-* architectures), not a {type(net).__name__}; "
                 "use certkit.train.train(..., method='gloro') or GloroNet(model, in_shape, epsilon)"
             )
-        if net.eval_epsilon != self.hparams["epsilon"]:
-            net.epsilon.fill_(self.hparams["epsilon"])
+        if net.eval_epsilon != self.hp.epsilon:
+            net.epsilon.fill_(self.hp.epsilon)
         self.net = net
         return net
 
     # --- schedule -----------------------------------------------------------------------------------
     def train_epsilon(self) -> float:
         """The training ε of the current epoch (see the module docstring for the ramp)."""
-        eps, top, ramp = self.hparams["epsilon"], self.hparams["train_eps_factor"], self.hparams["eps_ramp"]
+        eps, top, ramp = self.hp.epsilon, self.hp.train_eps_factor, self.hp.eps_ramp
         progress = (self.epoch + 1) / max(self.num_epochs, 1)
         if ramp <= 0 or progress >= ramp:
             return eps * top
@@ -145,11 +138,11 @@ class Gloro(Objective):
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         net = self.bind(model)
         logits = model(x)
-        k_sub = net.lipschitz_constant(self.hparams["power_iterations"])
+        k_sub = net.lipschitz_constant(self.hp.power_iterations)
         eps = self.train_epsilon()
         bottom = net.bottom_logit(logits, eps, k_sub)
         full = torch.cat([logits, bottom[:, None]], 1)
-        lbd = self.hparams["lbd"]
+        lbd = self.hp.lbd
         parts: dict[str, Tensor] = {}
         if lbd > 0:
             ce = F.cross_entropy(logits, y)
@@ -182,4 +175,7 @@ class Gloro(Objective):
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """``model.json`` gets the frozen bound and ε under ``gloro`` (what :func:`certkit.checkpoint.load` needs)."""
-        return {"gloro": self.net.checkpoint_meta()} if self.net is not None else {}
+        if self.net is None:
+            return {}
+        # "wrapper" tells certkit.checkpoint which registered wrapper rebuilds this model around its body
+        return {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}

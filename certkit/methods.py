@@ -1,0 +1,66 @@
+"""Every training method by name: ``get_objective("smoothmix")``, ``list_objectives()``, ``build_objective``.
+
+The registry sits above both homes of the objectives (:mod:`certkit.objectives` for the smoothing methods
+and CRT, :mod:`certkit.gloro` for GloRo), so neither imports the other. A new method is one class with a
+``name`` and its ``Params``, added to :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from torch import nn
+
+from certkit.errors import CertkitError
+from certkit.gloro.objective import Gloro
+from certkit.objectives import CRT, Consistency, Gaussian, Macer, Objective, SmoothAdv, SmoothMix, Stability
+from certkit.objectives.base import DEFAULT_FAMILY
+
+METHODS: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (Gaussian, SmoothAdv, Macer, SmoothMix, Consistency, Stability, CRT, Gloro)
+}
+
+
+def get_objective(name: str) -> type[Objective]:
+    if name not in METHODS:
+        raise CertkitError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def list_objectives() -> list[str]:
+    return sorted(METHODS)
+
+
+def registry() -> dict[str, type[Objective]]:
+    return dict(METHODS)
+
+
+def build_objective(
+    method: str | Objective,
+    sigma: float | None = None,
+    family: str = DEFAULT_FAMILY,
+    hparams: Mapping[str, Any] | None = None,
+    teacher: nn.Module | str | os.PathLike | None = None,
+    teacher_model: nn.Module | None = None,
+    num_classes: int | None = None,
+    dataset: str | None = None,
+) -> Objective:
+    """The objective ``method`` names, with the published defaults of ``family``/``sigma`` under ``hparams``.
+
+    Only CRT takes a ``teacher`` and ``teacher_model`` (loaded, checked against ``num_classes`` and frozen by :class:`CRT`); an
+    :class:`Objective` passes through unchanged, and then nothing else may be given.
+    """
+    if isinstance(method, Objective):
+        if hparams or teacher is not None or teacher_model is not None:
+            raise CertkitError("pass hyperparameters and the teacher to the objective you built, not beside it")
+        return method
+    cls = get_objective(method)
+    if cls is CRT:
+        return CRT(
+            sigma, teacher, teacher_model=teacher_model, num_classes=num_classes, dataset=dataset, family=family,
+            **dict(hparams or {}),
+        )
+    if teacher is not None or teacher_model is not None:
+        raise CertkitError(f"--teacher is only used by --method crt, not {method!r}")
+    return cls(sigma, family=family, **dict(hparams or {}))
