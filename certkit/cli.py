@@ -245,9 +245,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume, meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
         **data, **given,
     )
-    if args.resume:
-        trainer.resume()
-    trainer.fit()
+    trainer.run(resume=args.resume)
     total = trainer.ledger.totals()
     print(f"trained {args.arch} with {args.method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
 

@@ -15,15 +15,19 @@ rebuild numpy arrays, lists, dicts and strings, so a tampered batch file cannot 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 import warnings
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -371,7 +375,7 @@ def load_dataset(
         raise CertkitError(f"split must be 'train' or 'test' (got {split!r})")
     root = resolve_root(name, data_dir)
     if info.name in ("fashion-mnist", "mnist"):
-        images, labels = read_idx_pair(root, split)
+        images, labels = read_idx_pair(root, split, info.name)
         ds: Dataset = ArrayDataset(info, images, labels, bool(augment), split)
     elif info.name == "cifar10":
         images, labels = read_cifar10(root, split)
@@ -385,85 +389,149 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+#: the folder torchvision downloads each IDX dataset to, under its root: ``root/FashionMNIST/raw/``
+_TORCHVISION_FOLDERS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+#: most data bytes one IDX file may declare: ten splits of 60,000 28x28 images (0.44 GiB), so a crafted
+#: header cannot make the reader allocate more
+MAX_IDX_BYTES = 600_000 * 28 * 28
 
 
-def _find(root: Path, stem: str) -> Path:
-    for candidate in (root / f"{stem}.gz", root / stem):
+def _find(root: Path, stem: str, name: str) -> Path:
+    folders = [root, root / _TORCHVISION_FOLDERS[name] / "raw"]
+    for candidate in (folder / f"{stem}{suffix}" for folder in folders for suffix in (".gz", "")):
         if candidate.is_file():
             return candidate
     hint = ""
     if str(root) == FASHION_MNIST_ROOT:
         hint = f" (install the Debian package {FASHION_MNIST_PACKAGE}, or pass --data-dir)"
-    raise CertkitError(f"{root / (stem + '.gz')}: missing; expected the gzipped IDX file{hint}")
+    raise CertkitError(
+        f"{root / (stem + '.gz')}: missing; expected the gzipped IDX file in {root} or {folders[1]}{hint}"
+    )
 
 
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) of unsigned bytes into an array, checking its header."""
+def read_idx(path: str | os.PathLike, item_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) of unsigned bytes into an array, checking its header first.
+
+    The header declares the shape, so the data size is known before any of it is decompressed: items of
+    another shape than ``item_shape`` (when given) or more than :data:`MAX_IDX_BYTES` are refused, and the
+    stream is read only up to one byte past the declared size, so a gzip bomb costs no more memory than a
+    real file.
+    """
     path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise CertkitError(f"{path}: not a readable gzip file ({e})") from None
-    if len(raw) < 4:
-        raise CertkitError(f"{path}: truncated; expected an IDX header")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
-        raise CertkitError(f"{path}: bad IDX magic; expected unsigned-byte data with 1 or 3 dimensions")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    expected = int(np.prod(dims))
-    body = raw[4 + 4 * ndim :]
+        with opener(path, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4:
+                raise CertkitError(f"{path}: truncated; expected an IDX header")
+            zero, dtype_code, ndim = struct.unpack(">HBB", magic)
+            if zero != 0 or dtype_code != 0x08 or ndim not in (1, 3):
+                raise CertkitError(f"{path}: bad IDX magic; expected unsigned-byte data with 1 or 3 dimensions")
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise CertkitError(f"{path}: truncated IDX header; expected {ndim} dimensions")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            if item_shape is not None and dims[1:] != item_shape:
+                raise CertkitError(f"{path}: items of shape {dims[1:]}, expected {item_shape}")
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:
+                raise CertkitError(
+                    f"{path}: declares {expected} data bytes, more than the {MAX_IDX_BYTES} certkit reads"
+                )
+            body = f.read(expected + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise CertkitError(f"{path}: not a readable {'gzip' if opener is gzip.open else 'IDX'} file ({e})") from None
     if len(body) != expected:
-        raise CertkitError(f"{path}: has {len(body)} data bytes, expected {expected} for shape {dims}")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+        found = "more" if len(body) > expected else f"{len(body)}"
+        raise CertkitError(f"{path}: has {found} data bytes, expected {expected} for shape {dims}")
+    return np.frombuffer(body, dtype=np.uint8, count=expected).reshape(dims)
 
 
-def read_idx_pair(root: Path, split: str) -> tuple[Tensor, Tensor]:
-    img_path, lbl_path = (_find(root, stem) for stem in _IDX_FILES[split])
-    images, labels = read_idx(img_path), read_idx(lbl_path)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise CertkitError(f"{img_path}: images of shape {images.shape[1:]}, expected 28x28")
-    if labels.ndim != 1 or len(labels) != len(images):
+def read_idx_pair(root: Path, split: str, name: str = "fashion-mnist") -> tuple[Tensor, Tensor]:
+    img_path, lbl_path = (_find(root, stem, name) for stem in _IDX_FILES[split])
+    images, labels = read_idx(img_path, (28, 28)), read_idx(lbl_path, ())
+    if len(labels) != len(images):
         raise CertkitError(f"{lbl_path}: {len(labels)} labels for {len(images)} images in {img_path.name}")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+
+
+#: largest CIFAR-10 batch file read (a real one is 31 MB) and most pickle opcodes in it (a real one has
+#: about 40,000: one for the image bytes, a few per label and file name); together they bound what the
+#: unpickler builds, whatever the file asks for
+MAX_CIFAR_BATCH_BYTES = 64 << 20
+MAX_PICKLE_OPS = 200_000
+
+
+def _reconstruct_small(
+    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: object
+) -> np.ndarray:
+    """numpy's array reconstructor, limited to what a batch holds: it allocates the shape it is given,
+    so a crafted shape (or an object array, filled element by element) could ask for any amount of memory."""
+    dt = np.dtype(dtype)
+    if dt.hasobject or math.prod(shape) * dt.itemsize > MAX_CIFAR_BATCH_BYTES:
+        raise pickle.UnpicklingError(f"refusing an array of shape {shape} and dtype {dt}")
+    return reconstruct(subtype, shape, dtype)
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and plain containers; refuses every other global, so no code can run."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
     }
+    _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 
     def find_class(self, module: str, name: str):  # type: ignore[override]
+        if (module, name) in self._RECONSTRUCT:
+            return functools.partial(_reconstruct_small, super().find_class(module, name))
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
+def _unpickle_batch(path: Path) -> object:
+    """The batch's object, after checking the file's size and opcode count against the limits above: each
+    opcode builds at most one object, so the count bounds the objects (shared nested lists included)."""
+    size = path.stat().st_size
+    if size > MAX_CIFAR_BATCH_BYTES:
+        raise CertkitError(f"{path}: {size} bytes, larger than any CIFAR-10 batch ({MAX_CIFAR_BATCH_BYTES} at most)")
+    with open(path, "rb") as f:
+        data = f.read(size)  # a file that grew since would be cut short and fail to unpickle
+    try:
+        for count, _ in enumerate(pickletools.genops(data), start=1):
+            if count > MAX_PICKLE_OPS:
+                raise CertkitError(f"{path}: more than {MAX_PICKLE_OPS} pickle operations; not a CIFAR-10 batch")
+        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except CertkitError:
+        raise
+    except Exception as e:  # any unpickling failure means a corrupt or hostile file
+        raise CertkitError(f"{path}: not a CIFAR-10 batch ({e})") from None
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise CertkitError(f"{path}: missing; expected a CIFAR-10 python batch (cifar-10-batches-py)")
-    try:
-        with open(path, "rb") as f:
-            batch = _ArrayOnlyUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
-    except Exception as e:  # any unpickling failure means a corrupt or hostile file
-        raise CertkitError(f"{path}: not a CIFAR-10 batch ({e})") from None
+    batch = _unpickle_batch(path)
     if not isinstance(batch, dict):
         raise CertkitError(f"{path}: not a CIFAR-10 batch (expected a dict with data and labels)")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or labels is None:
-        raise CertkitError(f"{path}: not a CIFAR-10 batch (expected data of shape (N, 3072) and labels)")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise CertkitError(f"{path}: not a CIFAR-10 batch (expected data: a uint8 array of shape (N, 3072))")
+    flat_ints = isinstance(labels, list) and all(type(v) is int for v in labels)
+    int_array = isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu"
+    if not (flat_ints or int_array):
+        raise CertkitError(f"{path}: not a CIFAR-10 batch (expected labels: a flat list of integers)")
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(data):
         raise CertkitError(f"{path}: {len(labels)} labels for {len(data)} images")
-    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels
+    if len(labels) and not (labels.min() >= 0 and labels.max() < 10):
+        raise CertkitError(f"{path}: labels outside 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def read_cifar10(root: Path, split: str) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Atomic file writes and hashing.
+"""Atomic file writes, hashing, output locks and the regular-file check.
 
 A run that is killed (SIGKILL included) at any moment must never leave a half-written file that later
 loads. Every file certkit produces is therefore written to a temporary file in the same directory, flushed,
@@ -7,12 +7,16 @@ fsync'ed and renamed over the target: readers see the old file or the new one, n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from certkit.errors import CertkitError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -73,3 +77,98 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def require_regular(path: str | os.PathLike, what: str = "file") -> None:
+    """Refuse a path that exists but is not a regular file (a FIFO, a device, a directory, or a symlink to
+    one): opening a FIFO blocks forever and reading ``/dev/zero`` never ends, so this is checked before any
+    work. A path that does not exist yet is fine (it will be created as a regular file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot use it as the {what} ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
+        raise CertkitError(f"{path}: is {kind}; the {what} must be a regular file")
+
+
+def lock_path(target: str | os.PathLike) -> Path:
+    """The lock of ``target``: ``<target>.lock`` beside it."""
+    target = Path(target)
+    return target.with_name(target.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class PidLock:
+    """Exclusive use of one output (a result file, a run directory) by one process at a time.
+
+    Two processes appending to the same result file interleave their rows, and the file then lies about
+    which indices are done. The lock is ``<target>.lock``, created with O_CREAT|O_EXCL and holding the
+    holder's pid; a second process finds it and refuses. A lock whose pid no longer runs (the holder was
+    killed) is taken over. The lock only works between processes of one machine that see the same pids.
+    """
+
+    def __init__(self, target: str | os.PathLike) -> None:
+        self.target = Path(target)
+        self.path = lock_path(target)
+        self.held = False
+
+    def acquire(self) -> "PidLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = f"{os.getpid()}\n".encode()
+        for _ in range(3):  # each retry follows the removal of a dead holder's lock
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None or _pid_alive(holder):
+                    raise CertkitError(
+                        f"{self.target} is in use by {f'process {holder}' if holder else 'another process'} "
+                        f"(lock {self.path}); wait for it to finish, or remove the lock if no certkit runs there"
+                    ) from None
+                self._remove_if_held_by(holder)
+                continue
+            except OSError as e:
+                raise CertkitError(f"{self.path}: cannot create the lock ({e.strerror or e})") from None
+            try:
+                os.write(fd, mine)
+            finally:
+                os.close(fd)
+            self.held = True
+            return self
+        raise CertkitError(f"{self.target}: could not take the lock {self.path}; another process keeps taking it")
+
+    def _holder(self) -> int | None:
+        """The pid in the lock; None while it is being written (or unreadable): then it counts as held."""
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _remove_if_held_by(self, pid: int) -> None:
+        # read again right before removing: another process may have just taken the stale lock over
+        if self._holder() == pid:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._remove_if_held_by(os.getpid())
+
+    def __enter__(self) -> "PidLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -118,16 +118,29 @@ def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int, group: int 
     return None if deduction >= 1.0 else max(0.0, emp - deduction)
 
 
+#: most radii in a table's default grid and on a plotted curve: a file's largest radius sets the grid's
+#: end, and a grid step that would exceed these counts is widened instead of allocating without bound
+MAX_TABLE_RADII = 64
+MAX_PLOT_POINTS = 10_000
+
+
+def _grid_step(largest: float, step: float, most: int) -> float:
+    """``step``, or the smallest whole multiple of it that covers [0, largest] in at most ``most`` points."""
+    return step * max(1, math.ceil(largest / step / (most - 1)))
+
+
 def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.25) -> list[float]:
-    """0, step, 2*step, ... up to the largest radius present in the file(s)."""
+    """0, step, 2*step, ... up to the largest radius present in the file(s), at most MAX_TABLE_RADII
+    radii (the step is widened for files with larger radii)."""
     items = [results] if isinstance(results, (Results, str, os.PathLike)) else list(results)
-    largest = 0.0
-    for item in items:
-        res = load(item)
-        if res.radius is not None and len(res):
-            largest = max(largest, float(res.radius.max()))
+    largest = max([_largest_radius(load(item)) for item in items] or [0.0])
+    step = _grid_step(largest, step, MAX_TABLE_RADII)
     count = int(math.floor(largest / step + 1e-9))
     return [round(i * step, 10) for i in range(count + 1)]
+
+
+def _largest_radius(res: Results) -> float:
+    return float(res.radius.max()) if res.radius is not None and len(res) else 0.0
 
 
 def mean_samples(results: ResultsLike) -> float | None:
@@ -191,10 +204,6 @@ def latex_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float]
     return "\n".join(lines) + "\n"
 
 
-#: the most points a curve is drawn with: a file holding one absurd radius must not make the grid huge
-MAX_CURVE_POINTS = 2000
-
-
 @dataclass
 class Curve:
     """What one file contributes to a plot: its certified-accuracy curve, the largest radius its settings
@@ -211,14 +220,14 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
     """The curves of every CERTIFY file on one shared radius grid (PREDICT files have none)."""
     loaded = {name: load(r) for name, r in named_results.items()}
     certify = {name: res for name, res in loaded.items() if res.radius is not None}
-    largest = max([float(res.radius.max()) for res in certify.values() if len(res)] or [0.0])
+    largest = max([_largest_radius(res) for res in certify.values()] or [0.0])
     settings = {name: res.settings for name, res in certify.items()}
     bounds = {
         name: max_radius(float(s["sigma"]), int(s["n"]), float(s["alpha"])) if all(s.get(k) for k in ("sigma", "n", "alpha")) else None
         for name, s in settings.items()
     }
     largest = max([largest] + [b for b in bounds.values() if b is not None])
-    step = max(step, largest / MAX_CURVE_POINTS)
+    step = _grid_step(largest, step, MAX_PLOT_POINTS)
     grid = np.arange(0.0, largest + 2 * step, step)
     out = []
     for name, res in certify.items():

@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.fileio import atomic_write_json, atomic_write_text
+from certkit.fileio import PidLock, atomic_write_json, atomic_write_text, require_regular
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -119,14 +120,22 @@ def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of result file ``path`` (``{"format", "kind", "columns", "settings"}``)."""
     side = sidecar_path(path)
+    require_regular(side, "settings file")
     try:
         meta = json.loads(side.read_text())
     except FileNotFoundError:
         raise CertkitError(f"{path}: no settings file {side.name} beside it") from None
     except (ValueError, UnicodeDecodeError):
         raise CertkitError(f"{side}: not a certkit settings file (invalid JSON)") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or "settings" not in meta:
-        raise CertkitError(f"{side}: not a certkit settings file")
+    if (
+        not isinstance(meta, dict)
+        or meta.get("format") != SIDECAR_FORMAT
+        or meta.get("kind") not in ("certify", "predict")
+        or not isinstance(meta.get("columns"), list)
+        or not all(isinstance(c, str) for c in meta["columns"])
+        or not isinstance(meta.get("settings"), dict)
+    ):
+        raise CertkitError(f"{side}: not a certkit settings file (format, kind, columns and settings expected)")
     return meta
 
 
@@ -142,7 +151,9 @@ class ResultWriter:
     ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
     names the keys that differ), any trailing partial line left by a crash is cut off, and
     :attr:`done_indices` holds the indices already written so the caller can skip them. With
-    ``resume=False`` an existing file is replaced.
+    ``resume=False`` an existing file is replaced. The file must be a regular file (or not exist yet), and
+    ``<file>.lock`` (:class:`~certkit.fileio.PidLock`) keeps a second process from writing it until
+    :meth:`close`.
 
     Use as a context manager::
 
@@ -166,20 +177,27 @@ class ResultWriter:
         self.done_indices: set[int] = set()
         self._deferred = False
         header = "\t".join(self.columns) + "\n"
-        if resume and self.path.exists() and self._resumable(header):
-            self._file = open(self.path, "a", encoding="utf-8")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(
-                sidecar_path(self.path),
-                {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
-            )
-            self._file = open(self.path, "w", encoding="utf-8")
-            self._file.write(header)
-            self._flush()
+        require_regular(self.path, "result file")
+        require_regular(sidecar_path(self.path), "settings file")
+        self._lock = PidLock(self.path).acquire()
+        try:
+            if resume and self.path.exists() and self._resumable(header):
+                self._file = open(self.path, "a", encoding="utf-8")
+            else:
+                atomic_write_json(
+                    sidecar_path(self.path),
+                    {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
+                )
+                self._file = open(self.path, "w", encoding="utf-8")
+                self._file.write(header)
+                self._flush()
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _resumable(self, header: str) -> bool:
-        """Check an existing file can be continued; cut its partial last line. False = start afresh."""
+        """Check an existing file can be continued: every complete row valid and inside the plan. Only an
+        unterminated last line (a crash mid-write) is cut; any other damage is refused. False = start afresh."""
         data = self.path.read_bytes()
         if not data or (header.encode().startswith(data) and not data.endswith(b"\n")):
             return False  # killed before the header was complete
@@ -198,14 +216,13 @@ class ResultWriter:
                 "(use the same settings, or another output file)"
             )
         complete = data[: data.rfind(b"\n") + 1]
-        done: set[int] = set()
-        for number, line in enumerate(complete.decode("utf-8").splitlines()[1:], start=2):
-            try:
-                done.add(int(line.split("\t", 1)[0]))
-            except ValueError:
-                raise CertkitError(f"{self.path}:{number}: not a result row: {line[:60]!r}") from None
+        table = _load_table(self.path, keep_partial=False)
+        done = {int(fields[0]) for _, fields in table.rows}
         if differing:
             self._extend(meta, done)
+        plan = _Plan.of(self.settings, self.path)
+        if plan is not None:
+            plan.check(table, self.path)
         if len(complete) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
@@ -282,6 +299,7 @@ class ResultWriter:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        self._lock.release()
 
     def __enter__(self) -> "ResultWriter":
         return self
@@ -322,10 +340,60 @@ class Results:
 def read_results(path: str | os.PathLike) -> Results:
     """Read a CERTIFY or PREDICT TSV (certkit's or any code base's that uses the standard format).
 
-    A last line without its newline is kept only if it parses completely (a file being written may end
-    mid-row). Anything else that is not a result file raises :class:`CertkitError` naming the file.
+    A last line without its newline is kept only if it is a complete, valid row (a file being written may
+    end mid-row). Every other row must be valid (see :func:`_check_row`) and every index must appear once;
+    anything else raises :class:`CertkitError` naming the file and line.
     """
+    table = _load_table(path)
+    rows = [fields for _, fields in table.rows]
+    column = {name: i for i, name in enumerate(table.header)}
+
+    def ints(name: str) -> np.ndarray:
+        return np.array([int(r[column[name]]) for r in rows], dtype=np.int64)
+
+    result = Results(
+        idx=ints("idx"),
+        label=ints("label"),
+        predict=ints("predict"),
+        radius=np.array([float(r[column["radius"]]) for r in rows]) if table.kind == "certify" else None,
+        correct=ints("correct"),
+        time_seconds=np.array([parse_time(r[column["time"]]) for r in rows], dtype=np.float64),
+        kind=table.kind,
+        samples=ints("samples") if "samples" in column else None,
+        clean_predict=ints("clean_predict") if "clean_predict" in column else None,
+        path=str(path),
+    )
+    try:
+        result.settings = read_sidecar(path)["settings"]
+    except CertkitError:
+        result.settings = {}  # a file from another code base has no sidecar; that is fine for reading
+    return result
+
+
+#: largest radius a row may hold: far above any certificate (sigma * 6.5 at the largest sample counts)
+#: and small enough that a radius grid up to it stays a bounded number of points (see :mod:`certkit.report`)
+MAX_RADIUS = 1e6
+#: largest index a row may hold (an int64 with room to spare)
+MAX_INDEX = 2**53
+_INT = re.compile(r"-?[0-9]+")
+
+
+@dataclass
+class _Table:
+    """A result file's header, kind and valid rows as (line number, fields)."""
+
+    header: tuple[str, ...]
+    kind: str
+    rows: list[tuple[int, list[str]]]
+    #: the unterminated last line when it is not a complete row (a crash mid-write); not in ``rows``
+    partial: str
+
+
+def _load_table(path: str | os.PathLike, keep_partial: bool = True) -> _Table:
+    """Read and validate a result file. ``keep_partial=False`` (resume) never takes an unterminated last
+    line as a row, even a complete-looking one: only a newline marks a row as written."""
     path = Path(path)
+    require_regular(path, "result file")
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -348,44 +416,99 @@ def read_results(path: str | os.PathLike) -> Results:
             f"{path}: not a result file (expected header 'idx label predict radius correct time' "
             "or 'idx label predict correct time')"
         )
-    body = lines[1:]
-    rows: list[list[str]] = []
-    for number, line in enumerate(body, start=2):
-        fields = line.rstrip("\r").split("\t")
-        if len(fields) != len(header):
-            raise CertkitError(f"{path}:{number}: expected {len(header)} columns, found {len(fields)}")
-        rows.append(fields)
-    if partial and lines:
-        fields = partial.split("\t")
-        if len(fields) == len(header) and all(fields):
-            rows.append(fields)
     column = {name: i for i, name in enumerate(header)}
-
-    def ints(name: str) -> np.ndarray:
-        return np.array([int(r[column[name]]) for r in rows], dtype=np.int64)
-
-    try:
-        result = Results(
-            idx=ints("idx"),
-            label=ints("label"),
-            predict=ints("predict"),
-            radius=np.array([float(r[column["radius"]]) for r in rows], dtype=np.float64) if kind == "certify" else None,
-            correct=ints("correct"),
-            time_seconds=np.array([parse_time(r[column["time"]]) for r in rows], dtype=np.float64),
-            kind=kind,
-            samples=ints("samples") if "samples" in column else None,
-            clean_predict=ints("clean_predict") if "clean_predict" in column else None,
-            path=str(path),
+    rows: list[tuple[int, list[str]]] = []
+    first_line: dict[int, int] = {}
+    numbered = [(number, line.rstrip("\r")) for number, line in enumerate(lines[1:], start=2)]
+    if partial and lines and keep_partial:
+        last = partial.split("\t")
+        if len(last) == len(header) and _check_row(last, column, kind) is None:
+            numbered.append((len(lines) + 1, partial))
+            partial = ""
+    for number, line in numbered:
+        fields = line.split("\t")
+        problem = (
+            f"expected {len(header)} columns, found {len(fields)}"
+            if len(fields) != len(header)
+            else _check_row(fields, column, kind)
         )
-    except ValueError as e:
-        raise CertkitError(f"{path}: not a result file (bad value: {e})") from None
-    if result.radius is not None and not np.all(np.isfinite(result.radius)):
-        raise CertkitError(f"{path}: radius column has non-finite values")
+        if problem is None and int(fields[0]) in first_line:
+            problem = f"index {int(fields[0])} appears again (first on line {first_line[int(fields[0])]})"
+        if problem is not None:
+            raise CertkitError(f"{path}:{number}: {problem}")
+        first_line[int(fields[0])] = number
+        rows.append((number, fields))
+    return _Table(header, kind, rows, partial if lines else "")
+
+
+def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> str | None:
+    """What is wrong with one row of the right width, or None: idx an int >= 0, label >= 0, predict >= -1
+    (abstain), correct 0 or 1, radius finite in [0, MAX_RADIUS], time a duration, extra counts ints."""
+
+    def integer(name: str, low: int) -> bool:
+        text = fields[column[name]]
+        return bool(_INT.fullmatch(text)) and low <= int(text) <= MAX_INDEX
+
+    for name, low in (("idx", 0), ("label", 0), ("predict", -1)):
+        if not integer(name, low):
+            return f"{name} must be an integer >= {low} (got {fields[column[name]]!r})"
+    if fields[column["correct"]] not in ("0", "1"):
+        return f"correct must be 0 or 1 (got {fields[column['correct']]!r})"
+    for name in ("samples", "clean_predict"):
+        if name in column and not integer(name, -1):
+            return f"{name} must be an integer (got {fields[column[name]]!r})"
     try:
-        result.settings = read_sidecar(path)["settings"]
-    except CertkitError:
-        result.settings = {}  # a file from another code base has no sidecar; that is fine for reading
-    return result
+        seconds = parse_time(fields[column["time"]])
+        radius = float(fields[column["radius"]]) if kind == "certify" else 0.0
+    except (ValueError, OverflowError):
+        return f"bad time or radius in {fields!r}"
+    if not (math.isfinite(seconds) and seconds >= 0):
+        return f"time must be a finite duration >= 0 (got {fields[column['time']]!r})"
+    if not (math.isfinite(radius) and 0 <= radius <= MAX_RADIUS):
+        return f"radius must be finite, in [0, {MAX_RADIUS:g}] (got {fields[column['radius']]!r})"
+    return None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The indices a run planned (see :func:`planned_indices`), tested by arithmetic, so a sidecar that
+    claims a huge dataset costs nothing: position p of the unsharded list holds index p * skip."""
+
+    stop: int
+    skip: int
+    part: int = 0
+    parts: int = 1
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any], source: str | os.PathLike) -> "_Plan | None":
+        """The plan the settings record, None when they record none (a library run without a dataset)."""
+        if "dataset_size" not in settings:
+            return None
+        size, skip, max_idx = settings["dataset_size"], settings.get("skip", 1), settings.get("max", -1)
+        shard = settings.get("shard") or [0, 1]
+        values = [size, skip, max_idx, *shard] if isinstance(shard, list) else [None]
+        if (
+            len(values) != 5
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+            or size < 0 or skip < 1 or not 0 <= shard[0] < shard[1]
+        ):
+            raise CertkitError(f"{sidecar_path(source)}: malformed plan settings (dataset_size, skip, max, shard)")
+        return cls(size if max_idx < 0 else min(max_idx, size), skip, shard[0], shard[1])
+
+    def __contains__(self, i: int) -> bool:
+        return 0 <= i < self.stop and i % self.skip == 0 and (i // self.skip) % self.parts == self.part
+
+    def positions(self) -> range:
+        return range(self.part, -(-self.stop // self.skip), self.parts)
+
+    def check(self, table: _Table, path: str | os.PathLike) -> None:
+        """Refuse the first row whose index is outside this plan."""
+        for number, fields in table.rows:
+            if int(fields[0]) not in self:
+                raise CertkitError(
+                    f"{path}:{number}: index {fields[0]} is not in the run's plan "
+                    "(dataset_size, skip, max, shard in its settings file)"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,13 +537,19 @@ def planned_indices(dataset_size: int, skip: int = 1, max_idx: int = -1, shard: 
 def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
     """Join shard files into one result file in index order, with one merged sidecar.
 
-    Refuses shards whose settings differ (other than ``shard``), overlapping indices, an incomplete set of
-    shards (i/k for every i < k) and, when the settings say which indices were planned, any missing row.
+    Refuses an output that is one of the shards, shards whose settings differ (other than ``shard``), rows
+    outside a shard's plan, overlapping indices, an incomplete set of shards (i/k for every i < k) and,
+    when the settings say which indices were planned, any missing row. Only valid, complete rows are copied.
     """
     if not shard_paths:
         raise CertkitError("merge needs at least one shard file")
+    out_path = Path(out_path)
+    require_regular(out_path, "merged result file")
+    for path in shard_paths:
+        if out_path.exists() and Path(path).exists() and os.path.samefile(out_path, path):
+            raise CertkitError(f"merge --out {out_path} is one of its input shards; choose another output file")
     metas = [read_sidecar(p) for p in shard_paths]
-    results = [read_results(p) for p in shard_paths]
+    tables = [_load_table(p) for p in shard_paths]
     first = metas[0]
     for path, meta in zip(shard_paths[1:], metas[1:]):
         if meta["kind"] != first["kind"] or meta["columns"] != first["columns"]:
@@ -443,26 +572,28 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
                 f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {missing or 'none'})"
             )
     seen: dict[int, str] = {}
-    for path, res in zip(shard_paths, results):
-        for i in res.idx.tolist():
+    for path, meta, table in zip(shard_paths, metas, tables):
+        plan = _Plan.of(meta["settings"], path)
+        if plan is not None:
+            plan.check(table, path)
+        for _, fields in table.rows:
+            i = int(fields[0])
             if i in seen:
                 raise CertkitError(f"index {i} appears in both {seen[i]} and {path}")
             seen[i] = str(path)
     settings = dict(first["settings"])
     settings.pop("shard", None)
-    if "dataset_size" in settings:
-        planned = planned_indices(int(settings["dataset_size"]), int(settings.get("skip", 1)), int(settings.get("max", -1)))
-        missing = sorted(set(planned) - set(seen))
-        if missing:
-            raise CertkitError(f"{len(missing)} planned indices are missing from the shards (first: {missing[0]}); finish every shard first")
-    # rows: take each file's lines verbatim (no re-formatting), ordered by index
-    rows: list[tuple[int, str]] = []
-    for path in shard_paths:
-        for line in Path(path).read_text(encoding="utf-8").splitlines()[1:]:
-            if line.strip():
-                rows.append((int(line.split("\t", 1)[0]), line))
-    rows.sort(key=lambda r: r[0])
-    out_path = Path(out_path)
+    plan = _Plan.of(settings, shard_paths[0])
+    if plan is not None:
+        positions = plan.positions()  # every row seen is in the plan, so a shorter count means a gap
+        if len(positions) > len(seen):
+            gap = next(p * plan.skip for p in positions if p * plan.skip not in seen)
+            raise CertkitError(
+                f"{len(positions) - len(seen)} planned indices are missing from the shards (first: {gap}); "
+                "finish every shard first"
+            )
+    # rows: each file's valid rows verbatim (no re-formatting), ordered by index
+    rows = sorted((int(fields[0]), "\t".join(fields)) for table in tables for _, fields in table.rows)
     header = "\t".join(first["columns"]) + "\n"
     atomic_write_json(
         sidecar_path(out_path),

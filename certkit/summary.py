@@ -1,7 +1,7 @@
-"""The ``summary.json`` beside each result file: the report's metrics over the file, with the run's settings.
+"""The ``summary.json`` beside a result file: the report's metrics of a finished run.
 
-It sits above both :mod:`certkit.results` (which reads the file) and :mod:`certkit.report` (which computes
-the metrics), so neither needs the other's caller.
+It sits above both :mod:`certkit.results` (the file format: rows, sidecar, resume, merge) and
+:mod:`certkit.report` (metrics of a results table), so the file layer never reaches up into the metrics.
 """
 
 from __future__ import annotations

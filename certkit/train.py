@@ -16,6 +16,7 @@ Any two run directories can therefore be compared for training cost from their `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
 from certkit.errors import CertkitError
-from certkit.fileio import atomic_write_bytes, atomic_write_text
+from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
@@ -275,6 +276,15 @@ class Trainer:
         return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
     # --- the loop -----------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train (after :meth:`resume` when asked) while holding the run directory's lock, so that two
+        processes never write one run directory; rank 0 alone writes it under torchrun."""
+        locked = self.out_dir is not None and self.rank == 0
+        with PidLock(self.out_dir) if locked else contextlib.nullcontext():  # type: ignore[arg-type]
+            if resume:
+                self.resume()
+            return self.fit()
+
     def fit(self) -> list[dict[str, Any]]:
         c = self.config
         for epoch in range(self.start_epoch, c.epochs):
@@ -593,7 +603,5 @@ def train(dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", metho
         certkit.train(TensorDataset(x, y), nn.Sequential(...), "smoothmix", sigma=0.25, epochs=1, out="runs/m")
     """
     trainer = build_trainer(dataset, arch, method, **kwargs)
-    if kwargs.get("resume"):
-        trainer.resume()
-    trainer.fit()
+    trainer.run(resume=bool(kwargs.get("resume")))
     return trainer

@@ -192,9 +192,9 @@ def test_curves_mark_the_largest_radius_n_allows_and_name_their_settings(tmp_pat
 
 def test_one_absurd_radius_does_not_make_the_grid_huge(tmp_path: Path):
     path = tmp_path / "huge.tsv"
-    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t1e12\t1\t0:00:01\n1\t1\t1\t0.5\t1\t0:00:01\n")
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t90000\t1\t0:00:01\n1\t1\t1\t0.5\t1\t0:00:01\n")
     (curve,) = report.curves({"huge": path})
-    assert len(curve.radii) <= report.MAX_CURVE_POINTS + 2
+    assert len(curve.radii) <= report.MAX_PLOT_POINTS + 2
 
 
 @pytest.mark.parametrize("suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<?xml")])

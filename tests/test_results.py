@@ -198,8 +198,13 @@ def test_merge_refusals(tmp_path: Path):
     with pytest.raises(CertkitError, match="settings differ in sigma"):
         merge_results([a, b], tmp_path / "m.tsv")
     _write_rows(c, [1, 2, 3, 5], {**settings, "shard": [1, 2]}).close()
-    with pytest.raises(CertkitError, match="index 2 appears in both"):
+    with pytest.raises(CertkitError, match="c.tsv:3: index 2 is not in the run's plan"):
         merge_results([a, c], tmp_path / "m.tsv")
+    whole_a, whole_c = tmp_path / "whole_a.tsv", tmp_path / "whole_c.tsv"
+    _write_rows(whole_a, [0, 1, 2], settings).close()
+    _write_rows(whole_c, [2, 3, 4, 5], settings).close()
+    with pytest.raises(CertkitError, match="index 2 appears in both"):
+        merge_results([whole_a, whole_c], tmp_path / "m.tsv")
     with pytest.raises(CertkitError, match="missing \\[1\\]"):
         merge_results([a], tmp_path / "m.tsv")
     _write_rows(c, [1, 3], {**settings, "shard": [1, 2]}, resume=False).close()

@@ -25,6 +25,7 @@ resume and progress, is shared with GloRo certification (:mod:`certkit.gloro.cer
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -34,12 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.fileio import require_regular
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
 from certkit.smoothing.samplers import NOISE_BLOCK, input_generator, shared_generator
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import AdaptiveSchedule, check_batch_size, check_certify_args, check_predict_args
-from certkit.smoothing.voter import MIN_VOTE_AGREEMENT
+from certkit.smoothing.voter import MIN_VOTE_AGREEMENT, NonFiniteLogits
 from certkit.summary import write_summary
 
 
@@ -156,6 +158,7 @@ def certify_dataset(
     ``p // G`` in the unsharded plan) votes on one noise stream; every certificate keeps its guarantee, but
     the certificates of a group are not independent of each other.
     """
+    require_regular(out, "result file")  # a FIFO would block the first write after all the set-up
     indices = plan.indices(len(dataset))
     shared_noise = smoothed.shared_noise
     settings: dict[str, Any] = {
@@ -178,15 +181,37 @@ def certify_dataset(
             keys.setdefault(idx // plan.skip // shared_noise, []).append(pos)
         return [(pos, [shared_generator(plan.seed, key, smoothed.device)]) for key, pos in keys.items()]
 
+    def sample(xs: Tensor, generators: list[torch.Generator]) -> list[Any]:
+        if plan.mode == "certify":
+            return smoothed.certify_batch(xs, plan.n0, plan.n, plan.alpha, plan.batch_size, generators, plan.adaptive)
+        return smoothed.predict_batch(xs, plan.n, plan.alpha, plan.batch_size, generators)
+
+    def first_nonfinite(group: list[int], xs: Tensor) -> int:
+        """The first input of ``group`` whose noisy copies give NaN/inf logits, found by sampling each alone
+        on its own noise (the same draws as in the group): only run once a group has failed."""
+        for pos, idx in enumerate(group):
+            try:
+                sample(xs[pos : pos + 1], noise_groups([idx])[0][1])
+            except NonFiniteLogits:
+                return idx
+        return group[0]
+
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
+        try:
+            return sample_and_write(writer, group, xs, labels)
+        except NonFiniteLogits:
+            raise CertkitError(
+                f"the model returned NaN or inf logits on noisy copies of input {first_nonfinite(group, xs)}; "
+                "certify only a network with finite outputs"
+            ) from None
+
+    def sample_and_write(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
         for positions, generators in noise_groups(group):
             members = [group[p] for p in positions]
             member_labels = [labels[p] for p in positions]
             began = time.perf_counter()
             if plan.mode == "certify":
-                certificates = smoothed.certify_batch(
-                    xs[positions], plan.n0, plan.n, plan.alpha, plan.batch_size, generators, plan.adaptive
-                )
+                certificates = sample(xs[positions], generators)
                 elapsed = time.perf_counter() - began
                 total_samples = sum(c.samples for c in certificates)
                 for idx, label, cert in zip(members, member_labels, certificates):
@@ -195,7 +220,7 @@ def certify_dataset(
                     writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
                     score.add(cert.prediction == label, cert.radius)
             else:
-                predictions = smoothed.predict_batch(xs[positions], plan.n, plan.alpha, plan.batch_size, generators)
+                predictions = sample(xs[positions], generators)
                 elapsed = time.perf_counter() - began
                 for idx, label, prediction in zip(members, member_labels, predictions):
                     writer.write_predict(idx, label, prediction, elapsed / len(members))
@@ -255,14 +280,47 @@ def _speed_check(
 def plan_settings(
     model: nn.Module, dataset: Dataset, skip: int, max_idx: int, shard: tuple[int, int] | None
 ) -> dict[str, Any]:
-    """The settings every result file records about *which* rows it holds and *which weights* made them."""
+    """The settings every result file records about *which* rows it holds, *which images* they are of and
+    *which weights* made them."""
     return {
         "skip": skip,
         "max": max_idx,
         "shard": list(shard) if shard is not None else None,
         "dataset_size": len(dataset),
+        **dataset_identity(dataset),
         "model_sha256": model_fingerprint(model),
     }
+
+
+def dataset_identity(dataset: Dataset) -> dict[str, Any]:
+    """Name, split (when the dataset knows them) and sha256 of the dataset's images and labels.
+
+    Resuming with another test set of the same size would otherwise append rows about other images. The
+    hash covers the whole dataset, not only the planned indices, so it is the same for every shard and
+    every ``--max`` (shards still merge, a run still grows). Held arrays are hashed as stored (uint8, tens of
+    MB at most); image folders by file name, size and label, not by decoding every image.
+    """
+    from certkit.data import ArrayDataset, FolderDataset
+
+    h = hashlib.sha256()
+    identity: dict[str, Any] = {}
+    if isinstance(dataset, (ArrayDataset, FolderDataset)):
+        identity = {"dataset": dataset.info.name, "split": dataset.split}
+    if isinstance(dataset, ArrayDataset):
+        for t in (dataset.images, dataset.labels):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.numpy())
+    elif isinstance(dataset, FolderDataset):
+        for path, label in dataset._folder.samples[: len(dataset)]:  # type: ignore[attr-defined]
+            h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
+    else:
+        for i in range(len(dataset)):
+            x, label = dataset[i]
+            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            h.update(f"|{int(label)}\n".encode())
+    identity["dataset_sha256"] = h.hexdigest()
+    return identity
 
 
 #: ``process(writer, indices, images, labels)`` writes one row per index and returns a progress-bar note

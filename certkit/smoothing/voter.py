@@ -1,9 +1,9 @@
 """The voter: how the base classifier f is run to turn noisy copies into class votes.
 
 Everything here changes how fast f is evaluated, never which noise is drawn: eval mode (restored after each
-call), a channels-last *copy* of the network, bf16/fp16 autocast on CUDA, ``torch.compile`` with every
-forward pass padded to one shape, and the check that the logits are (rows, K). The caller's model is left
-as given and stays the fp32 reference that :meth:`Voter.vote_agreement` compares the votes against.
+call), a channels-last *copy* of the network, bf16/fp16 autocast on CUDA, ``torch.compile`` with every forward
+pass padded to one shape, and the checks that the logits are (rows, K) and finite. The caller's model is left as
+given and stays the fp32 reference that :meth:`Voter.vote_agreement` compares the votes against.
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ MIN_VOTE_AGREEMENT = 0.99
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 F = TypeVar("F", bound=Callable[..., Tensor])
+
+
+class NonFiniteLogits(CertkitError):
+    """The network returned NaN or inf on a noisy copy: its votes would be meaningless."""
 
 
 class Voter:
@@ -130,12 +134,14 @@ class Voter:
         return torch.cat([part, part.new_zeros((rows - len(part), *part.shape[1:]))])
 
     def class_votes(self, logits: Tensor, rows: int) -> Tensor:
-        """argmax class of each row, once the logits are known to be (rows, K): a wrong shape would
-        otherwise spill votes into another input's counts."""
+        """argmax class of each row, once the logits are known to be (rows, K) and finite: a wrong shape
+        would spill votes into another input's counts, and argmax counts a NaN row as a vote for class 0."""
         if logits.shape != (rows, self.num_classes):
             raise CertkitError(
                 f"the model returned logits of shape {tuple(logits.shape)}, expected ({rows}, {self.num_classes})"
             )
+        if not torch.isfinite(logits).all():
+            raise NonFiniteLogits("the model returned NaN or inf logits; certify only a network with finite outputs")
         return logits.argmax(1)
 
     def vote_agreement(
