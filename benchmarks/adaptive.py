@@ -15,7 +15,7 @@ What runs:
    * the **adaptive** certificate replays :meth:`AdaptiveSchedule.decide` at every look, on the same samples.
 
    The comparison is paired: both see the same noise, so the difference is the schedule's alone.
-3. **The real adaptive run**: :func:`certkit.certify.certify_dataset` with ``adaptive=AdaptiveSchedule()``
+3. **The real adaptive run**: :func:`certkit.certify_dataset` with ``adaptive=AdaptiveSchedule()``
    writes its TSV (with the ``samples`` column) and its rows must equal the replay's, row by row; that ties
    the figures to the code path users run.
 4. For context, an **oracle bound**: if every image's true vote probability were known and each image could be
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,24 +47,22 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from certkit import report  # noqa: E402
-from certkit.certify import certify_dataset  # noqa: E402
-from certkit.data import dataset_info, load_dataset  # noqa: E402
-from certkit.models import create_model  # noqa: E402
-from certkit.objectives.gaussian import Gaussian  # noqa: E402
-from certkit.results import read_results  # noqa: E402
-from certkit.smooth import (  # noqa: E402
+from certkit import report
+from certkit.data import dataset_info, load_dataset
+from certkit.models import create_model
+from certkit.objectives.gaussian import Gaussian
+from certkit.results import floor_significant, format_radius, read_results
+from certkit.smoothing.runner import RunPlan, certify_dataset
+from certkit.smoothing.samplers import input_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import (
     ABSTAIN,
     AdaptiveSchedule,
-    Smooth,
     certify_from_counts,
-    input_generator,
     lower_confidence_bound,
     radius,
 )
-from certkit.train import Trainer, TrainConfig  # noqa: E402
+from certkit.train import Trainer, TrainConfig
 
 
 def build_model(arch: str) -> nn.Module:
@@ -105,9 +102,9 @@ def shared_pass(smoothed: Smooth, data, indices: list[int], schedule: AdaptiveSc
         gens = [input_generator(args.seed, i, smoothed.device) for i in chunk]
         rows = slice(start, start + len(chunk))
         # the same draws, in the same order, as Smooth.certify_batch with the adaptive schedule
-        selection[rows] = smoothed._sample_noise_batch(xs, [args.n0] * len(chunk), args.batch, gens)
+        selection[rows] = smoothed.sampler.counts(xs, [args.n0] * len(chunk), args.batch, gens)
         for k, inc in enumerate(increments):
-            estimation[rows, k] = smoothed._sample_noise_batch(xs, [int(inc)] * len(chunk), args.batch, gens)
+            estimation[rows, k] = smoothed.sampler.counts(xs, [int(inc)] * len(chunk), args.batch, gens)
         print(f"  shared pass: {start + len(chunk)}/{len(indices)} images", flush=True)
     return selection, estimation
 
@@ -268,15 +265,15 @@ def main() -> None:
     if not args.no_verify:
         # the same schedule through the runner users call; its rows must be the replay's
         skip = len(test) // args.images
-        certify_dataset(
-            model, test, num_classes=10, sigma=args.sigma, out=out / "adaptive.tsv", n0=args.n0, n=args.n,
-            alpha=args.alpha, batch_size=args.batch, skip=skip, max_idx=indices[-1] + 1, seed=args.seed,
-            adaptive=schedule, progress=False, resume=False,
+        plan = RunPlan(
+            n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=skip, max_idx=indices[-1] + 1,
+            seed=args.seed, adaptive=schedule,
         )
+        certify_dataset(smoothed, test, plan, out=out / "adaptive.tsv", progress=False, resume=False)
         rows = read_results(out / "adaptive.tsv")
         mismatch = [
             i for i, (pred, r, used), rp, rr, rs in zip(indices, adaptive, rows.predict, rows.radius, rows.samples)
-            if pred != rp or used != rs or abs(float(format(r, ".3")) - rr) > 1e-12
+            if pred != rp or used != rs or abs(floor_significant(r) - rr) > 1e-12
         ]
         if len(rows) != len(indices) or mismatch:
             raise SystemExit(f"the replay differs from certify_dataset on images {mismatch[:10]}")
@@ -285,11 +282,11 @@ def main() -> None:
     # the fixed-n rows as a result file, for the table
     fixed_tsv = out / "fixed.tsv"
     lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
-    lines += [f"{i}\t{y}\t{pr}\t{r:.3}\t{int(pr == y)}\t0:00:00" for i, y, (pr, r, _) in zip(indices, labels, fixed)]
+    lines += [f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00" for i, y, (pr, r, _) in zip(indices, labels, fixed)]
     fixed_tsv.write_text("\n".join(lines) + "\n")
     adaptive_tsv = out / "adaptive-replay.tsv"
     lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples"]
-    lines += [f"{i}\t{y}\t{pr}\t{r:.3}\t{int(pr == y)}\t0:00:00\t{s}" for i, y, (pr, r, s) in zip(indices, labels, adaptive)]
+    lines += [f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00\t{s}" for i, y, (pr, r, s) in zip(indices, labels, adaptive)]
     adaptive_tsv.write_text("\n".join(lines) + "\n")
     print(report.markdown_table({"fixed n": fixed_tsv, "adaptive": adaptive_tsv}), end="")
 

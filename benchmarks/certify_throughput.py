@@ -8,13 +8,13 @@ input for the certifiers):
   ``torch.no_grad``; the n0 selection samples and then the n estimation samples are drawn in chunks of at
   most ``batch`` copies (``x.repeat`` plus ``randn_like`` noise), each chunk's argmax votes are copied to the
   host and counted there. Written here from the paper's pseudocode, not imported.
-* **certkit** -- :meth:`certkit.smooth.Smooth.certify_batch` on groups of inputs exactly as
-  :func:`certkit.certify.certify_dataset` forms them (``default_inputs_per_batch``: the n0 copies of several
+* **certkit** -- :meth:`certkit.Smooth.certify_batch` on groups of inputs exactly as
+  :func:`certkit.certify_dataset` forms them (:meth:`certkit.RunPlan.group_size`: the n0 copies of several
   inputs share one forward batch), per-input seeded noise written into one reused buffer, votes counted on the
   device. ``--channels-last``, ``--compile`` and ``--amp`` are certkit's speed options (amp: CUDA only).
   ``--shared-noise G``: groups of G inputs vote on the same draws (one generator per group, as
   ``certkit certify --shared-noise G``), so the first layer runs once per input and once per draw
-  (:mod:`certkit.models.stem`); each certificate keeps its guarantee, certificates of a group are dependent.
+  (:mod:`certkit.smoothing.stem`); each certificate keeps its guarantee, certificates of a group are dependent.
 * **bare forward** -- the network certkit votes with (same options), run on one fixed batch of ``batch``
   images, argmax included: no noise, no counting. certkit's throughput divided by this is the share of the
   machine the sampling machinery leaves to the network.
@@ -39,19 +39,16 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import beta, norm
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from certkit.certify import default_inputs_per_batch  # noqa: E402
-from certkit.errors import CertkitError  # noqa: E402
-from certkit.models import create_model  # noqa: E402
-from certkit.smooth import Smooth, input_generator, shared_generator  # noqa: E402
+from certkit import RunPlan, Smooth
+from certkit.errors import CertkitError
+from certkit.models import create_model
+from certkit.smoothing.samplers import input_generator, shared_generator
 
 SHAPES = {"lenet": (1, 28, 28), "smallcnn": (1, 28, 28), "resnet20": (3, 32, 32), "resnet110": (3, 32, 32)}
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -131,7 +128,8 @@ def time_reference(ref: ReferenceLoop, xs: Tensor, args: argparse.Namespace) -> 
 
 
 def time_certkit(smoothed: Smooth, xs: Tensor, first_idx: int, args: argparse.Namespace) -> tuple[float, list[tuple[int, float]]]:
-    group = args.shared_noise or args.inputs_per_batch or default_inputs_per_batch(args.batch, args.n0)
+    plan = RunPlan(n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, inputs_per_batch=args.inputs_per_batch)
+    group = plan.group_size(args.shared_noise)
     out: list[tuple[int, float]] = []
     sync(smoothed.device)
     start = time.perf_counter()
@@ -199,13 +197,13 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     if options:
-        agreement = smoothed.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
+        agreement = smoothed.sampler.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
         print(f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} (lowest input {agreement.min():.4%})")
 
     # warm-up: allocator, oneDNN primitives, compilation
     time_certkit(smoothed, xs[:2], 0, args)
     time_reference(reference, xs[:1], args)
-    time_forward(smoothed._forward, noisy, args.batch, device)
+    time_forward(smoothed.voter.logits, noisy, args.batch, device)
     samples = args.inputs * (args.n0 + args.n)
 
     rows = []
@@ -214,7 +212,7 @@ def main() -> None:
     for r in range(args.rounds):
         ref_rate, out_ref = time_reference(reference, xs[: args.ref_inputs], args)
         kit_rate, out_kit = time_certkit(smoothed, xs[: args.inputs], 0, args)
-        fwd_rate = time_forward(smoothed._forward, noisy, samples, device)
+        fwd_rate = time_forward(smoothed.voter.logits, noisy, samples, device)
         plain_rate = time_forward(model, noisy, samples, device) if options else fwd_rate
         rows.append((ref_rate, kit_rate, fwd_rate, plain_rate))
         decisions_ref, decisions_certkit = out_ref, out_kit

@@ -7,7 +7,7 @@
   rejection rate, and the seconds to certify the 10k images (forward passes; the bound verification on
   load is printed apart).
 * **Randomized smoothing**: a LeNet trained briefly with Gaussian noise (``--rs-sigma``), certified with
-  :func:`certkit.certify.certify_dataset` (CERTIFY of Cohen et al.) on every ``--rs-skip``-th test image with
+  :func:`certkit.certify_dataset` (CERTIFY of Cohen et al.) on every ``--rs-skip``-th test image with
   a small ``--rs-n`` so it runs in minutes. A small n caps the radius at σ·Φ⁻¹(α^(1/n)) (1.23 for σ=0.5,
   n=1000, α=0.001) and lowers every certified radius, so this is a *lower* estimate of what smoothing reaches
   with the usual n=100,000; its certificate also holds only with probability 1−α, GloRo's deterministically.
@@ -22,21 +22,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from certkit import checkpoint  # noqa: E402
-from certkit.certify import certify_dataset  # noqa: E402
-from certkit.data import load_dataset  # noqa: E402
-from certkit.gloro.certify import certify_gloro_dataset  # noqa: E402
-from certkit.report import certified_accuracy  # noqa: E402
-from certkit.results import read_results  # noqa: E402
-from certkit.train import train  # noqa: E402
+from certkit import RunPlan, Smooth, certify_dataset, checkpoint
+from certkit.data import load_dataset
+from certkit.gloro.certify import certify_gloro_dataset
+from certkit.report import certified_accuracy
+from certkit.results import read_results
+from certkit.train import train
 
 
 def main() -> None:
@@ -102,9 +98,9 @@ def main() -> None:
     rs_train_s = rs.ledger.seconds
     model = checkpoint.load(out / "rs")
     certify_began = time.perf_counter()
+    plan = RunPlan(n0=args.rs_n0, n=args.rs_n, alpha=args.rs_alpha, batch_size=1000, skip=args.rs_skip)
     rs_summary = certify_dataset(
-        model, test, num_classes=10, sigma=args.rs_sigma, out=out / "rs.tsv", n0=args.rs_n0, n=args.rs_n,
-        alpha=args.rs_alpha, batch_size=1000, skip=args.rs_skip, progress=False, resume=False,
+        Smooth(model, 10, args.rs_sigma), test, plan, out=out / "rs.tsv", progress=False, resume=False
     )
     rs_certify_s = time.perf_counter() - certify_began
     assert rs_summary is not None

@@ -42,8 +42,7 @@ from typing import Any
 
 import torch
 
-from certkit import report
-from certkit.certify import certify_dataset
+from certkit import RunPlan, Smooth, certify_dataset, report
 from certkit.data import dataset_info, load_dataset
 from certkit.models import create_model
 from certkit.methods import get_objective
@@ -129,10 +128,9 @@ def run_method(method: str, args: argparse.Namespace, train_data: Any, test_data
     result_file = out_dir / f"{method}.tsv"
     log(f"[{method}] certifying {len(test_data)} images, n0={args.n0}, n={args.n}")
     began = time.perf_counter()
-    certify_dataset(
-        model, test_data, num_classes=info.num_classes, sigma=args.sigma, out=result_file, n0=args.n0, n=args.n,
-        alpha=args.alpha, batch_size=1000, seed=args.seed, progress=False, resume=False,
-    )
+    plan = RunPlan(n0=args.n0, n=args.n, alpha=args.alpha, batch_size=1000, seed=args.seed)
+    smoothed = Smooth(model, info.num_classes, args.sigma)
+    certify_dataset(smoothed, test_data, plan, out=result_file, progress=False, resume=False)
     certify_seconds = time.perf_counter() - began
     cert = report.certified_accuracy(result_file, [0.0, 0.25, 0.5])
     return {

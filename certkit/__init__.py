@@ -9,13 +9,26 @@ The names most programs need are here::
     model = certkit.load("runs/gaussian")                 # safetensors + JSON, nothing unpickled
     smoothed = certkit.Smooth(model, num_classes=10, sigma=0.25)
     prediction, radius = smoothed.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=1000)
+    certkit.certify_dataset(smoothed, test_set, certkit.RunPlan(n=10_000, skip=20), out="certify.tsv")
 """
 
 __version__ = "0.1.0"  # first: submodules read it while this package is still importing
 
 from certkit.checkpoint import load
 from certkit.errors import CertkitError
-from certkit.smooth import ABSTAIN, Smooth
+from certkit.smoothing.runner import RunPlan, certify_dataset
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import ABSTAIN, AdaptiveSchedule
 from certkit.train import train
 
-__all__ = ["ABSTAIN", "CertkitError", "Smooth", "load", "train", "__version__"]
+__all__ = [
+    "ABSTAIN",
+    "AdaptiveSchedule",
+    "CertkitError",
+    "RunPlan",
+    "Smooth",
+    "certify_dataset",
+    "load",
+    "train",
+    "__version__",
+]

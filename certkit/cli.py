@@ -253,10 +253,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     """Load the checkpoint, resolve sigma and the dataset, then run the certifier over the test set."""
     from certkit import reference
-    from certkit.certify import certify_dataset
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
     from certkit.reference import check_fits_dataset
+    from certkit.smoothing.runner import RunPlan, certify_dataset
+    from certkit.smoothing.samplers import sampler_for
+    from certkit.smoothing.smooth import Smooth
+    from certkit.smoothing.statistics import AdaptiveSchedule
+    from certkit.smoothing.voter import Voter
     from certkit.train import select_device
 
     device = select_device(args.device)
@@ -287,18 +291,15 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     auto_shard = shard is None and size > 1
     if auto_shard:
         shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
-    adaptive = None
-    if getattr(args, "adaptive", False):
-        from certkit.smooth import AdaptiveSchedule
-
-        adaptive = AdaptiveSchedule()
+    plan = RunPlan(
+        mode=mode, n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
+        max_idx=args.max, shard=shard, seed=args.seed,
+        adaptive=AdaptiveSchedule() if getattr(args, "adaptive", False) else None,
+    )
+    voter = Voter(model, info.num_classes, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
+    smoothed = Smooth.from_sampler(sampler_for(voter, float(sigma), args.shared_noise))
     certify_dataset(
-        model, data, num_classes=info.num_classes, sigma=float(sigma), out=out,
-        n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
-        max_idx=args.max, seed=args.seed, shard=shard, mode=mode, adaptive=adaptive,
-        progress=rank == 0,
-        smooth_options={"amp": args.amp, "channels_last": args.channels_last, "compile": args.compile},
-        shared_noise=args.shared_noise,
+        smoothed, data, plan, out=out, progress=rank == 0,
         settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
     )
     if auto_shard:

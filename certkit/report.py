@@ -26,6 +26,7 @@ import numpy as np
 from certkit.errors import CertkitError
 from certkit.figures import pyplot, save_figure
 from certkit.results import Results, read_results
+from certkit.smoothing.statistics import max_radius
 
 ResultsLike = Union[Results, str, os.PathLike]
 
@@ -217,8 +218,6 @@ class Curve:
 
 def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list[Curve]:
     """The curves of every CERTIFY file on one shared radius grid (PREDICT files have none)."""
-    from certkit.smooth import max_radius
-
     loaded = {name: load(r) for name, r in named_results.items()}
     certify = {name: res for name, res in loaded.items() if res.radius is not None}
     largest = max([_largest_radius(res) for res in certify.values()] or [0.0])

@@ -1,4 +1,4 @@
-"""Result files in the field's standard TSV format: writing (with resume), reading, merging, summaries.
+"""Result files in the field's standard TSV format: writing (with resume), reading, merging.
 
 Format (Cohen et al.'s ``certify.py``/``predict.py``, used by every later code base):
 
@@ -104,7 +104,7 @@ def parse_time(text: str) -> float:
     return days * 86400.0 + int(h) * 3600.0 + int(m) * 60.0 + float(s)
 
 
-def _normalise(settings: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Settings as they read back from JSON (tuples become lists), so comparisons are like for like."""
     try:
         return json.loads(json.dumps(dict(settings), sort_keys=True))
@@ -173,7 +173,7 @@ class ResultWriter:
         self.path = Path(path)
         self.kind = kind
         self.columns = columns_for(kind) + tuple(extra_columns)
-        self.settings = _normalise(settings or {})
+        self.settings = normalise_settings(settings or {})
         self.done_indices: set[int] = set()
         self._deferred = False
         header = "\t".join(self.columns) + "\n"

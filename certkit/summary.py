@@ -15,8 +15,8 @@ import numpy as np
 
 from certkit import report
 from certkit.fileio import atomic_write_json
-from certkit.results import _normalise, read_results, summary_path
-from certkit.smooth import max_radius
+from certkit.results import normalise_settings, read_results, summary_path
+from certkit.smoothing.statistics import max_radius
 
 
 def write_summary(
@@ -36,7 +36,7 @@ def write_summary(
     sigma*Phi^-1(alpha^(1/n)) is impossible and is flagged as ``radius_bound_violated``.
     """
     res = read_results(results_path)
-    params = _normalise(settings) if settings is not None else res.settings
+    params = normalise_settings(settings) if settings is not None else res.settings
     n_rows = len(res)
     summary: dict[str, Any] = {
         "file": Path(results_path).name,

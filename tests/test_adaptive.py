@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from certkit.smooth import ABSTAIN, AdaptiveSchedule, Smooth, input_generator, max_radius
+from certkit.smoothing.samplers import input_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import ABSTAIN, AdaptiveSchedule, max_radius
 from test_smooth import HalfSpace, false_certificates, halfspace_input
 
 W = [0.6, -0.8, 0.0, 0.0]
@@ -42,13 +44,13 @@ def test_adaptive_false_certification_rate_within_alpha(p_class1, tolerance):
 
 def test_adaptive_false_certification_check_has_power(monkeypatch):
     """The check above fails on a broken certifier: a point estimate in place of the lower bound."""
-    import certkit.smooth as smooth_module
+    import certkit.smoothing.statistics as statistics_module
 
     sigma, alpha, runs = 0.5, 0.2, 600
     x, true_radius = halfspace_input(0.6, sigma, W)
     smoothed = Smooth(HalfSpace(W, 0.0), num_classes=2, sigma=sigma)
     xs = x.unsqueeze(0).repeat(runs, 1, 1, 1)
-    monkeypatch.setattr(smooth_module, "lower_confidence_bound", lambda n_a, n, a: n_a / n)
+    monkeypatch.setattr(statistics_module, "lower_confidence_bound", lambda n_a, n, a: n_a / n)
     schedule = AdaptiveSchedule(first_stage=25, tolerance=0.1, projection_alpha=0.5)
     certs = smoothed.certify_batch(xs, 10, 400, alpha, 4000, [input_generator(5, i) for i in range(runs)], schedule)
     assert false_certificates(certs, 1, true_radius) > binom.ppf(1 - 1e-4, runs, alpha)
@@ -83,7 +85,7 @@ def test_adaptive_batched_equals_one_at_a_time():
 def _any_look_fails(p: float, stages: list[int], alphas: list[float], runs: int, seed: int = 0) -> float:
     """Fraction of runs in which *some* look's lower bound exceeds the true p: what a worst-case stopping
     rule (stop exactly when the bound is wrong) would turn into false certificates."""
-    from certkit.smooth import lower_confidence_bound
+    from certkit.smoothing.statistics import lower_confidence_bound
 
     rng = np.random.default_rng(seed)
     fails = 0

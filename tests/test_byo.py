@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import certkit
-from certkit.certify import certify_dataset
+from certkit import RunPlan, Smooth, certify_dataset
 from certkit.cli import main
 from certkit.errors import CertkitError
 from certkit.methods import METHODS, build_objective
@@ -71,17 +71,14 @@ def test_own_module_trains_saves_loads_and_certifies(runs: dict[str, Path], meth
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     # certify and predict straight from a plain torch Dataset
     test = tensors(6, seed=2)
-    summary = certify_dataset(
-        model, test, num_classes=3, sigma=0.25, out=tmp_path / "c.tsv", n0=10, n=100, alpha=0.01, batch_size=100,
-        progress=False,
-    )
+    smoothed = Smooth(model, num_classes=3, sigma=0.25)
+    plan = RunPlan(n0=10, n=100, alpha=0.01, batch_size=100)
+    summary = certify_dataset(smoothed, test, plan, out=tmp_path / "c.tsv", progress=False)
     assert summary is not None and summary["N"] == 6
     rows = read_results(tmp_path / "c.tsv")
     assert list(rows.idx) == list(range(6)) and list(rows.label) == [int(test[i][1]) for i in range(6)]
-    certify_dataset(
-        model, test, num_classes=3, sigma=0.25, out=tmp_path / "p.tsv", n=100, alpha=0.01, batch_size=100,
-        mode="predict", progress=False,
-    )
+    plan = RunPlan(mode="predict", n=100, alpha=0.01, batch_size=100)
+    certify_dataset(smoothed, test, plan, out=tmp_path / "p.tsv", progress=False)
     assert len(read_results(tmp_path / "p.tsv")) == 6
 
 

@@ -25,7 +25,6 @@ import pytest
 import torch
 from torch import nn
 
-from certkit.certify import certify_dataset
 from certkit.data import ArrayDataset, dataset_info, load_dataset, read_idx
 from certkit.errors import CertkitError
 from certkit.report import report_files
@@ -33,6 +32,7 @@ from certkit.results import ResultWriter, merge_results, read_results, sidecar_p
 from certkit.train import train
 
 from conftest import make_idx_dataset
+from test_certify_runner import run
 
 MiB = 1 << 20
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
@@ -344,7 +344,7 @@ def test_special_result_paths_are_refused_before_any_work(tmp_path: Path, kind: 
     forwards = []
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     model.register_forward_hook(lambda *_: forwards.append(1))
-    refused(lambda: certify_dataset(model, TinyDataset(), out=out, **COMMON), str(out), "must be a regular file")
+    refused(lambda: run(model, TinyDataset(), out=out, **COMMON), str(out), "must be a regular file")
     assert not forwards and not sidecar_path(out).exists()
 
 
@@ -414,7 +414,7 @@ class TinyDataset:
         return self.images[i], self.labels[i]
 
 
-COMMON = dict(num_classes=3, sigma=0.25, n0=10, n=100, alpha=0.01, batch_size=100, progress=False)
+COMMON = dict(num_classes=3, sigma=0.25, n0=10, n=100, alpha=0.01, batch_size=100)
 
 
 def mnist_like(seed: int) -> ArrayDataset:
@@ -433,11 +433,11 @@ def test_resume_on_another_test_set_of_the_same_size_is_refused(tmp_path: Path, 
         model, first, other = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), TinyDataset(0), TinyDataset(1)
         options = COMMON
     out = tmp_path / "r.tsv"
-    certify_dataset(model, first, out=out, max_idx=3, **options)
+    run(model, first, out=out, max_idx=3, **options)
     before = out.read_bytes()
-    refused(lambda: certify_dataset(model, other, out=out, max_idx=3, **options), "dataset_sha256")
+    refused(lambda: run(model, other, out=out, max_idx=3, **options), "dataset_sha256")
     assert out.read_bytes() == before
-    assert certify_dataset(model, first, out=out, **options) is not None  # the same images resume (and grow)
+    assert run(model, first, out=out, **options) is not None  # the same images resume (and grow)
     assert read_results(out).idx.tolist() == list(range(len(first)))
 
 
@@ -458,12 +458,12 @@ def test_nan_logits_stop_the_run_naming_the_first_input(tmp_path: Path, mode: st
     broken = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
     with torch.no_grad():
         broken[1].weight[0, 0] = float("nan")
-    refused(lambda: certify_dataset(broken, TinyDataset(), out=tmp_path / "a.tsv", mode=mode, **COMMON), "input 0")
+    refused(lambda: run(broken, TinyDataset(), out=tmp_path / "a.tsv", mode=mode, **COMMON), "input 0")
     assert read_results(tmp_path / "a.tsv").idx.tolist() == []
     # only image 5's noisy copies are non-finite; it shares a forward batch with 4, 6 and 7
     out = tmp_path / "b.tsv"
     refused(
-        lambda: certify_dataset(NaNOnBright(), TinyDataset(ones=5), out=out, mode=mode, inputs_per_batch=4, **COMMON),
+        lambda: run(NaNOnBright(), TinyDataset(ones=5), out=out, mode=mode, inputs_per_batch=4, **COMMON),
         "NaN or inf logits", "input 5",
     )
     assert read_results(out).idx.tolist() == [0, 1, 2, 3]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from certkit.models import create_model
-from certkit.smooth import AdaptiveSchedule, Smooth, input_generator, shared_generator
+from certkit.smoothing.samplers import input_generator, shared_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import AdaptiveSchedule
 
 PINNED = {
     "certify": [(2, 0.11580813940215683), (2, 0.031454822762066945), (-1, 0.0), (-1, 0.0)],

@@ -144,8 +144,9 @@ def test_errors_from_processes_are_one_line_without_traceback(tmp_path: Path) ->
 
 
 def test_nan_images_are_refused_before_any_row(tmp_path: Path) -> None:
-    from certkit.certify import certify_dataset
     from certkit.models import create_model
+    from certkit.smoothing.runner import RunPlan, certify_dataset
+    from certkit.smoothing.smooth import Smooth
 
     class Images:
         def __init__(self) -> None:
@@ -160,9 +161,7 @@ def test_nan_images_are_refused_before_any_row(tmp_path: Path) -> None:
 
     model = create_model("lenet", 10, (1, 28, 28)).eval()
     with pytest.raises(CertkitError, match="NaN or inf"):
-        certify_dataset(model, Images(), num_classes=10, sigma=0.25, out=tmp_path / "r.tsv", n0=10, n=100,
-                        inputs_per_batch=4, progress=False)
-    from certkit.smooth import Smooth
-
+        plan = RunPlan(n0=10, n=100, inputs_per_batch=4)
+        certify_dataset(Smooth(model, 10, 0.25), Images(), plan, out=tmp_path / "r.tsv", progress=False)
     with pytest.raises(CertkitError, match="NaN or inf"):
         Smooth(model, 10, 0.25).certify(torch.full((1, 28, 28), float("inf")), 10, 100, 0.001, 100)

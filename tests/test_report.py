@@ -177,7 +177,7 @@ def _certkit_file(path: Path, sigma: float, n: int, alpha: float, radii: list[fl
 
 
 def test_curves_mark_the_largest_radius_n_allows_and_name_their_settings(tmp_path: Path, hand_built: Path):
-    from certkit.smooth import max_radius
+    from certkit.smoothing.statistics import max_radius
 
     mine = _certkit_file(tmp_path / "m.tsv", 0.25, 2000, 0.001, [0.1, 0.3, 0.5])
     got = report.curves({"mine": mine, "reference": hand_built})

@@ -39,7 +39,7 @@ def test_radius_is_floored_to_six_digits_and_time_printed_like_the_reference():
 
 
 def test_published_radius_never_exceeds_the_proved_one():
-    from certkit.smooth import max_radius
+    from certkit.smoothing.statistics import max_radius
 
     # all votes unanimous: CERTIFY proves 0.799644... (sigma 0.25) and 1.599289... (sigma 0.5) at n = 10,000;
     # the reference's {:.3} publishes 0.8 and 1.6

@@ -10,12 +10,14 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
-from certkit.certify import certify_dataset
 from certkit.errors import CertkitError
 from certkit.models import Normalize, create_model
-from certkit.models.stem import split_stem
 from certkit.results import read_results
-from certkit.smooth import ABSTAIN, AdaptiveSchedule, Smooth, input_generator, shared_generator
+from certkit.smoothing.samplers import input_generator, shared_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import ABSTAIN, AdaptiveSchedule
+from certkit.smoothing.stem import split_stem
+from test_certify_runner import run
 
 
 def mlp() -> nn.Module:
@@ -105,7 +107,7 @@ HOOKS = {
 
 def assert_votes_are_the_models(smoothed: Smooth, model: nn.Module) -> None:
     xs = torch.rand(2, 1, 8, 8)
-    counts = smoothed._sample_noise_batch(xs, [300, 300], 300, [torch.Generator().manual_seed(3)])
+    counts = smoothed.sampler.counts(xs, [300, 300], 300, [torch.Generator().manual_seed(3)])
     draws = torch.randn(300, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = np.stack([np.bincount(model(draws * 0.5 + x).argmax(1).numpy(), minlength=3) for x in xs])
@@ -148,9 +150,9 @@ def test_a_group_votes_on_one_stream_and_batching_does_not_matter(split):
     model = create_model("lenet", 10, (1, 28, 28)).eval() if split else Untraceable()
     classes = 10 if split else 3
     smoothed = Smooth(model, classes, 0.25, shared_noise=5)
-    assert (smoothed._stem is not None) == split
+    assert smoothed.speed_options["stem_split"] == split
     xs = torch.rand(5, 1, 28, 28) if split else torch.rand(5, 1, 8, 8)
-    counts = smoothed._sample_noise_batch(xs, [250] * 5, 1000, [shared_generator(0, 0)])
+    counts = smoothed.sampler.counts(xs, [250] * 5, 1000, [shared_generator(0, 0)])
     # the same draws as one input's stream: blocks of NOISE_BLOCK from the group's generator
     gen = shared_generator(0, 0)
     draws = torch.cat([torch.randn((size, *xs.shape[1:]), generator=gen) for size in (100, 100, 50)])
@@ -197,7 +199,7 @@ def test_guarantee_holds_for_every_member_of_shared_groups():
     margins = [float(norm.ppf(p)) * sigma for p in probs]
     xs = torch.stack([(direction * m).view(1, 1, -1) for m in margins])
     smoothed = Smooth(halfspace_model(w), 2, sigma, shared_noise=len(probs))
-    assert smoothed._stem is not None
+    assert smoothed.speed_options["stem_split"]
     certs = [smoothed.certify_batch(xs, 10, 100, alpha, 1000, [shared_generator(5, g)]) for g in range(groups)]
     limit = binom.ppf(1 - 1e-4, groups, alpha)
     for member, margin in enumerate(margins):
@@ -219,7 +221,7 @@ def test_a_hooked_affine_model_is_certified_soundly_with_shared_noise():
     true_radius = float(norm.ppf(0.8)) * sigma
     x = (torch.tensor(w) * (true_radius + 0.2)).view(1, 1, -1)
     smoothed = Smooth(model, 2, sigma, shared_noise=4)
-    assert smoothed._stem is None
+    assert not smoothed.speed_options["stem_split"]
     xs = x.unsqueeze(0).repeat(4, 1, 1, 1)
     certs = [smoothed.certify_batch(xs, 10, 100, alpha, 1000, [shared_generator(7, g)]) for g in range(groups)]
     limit = binom.ppf(1 - 1e-4, groups, alpha)
@@ -244,23 +246,23 @@ class Images:
 def test_dataset_runs_with_shared_noise(tmp_path: Path):
     torch.manual_seed(0)
     model, data = create_model("lenet", 10, (1, 28, 28)), Images()
-    common = dict(num_classes=10, sigma=0.25, n0=20, n=200, alpha=0.01, batch_size=200, progress=False, shared_noise=4)
-    summary = certify_dataset(model, data, out=tmp_path / "whole.tsv", **common)
+    common = dict(num_classes=10, sigma=0.25, n0=20, n=200, alpha=0.01, batch_size=200, shared_noise=4)
+    summary = run(model, data, out=tmp_path / "whole.tsv", **common)
     assert summary is not None and summary["parameters"]["shared_noise"] == 4 and summary["high_prob_effective_n"] == 2.5
     assert summary["speed_check"]["options"] == {"stem_split": True}
     assert summary["speed_check"]["vote_agreement"] >= 0.99
     whole = read_results(tmp_path / "whole.tsv")
     # other loading groups and shards give the same rows: the group of an index is fixed by the index
-    certify_dataset(model, data, out=tmp_path / "small.tsv", inputs_per_batch=3, **common)
+    run(model, data, out=tmp_path / "small.tsv", inputs_per_batch=3, **common)
     assert read_results(tmp_path / "small.tsv").radius.tolist() == whole.radius.tolist()
-    certify_dataset(model, data, out=tmp_path / "s1.tsv", shard=(1, 2), **common)
+    run(model, data, out=tmp_path / "s1.tsv", shard=(1, 2), **common)
     shard = read_results(tmp_path / "s1.tsv")
     assert shard.radius.tolist() == whole.radius[1::2].tolist()
     # it differs from independent noise, and resuming without the flag is refused
     with pytest.raises(CertkitError, match="shared_noise"):
-        certify_dataset(model, data, out=tmp_path / "whole.tsv", **{**common, "shared_noise": 0})
+        run(model, data, out=tmp_path / "whole.tsv", **{**common, "shared_noise": 0})
     with pytest.raises(CertkitError, match="at least 2"):
-        certify_dataset(model, data, out=tmp_path / "one.tsv", **{**common, "shared_noise": 1})
+        run(model, data, out=tmp_path / "one.tsv", **{**common, "shared_noise": 1})
 
 
 def test_a_model_with_the_wrong_number_of_classes_is_refused():

@@ -9,11 +9,12 @@ from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
 from certkit.errors import CertkitError
-from certkit.smooth import (
+from certkit.models import Normalize
+from certkit.smoothing.samplers import PerInputNoise, SharedNoise, input_generator, shared_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import (
     ABSTAIN,
-    Smooth,
     certify_from_counts,
-    input_generator,
     lower_confidence_bound,
     max_radius,
     min_n_certify,
@@ -22,6 +23,7 @@ from certkit.smooth import (
     radius,
     upper_confidence_bound,
 )
+from certkit.smoothing.voter import Voter
 
 
 class HalfSpace(nn.Module):
@@ -194,6 +196,41 @@ def test_argument_checks():
         smoothed.certify(torch.full((1, 2, 2), float("nan")), 10, 100, 0.001, 10)
 
 
+def test_certify_and_predict_take_one_image_with_or_without_a_batch_axis():
+    smoothed = Smooth(HalfSpace([1.0, 0.0, 0.0, 0.0], 0.0), num_classes=2, sigma=0.5)
+    x = torch.tensor([0.3, 0.0, 0.0, 0.0]).view(1, 1, 4)
+    assert smoothed.certify(x[None], 100, 1000, 0.01, 300, input_generator(0, 0)) == smoothed.certify(
+        x, 100, 1000, 0.01, 300, input_generator(0, 0)
+    )
+    assert smoothed.predict(x[None], 1000, 0.01, 300, input_generator(0, 1)) == smoothed.predict(
+        x, 1000, 0.01, 300, input_generator(0, 1)
+    )
+    for shape in [(2, 1, 1, 4), (1, 4), (1, 1, 1, 1, 4)]:
+        for call in (lambda z: smoothed.certify(z, 10, 100, 0.01, 100), lambda z: smoothed.predict(z, 100, 0.01, 100)):
+            with pytest.raises(CertkitError, match=r"one image \(C, H, W\) or \(1, C, H, W\)") as err:
+                call(torch.zeros(shape))
+            assert "\n" not in str(err.value)
+
+
+def test_smooth_built_from_its_parts_certifies_as_the_convenience_constructor():
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.5], [0.25]), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    xs = torch.rand(3, 1, 4, 4)
+    plain = Smooth(model, 3, 0.25).certify_batch(xs, 50, 500, 0.01, 200, [input_generator(0, i) for i in range(3)])
+    parts = Smooth.from_sampler(PerInputNoise(Voter(model, 3), 0.25))
+    assert parts.certify_batch(xs, 50, 500, 0.01, 200, [input_generator(0, i) for i in range(3)]) == plain
+    shared = Smooth(model, 3, 0.25, shared_noise=3)
+    from_parts = Smooth.from_sampler(SharedNoise(Voter(model, 3), 0.25, group=3))
+    assert shared.speed_options == from_parts.speed_options and from_parts.shared_noise == 3
+    one = shared.certify_batch(xs, 50, 500, 0.01, 200, [shared_generator(0, 0)])
+    assert from_parts.certify_batch(xs, 50, 500, 0.01, 200, [shared_generator(0, 0)]) == one
+    # the public sampling step is SAMPLEUNDERNOISE: counts of each input's own noisy copies
+    counts = parts.sampler.counts(xs, [120, 80, 0], 200, [input_generator(1, i) for i in range(3)])
+    assert counts.shape == (3, 3) and counts.sum(1).tolist() == [120, 80, 0]
+    with pytest.raises(CertkitError, match="at least 2 inputs"):
+        SharedNoise(Voter(model, 3), 0.25, group=1)
+
+
 def test_model_mode_is_restored():
     model = Constant(0)
     model.train()
@@ -260,8 +297,8 @@ def test_amp_is_refused_on_cpu_with_a_clear_message():
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")
     plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
-    assert plain.amp_dtype is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
-    assert (plain.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0).all()
+    assert plain.voter.amp is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
+    assert (plain.sampler.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0).all()
 
 
 def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
@@ -274,13 +311,13 @@ def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
     conv = model[1].features[3].weight  # 20 input channels: the two layouts differ
     assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # caller's model untouched
     xs = torch.rand(3, 1, 28, 28)
-    assert fast.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
+    assert fast.sampler.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
     gens = lambda: [input_generator(0, i) for i in range(3)]  # noqa: E731
     plain = Smooth(model, 10, 0.25).certify_batch(xs, 20, 300, 0.01, 300, gens())
     quick = fast.certify_batch(xs, 20, 300, 0.01, 300, gens())
     assert [c.prediction for c in quick] == [c.prediction for c in plain]
     assert all(abs(a.radius - b.radius) < 0.02 for a, b in zip(quick, plain))
-    assert model.training and fast._voter.training  # modes restored on both
+    assert model.training and fast.voter.network.training  # modes restored on both
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
@@ -292,7 +329,7 @@ def test_amp_votes_agree_with_fp32_and_certify_batch_runs(amp):
     model = create_model("lenet", 10, (1, 28, 28)).cuda()
     xs = torch.rand(4, 1, 28, 28)
     fast = Smooth(model, 10, 0.25, amp=amp, channels_last=True)
-    assert fast.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
+    assert fast.sampler.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
     certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
     plain = Smooth(model, 10, 0.25)  # the caller's model was left contiguous
     reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])

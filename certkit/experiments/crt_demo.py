@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from certkit import checkpoint, report
-from certkit.certify import certify_dataset
 from certkit.data import dataset_info, load_dataset
 from certkit.fileio import atomic_write_text
+from certkit.smoothing.runner import RunPlan, certify_dataset
+from certkit.smoothing.smooth import Smooth
 from certkit.train import select_device, train
 
 
@@ -99,10 +100,10 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
         model, meta = checkpoint.load_with_meta(out / name, device=dev)
         log(f"== certifying {name} on {cfg.certify_images} test images (n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha})")
         tsv = out / f"{name}.tsv"
-        certify_dataset(
-            model, test, num_classes=info.num_classes, sigma=cfg.sigma, out=tsv, n0=cfg.n0, n=cfg.n, alpha=cfg.alpha,
-            batch_size=cfg.cert_batch, max_idx=cfg.certify_images, seed=cfg.seed, progress=True,
+        plan = RunPlan(
+            n0=cfg.n0, n=cfg.n, alpha=cfg.alpha, batch_size=cfg.cert_batch, max_idx=cfg.certify_images, seed=cfg.seed
         )
+        certify_dataset(Smooth(model, info.num_classes, cfg.sigma), test, plan, out=tsv, progress=True)
         figures[name] = {
             "arch": meta["arch"],
             "method": meta["method"],

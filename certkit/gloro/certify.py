@@ -15,7 +15,7 @@ the points that count towards VRA. ``radius`` is floored by the writer like ever
 ``clean_predict`` is ``j`` itself, so clean accuracy survives in the file and in resumed runs. ``time`` is
 each input's share of its batch's forward pass. Rows are flushed to disk once per batch, not per row.
 
-Everything row-independent is shared with the smoothing runner (:func:`certkit.certify.run_planned`):
+Everything row-independent is shared with the smoothing runner (:func:`certkit.smoothing.runner.run_planned`):
 settings sidecar, resume (refused if ε, the bound or the weights differ), ``--skip/--max/--shard`` and the
 ``summary.json``, which here also holds clean accuracy, VRA, rejection rate, ε and the bound.
 """
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from certkit.certify import Dataset, plan_settings, run_planned
+from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet
 from certkit.results import ResultWriter, planned_indices, read_results

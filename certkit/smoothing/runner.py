@@ -13,10 +13,13 @@ This is what ``certkit certify`` and ``certkit predict`` run. It follows the ref
 * optional shared noise (``shared_noise=G``): G consecutive planned indices vote on one noise stream
   seeded from ``(seed, group)``, the group fixed by the index alone, so rows still do not depend on
   sharding or resume;
-* optional adaptive sampling (:class:`~certkit.smooth.AdaptiveSchedule`), with a ``samples`` column.
+* optional adaptive sampling (:class:`~certkit.smoothing.statistics.AdaptiveSchedule`), with a ``samples``
+  column.
 
-The dataset is any torch ``Dataset``: ``len(dataset)`` and ``dataset[i] -> (x, label)`` with ``x`` a float
-tensor (C, H, W) in [0, 1].
+It takes objects: a :class:`~certkit.smoothing.smooth.Smooth` (which knows sigma, the classes, its speed
+options and its sampler), any torch ``Dataset`` whose items are ``(image, label)`` with the image a float
+tensor (C, H, W) in [0, 1], and a :class:`RunPlan`. :func:`run_planned`, the loop over planned indices with
+resume and progress, is shared with GloRo certification (:mod:`certkit.gloro.certify`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
@@ -34,21 +38,16 @@ from certkit.errors import CertkitError
 from certkit.fileio import require_regular
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
+from certkit.smoothing.samplers import NOISE_BLOCK, input_generator, shared_generator
+from certkit.smoothing.smooth import Smooth
+from certkit.smoothing.statistics import AdaptiveSchedule, check_batch_size, check_certify_args, check_predict_args
+from certkit.smoothing.voter import MIN_VOTE_AGREEMENT, NonFiniteLogits
 from certkit.summary import write_summary
-from certkit.smooth import (
-    MIN_VOTE_AGREEMENT,
-    NOISE_BLOCK,
-    AdaptiveSchedule,
-    NonFiniteLogits,
-    Smooth,
-    check_certify_args,
-    check_predict_args,
-    input_generator,
-    shared_generator,
-)
 
 
 class Dataset(Protocol):
+    """What the runner reads: ``len(dataset)`` and ``dataset[i] -> (image (C, H, W) in [0, 1], label)``."""
+
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
 
@@ -70,100 +69,122 @@ def default_inputs_per_batch(batch_size: int, n0: int) -> int:
     return max(1, min(64, batch_size // max(1, n0)))
 
 
-def certify_dataset(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    num_classes: int,
-    sigma: float,
-    out: str | Path,
-    n0: int = 100,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    batch_size: int = 1000,
-    skip: int = 1,
-    max_idx: int = -1,
-    seed: int = 0,
-    shard: tuple[int, int] | None = None,
-    mode: str = "certify",
-    adaptive: AdaptiveSchedule | None = None,
-    inputs_per_batch: int | None = None,
-    progress: bool = True,
-    settings_extra: Mapping[str, Any] | None = None,
-    resume: bool = True,
-    smooth_options: Mapping[str, Any] | None = None,
-    shared_noise: int = 0,
-) -> dict[str, Any] | None:
-    """Certify (``mode="certify"``) or predict (``mode="predict"``) every planned index of ``dataset``.
+@dataclass(frozen=True)
+class RunPlan:
+    """Which indices a dataset run visits and how each is sampled; every value is checked here, once.
 
-    Writes ``out`` (TSV, one flushed row per image, time = that image's wall-clock share of its group,
-    split in proportion to the samples each input used), its settings sidecar, and once every planned
-    index is done, the summary beside it (returned). Returns None if the run ended incomplete.
-
-    ``smooth_options`` go to :class:`Smooth` (``channels_last``, ``amp``, ``compile``; CUDA only except
-    ``compile``). When any is on, or the shared-noise stem split, a vote check runs first
-    (:func:`_speed_check`: 2,000 noisy copies of each of the first eight planned inputs, on a stream of
-    its own), and the run is refused if at any of them fewer than :data:`~certkit.smooth.MIN_VOTE_AGREEMENT`
-    of the votes equal the fp32 votes. The agreement is recorded in the summary under ``speed_check``.
-
-    ``shared_noise=G`` (G >= 2) lets each run of G consecutive planned indices (positions ``p // G`` in
-    the unsharded plan) vote on one noise stream; see :class:`~certkit.smooth.Smooth` for what that keeps
-    (every certificate's guarantee) and what it gives up (independence between certificates of a group).
+    ``mode`` is ``"certify"`` (CERTIFY with ``n0`` selection and ``n`` estimation samples, optionally
+    ``adaptive``) or ``"predict"`` (PREDICT with ``n`` samples). Indices 0, ``skip``, 2*``skip``, ... below
+    ``max_idx`` (-1: all), of which shard ``(i, k)`` keeps every k-th from the i-th. ``seed`` seeds the noise
+    of each input from ``(seed, idx)``. ``batch_size`` bounds the noisy copies per forward pass;
+    ``inputs_per_batch`` (default: :func:`default_inputs_per_batch`, or the shared-noise group) is how many
+    inputs are sampled together. Neither changes a row.
     """
-    if mode not in ("certify", "predict"):
-        raise CertkitError(f"mode must be 'certify' or 'predict' (got {mode!r})")
-    require_regular(out, "result file")  # a FIFO would block the first write after all the set-up
-    if mode == "certify":
-        check_certify_args(n0, n, alpha)
-    else:
-        check_predict_args(n, alpha)
-        if adaptive is not None:
-            raise CertkitError("adaptive sampling applies to certify only")
-    if batch_size < 1:
-        raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
-    if shared_noise < 0 or shared_noise == 1:
-        raise CertkitError(f"shared noise needs groups of at least 2 inputs (got {shared_noise}; 0 turns it off)")
-    smoothed = Smooth(model, num_classes, sigma, shared_noise=shared_noise, **dict(smooth_options or {}))
-    indices = planned_indices(len(dataset), skip, max_idx, shard)
-    per_batch = inputs_per_batch or shared_noise or default_inputs_per_batch(batch_size, n0 if mode == "certify" else n)
-    if per_batch < 1:
-        raise CertkitError(f"inputs per batch must be >= 1 (got {per_batch})")
 
-    # everything that changes the rows; batch size and inputs per batch do not (noise is per input and
-    # drawn in blocks), except below NOISE_BLOCK, hence the effective block in the settings
+    mode: str = "certify"
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    batch_size: int = 1000
+    skip: int = 1
+    max_idx: int = -1
+    shard: tuple[int, int] | None = None
+    seed: int = 0
+    adaptive: AdaptiveSchedule | None = None
+    inputs_per_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("certify", "predict"):
+            raise CertkitError(f"mode must be 'certify' or 'predict' (got {self.mode!r})")
+        if self.mode == "certify":
+            check_certify_args(self.n0, self.n, self.alpha)
+        else:
+            check_predict_args(self.n, self.alpha)
+            if self.adaptive is not None:
+                raise CertkitError("adaptive sampling applies to certify only")
+        check_batch_size(self.batch_size)
+        if self.inputs_per_batch is not None and self.inputs_per_batch < 1:
+            raise CertkitError(f"inputs per batch must be >= 1 (got {self.inputs_per_batch})")
+        self.indices(0)  # refuses a bad skip or shard before any work
+
+    def indices(self, dataset_size: int) -> list[int]:
+        """The dataset indices this plan visits, in order."""
+        return planned_indices(dataset_size, self.skip, self.max_idx, self.shard)
+
+    def group_size(self, shared_noise: int) -> int:
+        """Inputs sampled together: as asked, else one shared-noise group, else enough to fill a batch."""
+        samples = self.n0 if self.mode == "certify" else self.n
+        return self.inputs_per_batch or shared_noise or default_inputs_per_batch(self.batch_size, samples)
+
+    def settings(self) -> dict[str, Any]:
+        """What of the plan changes the rows. Batch size and inputs per batch do not (noise is per input and
+        drawn in blocks), except below NOISE_BLOCK, hence the effective block."""
+        settings: dict[str, Any] = {
+            "mode": self.mode,
+            "n": self.n,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "noise_block": min(NOISE_BLOCK, self.batch_size),
+        }
+        if self.mode == "certify":
+            settings["n0"] = self.n0
+            settings["adaptive"] = self.adaptive.as_dict() if self.adaptive is not None else None
+        return settings
+
+
+def certify_dataset(
+    smoothed: Smooth,
+    dataset: Dataset,
+    plan: RunPlan = RunPlan(),
+    *,
+    out: str | Path,
+    progress: bool = True,
+    resume: bool = True,
+    settings_extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """Certify (``plan.mode == "certify"``) or predict every planned index of ``dataset`` with ``smoothed``.
+
+    ``dataset[i]`` gives ``(image, label)``: a float tensor (C, H, W) in [0, 1] and an int (any torch
+    ``Dataset``). Writes ``out`` (TSV, one flushed row per image, time = that image's wall-clock share of its
+    group, split in proportion to the samples each input used), its settings sidecar (with
+    ``settings_extra``), and once every planned index is done, the summary beside it (returned). Returns
+    None if the run ended incomplete. ``resume`` continues a file with the same settings.
+
+    When ``smoothed`` runs with a speed option (channels-last, amp, compile, the shared-noise stem split), a
+    vote check runs first (:func:`_speed_check`), and the run is refused if the network does not vote as the
+    fp32 model does. The agreement is recorded in the summary under ``speed_check``.
+
+    With shared noise (``smoothed.shared_noise`` = G) each run of G consecutive planned indices (positions
+    ``p // G`` in the unsharded plan) votes on one noise stream; every certificate keeps its guarantee, but
+    the certificates of a group are not independent of each other.
+    """
+    require_regular(out, "result file")  # a FIFO would block the first write after all the set-up
+    indices = plan.indices(len(dataset))
+    shared_noise = smoothed.shared_noise
     settings: dict[str, Any] = {
-        "mode": mode,
-        "sigma": sigma,
-        "n": n,
-        "alpha": alpha,
-        "seed": seed,
-        "noise_block": min(NOISE_BLOCK, batch_size),
-        **plan_settings(model, dataset, skip, max_idx, shard),
+        **plan.settings(),
+        "sigma": smoothed.sigma,
+        **plan_settings(smoothed.model, dataset, plan.skip, plan.max_idx, plan.shard),
     }
-    if mode == "certify":
-        settings["n0"] = n0
-        settings["adaptive"] = adaptive.as_dict() if adaptive is not None else None
     if shared_noise:
         settings["shared_noise"] = shared_noise
     settings.update(dict(settings_extra or {}))
-    extra_columns = ("samples",) if adaptive is not None else ()
-    speed_check = _speed_check(smoothed, dataset, indices, batch_size, seed)
-
+    speed_check = _speed_check(smoothed, dataset, indices, plan.batch_size, plan.seed)
     score = _RunningScore()
 
     def noise_groups(group: list[int]) -> list[tuple[list[int], list[torch.Generator]]]:
         """(positions in ``group``, their generators): one per input, or one per shared-noise group."""
         if not shared_noise:
-            return [(list(range(len(group))), [input_generator(seed, idx, smoothed.device) for idx in group])]
+            return [(list(range(len(group))), [input_generator(plan.seed, idx, smoothed.device) for idx in group])]
         keys: dict[int, list[int]] = {}
         for pos, idx in enumerate(group):
-            keys.setdefault(idx // skip // shared_noise, []).append(pos)
-        return [(pos, [shared_generator(seed, key, smoothed.device)]) for key, pos in keys.items()]
+            keys.setdefault(idx // plan.skip // shared_noise, []).append(pos)
+        return [(pos, [shared_generator(plan.seed, key, smoothed.device)]) for key, pos in keys.items()]
 
     def sample(xs: Tensor, generators: list[torch.Generator]) -> list[Any]:
-        if mode == "certify":
-            return smoothed.certify_batch(xs, n0, n, alpha, batch_size, generators, adaptive)
-        return smoothed.predict_batch(xs, n, alpha, batch_size, generators)
+        if plan.mode == "certify":
+            return smoothed.certify_batch(xs, plan.n0, plan.n, plan.alpha, plan.batch_size, generators, plan.adaptive)
+        return smoothed.predict_batch(xs, plan.n, plan.alpha, plan.batch_size, generators)
 
     def first_nonfinite(group: list[int], xs: Tensor) -> int:
         """The first input of ``group`` whose noisy copies give NaN/inf logits, found by sampling each alone
@@ -189,13 +210,13 @@ def certify_dataset(
             members = [group[p] for p in positions]
             member_labels = [labels[p] for p in positions]
             began = time.perf_counter()
-            if mode == "certify":
+            if plan.mode == "certify":
                 certificates = sample(xs[positions], generators)
                 elapsed = time.perf_counter() - began
                 total_samples = sum(c.samples for c in certificates)
                 for idx, label, cert in zip(members, member_labels, certificates):
                     seconds = elapsed * cert.samples / total_samples
-                    extra = {"samples": cert.samples} if adaptive is not None else {}
+                    extra = {"samples": cert.samples} if plan.adaptive is not None else {}
                     writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
                     score.add(cert.prediction == label, cert.radius)
             else:
@@ -204,11 +225,11 @@ def certify_dataset(
                 for idx, label, prediction in zip(members, member_labels, predictions):
                     writer.write_predict(idx, label, prediction, elapsed / len(members))
                     score.add(prediction == label, 0.0)
-        return score.describe(mode)
+        return score.describe(plan.mode)
 
     complete = run_planned(
-        out, mode, settings, dataset, indices, per_batch, process,
-        resume=resume, progress=progress, extra_columns=extra_columns,
+        out, plan.mode, settings, dataset, indices, plan.group_size(shared_noise), process,
+        resume=resume, progress=progress, extra_columns=("samples",) if plan.adaptive is not None else (),
     )
     if not complete:
         return None
@@ -226,21 +247,20 @@ def _speed_check(
     """With a speed option on, check on a sample that the network votes as the plain fp32 model does.
 
     ``CHECK_COPIES`` noisy copies of each of the first ``CHECK_INPUTS`` planned inputs, drawn from the check's
-    own stream (:func:`~certkit.smooth.check_generator`), go through both; the run is refused if at any of
-    them fewer than :data:`~certkit.smooth.MIN_VOTE_AGREEMENT` of the votes agree. Power: a speed option
-    that moves an input's vote probability by 2% disagrees on at least 2% of its copies, and a
-    Binomial(2000, 0.02) count is <= 20 (1%) with probability 3e-4, so that change is caught with
-    probability > 0.999; a faithful option that flips 0.2% of votes (rounding near the decision boundary)
-    exceeds 20 with probability 2e-9 per input. About 32,000 forward passes, a second or two for LeNet on
-    CPU. When the run goes on, the summary's ``speed_check`` records the agreement and says that the
-    certificates are about the classifier as run with these options.
+    own stream (:func:`~certkit.smoothing.samplers.check_generator`), go through both; the run is refused if at
+    any of them fewer than :data:`~certkit.smoothing.voter.MIN_VOTE_AGREEMENT` of the votes agree. Power: a
+    speed option that moves an input's vote probability by 2% disagrees on at least 2% of its copies, and a
+    Binomial(2000, 0.02) count is <= 20 (1%) with probability 3e-4, so that change is caught with probability >
+    0.999; a faithful option that flips 0.2% of votes (rounding near the decision boundary) exceeds 20 with
+    probability 2e-9 per input. About 32,000 forward passes. When the run goes on, the summary's ``speed_check``
+    records the agreement and says that the certificates are about the classifier as run with these options.
     """
     options = {k: v for k, v in smoothed.speed_options.items() if v}
     if not options or not indices:
         return None
     probe = list(indices[:CHECK_INPUTS])
     xs, _ = _load(dataset, probe)
-    agreement = smoothed.vote_agreement(xs, num=CHECK_COPIES, seed=seed, batch_size=batch_size)
+    agreement = smoothed.sampler.vote_agreement(xs, num=CHECK_COPIES, seed=seed, batch_size=batch_size)
     worst = int(agreement.argmin())
     if agreement[worst] < MIN_VOTE_AGREEMENT:
         raise CertkitError(

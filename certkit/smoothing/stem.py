@@ -6,7 +6,7 @@ a noisy copy ``x + sigma * eps`` it is therefore the sum of an *image part* and 
     layer(normalize(x + sigma * eps)) = layer(normalize(x)) + layer_without_bias(sigma * eps / std)
 
 (zero padding is linear too: padding the sum pads each term). When G inputs share the same noise draws
-(:class:`certkit.smooth.Smooth` with ``shared_noise``), the image part is computed once per input and the
+(:class:`certkit.smoothing.samplers.SharedNoise`), the image part is computed once per input and the
 noise part once per draw, instead of the whole layer once per (input, draw) pair. On the small
 Fashion-MNIST nets the first convolution, with its single input channel, writes a large feature map for
 little arithmetic, which CPU kernels run far below their peak; the gain is measured by

@@ -1,0 +1,370 @@
+"""Samplers: SAMPLEUNDERNOISE for several inputs at once, turning inputs and sample counts into vote counts.
+
+:meth:`Sampler.counts` is the one public entry: ``counts(xs, nums, batch_size, generators)`` gives the
+hard-vote counts (B, K) of ``nums[i]`` noisy copies ``xs[i] + sigma * eps`` for each input. Two samplers:
+
+* :class:`PerInputNoise`: every input draws from its own generator (:func:`input_generator`, seeded from
+  ``(seed, idx)``) in fixed blocks of :data:`NOISE_BLOCK` copies, in the same order whether it is sampled
+  alone or together with others. Counts therefore do not depend on how many inputs share a forward batch, on
+  sharding or on the resume point, nor on ``batch_size`` as long as it is at least ``NOISE_BLOCK``. Noise is
+  written into one preallocated buffer and votes are counted with one ``bincount`` per forward batch.
+* :class:`SharedNoise`: up to G inputs vote on the *same* draws from one generator
+  (:func:`shared_generator`). Each input's draws are still i.i.d. N(0, sigma^2 I), so every certificate keeps
+  its (1 - alpha) guarantee; what is given up is independence *between* the certificates of one group. The
+  gain: the first layer is affine, so it runs once per input and once per draw instead of once per pair
+  (:mod:`certkit.smoothing.stem`).
+
+How the network itself is run (eval mode, speed options, the logit-shape check) is the :class:`Voter`'s.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from certkit.errors import CertkitError
+from certkit.smoothing.statistics import check_batch_size
+from certkit.smoothing.stem import StemSplit, outer_sum, split_stem, structure_key
+from certkit.smoothing.voter import Voter
+
+#: noise is drawn per input in blocks of this many copies; 100 divides the usual n0 and n exactly
+NOISE_BLOCK = 100
+
+Generators = Sequence[torch.Generator | None]
+
+def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator for the noise of dataset index ``idx`` under run seed ``seed``.
+
+    Seeding per input, rather than one stream for the run, is what makes a result independent of batch
+    size, shard count and resume point. ``(seed, idx)`` goes through NumPy's SeedSequence so neighbouring
+    indices get unrelated streams (``seed + idx`` would make run 1's input 0 equal run 0's input 1).
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed), int(idx)]), device)
+
+
+def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The one generator of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``).
+
+    A separate family from :func:`input_generator` (its own spawn key), so a group's stream is never the
+    stream of some single input.
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,)), device)
+
+
+def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the speed-option vote check (:meth:`Smooth.vote_agreement`) under run seed ``seed``.
+
+    A family of its own (spawn key 2), so the check never replays the draws that certify an input: a
+    speed option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
+    """
+    return _seeded_generator(np.random.SeedSequence([int(seed)], spawn_key=(2,)), device)
+
+
+def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
+    state = seeds.generate_state(1, dtype=np.uint64)[0]
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+
+
+class Sampler:
+    """Draws noise around inputs and has the :class:`Voter` vote on it (base of the two samplers).
+
+    ``sigma`` (> 0) is the noise level in [0, 1] pixel units. ``group`` is how many inputs share one noise
+    stream: 0 when every input has its own.
+    """
+
+    group = 0
+
+    def __init__(self, voter: Voter, sigma: float) -> None:
+        if not sigma > 0:
+            raise CertkitError(f"sigma must be > 0 (got {sigma})")
+        self.voter = voter
+        self.sigma = float(sigma)
+        self._buffer: Tensor | None = None
+
+    @property
+    def speed_options(self) -> dict[str, object]:
+        """The voter's options and whether the stem split is in use: what :meth:`vote_agreement` checks."""
+        return {**self.voter.speed_options, "stem_split": False}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.voter!r}, sigma={self.sigma}, group={self.group})"
+
+    def counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, generators: Generators | None = None) -> np.ndarray:
+        """Hard-vote counts (B, K): ``nums[i]`` noisy copies of ``xs[i]`` (B, C, H, W), at most ``batch_size``
+        per forward pass. Per-input noise takes one generator per input, shared noise one for them all (None:
+        torch's global generator)."""
+        check_batch_size(batch_size)
+        xs, gens = self.prepare(xs, generators)
+        if len(nums) != len(xs):
+            raise CertkitError(f"{len(xs)} inputs but {len(nums)} sample counts")
+        return self._counts(xs, nums, batch_size, gens)
+
+    def prepare(self, xs: Tensor, generators: Generators | None) -> tuple[Tensor, list[torch.Generator | None]]:
+        """Check a batch of inputs and their generators; return them on the voter's device as float32."""
+        if xs.dim() != 4:
+            raise CertkitError(f"expected a batch of images (B, C, H, W), got shape {tuple(xs.shape)}")
+        if not torch.isfinite(xs).all():
+            raise CertkitError("input contains NaN or inf values")
+        gens = self._generators(len(xs), generators)
+        return xs.to(self.voter.device, torch.float32), gens
+
+    def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> np.ndarray:
+        """Per input of ``xs`` (B, C, H, W): the fraction of ``num`` noisy copies whose vote as sampled here
+        (speed options, the stem split) equals the vote of the plain fp32 model (:meth:`Voter.vote_agreement`).
+
+        The copies come from :func:`check_generator` (``seed``), not from any input's certification stream,
+        in forward batches of ``batch_size`` (default: the size already in use, so a compiled model sees no
+        new shape); inputs are checked one noise group at a time, as a run samples them.
+        """
+        xs = torch.cat([self.prepare(part, None)[0] for part in xs.split(self.group or max(1, len(xs)))])
+        if batch_size is None:
+            batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
+        return self._vote_agreement(xs, num, batch_size, check_generator(seed, self.voter.device))
+
+    # --- what each sampler does its own way ----------------------------------------------------------------
+
+    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
+        raise NotImplementedError
+
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
+        raise NotImplementedError
+
+    # --- shared machinery ----------------------------------------------------------------------------------
+
+    def _noise_buffer(self, rows: int, shape: tuple[int, ...]) -> Tensor:
+        """One (rows, C, H, W) buffer reused by every forward batch (no allocation per batch)."""
+        buf = self._buffer
+        if buf is None or buf.shape != (rows, *shape):
+            # zeros, not empty: a compiled model runs the whole buffer, stale tail included
+            buf = torch.zeros((rows, *shape), device=self.voter.device)
+            self._buffer = buf
+        return buf
+
+
+class PerInputNoise(Sampler):
+    """Every input draws its noise from its own generator, in blocks of ``min(NOISE_BLOCK, batch_size)``."""
+
+    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
+        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None] * count
+        if len(gens) != count:
+            raise CertkitError(f"{count} inputs but {len(gens)} generators")
+        return gens
+
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+        """Each input's copies are cut into blocks (the last one shorter); forward batches are filled with
+        whole blocks, so memory is bounded by ``batch_size`` whatever the ``nums`` are, and an input's noise
+        never depends on which other inputs share its batches."""
+        voter, k = self.voter, self.voter.num_classes
+        num_inputs = len(xs)
+        block = min(NOISE_BLOCK, batch_size)
+        blocks = [(i, size) for i, num in enumerate(nums) for size in block_sizes(num, block)]
+        counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=voter.device)
+        with voter.eval_mode(), torch.inference_mode():
+            buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
+            for batch_blocks in _pack(blocks, batch_size):
+                # standard normal noise, block by block from each input's own generator; an input's blocks
+                # are consecutive in the batch, so it owns one run of rows
+                used = 0
+                runs: list[list[int]] = []  # [input, first row, end row]
+                for i, size in batch_blocks:
+                    torch.randn((size, *xs.shape[1:]), generator=gens[i], out=buffer[used : used + size])
+                    if runs and runs[-1][0] == i:
+                        runs[-1][2] = used + size
+                    else:
+                        runs.append([i, used, used + size])
+                    used += size
+                # x + sigma * noise with one scaling for the whole batch and one shift per input: few, large
+                # operations (each small one costs a kernel launch, or a thread hand-off on CPU)
+                buffer[:used].mul_(self.sigma)
+                for i, start, end in runs:
+                    buffer[start:end].add_(xs[i])
+                owners = torch.repeat_interleave(
+                    torch.tensor([i for i, _, _ in runs]), torch.tensor([end - start for _, start, end in runs])
+                ).to(voter.device)
+                votes = voter.votes(buffer, used)
+                counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
+        return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
+        """Input by input, ``num`` copies in blocks of ``batch_size`` from the one check stream."""
+        shape = tuple(xs.shape[1:])
+        noisy = self._noise_buffer(batch_size, shape)
+        eps = torch.zeros((batch_size, *shape), device=self.voter.device)
+
+        def fast_votes(x: Tensor, draws: Tensor) -> Tensor:
+            torch.add(draws * self.sigma, x[0], out=noisy[: len(draws)])
+            return self.voter.votes(noisy, len(draws)).unsqueeze(0)
+
+        return np.concatenate(
+            [self.voter.vote_agreement(x[None], self.sigma, _draw_blocks(gen, num, eps), fast_votes) for x in xs]
+        )
+
+
+class SharedNoise(Sampler):
+    """Up to ``group`` (>= 2) inputs of one call vote on the same draws, from one generator.
+
+    When the network starts with an affine stem that the split computes exactly
+    (:func:`~certkit.smoothing.stem.split_stem`: known classes only, no forward hooks; checked again on every
+    call, so a hook added later turns the split off), its first layer runs once per input and once per draw
+    instead of once per (input, draw) pair; on LeNet-sized nets that is most of the forward pass. Certificates
+    of inputs in one group are not independent *of each other* (a group's wrong certificates, each of
+    probability <= alpha, may coincide). The split path is rounded differently from the plain model, so it
+    counts as a speed option for :meth:`vote_agreement`.
+    """
+
+    def __init__(self, voter: Voter, sigma: float, group: int) -> None:
+        super().__init__(voter, sigma)
+        if group < 2:
+            raise CertkitError(f"shared_noise must be 0 (off) or a group of at least 2 inputs (got {group})")
+        self.group = int(group)
+        self._stem: StemSplit | None = None
+        self._stem_key: object = None
+        self._refresh_stem()
+        # the votes come from _combine(image part, noise part), compiled as one graph
+        self._combine_fn = voter.compile_fn(self._combine)
+
+    @property
+    def speed_options(self) -> dict[str, object]:
+        self._refresh_stem()
+        return {**self.voter.speed_options, "stem_split": self._stem is not None}
+
+    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
+        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None]
+        if len(gens) != 1:
+            raise CertkitError(f"with shared noise, pass one generator for all inputs (got {len(gens)})")
+        if count > self.group:
+            raise CertkitError(f"shared_noise={self.group} allows at most that many inputs per call, got {count}")
+        return gens
+
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+        """Every input votes on the same ``nums[0]`` draws, taken in the same blocks of
+        ``min(NOISE_BLOCK, batch_size)`` as an unshared input's, so an input's noise is the stream's first
+        draws whatever the group. A forward pass holds several blocks for a few inputs, or one block for as
+        many inputs as fit."""
+        if len(set(nums)) > 1:
+            raise CertkitError("inputs that share noise must draw the same number of samples")
+        voter, k = self.voter, self.voter.num_classes
+        num_inputs = len(xs)
+        self._refresh_stem()
+        block, members, per_pass = self._shape(batch_size)
+        sizes = block_sizes(nums[0], block)
+        counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=voter.device)
+        owners = torch.arange(num_inputs, device=voter.device).unsqueeze(1) * k
+        with voter.eval_mode(), torch.inference_mode():
+            images = self._image_part(xs)
+            eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
+            for start in range(0, len(sizes), per_pass):
+                used = 0
+                for size in sizes[start : start + per_pass]:
+                    torch.randn((size, *xs.shape[1:]), generator=gens[0], out=eps[used : used + size])
+                    used += size
+                votes = self._votes(images, eps, used, members)
+                counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
+        return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
+        """Group by group, in the shapes a run with ``batch_size`` uses."""
+        self._refresh_stem()
+        block, members, per_pass = self._shape(batch_size)
+        eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
+
+        def fast_votes(group: Tensor, draws: Tensor) -> Tensor:
+            return self._votes(self._image_part(group), eps, len(draws), members)
+
+        return np.concatenate(
+            [
+                self.voter.vote_agreement(group, self.sigma, _draw_blocks(gen, num, eps), fast_votes)
+                for group in xs.split(self.group)
+            ]
+        )
+
+    def _refresh_stem(self) -> None:
+        """Split the stem again (or give up the split) whenever the voting network's modules, their classes
+        or any forward hook changed since the last split: a hook registered after construction would
+        otherwise be skipped by the split, and the votes would no longer be the model's."""
+        key = structure_key(self.voter.network)
+        if key != self._stem_key:
+            self._stem, self._stem_key = split_stem(self.voter.network), key
+
+    def _shape(self, batch_size: int) -> tuple[int, int, int]:
+        """(block, inputs per forward pass, blocks per forward pass): fixed by the group width and batch
+        size only, so a compiled graph sees the same shapes in every call."""
+        block = min(NOISE_BLOCK, batch_size)
+        members = min(self.group, max(1, batch_size // block))
+        return block, members, max(1, batch_size // (members * block))
+
+    def _image_part(self, xs: Tensor) -> Tensor:
+        """What the clean inputs contribute to every noisy copy: the stem's output, or the images."""
+        if self.voter.channels_last:  # a convolution keeps its input's layout, so the stem's output is too
+            xs = xs.contiguous(memory_format=torch.channels_last)
+        return self._stem.image_part(xs) if self._stem is not None else xs
+
+    def _votes(self, images: Tensor, eps: Tensor, used: int, members: int) -> Tensor:
+        """Votes (len(images), used): every image's class on each of the first ``used`` draws of ``eps``,
+        ``members`` images per forward pass."""
+        voter = self.voter
+        draws = eps if voter.compiled else eps[:used]  # a compiled graph sees one shape: run the stale tail too
+        noise = self._stem.noise_part(draws, self.sigma) if self._stem is not None else draws * self.sigma
+        if voter.channels_last and noise.dim() == 4:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        out = []
+        for first in range(0, len(images), members):
+            part = images[first : first + members]
+            count = len(part)
+            part = voter.pad(part, members)
+            votes = voter.class_votes(self._combine_fn(part, noise), len(part) * len(noise))
+            out.append(votes.view(len(part), -1)[:count, :used])
+        return torch.cat(out)
+
+    def _combine(self, images: Tensor, noise: Tensor) -> Tensor:
+        """Logits of every (image, draw) pair, image-major: the rest of the network on their sums."""
+        voter = self.voter
+        channels_last = voter.channels_last and not voter.compiled  # compiled: the compiler picks layouts
+        with voter.autocast():
+            if self._stem is None:
+                return voter.network(outer_sum(images, noise, channels_last))
+            return self._stem.rest(self._stem.pair_sum(images, noise, channels_last))
+
+
+def sampler_for(voter: Voter, sigma: float, shared_noise: int = 0) -> Sampler:
+    """:class:`PerInputNoise` for ``shared_noise`` 0, else :class:`SharedNoise` with groups of that size."""
+    if shared_noise == 0:
+        return PerInputNoise(voter, sigma)
+    return SharedNoise(voter, sigma, shared_noise)
+
+
+def block_sizes(num: int, block: int) -> list[int]:
+    """``num`` cut into blocks of ``block``, the last one holding the remainder."""
+    return [block] * (num // block) + ([num % block] if num % block else [])
+
+
+def _draw_blocks(gen: torch.Generator, num: int, buffer: Tensor) -> Iterator[Tensor]:
+    """``num`` standard-normal draws from ``gen`` in blocks of ``len(buffer)``, each written into the buffer's
+    first rows and yielded as that view."""
+    for used in block_sizes(num, len(buffer)):
+        torch.randn((used, *buffer.shape[1:]), generator=gen, out=buffer[:used])
+        yield buffer[:used]
+
+
+def _pack(blocks: list[tuple[int, int]], capacity: int) -> Iterator[list[tuple[int, int]]]:
+    """Group consecutive (input, size) blocks into forward batches of at most ``capacity`` copies."""
+    batch: list[tuple[int, int]] = []
+    used = 0
+    for i, size in blocks:
+        if used + size > capacity:
+            yield batch
+            batch, used = [], 0
+        batch.append((i, size))
+        used += size
+    if batch:
+        yield batch
