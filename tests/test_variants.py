@@ -7,6 +7,7 @@ SmoothAdv, lists of noise batches for Consistency, Keras probabilities for GloRo
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -267,3 +268,19 @@ def test_list_recipes_cli() -> None:
     assert len(lines) == len(RECIPES)
     assert all("source:" in line for line in lines)
     assert any(line.startswith("macer-cifar10") for line in lines)
+
+
+def test_train_cli_recipe_picks_the_method_and_records_resolved_values(fmnist_root, tmp_path) -> None:
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "certkit", "train", "--recipe", "consistency-adv-mnist", "--data-dir", str(fmnist_root),
+        "--train-subset", "8", "--test-subset", "0", "--epochs", "1", "--num-steps", "2", "--out", str(out),
+        "--device", "cpu",
+    ]
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["method"] == "consistency" and meta["recipe"] == "consistency-adv-mnist"
+    assert meta["hparams"]["adv_training"] is True and meta["hparams"]["num_noise_vec"] == 4
+    assert meta["hparams"]["num_steps"] == 2 and meta["train"]["epochs"] == 1  # explicit flags win
+    wrong = subprocess.run([*cmd[:-4], "--method", "gaussian", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "certkit: error: recipe 'consistency-adv-mnist' is for --method consistency" in wrong.stderr
