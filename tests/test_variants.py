@@ -213,6 +213,8 @@ def test_gloro_without_normalization_and_fixed_epsilon() -> None:
     obj, without = gloro_net(normalize=False)
     x = torch.rand(2, 1, 8, 8)
     assert torch.equal(without[0](x), x)  # the Normalize layer is the identity
+    obj.net = without
+    assert obj.checkpoint_meta()["normalization"] == {"mean": [0.0], "std": [1.0]}  # model.json says so
     ratio = with_norm.lipschitz_constant(30) / without.lipschitz_constant(30)
     assert ratio.item() == pytest.approx(4.0, rel=1e-3)  # 1/std with std 0.25
     fixed = Gloro(epsilon=0.3, eps_ramp=0.0, train_eps_factor=1.0)

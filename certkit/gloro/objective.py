@@ -251,4 +251,8 @@ class Gloro(Objective):
         if self.net is None:
             return {}
         # "wrapper" tells certkit.checkpoint which registered wrapper rebuilds this model around its body
-        return {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}
+        meta: dict[str, Any] = {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}
+        if not self.hp.normalize:  # the identity input layer, not the dataset's constants
+            first = self.net[0]
+            meta["normalization"] = {"mean": first.mean.flatten().tolist(), "std": first.std.flatten().tolist()}
+        return meta
