@@ -97,6 +97,7 @@ def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> Non
 def build_parser() -> argparse.ArgumentParser:
     from certkit.methods import list_objectives, registry
     from certkit.models import list_models
+    from certkit.recipes import list_recipes
     from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
@@ -117,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_data(t)
     t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
-    t.add_argument("--method", default="gaussian", help=f"training method: {', '.join(list_objectives())}")
+    t.add_argument("--method", default=None, help=f"training method: {', '.join(list_objectives())} (default: the recipe's, else gaussian)")
+    t.add_argument(
+        "--recipe", default=None, choices=list_recipes(), metavar="NAME",
+        help="a published recipe (certkit list recipes): its optimisation settings and method hyperparameters, "
+        "under any flag given explicitly",
+    )
     t.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma)")
     t.add_argument("--out", required=True, help="run directory (model.safetensors, model.json, metrics.jsonl)")
     t.add_argument("--teacher", default=None, help="CRT teacher: a certkit run directory or a reference .pth/.pth.tar")
@@ -211,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="certkit run directory")
     e.add_argument("--format", choices=["reference"], required=True, help="output layout")
     e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
-    sub.add_parser("list", help="list datasets, architectures and methods")
+    ls = sub.add_parser("list", help="list datasets, architectures, methods and published recipes")
+    ls.add_argument("what", nargs="?", choices=["all", "recipes"], default="all", help="recipes: one line per recipe with its source")
     return parser
 
 
@@ -228,8 +235,10 @@ def _factory(spec: str, what: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Turn the flags into a dataset, a model, an objective and a training configuration, then train."""
+    from certkit.recipes import get_recipe
     from certkit.train import TrainConfig, build_trainer
 
+    method = args.method or (args.recipe and get_recipe(args.recipe).method) or "gaussian"
     data: dict[str, Any] = {"dataset": args.dataset}
     if ":" in args.dataset:
         made = _factory(args.dataset, "dataset")
@@ -239,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     arch = _factory(args.arch, "arch") if ":" in args.arch else args.arch
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     trainer = build_trainer(
-        arch=arch, method=args.method, sigma=args.sigma, out=args.out, teacher=args.teacher,
+        arch=arch, method=method, sigma=args.sigma, out=args.out, teacher=args.teacher, recipe=args.recipe,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
         data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
         resume=args.resume, meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
@@ -247,7 +256,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     )
     trainer.run(resume=args.resume)
     total = trainer.ledger.totals()
-    print(f"trained {args.arch} with {args.method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
+    print(f"trained {args.arch} with {method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
 
 
 def cmd_certify(args: argparse.Namespace, mode: str) -> None:
@@ -374,10 +383,15 @@ def cmd_list(args: argparse.Namespace) -> None:
     from certkit.data import DATASETS
     from certkit.methods import list_objectives
     from certkit.models import list_models
+    from certkit.recipes import describe_recipes, list_recipes
 
+    if args.what == "recipes":
+        print(describe_recipes())
+        return
     print("datasets:      " + ", ".join(DATASETS))
     print("architectures: " + ", ".join(list_models()))
     print("methods:       " + ", ".join(list_objectives()))
+    print("recipes:       " + ", ".join(list_recipes()) + " (certkit list recipes)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

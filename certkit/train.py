@@ -41,6 +41,7 @@ from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
+from certkit.recipes import check_recipe, get_recipe
 
 STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -50,6 +51,10 @@ def setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = Non
             flags: tuple[str, ...] = (), cli: bool = True) -> Any:
     """A :class:`TrainConfig` field; the command line's flags (``flags``, else ``--name``) are made from it."""
     return field(default=default, metadata=dict(help=help, parse=parse, choices=choices, flags=flags, cli=cli))
+
+
+#: learning-rate schedules; cosine, exp and half-exp depend on the total number of epochs
+SCHEDULES = ("step", "multistep", "cosine", "exp", "half-exp", "constant")
 
 
 def _milestones(text: str) -> tuple[int, ...]:
@@ -69,7 +74,8 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "weight decay")
     schedule: str = setting(
         "step", "LR schedule: step (x gamma every lr_step epochs), multistep (x gamma at milestones), cosine, "
-        "exp (to lr_final), constant", choices=("step", "multistep", "cosine", "exp", "constant"),
+        "exp (to lr_final), half-exp (constant for the first half, then exponential to lr_final: GloRo's ICML "
+        "code, Leino et al. 2021), constant", choices=SCHEDULES,
     )
     lr_step: int = setting(30, "step schedule: epochs between x gamma decays")
     milestones: tuple[int, ...] = setting((), "multistep schedule: comma-separated epochs", parse=_milestones)
@@ -92,8 +98,8 @@ class TrainConfig:
                 raise CertkitError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
         if self.optimizer not in ("sgd", "adam"):
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
-        if self.schedule not in ("step", "multistep", "cosine", "exp", "constant"):
-            raise CertkitError(f"unknown schedule {self.schedule!r}; valid: step, multistep, cosine, exp, constant")
+        if self.schedule not in SCHEDULES:
+            raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
 
     @classmethod
     def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> "TrainConfig":
@@ -104,6 +110,15 @@ class TrainConfig:
         if unknown:
             raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
         return cls(**settings)
+
+
+def half_exp_factor(epoch: int, epochs: int, ratio: float) -> float:
+    """Learning-rate factor of the ``half-exp`` schedule at 0-based ``epoch``: 1 through epoch ``epochs // 2``,
+    then geometric down to ``ratio`` (``lr_final / lr``) at the last epoch, the ICML GloRo runs' shape."""
+    half = epochs // 2
+    if epoch <= half:
+        return 1.0
+    return ratio ** ((epoch - half) / max(epochs - 1 - half, 1))
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -273,6 +288,8 @@ class Trainer:
         if c.schedule == "exp":
             gamma = (c.lr_final / c.lr) ** (1.0 / max(c.epochs - 1, 1))
             return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+        if c.schedule == "half-exp":
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: half_exp_factor(epoch, c.epochs, c.lr_final / c.lr))
         return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -442,7 +459,7 @@ class Trainer:
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
                 raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
-            if self.config.schedule in ("cosine", "exp"):  # their learning rate at every epoch depends on the total
+            if self.config.schedule in ("cosine", "exp", "half-exp"):  # their learning rate at every epoch depends on the total
                 raise CertkitError(
                     f"{path}: run was started with epochs={saved_train['epochs']} and a {self.config.schedule} schedule, "
                     f"which --epochs {self.config.epochs} would change retroactively; use another --out"
@@ -542,13 +559,15 @@ def build_trainer(
     test_data: Any | None = None,
     num_classes: int | None = None,
     meta: Mapping[str, Any] | None = None,
+    recipe: str | None = None,
     **config: Any,
 ) -> Trainer:
     """Names and objects in, a :class:`Trainer` out (not started): what :func:`train` and the CLI share.
 
     ``dataset`` is a name or your own torch ``Dataset``/``DataLoader`` (then ``test_data`` is its test split
     and ``num_classes`` its class count, None = the model's logit count; hyperparameters and the recipe are
-    the MNIST-like published ones). A CRT ``teacher`` is a run directory, a reference checkpoint or a module;
+    the MNIST-like published ones). ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
+    optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT ``teacher`` is a run directory, a reference checkpoint or a module;
     ``teacher_model`` is an untrained instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters, the teacher, the
     settings), so a mistake is reported before any data is read.
     """
@@ -563,12 +582,20 @@ def build_trainer(
     classes = info.num_classes if info is not None else num_classes
     if isinstance(arch, str):
         model_spec(arch)  # unknown names fail before any data is read
-    objective = build_objective(
-        method, sigma, info.family if info else DEFAULT_FAMILY, hparams, teacher, teacher_model, classes,
-        dataset if named else None,
-    )
-    cfg = TrainConfig.for_method(info.family if info else DEFAULT_FAMILY, type(objective), **config)
+    family = family_key(info.family if info else DEFAULT_FAMILY)
+    if recipe is not None:
+        published = get_recipe(recipe)
+        check_recipe(published, family, method.name if isinstance(method, Objective) else method)
+        if isinstance(method, Objective) and published.hparams:
+            raise CertkitError(f"recipe {recipe!r} sets hyperparameters; pass them to the objective you built")
+        if not isinstance(method, Objective):
+            hparams = {**published.hyperparameters(sigma), **{k: v for k, v in (hparams or {}).items() if v is not None}}
+        config = {**published.train, **{k: v for k, v in config.items() if v is not None}}
+    objective = build_objective(method, sigma, family, hparams, teacher, teacher_model, classes, dataset if named else None)
+    cfg = TrainConfig.for_method(family, type(objective), **config)
     run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}
+    if recipe is not None:
+        run_meta["recipe"] = recipe
     if info is not None:
         train_split = load_dataset(dataset, "train", data_dir).subset(train_subset)
         test_split = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None

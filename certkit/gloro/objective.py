@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from certkit.errors import CertkitError
 from certkit.gloro.model import GloroNet
+from certkit.models.layers import Normalize
 from certkit.objectives.base import Hypers, Objective, hyper, unwrap
 
 #: the ε multiplier the log ramp starts from (the library's ``[0.01]``)
@@ -69,11 +70,63 @@ class GloroHypers(Hypers):
     eps_ramp: float = hyper(float, "fraction of the epochs over which the training epsilon ramps up (log-concave)", minimum=0.0, maximum=1.0)
     lbd: float = hyper(float, "TRADES weight lambda (0 = the GloRo cross-entropy over C+1 logits)", minimum=0.0)
     power_iterations: int = hyper(int, "power-iteration steps per optimizer step (warm-started iterates)", minimum=1)
+    robust_loss: str = hyper(
+        str, "TRADES robust term: kl (KL to the C+1 softmax) or trades_ce (KL plus the entropy of softmax(y): "
+        "the ICML code's trades_ce, Leino et al. 2021)", default="kl", choices=("kl", "trades_ce"),
+    )
+    lbd_start: float = hyper(
+        float, "TRADES lambda at the start, rising linearly to --lbd at the last epoch (the ICML schedules, "
+        "e.g. MNIST 0.3: 0 -> 2); none: --lbd throughout", optional=True, minimum=0.0,
+    )
+    tie_mask: str = hyper(
+        str, "training bottom logit: argmax masks the predicted index only; all masks every logit equal to the "
+        "maximum, as the GloRo library does (klasleino/gloro issue #9; certification always uses argmax)",
+        default="argmax", choices=("argmax", "all"),
+    )
+    normalize: bool = hyper(
+        bool, "keep the per-channel Normalize input layer; false makes it the identity, as the ICML CIFAR nets "
+        "(its 1/std multiplies the Lipschitz bound by about 5 on CIFAR-10)", default=True,
+    )
 
     def check(self, method: str) -> None:
         super().check(method)
         if self.train_eps_factor <= 0:
             raise CertkitError(f"{method}: --train-eps-factor must be > 0 (got {self.train_eps_factor})")
+
+
+def drop_normalization(model: nn.Sequential) -> None:
+    """Make the model's leading :class:`Normalize` the identity (mean 0, std 1), in place.
+
+    The buffers stay (set to 0 and 1), so the checkpoint keeps the registry's layout and loads back as it
+    was trained; a model without a leading Normalize is a one-line error rather than a silent no-op.
+    """
+    first = model[0] if len(model) else None
+    if not isinstance(first, Normalize):
+        raise CertkitError("--normalize false needs a model whose first layer is certkit's Normalize (the registry's gloro-* nets)")
+    first.mean.zero_()
+    first.std.fill_(1.0)
+
+
+def all_max_bottom(net: GloroNet, logits: Tensor, epsilon: float, lipschitz: Tensor) -> Tensor:
+    """The GloRo library's training ⊥ logit: every logit equal to the maximum is masked, not only index ``j``.
+
+    With tied top logits every tied class is masked and ⊥ can fall to −inf (issue #9): unsound for a
+    certificate, which is why only training may use it; certification always masks the argmax alone.
+    """
+    kj = net.margin_constants(lipschitz)[logits.argmax(1)]
+    top = logits == logits.max(1, keepdim=True).values
+    return (logits + epsilon * kj).masked_fill(top, float("-inf")).max(1).values
+
+
+def trades_ce_term(logits: Tensor, full: Tensor) -> Tensor:
+    """Per-example ``−Σ_c t_c log clip(q_c, 1e-7, 1 − 1e-7)`` with ``t = [softmax(y), 0]`` and
+    ``q = softmax([y, y_⊥])``: the ICML code's ``trades_ce`` robust term, i.e. KL(t ‖ q) + H(softmax(y)).
+
+    The clip is Keras's probability clip in its categorical cross-entropy on probabilities.
+    """
+    target = F.softmax(logits, 1)
+    q = F.softmax(full, 1)[:, :-1].clamp(1e-7, 1 - 1e-7)
+    return -(target * q.log()).sum(1)
 
 
 class Gloro(Objective):
@@ -85,6 +138,12 @@ class Gloro(Objective):
         eps_ramp: fraction of the epochs over which the training ε ramps up (0: constant from the start).
         lbd: TRADES weight λ (0: the plain GloRo cross-entropy over C+1 logits).
         power_iterations: power-iteration steps per optimizer step (MNIST 10, CIFAR-10 5).
+        robust_loss: ``kl`` (default) or the ICML code's ``trades_ce`` (KL + entropy of softmax(y)).
+        lbd_start: None (λ fixed) or λ at the first epoch, rising linearly to ``lbd`` at the last.
+        tie_mask: ``argmax`` (default) or the library's ``all`` (every maximal logit masked; training only).
+        normalize: False makes the leading Normalize the identity, as the ICML CIFAR nets have none.
+
+    A fixed training ε is ``eps_ramp=0`` (with ``train_eps_factor=1``: the evaluation ε itself).
     """
 
     name = "gloro"
@@ -108,6 +167,8 @@ class Gloro(Objective):
         if not isinstance(model, GloroNet):
             if not isinstance(model, nn.Sequential):
                 raise CertkitError(f"method 'gloro' wraps an nn.Sequential ending in nn.Linear, not a {type(model).__name__}")
+            if not self.hp.normalize:
+                drop_normalization(model)
             model = GloroNet(model, in_shape, self.hp.epsilon, self.hp.power_iterations)
         return self.bind(model)
 
@@ -125,6 +186,14 @@ class Gloro(Objective):
         return net
 
     # --- schedule -----------------------------------------------------------------------------------
+    def trades_lambda(self) -> float:
+        """λ of the current epoch: ``lbd`` fixed, or linear from ``lbd_start`` to ``lbd`` at the last epoch."""
+        start = self.hp.lbd_start
+        if start is None:
+            return self.hp.lbd
+        progress = self.epoch / max(self.num_epochs - 1, 1)
+        return start + (self.hp.lbd - start) * min(progress, 1.0)
+
     def train_epsilon(self) -> float:
         """The training ε of the current epoch (see the module docstring for the ramp)."""
         eps, top, ramp = self.hp.epsilon, self.hp.train_eps_factor, self.hp.eps_ramp
@@ -140,14 +209,18 @@ class Gloro(Objective):
         logits = model(x)
         k_sub = net.lipschitz_constant(self.hp.power_iterations)
         eps = self.train_epsilon()
-        bottom = net.bottom_logit(logits, eps, k_sub)
+        bottom = net.bottom_logit(logits, eps, k_sub) if self.hp.tie_mask == "argmax" else all_max_bottom(net, logits, eps, k_sub)
         full = torch.cat([logits, bottom[:, None]], 1)
-        lbd = self.hp.lbd
+        lbd = self.trades_lambda()
         parts: dict[str, Tensor] = {}
-        if lbd > 0:
+        if lbd > 0 or self.hp.lbd_start is not None:
             ce = F.cross_entropy(logits, y)
-            robust = F.softplus(bottom - torch.logsumexp(logits, 1)).mean()
+            robust = F.softplus(bottom - torch.logsumexp(logits, 1))
+            if self.hp.robust_loss == "trades_ce":
+                robust = trades_ce_term(logits, full)
+            robust = robust.mean()
             loss = ce + lbd * robust
+            parts["lbd"] = torch.tensor(lbd)
             parts["robust"] = robust.detach()
         else:
             loss = ce = F.cross_entropy(full, y)
@@ -178,4 +251,8 @@ class Gloro(Objective):
         if self.net is None:
             return {}
         # "wrapper" tells certkit.checkpoint which registered wrapper rebuilds this model around its body
-        return {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}
+        meta: dict[str, Any] = {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}
+        if not self.hp.normalize:  # the identity input layer, not the dataset's constants
+            first = self.net[0]
+            meta["normalization"] = {"mean": first.mean.flatten().tolist(), "std": first.std.flatten().tolist()}
+        return meta

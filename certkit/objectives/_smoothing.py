@@ -95,7 +95,12 @@ def smoothed_nll(model: nn.Module, x: Tensor, noises: Tensor, y: Tensor) -> Tens
 
     The floor keeps the objective finite once the attack has driven the true class's soft vote to zero.
     """
-    p_bar = smoothed_probs(noisy_logits(model, x, noises))
+    return smoothed_nll_from_logits(noisy_logits(model, x, noises), y)
+
+
+def smoothed_nll_from_logits(logits: Tensor, y: Tensor) -> Tensor:
+    """:func:`smoothed_nll` from the ``(m, B, K)`` logits already computed (DDN also reads their votes)."""
+    p_bar = smoothed_probs(logits)
     return -torch.log(p_bar.gather(1, y.view(-1, 1)).squeeze(1).clamp_min(LOG_FLOOR))
 
 

@@ -7,6 +7,7 @@ it on the points where the *smoothed* classifier is weakest. It attacks the soft
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,13 @@ from certkit.objectives._smoothing import (
     check_finite,
     draw_noises,
     input_gradient,
+    l2_norms,
     mean_noisy_ce,
     noisy_accuracy,
     noisy_logits,
     project_l2,
     smoothed_nll,
+    smoothed_nll_from_logits,
     unit_l2,
     warmup_factor,
 )
@@ -54,6 +57,21 @@ class SmoothAdvHypers(Hypers):
     num_steps: int = hyper(int, "T: PGD steps", minimum=1)
     num_noise_vec: int = hyper(int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1)
     warmup: int = hyper(int, "epochs over which the attack radius ramps up linearly", minimum=1)
+    attack: str = hyper(
+        str, "pgd (every published run) or ddn (the reference script's default attack: Rony et al.'s decoupled "
+        "direction and norm, Salman et al. 2019)", default="pgd", choices=("pgd", "ddn"),
+    )
+    ddn_gamma: float = hyper(float, "DDN: factor by which the attack norm shrinks or grows per step (Salman et al.'s 0.05)",
+                             default=0.05, minimum=0.0, maximum=1.0)
+
+
+#: DDN rounds x + δ to this many grey levels, as the reference attack does by default
+DDN_LEVELS = 256
+
+
+def quantize(t: Tensor) -> Tensor:
+    """Round to the ``DDN_LEVELS`` grey levels of an 8-bit image."""
+    return (t * (DDN_LEVELS - 1)).round() / (DDN_LEVELS - 1)
 
 
 class SmoothAdv(Objective):
@@ -130,10 +148,49 @@ class SmoothAdv(Objective):
                 delta = project_l2(delta, epsilon)
         return delta.detach()
 
+    def perturb_ddn(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor, epsilon: float) -> Tensor:
+        """The DDN perturbation of the reference's multi-noise attack: the smallest-norm δ found that flips the
+        majority vote of the ``m`` noisy copies, capped at ``epsilon`` and rounded to 8-bit levels (0 when none).
+
+        Each step moves δ by ``lr_i·∇/‖∇‖`` of the smoothed NLL (``lr_i`` cosine from 1 to 0.01 over the T
+        steps), then rescales it to a norm that shrinks by ``1 − γ`` while the vote is flipped and grows by
+        ``1 + γ`` otherwise, starting at ``epsilon`` (the reference sets its initial norm to the warmed-up
+        radius every epoch). Eval mode with parameter gradients off, restored afterwards.
+        """
+        b, steps, gamma = x.shape[0], self.hp.num_steps, self.hp.ddn_gamma
+        x = x.detach()
+        delta = torch.zeros_like(x)
+        best = torch.zeros_like(x)
+        if epsilon <= 0:
+            return best
+        norm = torch.full((b,), float(epsilon), device=x.device, dtype=x.dtype)
+        worst = l2_norms(torch.maximum(x, 1 - x)).flatten()
+        best_l2 = worst.clone()
+        with eval_mode(model) as net:
+            for i in range(steps):
+                lr = 0.01 + 0.99 * (1 + math.cos(math.pi * (i + 1) / steps)) / 2
+                l2 = l2_norms(delta).flatten()
+                d = delta.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits = noisy_logits(net, x + d, noises)
+                    nll = smoothed_nll_from_logits(logits, y).mean()
+                    (grad,) = torch.autograd.grad(nll, [d])
+                vote = logits.detach().argmax(-1).mode(0).values
+                flipped = vote != y
+                better = flipped & (l2 < best_l2)
+                best_l2 = torch.where(better, l2, best_l2)
+                best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), delta, best)
+                delta = delta + lr * unit_l2(grad, random_if_zero=True)
+                norm = torch.minimum(norm * (1 - (2 * flipped.to(x.dtype) - 1) * gamma), worst)
+                delta = delta * (norm / l2_norms(delta).flatten()).view(-1, *[1] * (x.dim() - 1))
+                delta = quantize(x + delta).clamp(0.0, 1.0) - x
+        return quantize(project_l2(best, epsilon)).detach()
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         noises = draw_noises(x, self.hp.num_noise_vec, self.sigma)
         epsilon = self.current_epsilon()
-        x_adv = x + self.perturb(model, x, y, noises, epsilon)
+        attack = self.perturb_ddn if self.hp.attack == "ddn" else self.perturb
+        x_adv = x + attack(model, x, y, noises, epsilon)
         logits = noisy_logits(model, x_adv, noises)
         loss = mean_noisy_ce(logits, y)
         check_finite(
