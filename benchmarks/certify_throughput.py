@@ -48,10 +48,10 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from certkit.certify import default_inputs_per_batch  # noqa: E402
-from certkit.errors import CertkitError  # noqa: E402
-from certkit.models import create_model  # noqa: E402
-from certkit.smooth import Smooth, input_generator, shared_generator  # noqa: E402
+from certkit.certify import default_inputs_per_batch
+from certkit.errors import CertkitError
+from certkit.models import create_model
+from certkit.smooth import Smooth, input_generator, shared_generator
 
 SHAPES = {"lenet": (1, 28, 28), "smallcnn": (1, 28, 28), "resnet20": (3, 32, 32), "resnet110": (3, 32, 32)}
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -174,7 +174,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws (the first layer runs once per input and once per draw)")
+    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws "
+                   "(the first layer runs once per input and once per draw)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -200,7 +201,10 @@ def main() -> None:
     )
     if options:
         agreement = smoothed.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
-        print(f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} (lowest input {agreement.min():.4%})")
+        print(
+            f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} "
+            f"(lowest input {agreement.min():.4%})"
+        )
 
     # warm-up: allocator, oneDNN primitives, compilation
     time_certkit(smoothed, xs[:2], 0, args)

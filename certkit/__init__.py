@@ -18,4 +18,4 @@ from certkit.errors import CertkitError
 from certkit.smooth import ABSTAIN, Smooth
 from certkit.train import train
 
-__all__ = ["ABSTAIN", "CertkitError", "Smooth", "load", "train", "__version__"]
+__all__ = ["ABSTAIN", "CertkitError", "Smooth", "__version__", "load", "train"]

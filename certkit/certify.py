@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +35,6 @@ from certkit.errors import CertkitError
 from certkit.fileio import require_regular
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
-from certkit.summary import write_summary
 from certkit.smooth import (
     MIN_VOTE_AGREEMENT,
     NOISE_BLOCK,
@@ -46,6 +46,7 @@ from certkit.smooth import (
     input_generator,
     shared_generator,
 )
+from certkit.summary import write_summary
 
 
 class Dataset(Protocol):
@@ -324,7 +325,8 @@ def run_planned(
 
     Opens ``out`` through :class:`ResultWriter` (sidecar, resume with matching settings), skips the indices
     already written, loads the rest ``group_size`` at a time and hands each group to ``process``, with a
-    progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`). Returns True when every planned index is in the file.
+    progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`).
+    Returns True when every planned index is in the file.
     """
     with ResultWriter(out, kind, settings, resume=resume, extra_columns=extra_columns) as writer:
         todo = [i for i in indices if i not in writer.done_indices]

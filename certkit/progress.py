@@ -102,7 +102,7 @@ class Progress:
         elif self.enabled and self.done > self._start_done:
             log.info(self.line())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

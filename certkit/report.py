@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union, overload
+from typing import overload
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from certkit.errors import CertkitError
 from certkit.figures import pyplot, save_figure
 from certkit.results import Results, read_results
 
-ResultsLike = Union[Results, str, os.PathLike]
+ResultsLike = Results | str | os.PathLike
 
 
 def load(results: ResultsLike) -> Results:
@@ -134,7 +135,7 @@ def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.2
     items = [results] if isinstance(results, (Results, str, os.PathLike)) else list(results)
     largest = max([_largest_radius(load(item)) for item in items] or [0.0])
     step = _grid_step(largest, step, MAX_TABLE_RADII)
-    count = int(math.floor(largest / step + 1e-9))
+    count = math.floor(largest / step + 1e-9)
     return [round(i * step, 10) for i in range(count + 1)]
 
 

@@ -40,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -307,7 +307,7 @@ class AdaptiveSchedule:
 
 def _projected_radius(p: float, n: int, alpha: float, sigma: float) -> float:
     """The radius fixed-n CERTIFY would report if exactly a fraction p of its n votes went to the class."""
-    p_lower = lower_confidence_bound(int(round(p * n)), n, alpha)
+    p_lower = lower_confidence_bound(round(p * n), n, alpha)
     return radius(sigma, p_lower) if p_lower >= 0.5 else 0.0
 
 
@@ -359,11 +359,11 @@ class Smooth:
             starts with an affine stem that the split computes exactly (:func:`~certkit.models.stem.split_stem`:
             known classes only, no forward hooks; checked again on every call, so a hook added later turns
             the split off), its first layer then runs once per input and once per draw instead of once per
-            (input, draw) pair; on LeNet-sized nets that is most of the forward pass. Every certificate keeps its (1 - alpha) guarantee, since each
-            input's draws are still i.i.d. and its selection and estimation draws independent; certificates
-            of inputs in one group are no longer independent *of each other* (a group's wrong certificates,
-            each of probability <= alpha, may coincide). The split path is rounded differently from the
-            plain model, so it counts as a speed option for :meth:`vote_agreement`.
+            (input, draw) pair; on LeNet-sized nets that is most of the forward pass. Every certificate keeps
+            its (1 - alpha) guarantee, since each input's draws are still i.i.d. and its selection and
+            estimation draws independent; certificates of inputs in one group are no longer independent *of
+            each other* (a group's wrong certificates, each of probability <= alpha, may coincide). The split
+            path is rounded differently from the plain model, so it counts as a speed option for :meth:`vote_agreement`.
     """
 
     def __init__(

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 from certkit import checkpoint
 from certkit.cli import main
 from certkit.data import dataset_info, load_dataset
+from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.errors import CertkitError
 from certkit.results import read_results, summary_path
-from certkit.train import Trainer, TrainConfig
+from certkit.train import TrainConfig, Trainer
 from conftest import write_idx
 
 WORLD = 2

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,6 @@ from certkit.errors import CertkitError
 from certkit.report import report_files
 from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
 from certkit.train import train
-
 from conftest import make_idx_dataset
 
 MiB = 1 << 20

@@ -423,7 +423,7 @@ def test_parts_and_modes_restored(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, extra", [(name, {}) for name in MINE] + [("stability", {"detach_target": False})], ids=MINE + ["stability-reference"]
+    "name, extra", [(name, {}) for name in MINE] + [("stability", {"detach_target": False})], ids=[*MINE, "stability-reference"]
 )
 def test_learns_on_a_tiny_batch(name: str, extra: dict) -> None:
     x, y = separable()
@@ -481,7 +481,7 @@ def test_fashion_mnist_one_epoch_beats_chance(name: str, fmnist) -> None:
     a method whose loss does not train the classifier stays near 0.10 and fails it.
     """
     from certkit.models import create_model
-    from certkit.train import Trainer, TrainConfig
+    from certkit.train import TrainConfig, Trainer
 
     train, test = fmnist
     torch.manual_seed(0)

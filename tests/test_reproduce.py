@@ -108,5 +108,5 @@ def test_selection_flags_are_checked() -> None:
     assert plan.n == 100_000 and plan.skip == 10
     with pytest.raises(CertkitError, match="crt"):
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "crt"]))
-    with pytest.raises(CertkitError, match="0.3"):
+    with pytest.raises(CertkitError, match=r"0\.3"):
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "0.3"]))

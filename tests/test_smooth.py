@@ -255,7 +255,7 @@ def test_guarantee_on_a_linear_classifier(p_class1):
 def test_amp_is_refused_on_cpu_with_a_clear_message():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     for amp in ("bf16", "fp16"):
-        with pytest.raises(CertkitError, match="CUDA-only.*certify without it"):
+        with pytest.raises(CertkitError, match=r"CUDA-only.*certify without it"):
             Smooth(model, 3, 0.5, amp=amp)
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")

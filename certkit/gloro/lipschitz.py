@@ -23,7 +23,7 @@ every layer's input shape with one forward pass of a dummy input of the model's 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -405,7 +405,7 @@ def _adaptive_avgpool_bound(name: str, module: nn.AdaptiveAvgPool2d, in_shape: S
     return ConstantBound(name, module, 1.0 / math.sqrt(kh * kw), "disjoint windows")
 
 
-def _pair_or_none(v: int | None | Sequence[int | None]) -> tuple[int | None, int | None]:
+def _pair_or_none(v: int | Sequence[int | None] | None) -> tuple[int | None, int | None]:
     return (v, v) if v is None or isinstance(v, int) else (v[0], v[1])
 
 
