@@ -291,14 +291,14 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
         for t in (dataset.images, dataset.labels):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.numpy())
+            h.update(t.numpy())  # type: ignore[arg-type]  # numpy's stubs declare the buffer protocol only for Python >= 3.12
     elif isinstance(dataset, FolderDataset):
         for path, label in dataset._folder.samples[: len(dataset)]:  # type: ignore[attr-defined]
             h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
     else:
         for i in range(len(dataset)):
             x, label = dataset[i]
-            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())  # type: ignore[arg-type]  # as above
             h.update(f"|{int(label)}\n".encode())
     identity["dataset_sha256"] = h.hexdigest()
     return identity

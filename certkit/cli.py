@@ -389,7 +389,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"
     from certkit.progress import log_to_stderr
 
     log_to_stderr()

@@ -256,7 +256,7 @@ class FolderDataset:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         order = epoch_order(len(self), shuffle, generator, rank, world_size)
         device = getattr(self, "_device", torch.device("cpu"))
-        loader = DataLoader(
+        loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
             Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
             batch_size=batch_size,
             num_workers=self.workers,
@@ -465,7 +465,7 @@ MAX_PICKLE_OPS = 200_000
 
 
 def _reconstruct_small(
-    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: object
+    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: Any
 ) -> np.ndarray:
     """numpy's array reconstructor, limited to what a batch holds: it allocates the shape it is given,
     so a crafted shape (or an object array, filled element by element) could ask for any amount of memory."""
@@ -487,7 +487,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     })
     _RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
 
-    def find_class(self, module: str, name: str):  # type: ignore[override]
+    def find_class(self, module: str, name: str):
         if (module, name) in self._RECONSTRUCT:
             return functools.partial(_reconstruct_small, super().find_class(module, name))
         if (module, name) in self._ALLOWED:

@@ -109,7 +109,7 @@ class Progress:
         self.close()
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (it may have been replaced since)."""
 
     def emit(self, record: logging.LogRecord) -> None:

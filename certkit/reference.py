@@ -246,6 +246,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     anything else would certify a different function there.
     """
     model, meta = load_with_meta(run)
+    assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
     arch = meta["arch"]
     if meta.get("method") == "gloro" or "gloro" in meta:
         raise CertkitError(f"{run}: a GloRo net is certified by its Lipschitz bound; the reference layout has no place for it")

@@ -53,8 +53,8 @@ def acr(results: ResultsLike) -> float:
 @overload
 def certified_accuracy(results: ResultsLike, radii: float) -> float: ...
 @overload
-def certified_accuracy(results: ResultsLike, radii: Sequence[float]) -> np.ndarray: ...
-def certified_accuracy(results: ResultsLike, radii: float | Sequence[float]) -> float | np.ndarray:
+def certified_accuracy(results: ResultsLike, radii: Sequence[float] | np.ndarray) -> np.ndarray: ...
+def certified_accuracy(results: ResultsLike, radii: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
     """Fraction of all rows certified correct at radius >= r, for each r in ``radii`` (or one float r).
 
     A PREDICT file answers only r = 0 (its accuracy).

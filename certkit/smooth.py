@@ -400,7 +400,8 @@ class Smooth:
         self.compiled = compile
         # the network that votes; self.model stays untouched as the fp32 reference of vote_agreement
         self._voter = copy.deepcopy(model).to(memory_format=torch.channels_last) if channels_last else model
-        self._net: nn.Module = torch.compile(self._voter, dynamic=False) if compile else self._voter
+        # torch.compile of a Module returns an OptimizedModule (a Module); its stubs promise only a Callable
+        self._net: nn.Module = torch.compile(self._voter, dynamic=False) if compile else self._voter  # type: ignore[assignment]
         self._buffer: Tensor | None = None
         if shared_noise < 0:
             raise CertkitError(f"shared_noise must be >= 0 (got {shared_noise})")
@@ -610,6 +611,7 @@ class Smooth:
         if xs.dim() != 4:
             raise CertkitError(f"expected a batch of images (B, C, H, W), got shape {tuple(xs.shape)}")
         self._check_inputs(xs)
+        gens: list[torch.Generator | None]
         if self.shared_noise:
             gens = list(generators) if generators is not None else [None]
             if len(gens) != 1:

@@ -80,7 +80,7 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
     """Train teacher, CRT student and SmoothMix student; certify all three; return the figures."""
     out = Path(out)
     dev = select_device(device)
-    runs = {
+    runs: dict[str, dict[str, Any]] = {
         "teacher": dict(arch=cfg.teacher_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.teacher_epochs),
         "crt": dict(arch=cfg.student_arch, method="crt", teacher=out / "teacher", epochs=cfg.student_epochs,
                     hparams={"alpha": cfg.crt_alpha}, batch_size=cfg.crt_batch_size),

@@ -86,7 +86,8 @@ def gloro_body(
     for m in layers:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.orthogonal_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
 

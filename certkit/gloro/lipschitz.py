@@ -161,6 +161,8 @@ class ConstantBound(LayerBound):
 class NormalizeBound(LayerBound):
     """``(x − μ)/s`` per channel: ``1/min_c s_c``. Read from the buffer at call time (it is loaded later)."""
 
+    module: Normalize
+
     def constant(self) -> float:
         std = self.module.std.detach().double()
         if not bool((std > 0).all()):
@@ -170,6 +172,8 @@ class NormalizeBound(LayerBound):
 
 class LinearBound(LayerBound):
     """Dense layer: power iteration on ``WᵀW`` for training, exact ``σ_max(W)`` in float64 to certify."""
+
+    module: nn.Linear
 
     def __init__(self, name: str, module: nn.Linear) -> None:
         super().__init__(name, module)
@@ -202,6 +206,7 @@ class ConvBound(LayerBound):
 
     def __init__(self, name: str, module: nn.Conv2d, in_shape: Shape) -> None:
         super().__init__(name, module)
+        self.conv = module  # typed; a subclass's ``module`` may be the layer the conv stands for
         if module.padding_mode != "zeros":
             raise CertkitError(
                 f"layer {name!r}: Conv2d with padding_mode={module.padding_mode!r} is not supported (only zero padding)"
@@ -214,6 +219,7 @@ class ConvBound(LayerBound):
         dh, dw = module.dilation
         self.stride = _pair(module.stride)
         eff = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+        pads: tuple[tuple[int, int], ...]
         if isinstance(module.padding, str):
             if module.padding == "valid":
                 pads = ((0, 0), (0, 0))
@@ -232,22 +238,22 @@ class ConvBound(LayerBound):
         self.out_shape = (module.out_channels, out[0], out[1])
 
     def weight(self) -> Tensor:
-        return self.module.weight
+        return self.conv.weight
 
     def apply(self, v: Tensor, weight: Tensor) -> Tensor:
-        m = self.module
+        m = self.conv
         v = F.pad(v, (self.left, self.right, self.top, self.bottom))
         return F.conv2d(v, weight, None, self.stride, 0, m.dilation, m.groups)
 
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
-        m = self.module
+        m = self.conv
         z = F.conv_transpose2d(u, weight, None, self.stride, 0, self.output_padding, m.groups, m.dilation)
         _, h, w = self.in_shape
         return z[..., self.top : self.top + h, self.left : self.left + w]
 
     def dense_kernel(self) -> Tensor:
         """The float64 kernel with groups and dilation expanded into a plain ``(C_out, C_in, kh', kw')`` one."""
-        m = self.module
+        m = self.conv
         w = self.weight().detach().double()
         g = m.groups
         if g > 1:
@@ -283,7 +289,6 @@ class FixedConvBound(ConvBound):
     def __init__(self, name: str, module: nn.Module, conv: nn.Conv2d, in_shape: Shape) -> None:
         super().__init__(name, conv, (1, *in_shape[1:]))
         self.module = module
-        self.conv = conv
         self.iterate_shape = None
         self._value: float | None = None
 
@@ -356,7 +361,7 @@ def conv_fft_bound(kernel: Tensor, stride: tuple[int, int], padded: tuple[int, i
     return best
 
 
-def _pool_window(name: str, module: nn.Module) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+def _pool_window(name: str, module: nn.MaxPool2d | nn.AvgPool2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     k = _pair(module.kernel_size)
     s = _pair(module.stride if module.stride is not None else module.kernel_size)
     p = _pair(module.padding)
@@ -596,7 +601,7 @@ def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int,
             shapes[id(m)] = tuple(args[0].shape[1:])
 
     handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
-    ref = next(iter(module.parameters()), None)
+    ref: Tensor | None = next(iter(module.parameters()), None)
     if ref is None:
         ref = next(iter(module.buffers()), torch.zeros(()))
     was_training = module.training

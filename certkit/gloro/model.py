@@ -101,6 +101,9 @@ class GloroNet(nn.Sequential):
         pred = net.predict_with_bottom(images)   # (B,), -1 where rejected
     """
 
+    lipschitz_frozen: Tensor  # buffers, registered in __init__
+    epsilon: Tensor
+
     def __init__(
         self, model: nn.Sequential, in_shape: Sequence[int], epsilon: float, power_iterations: int = 5
     ) -> None:

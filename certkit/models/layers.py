@@ -16,6 +16,9 @@ class Normalize(nn.Module):
     (the cause of the ~30%-accuracy reports on released checkpoints of public code bases).
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
