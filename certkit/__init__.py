@@ -11,7 +11,9 @@ The names most programs need are here::
     prediction, radius = smoothed.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=1000)
 """
 
-__version__ = "0.1.0"  # first: submodules read it while this package is still importing
+# The one place the version is written (pyproject.toml reads it from here). First: submodules read it while
+# this package is still importing.
+__version__ = "0.1.0"
 
 from certkit.checkpoint import load
 from certkit.errors import CertkitError
