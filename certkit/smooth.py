@@ -241,17 +241,11 @@ class AdaptiveSchedule:
     so they run to n: that is the price of losing at most ``tolerance`` * sigma per input. The ACR cost is
     therefore at most ``tolerance`` * sigma per stopped input. Choose it relative to your ACR.
 
-    What to expect (n = 100,000, alpha = 0.001, default settings): 1.49x fewer samples at -0.52% ACR on a
-    Gaussian-trained Fashion-MNIST MLP, sigma = 0.25, 150 test images (``benchmarks/adaptive.py``); replaying
-    binomial votes drawn from the published Fashion-MNIST LeNet files: 1.38x at -0.47% (Cohen, sigma = 0.25),
-    1.79x at -0.85% (Cohen, sigma = 0.5), 1.21x at -0.26% (SmoothMix, sigma = 0.25). A larger ``tolerance``
-    buys more (0.1: about 1.6x at sigma = 0.25) at more than 1% ACR at sigma = 0.5. The ceiling is set by the
-    unanimous inputs: an input whose n votes all agree certifies sigma * Phi^-1(alpha^(1/n)), and stopping it at
-    n/2 already loses about 4.5% of its radius, so with 40-60% of the inputs unanimous (Fashion-MNIST at
-    sigma = 0.25) no schedule keeps the ACR within 1% with 2x fewer samples; even an oracle that knows each
-    input's vote probability and label reaches only ~1.9x (computed in ``benchmarks/adaptive.py``). On the
-    21 published Fashion-MNIST certifications (``benchmarks/adaptive.py --published``) that oracle bound is
-    1.5-1.8x at sigma = 0.25, 1.9-2.5x at 0.5 and 3.1-3.4x at 1.0, where almost no input is unanimous.
+    What to expect: the samples saved and the ACR given up, measured with ``benchmarks/adaptive.py``, are in
+    ``docs/benchmarks.md``. The ceiling is set by the unanimous inputs: an input whose n votes all agree
+    certifies sigma * Phi^-1(alpha^(1/n)), and stopping it at n/2 already loses about 4.5% of its radius
+    (n = 100,000, alpha = 0.001), so where many inputs are unanimous (small sigma) no schedule saves much
+    without giving up ACR.
     """
 
     first_stage: int = 1000
@@ -344,7 +338,7 @@ class Smooth:
         sigma: noise level (> 0), in [0, 1] pixel units.
         channels_last: feed the network channels-last batches through a channels-last *copy* of it, made
             here (the caller's model is left as it is, and stays the fp32 reference). Faster convolutions on
-            CUDA tensor cores, and on CPU too for small convolutional nets (oneDNN: LeNet about 1.5x). The noise
+            CUDA tensor cores, and on CPU too for small convolutional nets (oneDNN; see docs/benchmarks.md). The noise
             is drawn exactly as without it.
         amp: CUDA only; ``"bf16"`` or ``"fp16"`` autocast for the forward pass (``None`` or ``"off"``: fp32).
             The certificate is then about the reduced-precision base classifier, which is a fixed function
