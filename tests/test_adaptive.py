@@ -10,7 +10,7 @@ import torch
 from scipy.stats import binom
 
 from certkit.smooth import ABSTAIN, AdaptiveSchedule, Smooth, input_generator, max_radius
-from test_smooth import HalfSpace, false_certificates, halfspace_input
+from helpers import HalfSpace, false_certificates, halfspace_input
 
 W = [0.6, -0.8, 0.0, 0.0]
 

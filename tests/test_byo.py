@@ -21,7 +21,7 @@ from certkit.methods import METHODS, build_objective
 from certkit.objectives import Objective
 from certkit.results import read_results
 from certkit.train import TrainConfig, Trainer
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 SHAPE = (1, 8, 8)
 

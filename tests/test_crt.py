@@ -17,7 +17,7 @@ from certkit.models import create_model
 from certkit.objectives.crt import CRT, transfer_distance
 from certkit.objectives.gaussian import Gaussian
 from certkit.train import TrainConfig, Trainer, train
-from tests.conftest import make_idx_dataset
+from helpers import make_idx_dataset
 from tests.test_train import tiny_data
 
 

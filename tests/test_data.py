@@ -13,7 +13,7 @@ import torch
 
 from certkit.data import ArrayDataset, dataset_info, load_dataset, random_crop_flip, read_idx
 from certkit.errors import CertkitError
-from tests.conftest import make_cifar_dataset, make_idx_dataset, write_idx
+from helpers import make_cifar_dataset, make_idx_dataset, write_idx
 
 
 def test_idx_round_trip(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
 from certkit.results import read_results, summary_path
 from certkit.train import TrainConfig, Trainer
-from conftest import write_idx
+from helpers import write_idx
 
 WORLD = 2
 # a tiny, cheap certification: enough samples that radii differ between inputs. ``--N`` and ``--max-index``, not

@@ -32,7 +32,7 @@ from certkit.errors import CertkitError
 from certkit.report import report_files
 from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
 from certkit.train import train
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 MiB = 1 << 20
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"

@@ -387,7 +387,7 @@ def test_resolved_hyperparameters_land_in_model_json(tmp_path: Path) -> None:
     import json
 
     from certkit.train import train
-    from conftest import make_idx_dataset
+    from helpers import make_idx_dataset
 
     data = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
     trainer = train(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from certkit.errors import CertkitError
 from certkit.results import read_results
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -12,7 +12,7 @@ import pytest
 from certkit.errors import CertkitError
 from certkit.experiments import reproduce as rp
 from certkit.results import read_results, summary_path
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 
 def _write_published(folder: Path, n: int, seed: int = 1) -> Path:

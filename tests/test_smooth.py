@@ -22,23 +22,7 @@ from certkit.smooth import (
     radius,
     upper_confidence_bound,
 )
-
-
-class HalfSpace(nn.Module):
-    """f(x) = 1 if w.x + b > 0 else 0, as two logits: the smoothed classifier is known in closed form.
-
-    P(f(x + eta) = 1) = Phi((w.x + b) / (sigma ||w||)), and the true robust radius of g at x is the
-    distance to the hyperplane, |w.x + b| / ||w||.
-    """
-
-    def __init__(self, w: list[float], b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w), requires_grad=False)
-        self.b = b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([-z, z], dim=1)
+from helpers import HalfSpace, false_certificates, halfspace_input
 
 
 class Constant(nn.Module):
@@ -54,14 +38,6 @@ class Constant(nn.Module):
         out = torch.zeros(len(x), self.num_classes)
         out[:, self.label] = 1.0
         return out
-
-
-def halfspace_input(p_class1: float, sigma: float, w: list[float]) -> tuple[torch.Tensor, float]:
-    """An input (1, 1, d) at which the smoothed probability of class 1 is ``p_class1``; also its true radius."""
-    w_norm = float(np.linalg.norm(w))
-    margin = norm.ppf(p_class1) * sigma  # signed distance to the hyperplane
-    x = torch.tensor(w, dtype=torch.float32) / w_norm * margin
-    return x.view(1, 1, -1), abs(margin)
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -222,10 +198,6 @@ def test_input_generator_streams():
     assert torch.equal(a, torch.randn(5, generator=input_generator(0, 1)))
     assert not torch.equal(a, torch.randn(5, generator=input_generator(0, 2)))
     assert not torch.equal(a, torch.randn(5, generator=input_generator(1, 0)))
-
-
-def false_certificates(certs, true_class: int, true_radius: float) -> int:
-    return sum(1 for c in certs if c.prediction != ABSTAIN and (c.prediction != true_class or c.radius > true_radius))
 
 
 @pytest.mark.parametrize("p_class1", [0.8, 0.6])

@@ -18,7 +18,7 @@ import pytest
 from certkit.cli import build_parser, main
 from certkit.data import load_dataset, read_idx
 from certkit.errors import CertkitError
-from tests.conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_official.py"
 
