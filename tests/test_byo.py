@@ -176,6 +176,7 @@ def test_direct_construction_takes_the_cli_defaults(name: str) -> None:
     assert direct.hparams == cli.hparams and direct.sigma == cli.sigma
 
 
+@pytest.mark.slow  # the README section end to end
 def test_readme_section_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Bring your own model and data", 1)[1]

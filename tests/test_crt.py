@@ -96,6 +96,7 @@ def test_alpha_zero_is_gaussian_training() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # trains a teacher and a student
 def test_student_learns_the_teacher_and_ledger_counts_teacher() -> None:
     torch.manual_seed(0)
     teacher = create_model("lenet", 10, (1, 28, 28))

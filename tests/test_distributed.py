@@ -26,6 +26,8 @@ from certkit.results import read_results, summary_path
 from certkit.train import TrainConfig, Trainer
 from helpers import write_idx
 
+pytestmark = pytest.mark.slow  # multi-process runs (torchrun, gloo)
+
 WORLD = 2
 # a tiny, cheap certification: enough samples that radii differ between inputs. ``--N`` and ``--max-index``, not
 # ``--n`` and ``--max``: torchrun's own parser reads abbreviations even after the script's name, and those two

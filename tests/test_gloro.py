@@ -497,6 +497,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path
     return run
 
 
+@pytest.mark.slow  # trains on the real dataset
 def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Path) -> None:
     trainer = train(
         "fashion-mnist", "gloro-2c2f", "gloro", hparams={"epsilon": 0.5}, data_dir=str(fmnist_root),
@@ -522,6 +523,7 @@ def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Pa
     assert isinstance(legacy, GloroNet) and float(legacy.lipschitz_frozen) == meta["gloro"]["lipschitz_bound"]
 
 
+@pytest.mark.slow  # trains on the real dataset (cli_run)
 def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root: Path, capsys) -> None:
     out = cli_run.parent / "gloro.tsv"
     args = ["certify", str(cli_run), "--data-dir", str(fmnist_root), "--max", "300", "--batch", "128", "--out", str(out)]
@@ -555,6 +557,7 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     assert "apply to randomized smoothing" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains on the real dataset (cli_run)
 def test_a_tampered_frozen_bound_is_refused(cli_run: Path, fmnist_root: Path, tmp_path: Path) -> None:
     model = checkpoint.load(cli_run)
     with torch.no_grad():

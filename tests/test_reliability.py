@@ -23,6 +23,8 @@ from certkit.errors import CertkitError
 from certkit.results import read_results
 from helpers import make_idx_dataset
 
+pytestmark = pytest.mark.slow  # every test runs certkit in subprocesses, killing some mid-run
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

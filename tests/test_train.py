@@ -98,6 +98,7 @@ def test_recipes() -> None:
     assert recipe("cifar10", "crt")["milestones"] == (100, 150)
 
 
+@pytest.mark.slow  # trains on the real dataset
 def test_real_fashion_mnist_beats_chance(fmnist_root: Path, tmp_path: Path) -> None:
     trainer = train(
         "fashion-mnist", "lenet", "gaussian", sigma=0.25, out=tmp_path / "g", train_subset=6000, test_subset=1000,
