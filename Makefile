@@ -39,7 +39,7 @@ test-fast: $(STAMP) data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy certkit
 
 bench: $(STAMP) data
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
