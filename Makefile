@@ -1,12 +1,14 @@
-# certkit: `make demo` runs the main job, `make test` the test suite. Both set everything up on a fresh
-# machine: the .venv with certkit and its dev extras, and the Debian package with Fashion-MNIST.
+# certkit: `make demo` runs the main job, `make test` the whole test suite, `make test-fast` all but the tests
+# marked slow (subprocess, multi-process, demo and long real-data runs), `make lint` ruff and mypy. Each sets
+# up what it needs on a fresh machine: the .venv with certkit and its dev extras (pytest, ruff, mypy), and
+# the Debian package with Fashion-MNIST.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 STAMP  := $(VENV)/.certkit-installed
 
-.PHONY: demo test data bench clean
+.PHONY: demo test test-fast lint data bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +32,14 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP) data
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy certkit
 
 bench: $(STAMP) data
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done

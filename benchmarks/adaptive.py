@@ -62,7 +62,7 @@ from certkit.smoothing.statistics import (
     lower_confidence_bound,
     radius,
 )
-from certkit.train import Trainer, TrainConfig
+from certkit.train import TrainConfig, Trainer
 
 
 def build_model(arch: str) -> nn.Module:
@@ -92,7 +92,7 @@ def train_model(args: argparse.Namespace) -> nn.Module:
 def shared_pass(smoothed: Smooth, data, indices: list[int], schedule: AdaptiveSchedule, args: argparse.Namespace):
     """Selection counts (images, K) and estimation counts per stage increment (images, stages, K)."""
     stages = schedule.stages(args.n)
-    increments = np.diff([0] + stages)
+    increments = np.diff([0, *stages])
     selection = np.zeros((len(indices), smoothed.num_classes), dtype=np.int64)
     estimation = np.zeros((len(indices), len(stages), smoothed.num_classes), dtype=np.int64)
     group = max(1, args.batch // args.n0)
@@ -142,7 +142,7 @@ def oracle_ratio(selection, estimation, labels, args: argparse.Namespace, loss: 
         frac = est[:, c_hat].sum() / args.n
         row = []
         for m in grid:
-            p_lower = lower_confidence_bound(int(round(frac * m)), int(m), args.alpha)
+            p_lower = lower_confidence_bound(round(float(frac * m)), int(m), args.alpha)
             row.append(radius(args.sigma, p_lower) if p_lower >= 0.5 and c_hat == y else 0.0)
         gains.append(row)
     table = np.array(gains)
@@ -188,7 +188,7 @@ def published_votes(path: Path, n: int, alpha: float, sigma: float, every: int) 
 def published_ceiling(root: Path, args: argparse.Namespace, every: int = 5) -> None:
     """Unanimous share, oracle bound and replayed schedule for each published file under ``root``."""
     schedule = AdaptiveSchedule()
-    increments = np.diff([0] + schedule.stages(args.n))
+    increments = np.diff([0, *schedule.stages(args.n)])
     rng = np.random.default_rng(args.seed)
     print(f"published certifications under {root} (every {every}th row; n0={args.n0} n={args.n} alpha={args.alpha})")
     print("| sigma | method | unanimous rows | oracle bound | schedule replayed | its ACR ratio |")
@@ -210,7 +210,10 @@ def published_ceiling(root: Path, args: argparse.Namespace, every: int = 5) -> N
             oracle = oracle_ratio(one_hot, estimation, labels, run)
             unanimous = float(np.mean([f == 1.0 and c == y for f, c, y in zip(fractions, classes, labels)]))
             best = max(best, oracle)
-            print(f"| {sigma:g} | {path.stem} | {unanimous:.0%} | {oracle:.2f}x | {ratio:.2f}x | {acr_of(adaptive, labels) / acr_of(fixed, labels):.4f} |")
+            print(
+                f"| {sigma:g} | {path.stem} | {unanimous:.0%} | {oracle:.2f}x | {ratio:.2f}x "
+                f"| {acr_of(adaptive, labels) / acr_of(fixed, labels):.4f} |"
+            )
     print(f"adaptive_published_ceiling: {best:.2f}x (best oracle bound at ACR within 1%)")
 
 
@@ -226,7 +229,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; the MLP's matrices are too small to gain from more, and on a shared machine a second thread mostly waits")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; the MLP's matrices are too small to gain from more, "
+                   "and on a shared machine a second thread mostly waits")
     p.add_argument("--no-verify", action="store_true", help="skip the real certify_dataset adaptive run")
     p.add_argument("--out", default=None, help="keep the TSVs here (default: a temporary folder)")
     p.add_argument("--data-dir", default=None)
@@ -247,8 +251,9 @@ def main() -> None:
     schedule = AdaptiveSchedule()
     smoothed = Smooth(model, 10, args.sigma)
     print(
-        f"{args.arch}, sigma={args.sigma}, {len(indices)} test images (every {len(test) // args.images}th), n0={args.n0}, "
-        f"n={args.n}, alpha={args.alpha}; schedule {schedule.as_dict()}, stages {schedule.stages(args.n)}; "
+        f"{args.arch}, sigma={args.sigma}, {len(indices)} test images (every {len(test) // args.images}th), "
+        f"n0={args.n0}, n={args.n}, alpha={args.alpha}; "
+        f"schedule {schedule.as_dict()}, stages {schedule.stages(args.n)}; "
         f"{torch.get_num_threads()} threads, training {trained - began:.0f}s"
     )
 
@@ -300,8 +305,14 @@ def main() -> None:
     print(f"images whose decision (class or abstain) differs between fixed and adaptive: {changed}; "
           f"abstentions adaptive/fixed: {abstained[0]}/{abstained[1]}")
     print(f"fixed n:  mean samples {mean_fixed:.0f}, ACR {acr_fixed:.4f}")
-    print(f"adaptive: mean samples {mean_adaptive:.0f}, ACR {acr_adaptive:.4f}; real certify_dataset run matches: {verified}")
-    print(f"oracle bound (known vote fractions, per-image n, ACR within 1%): at most {oracle_ratio(selection, estimation, labels, args):.2f}x fewer samples")
+    print(
+        f"adaptive: mean samples {mean_adaptive:.0f}, ACR {acr_adaptive:.4f}; "
+        f"real certify_dataset run matches: {verified}"
+    )
+    print(
+        "oracle bound (known vote fractions, per-image n, ACR within 1%): "
+        f"at most {oracle_ratio(selection, estimation, labels, args):.2f}x fewer samples"
+    )
     print(f"total {time.perf_counter() - began:.0f}s; files in {out}; load average {os.getloadavg()[0]:.1f}")
     print(f"adaptive_samples_ratio: {mean_fixed / mean_adaptive:.2f}x (acr_ratio: {acr_adaptive / acr_fixed:.4f})")
 

@@ -172,7 +172,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws (the first layer runs once per input and once per draw)")
+    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws "
+                   "(the first layer runs once per input and once per draw)")
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -198,7 +199,10 @@ def main() -> None:
     )
     if options:
         agreement = smoothed.sampler.vote_agreement(xs[:4], num=1000, seed=args.seed, batch_size=args.batch)
-        print(f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} (lowest input {agreement.min():.4%})")
+        print(
+            f"vote agreement with the plain fp32 model under {options}: {agreement.mean():.4%} "
+            f"(lowest input {agreement.min():.4%})"
+        )
 
     # warm-up: allocator, oneDNN primitives, compilation
     time_certkit(smoothed, xs[:2], 0, args)

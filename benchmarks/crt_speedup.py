@@ -20,7 +20,6 @@ import dataclasses
 
 from certkit.experiments.crt_demo import CompareConfig, compare, render
 
-
 #: longer than the demo (6 and 8 epochs): at 6 epochs the CRT student has not converged (ACR ratio ~0.97),
 #: at 15 it has (measured: 0.99), while SmoothMix's cost grows with the epochs just the same
 EPOCHS, TEACHER_EPOCHS = 15, 16

@@ -115,13 +115,17 @@ def main() -> None:
     print()
     print(f"| Fashion-MNIST, L2 eps = {eps:g} | GloRo {args.arch} | RS LeNet sigma={args.rs_sigma:g} |")
     print("|---|---|---|")
-    print(f"| test images certified | {gm['N']} (all) | {len(rs_res)} (every {args.rs_skip}th), n0={args.rs_n0}, n={args.rs_n}, alpha={args.rs_alpha:g} |")
+    print(
+        f"| test images certified | {gm['N']} (all) | {len(rs_res)} (every {args.rs_skip}th), "
+        f"n0={args.rs_n0}, n={args.rs_n}, alpha={args.rs_alpha:g} |"
+    )
     print(f"| training | {args.epochs} epochs, {gloro_train_s:.0f}s | {args.rs_epochs} epochs, {rs_train_s:.0f}s |")
     print(f"| clean accuracy | {gm['clean_accuracy']:.4f} | {rs_clean:.4f} (smoothed, certified at radius 0) |")
     print(f"| certified at {eps:g} | VRA {gm['vra']:.4f} (deterministic) | {rs_acc:.4f} (with prob. 1-alpha) |")
     print(f"| rejected / abstained | {gm['rejection_rate']:.4f} | {rs_summary['abstain_rate']:.4f} |")
     print(f"| seconds to certify | {gm['certify_seconds']:.2f}s for {gm['N']} images "
-          f"({certify_wall_s:.1f}s wall incl. bound check {k['seconds']:.1f}s) | {rs_certify_s:.0f}s for {len(rs_res)} images |")
+          f"({certify_wall_s:.1f}s wall incl. bound check {k['seconds']:.1f}s) "
+          f"| {rs_certify_s:.0f}s for {len(rs_res)} images |")
     print(f"| Lipschitz bound K_sub | {k['lipschitz_bound']:.4f} (guaranteed {k['lipschitz_guaranteed']:.4f}) | - |")
     print()
     print(f"gloro_vra_at_{eps:g}: {gm['vra']:.4f} (rs_certified_acc_at_{eps:g}: {rs_acc:.4f})")

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from certkit.data import ArrayDataset, DATASETS
+from certkit.data import DATASETS, ArrayDataset
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.train import Trainer, TrainConfig, select_device
+from certkit.train import TrainConfig, Trainer, select_device
 
 SIGMA = 0.25
 

@@ -12,7 +12,9 @@ The names most programs need are here::
     certkit.certify_dataset(smoothed, test_set, certkit.RunPlan(n=10_000, skip=20), out="certify.tsv")
 """
 
-__version__ = "0.1.0"  # first: submodules read it while this package is still importing
+# The one place the version is written (pyproject.toml reads it from here). First: submodules read it while
+# this package is still importing.
+__version__ = "0.1.0"
 
 from certkit.checkpoint import load
 from certkit.errors import CertkitError

@@ -12,8 +12,9 @@ import dataclasses
 import importlib
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from certkit import __version__
 from certkit.errors import CertkitError
@@ -56,7 +57,8 @@ def _common_data(p: argparse.ArgumentParser, dataset_default: str | None = "fash
     from certkit.data import DATASETS
 
     p.add_argument("--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; "
+        "Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
 
 
@@ -139,18 +141,21 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help="randomized-smoothing CERTIFY (radius) over a test set" if name == "certify" else "randomized-smoothing PREDICT over a test set",
             description=(
-                "Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, one-sided Clopper-Pearson "
-                "lower bound at level alpha, radius sigma*PhiInv(pA). Writes the field's standard TSV "
-                "(idx label predict radius correct time), flushed per row, with a JSON sidecar of the settings; re-running "
-                "with the same --out resumes. --method gloro certifies a GloRo net deterministically in one pass."
+                "Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, "
+                "one-sided Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). "
+                "Writes the field's standard TSV (idx label predict radius correct time), flushed per row, "
+                "with a JSON sidecar of the settings; re-running with the same --out resumes. "
+                "--method gloro certifies a GloRo net deterministically in one pass."
                 if name == "certify"
-                else "Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, abstain (-1) when p > alpha."
+                else "Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, "
+                "abstain (-1) when p > alpha."
             ),
             formatter_class=_Formatter,
         )
         c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
         _common_data(c, dataset_default=None)
-        c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
+        c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, "
+            "a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
         c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
         c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
         c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
@@ -163,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
         c.add_argument("--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass")
         c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
-        c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` or spell it --max-index (torchrun reads --max as its own --max-restarts)")
+        c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` "
+            "or spell it --max-index (torchrun reads --max as its own --max-restarts)")
         c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
         c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
-        c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), checked to match fp32 votes on a sample")
+        c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), "
+            "checked to match fp32 votes on a sample")
         c.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
         c.add_argument(
             "--shared-noise", type=int, default=0, metavar="G",
@@ -180,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --- report / merge / demo / list ------------------------------------------------------------
     r = sub.add_parser("report", help="ACR and certified accuracy of result files, as a Markdown table and a plot")
     r.add_argument("files", nargs="+", help="result TSVs (certkit's or the reference implementations')")
-    r.add_argument("--plot", default=None, help="write certified accuracy vs radius of all files to this image; the suffix picks the format (.png, .pdf, .svg)")
+    r.add_argument("--plot", default=None, help="write certified accuracy vs radius of all files to this image; "
+        "the suffix picks the format (.png, .pdf, .svg)")
     r.add_argument("--radii", default=None, help="comma-separated radii (default: 0, 0.25, ... up to the largest radius)")
     r.add_argument("--labels", default=None, help="comma-separated names for the files, in order (default: the file names)")
     r.add_argument("--title", default=None, help="plot title")
@@ -212,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "export", help="write a certkit run in another layout",
         description="--format reference writes {'epoch', 'arch', 'state_dict'} with the reference key names "
-        "(torch.save), which the reference repos' certify.py reads (pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
+        "(torch.save), which the reference repos' certify.py reads "
+        "(pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
     )
     e.add_argument("run", help="certkit run directory")
     e.add_argument("--format", choices=["reference"], required=True, help="output layout")
@@ -395,7 +404,7 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"  # type: ignore[assignment]
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"
     from certkit.progress import log_to_stderr
 
     log_to_stderr()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from certkit.errors import CertkitError
 from certkit.figures import pyplot, save_figure

@@ -2,9 +2,10 @@
 
 ``load_dataset(name, split)`` returns a torch ``Dataset`` (``len()``, ``dataset[i] -> (image, label)``,
 what certification reads) with ``batches(...)`` for training. Your own torch ``Dataset`` or ``DataLoader``
-trains through :class:`TorchData`, which gives it the same ``batches(...)``. Small datasets (MNIST, Fashion-MNIST, CIFAR-10) are held
-as one uint8 tensor on the training device and batched from there, with CIFAR-10's random crop (padding 4)
-and horizontal flip done on whole batches (the airbench recipe: no DataLoader, no per-image PIL work).
+trains through :class:`TorchData`, which gives it the same ``batches(...)``. Small datasets (MNIST,
+Fashion-MNIST, CIFAR-10) are held as one uint8 tensor on the training device and batched from there, with
+CIFAR-10's random crop (padding 4) and horizontal flip done on whole batches (the airbench recipe: no
+DataLoader, no per-image PIL work).
 ImageNet uses torchvision's folder loader and transforms. Images are always float in [0, 1]; the model's
 first layer normalizes, so noise and radii are in pixel units.
 
@@ -23,11 +24,12 @@ import os
 import pickle
 import pickletools
 import struct
+import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-import warnings
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -119,10 +121,10 @@ class ArrayDataset:
     def device(self) -> torch.device:
         return self.images.device
 
-    def to(self, device: torch.device | str) -> "ArrayDataset":
+    def to(self, device: torch.device | str) -> ArrayDataset:
         return ArrayDataset(self.info, self.images.to(device), self.labels.to(device), self.augment, self.split)
 
-    def subset(self, n: int | None) -> "ArrayDataset":
+    def subset(self, n: int | None) -> ArrayDataset:
         """The first ``n`` images (all when ``n`` is None or larger than the dataset)."""
         if n is None or n >= len(self):
             return self
@@ -172,7 +174,7 @@ def epoch_order(
 
 def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
     """Random crop with zero padding and random horizontal flip, for a whole batch at once."""
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
@@ -228,14 +230,14 @@ class FolderDataset:
         n = len(self._folder)  # type: ignore[arg-type]
         return n if self.limit is None else min(n, self.limit)
 
-    def subset(self, n: int | None) -> "FolderDataset":
+    def subset(self, n: int | None) -> FolderDataset:
         if n is None:
             return self
         if n < 1:
             raise CertkitError(f"subset size must be >= 1 (got {n})")
         return FolderDataset(self.info, self.root, self.split, self.workers, n, self._folder)
 
-    def to(self, device: torch.device | str) -> "FolderDataset":
+    def to(self, device: torch.device | str) -> FolderDataset:
         self._device = torch.device(device)
         return self
 
@@ -254,7 +256,7 @@ class FolderDataset:
     ) -> Iterator[tuple[Tensor, Tensor]]:
         order = epoch_order(len(self), shuffle, generator, rank, world_size)
         device = getattr(self, "_device", torch.device("cpu"))
-        loader = DataLoader(
+        loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
             Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
             batch_size=batch_size,
             num_workers=self.workers,
@@ -303,7 +305,7 @@ class TorchData:
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i]
 
-    def to(self, device: torch.device | str) -> "TorchData":
+    def to(self, device: torch.device | str) -> TorchData:
         self.device = torch.device(device)
         return self
 
@@ -463,7 +465,7 @@ MAX_PICKLE_OPS = 200_000
 
 
 def _reconstruct_small(
-    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: object
+    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: Any
 ) -> np.ndarray:
     """numpy's array reconstructor, limited to what a batch holds: it allocates the shape it is given,
     so a crafted shape (or an object array, filled element by element) could ask for any amount of memory."""
@@ -476,16 +478,16 @@ def _reconstruct_small(
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and plain containers; refuses every other global, so no code can run."""
 
-    _ALLOWED = {
+    _ALLOWED = frozenset({
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
-    }
-    _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    })
+    _RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
 
-    def find_class(self, module: str, name: str):  # type: ignore[override]
+    def find_class(self, module: str, name: str):
         if (module, name) in self._RECONSTRUCT:
             return functools.partial(_reconstruct_small, super().find_class(module, name))
         if (module, name) in self._ALLOWED:

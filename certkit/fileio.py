@@ -34,10 +34,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(path.parent)
 
@@ -124,7 +122,7 @@ class PidLock:
         self.path = lock_path(target)
         self.held = False
 
-    def acquire(self) -> "PidLock":
+    def acquire(self) -> PidLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = f"{os.getpid()}\n".encode()
         for _ in range(3):  # each retry follows the removal of a dead holder's lock
@@ -167,7 +165,7 @@ class PidLock:
             self.held = False
             self._remove_if_held_by(os.getpid())
 
-    def __enter__(self) -> "PidLock":
+    def __enter__(self) -> PidLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,8 @@ and CRT, :mod:`certkit.gloro` for GloRo), so neither imports the other. A new me
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -48,8 +49,8 @@ def build_objective(
 ) -> Objective:
     """The objective ``method`` names, with the published defaults of ``family``/``sigma`` under ``hparams``.
 
-    Only CRT takes a ``teacher`` and ``teacher_model`` (loaded, checked against ``num_classes`` and frozen by :class:`CRT`); an
-    :class:`Objective` passes through unchanged, and then nothing else may be given.
+    Only CRT takes a ``teacher`` and ``teacher_model`` (loaded, checked against ``num_classes`` and frozen by
+    :class:`CRT`); an :class:`Objective` passes through unchanged, and then nothing else may be given.
     """
     if isinstance(method, Objective):
         if hparams or teacher is not None or teacher_model is not None:

@@ -102,14 +102,14 @@ class Progress:
         elif self.enabled and self.done > self._start_done:
             log.info(self.line())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of the record (it may have been replaced since)."""
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -156,7 +156,8 @@ def _check_state(path: Path, arch: str, body: dict[str, torch.Tensor], origin: d
     last, first = params[-1], params[0]  # the output layer's bias, the first layer's weight
     if body[last].shape[0] != want[last].shape[0]:
         raise CertkitError(
-            f"{path}: checkpoint has {body[last].shape[0]} classes ({origin[last]}), dataset {info.name} has {info.num_classes}"
+            f"{path}: checkpoint has {body[last].shape[0]} classes ({origin[last]}), "
+            f"dataset {info.name} has {info.num_classes}"
         )
     if body[first].dim() > 1 and body[first].shape[1] != want[first].shape[1]:
         raise CertkitError(
@@ -166,8 +167,9 @@ def _check_state(path: Path, arch: str, body: dict[str, torch.Tensor], origin: d
     for key, tensor in want.items():
         if body[key].shape != tensor.shape:
             raise CertkitError(
-                f"{path}: {origin[key]} has shape {tuple(body[key].shape)}, certkit's {arch!r} on dataset {info.name}'s "
-                f"{tuple(info.in_shape)} inputs expects {tuple(tensor.shape)} (the checkpoint was made for another input shape)"
+                f"{path}: {origin[key]} has shape {tuple(body[key].shape)}, "
+                f"certkit's {arch!r} on dataset {info.name}'s {tuple(info.in_shape)} inputs "
+                f"expects {tuple(tensor.shape)} (the checkpoint was made for another input shape)"
             )
 
 
@@ -211,7 +213,10 @@ def import_checkpoint(
     if arch is not None and _layout(arch, "--arch").arch != layout.arch:
         raise CertkitError(f"{path}: --arch {arch} disagrees with the checkpoint's architecture {file_arch!r}")
     if model_spec(layout.arch).family == "cifar" and tuple(info.in_shape[1:]) != (32, 32):
-        raise CertkitError(f"{path}: {layout.arch} is a CIFAR network for 32x32 inputs; dataset {info.name} has shape {tuple(info.in_shape)}")
+        raise CertkitError(
+            f"{path}: {layout.arch} is a CIFAR network for 32x32 inputs; "
+            f"dataset {info.name} has shape {tuple(info.in_shape)}"
+        )
     body, origin, wrapped = _body_state(path, state, layout)
     kind = normalization or ("standard" if wrapped else "none")
     mean, std = _first_layer(kind, info)
@@ -221,7 +226,8 @@ def import_checkpoint(
     if normalization is None and _first_layer("standard", info) != _first_layer("none", info):
         warnings.warn(
             f"{path}: assuming the {kind!r} input layer (mean {mean}, std {std}); pass --normalization "
-            f"{'/'.join(k for k in NORMALIZATIONS if k != kind)} if the model was trained with another"
+            f"{'/'.join(k for k in NORMALIZATIONS if k != kind)} if the model was trained with another",
+            stacklevel=2,
         )
     meta = make_meta(
         layout.arch, dataset, sigma, "imported",
@@ -240,12 +246,14 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     anything else would certify a different function there.
     """
     model, meta = load_with_meta(run)
+    assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
     arch = meta["arch"]
     if meta.get("method") == "gloro" or "gloro" in meta:
         raise CertkitError(f"{run}: a GloRo net is certified by its Lipschitz bound; the reference layout has no place for it")
     if arch not in EXPORT_NAMES:
         raise CertkitError(
-            f"{run}: the reference certify.py cannot build {arch!r}; exportable architectures: {', '.join(sorted(EXPORT_NAMES))}"
+            f"{run}: the reference certify.py cannot build {arch!r}; "
+            f"exportable architectures: {', '.join(sorted(EXPORT_NAMES))}"
         )
     dataset = meta.get("dataset")
     if dataset is None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence, Union, overload
+from typing import overload
 
 import numpy as np
 
@@ -28,7 +29,7 @@ from certkit.figures import pyplot, save_figure
 from certkit.results import Results, read_results
 from certkit.smoothing.statistics import max_radius
 
-ResultsLike = Union[Results, str, os.PathLike]
+ResultsLike = Results | str | os.PathLike
 
 
 def load(results: ResultsLike) -> Results:
@@ -53,8 +54,8 @@ def acr(results: ResultsLike) -> float:
 @overload
 def certified_accuracy(results: ResultsLike, radii: float) -> float: ...
 @overload
-def certified_accuracy(results: ResultsLike, radii: Sequence[float]) -> np.ndarray: ...
-def certified_accuracy(results: ResultsLike, radii: float | Sequence[float]) -> float | np.ndarray:
+def certified_accuracy(results: ResultsLike, radii: Sequence[float] | np.ndarray) -> np.ndarray: ...
+def certified_accuracy(results: ResultsLike, radii: float | Sequence[float] | np.ndarray) -> float | np.ndarray:
     """Fraction of all rows certified correct at radius >= r, for each r in ``radii`` (or one float r).
 
     A PREDICT file answers only r = 0 (its accuracy).
@@ -135,7 +136,7 @@ def default_grid(results: ResultsLike | Sequence[ResultsLike], step: float = 0.2
     items = [results] if isinstance(results, (Results, str, os.PathLike)) else list(results)
     largest = max([_largest_radius(load(item)) for item in items] or [0.0])
     step = _grid_step(largest, step, MAX_TABLE_RADII)
-    count = int(math.floor(largest / step + 1e-9))
+    count = math.floor(largest / step + 1e-9)
     return [round(i * step, 10) for i in range(count + 1)]
 
 

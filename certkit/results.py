@@ -25,10 +25,11 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_FLOOR, Decimal
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -182,13 +183,13 @@ class ResultWriter:
         self._lock = PidLock(self.path).acquire()
         try:
             if resume and self.path.exists() and self._resumable(header):
-                self._file = open(self.path, "a", encoding="utf-8")
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the writer owns it; close() closes it
             else:
                 atomic_write_json(
                     sidecar_path(self.path),
                     {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
                 )
-                self._file = open(self.path, "w", encoding="utf-8")
+                self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - as above
                 self._file.write(header)
                 self._flush()
         except BaseException:
@@ -301,7 +302,7 @@ class ResultWriter:
             self._file.close()
         self._lock.release()
 
-    def __enter__(self) -> "ResultWriter":
+    def __enter__(self) -> ResultWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -480,7 +481,7 @@ class _Plan:
     parts: int = 1
 
     @classmethod
-    def of(cls, settings: Mapping[str, Any], source: str | os.PathLike) -> "_Plan | None":
+    def of(cls, settings: Mapping[str, Any], source: str | os.PathLike) -> _Plan | None:
         """The plan the settings record, None when they record none (a library run without a dataset)."""
         if "dataset_size" not in settings:
             return None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,7 @@ def write_summary(
             # certkit floors its radii; another tool's file may round to nearest at 3 significant digits
             # (the reference's {:.3}), so allow half a unit in the third digit
             summary["max_radius"] = bound
+            assert res.radius is not None  # a certify file has radii
             summary["radius_bound_violated"] = bool(np.any(res.radius > bound * (1 + 5e-3)))
     else:
         summary["accuracy"] = float(res.correct.mean()) if n_rows else 0.0

@@ -24,9 +24,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,7 @@ class TrainConfig:
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
 
     @classmethod
-    def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> "TrainConfig":
+    def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
         """:func:`recipe`'s published values for ``family``/``method``, under the non-None ``overrides``."""
         settings = recipe(family, method)
         settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -138,7 +139,7 @@ def select_device(name: str = "auto") -> torch.device:
 
 def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed from ``seed`` and labels, stable across processes and Python versions."""
-    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -173,7 +174,7 @@ class CostLedger:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CostLedger":
+    def from_json(cls, d: dict[str, Any]) -> CostLedger:
         return cls(device=d.get("device", ""), epochs=list(d.get("epochs", [])), ancestors=list(d.get("ancestors", [])))
 
 
@@ -454,15 +455,17 @@ class Trainer:
         if differing:
             k = differing[0]
             raise CertkitError(
-                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; use the same settings or another --out"
+                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; "
+                "use the same settings or another --out"
             )
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
                 raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
             if self.config.schedule in ("cosine", "exp", "half-exp"):  # their learning rate at every epoch depends on the total
                 raise CertkitError(
-                    f"{path}: run was started with epochs={saved_train['epochs']} and a {self.config.schedule} schedule, "
-                    f"which --epochs {self.config.epochs} would change retroactively; use another --out"
+                    f"{path}: run was started with epochs={saved_train['epochs']} "
+                    f"and a {self.config.schedule} schedule, which --epochs {self.config.epochs} would change "
+                    "retroactively; use another --out"
                 )
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
@@ -567,9 +570,10 @@ def build_trainer(
     ``dataset`` is a name or your own torch ``Dataset``/``DataLoader`` (then ``test_data`` is its test split
     and ``num_classes`` its class count, None = the model's logit count; hyperparameters and the recipe are
     the MNIST-like published ones). ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
-    optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT ``teacher`` is a run directory, a reference checkpoint or a module;
-    ``teacher_model`` is an untrained instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters, the teacher, the
-    settings), so a mistake is reported before any data is read.
+    optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT
+    ``teacher`` is a run directory, a reference checkpoint or a module; ``teacher_model`` is an untrained
+    instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters,
+    the teacher, the settings), so a mistake is reported before any data is read.
     """
     if out is not None and not resume and (Path(out) / STATE).exists():
         raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from scipy.stats import binom
 from certkit.smoothing.samplers import input_generator
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import ABSTAIN, AdaptiveSchedule, max_radius
-from test_smooth import HalfSpace, false_certificates, halfspace_input
+from helpers import HalfSpace, false_certificates, halfspace_input
 
 W = [0.6, -0.8, 0.0, 0.0]
 
@@ -19,7 +21,7 @@ def test_schedule_levels_sum_to_alpha_and_stages_double_to_n():
     schedule = AdaptiveSchedule(first_stage=1000)
     stages = schedule.stages(100_000)
     assert stages[-1] == 100_000 and stages[0] >= 1000
-    assert all(b == 2 * a or b == 2 * a - 1 for a, b in zip(stages, stages[1:]))
+    assert all(b == 2 * a or b == 2 * a - 1 for a, b in pairwise(stages))
     alphas = schedule.alphas(0.001, len(stages))
     assert sum(alphas) == pytest.approx(0.001) and alphas[-1] == pytest.approx(0.0009)
     assert AdaptiveSchedule(first_stage=10**6).stages(1000) == [1000]

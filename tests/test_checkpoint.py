@@ -43,7 +43,7 @@ def test_truncated_weights_refused(tmp_path: Path, fraction: float) -> None:
     w = run / "model.safetensors"
     data = w.read_bytes()
     w.write_bytes(data[: int(len(data) * fraction)])
-    with pytest.raises(CertkitError, match="model.safetensors"):
+    with pytest.raises(CertkitError, match=r"model\.safetensors"):
         checkpoint.load(run)
 
 
@@ -56,7 +56,7 @@ def test_truncated_weights_refused_without_hash(tmp_path: Path, fraction: float)
     (run / "model.json").write_text(json.dumps(meta))
     w = run / "model.safetensors"
     w.write_bytes(w.read_bytes()[: int(len(w.read_bytes()) * fraction)])
-    with pytest.raises(CertkitError, match="model.safetensors"):
+    with pytest.raises(CertkitError, match=r"model\.safetensors"):
         checkpoint.load(run)
 
 
@@ -82,7 +82,7 @@ def test_arch_mismatch_refused(tmp_path: Path) -> None:
 def test_bad_metadata_refused(tmp_path: Path) -> None:
     _, run = _saved(tmp_path)
     (run / "model.json").write_text("{not json")
-    with pytest.raises(CertkitError, match="model.json: not valid JSON"):
+    with pytest.raises(CertkitError, match=r"model\.json: not valid JSON"):
         checkpoint.load(run)
     (run / "model.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(CertkitError, match="not a certkit checkpoint"):
@@ -100,7 +100,7 @@ def test_pickle_payload_refused_without_running(tmp_path: Path) -> None:
     bad = tmp_path / "evil.pth.tar"
     with open(bad, "wb") as f:
         pickle.dump({"arch": "cifar_resnet20", "state_dict": {}, "x": _Payload()}, f)
-    with pytest.raises(CertkitError, match="evil.pth.tar: refused"):
+    with pytest.raises(CertkitError, match=r"evil\.pth\.tar: refused"):
         reference.load_any(bad, dataset="cifar10")
     assert not marker.exists()
     # torch.save'd payloads too

@@ -159,6 +159,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(
 
 
 
+@pytest.mark.slow  # three CLI runs, each with its vote-agreement check
 def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tsv = tmp_path / "shared.tsv"
     args = ["certify", str(trained), "--n0", "20", "--n", "200", "--max", "10", "--shared-noise", "5"]

@@ -16,8 +16,8 @@ from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.crt import CRT, transfer_distance
 from certkit.objectives.gaussian import Gaussian
-from certkit.train import Trainer, TrainConfig, train
-from tests.conftest import make_idx_dataset
+from certkit.train import TrainConfig, Trainer, train
+from helpers import make_idx_dataset
 from tests.test_train import tiny_data
 
 
@@ -96,6 +96,7 @@ def test_alpha_zero_is_gaussian_training() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # trains a teacher and a student
 def test_student_learns_the_teacher_and_ledger_counts_teacher() -> None:
     torch.manual_seed(0)
     teacher = create_model("lenet", 10, (1, 28, 28))

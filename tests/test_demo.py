@@ -10,6 +10,8 @@ import pytest
 
 from certkit.experiments.crt_demo import CompareConfig, compare, render
 
+pytestmark = pytest.mark.slow  # the demo pipeline
+
 
 def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(

@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from certkit import checkpoint
 from certkit.cli import main
 from certkit.data import dataset_info, load_dataset
+from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.errors import CertkitError
 from certkit.results import read_results, summary_path
-from certkit.train import Trainer, TrainConfig
-from conftest import write_idx
+from certkit.train import TrainConfig, Trainer
+from helpers import write_idx
+
+pytestmark = pytest.mark.slow  # multi-process runs (torchrun, gloo)
 
 WORLD = 2
 # a tiny, cheap certification: enough samples that radii differ between inputs. ``--N`` and ``--max-index``, not

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -24,11 +25,11 @@ from certkit.gloro.certify import certify_gloro_dataset
 from certkit.gloro.layers import MinMax, Residual
 from certkit.gloro.lipschitz import build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
 from certkit.gloro.model import GloroNet
-from certkit.models import Normalize, create_model
-from certkit.methods import get_objective
 from certkit.gloro.objective import Gloro
+from certkit.methods import get_objective
+from certkit.models import Normalize, create_model
 from certkit.results import floor_significant, read_results, summary_path
-from certkit.train import Trainer, TrainConfig, recipe, train
+from certkit.train import TrainConfig, Trainer, recipe, train
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def test_tied_logits_never_certify() -> None:
 
 def test_certified_points_survive_pgd_inside_their_radius(trained_tiny: GloroNet) -> None:
     net = trained_tiny
-    x, y = blobs(60, seed=5)
+    x, _ = blobs(60, seed=5)
     pred, radius, j = net.certify(x)
     ok = pred >= 0
     assert ok.sum() >= 20, "the tiny model should certify most blobs at 0.3"
@@ -400,7 +401,7 @@ def test_training_epsilon_ramps_above_the_evaluation_epsilon() -> None:
     for epoch in range(10):
         obj.start_epoch(epoch, 10)
         values.append(obj.train_epsilon())
-    assert all(a < b for a, b in zip(values[:5], values[1:5]))  # increasing over the first half
+    assert all(a < b for a, b in pairwise(values[:5]))  # increasing over the first half
     assert values[4:] == [pytest.approx(0.6)] * 6
     assert values[0] > 0.4 * 0.01
     t = 0.2  # after epoch 1 of 10, 20% of the ramp: the library's log-concave form
@@ -496,6 +497,7 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path
     return run
 
 
+@pytest.mark.slow  # trains on the real dataset
 def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Path) -> None:
     trainer = train(
         "fashion-mnist", "gloro-2c2f", "gloro", hparams={"epsilon": 0.5}, data_dir=str(fmnist_root),
@@ -521,6 +523,7 @@ def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Pa
     assert isinstance(legacy, GloroNet) and float(legacy.lipschitz_frozen) == meta["gloro"]["lipschitz_bound"]
 
 
+@pytest.mark.slow  # trains on the real dataset (cli_run)
 def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root: Path, capsys) -> None:
     out = cli_run.parent / "gloro.tsv"
     args = ["certify", str(cli_run), "--data-dir", str(fmnist_root), "--max", "300", "--batch", "128", "--out", str(out)]
@@ -547,13 +550,14 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     # resuming adds nothing; another epsilon is refused (settings differ)
     before = out.read_text()
     assert main(args) == 0 and out.read_text() == before
-    assert main(args + ["--epsilon", "0.3"]) == 2
+    assert main([*args, "--epsilon", "0.3"]) == 2
     # sampling options of randomized smoothing are refused, not silently ignored
     capsys.readouterr()
-    assert main(args + ["--shared-noise", "4"]) == 2
+    assert main([*args, "--shared-noise", "4"]) == 2
     assert "apply to randomized smoothing" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # trains on the real dataset (cli_run)
 def test_a_tampered_frozen_bound_is_refused(cli_run: Path, fmnist_root: Path, tmp_path: Path) -> None:
     model = checkpoint.load(cli_run)
     with torch.no_grad():

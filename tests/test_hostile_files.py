@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ from certkit.report import report_files
 from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
 from certkit.train import train
 
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 from test_certify_runner import run
 
 MiB = 1 << 20
@@ -303,12 +304,14 @@ def test_report_bounds_the_radius_grid_of_a_huge_radius(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # runs certkit in a subprocess
 def test_cli_report_refuses_a_bad_row_in_one_line(tmp_path: Path) -> None:
     path = tmp_path / "r.tsv"
     path.write_text(HEADER + GOOD_ROW + "1\t2\t2\t0.5\t7\t0:00:01\n")
     assert_cli_refusal(cli("report", str(path)), f"{path}:3:", "correct must be 0 or 1")
 
 
+@pytest.mark.slow  # runs certkit in a subprocess
 def test_cli_report_refuses_a_fifo_and_a_link_to_dev_zero(tmp_path: Path) -> None:
     fifo, zero = tmp_path / "fifo.tsv", tmp_path / "zero.tsv"
     os.mkfifo(fifo)
@@ -317,6 +320,7 @@ def test_cli_report_refuses_a_fifo_and_a_link_to_dev_zero(tmp_path: Path) -> Non
     assert_cli_refusal(cli("report", str(zero)), str(zero), "must be a regular file")
 
 
+@pytest.mark.slow  # runs certkit in a subprocess
 def test_cli_merge_refuses_its_input_and_a_fifo_as_output(tmp_path: Path) -> None:
     shards = sharded(tmp_path)
     before = shards[0].read_bytes(), shards[0].stat().st_mtime_ns
@@ -377,6 +381,7 @@ def test_two_writers_in_turn_and_a_dead_holders_lock_taken_over(tmp_path: Path) 
     assert not Path(f"{out}.lock").exists() and read_results(out).idx.tolist() == [0]
 
 
+@pytest.mark.slow  # runs certkit in a subprocess
 def test_training_into_a_locked_run_directory_is_refused(tmp_path: Path, live_pid: int) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
     run = tmp_path / "run"

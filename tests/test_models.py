@@ -45,5 +45,5 @@ def test_normalization_is_applied() -> None:
 
 
 def test_unknown_arch_lists_valid() -> None:
-    with pytest.raises(CertkitError, match="valid architectures: .*lenet"):
+    with pytest.raises(CertkitError, match=r"valid architectures: .*lenet"):
         create_model("vgg99", 10, (1, 28, 28))

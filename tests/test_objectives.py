@@ -387,7 +387,7 @@ def test_resolved_hyperparameters_land_in_model_json(tmp_path: Path) -> None:
     import json
 
     from certkit.train import train
-    from conftest import make_idx_dataset
+    from helpers import make_idx_dataset
 
     data = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
     trainer = train(
@@ -423,7 +423,7 @@ def test_parts_and_modes_restored(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, extra", [(name, {}) for name in MINE] + [("stability", {"detach_target": False})], ids=MINE + ["stability-reference"]
+    "name, extra", [(name, {}) for name in MINE] + [("stability", {"detach_target": False})], ids=[*MINE, "stability-reference"]
 )
 def test_learns_on_a_tiny_batch(name: str, extra: dict) -> None:
     x, y = separable()
@@ -481,7 +481,7 @@ def test_fashion_mnist_one_epoch_beats_chance(name: str, fmnist) -> None:
     a method whose loss does not train the classifier stays near 0.10 and fails it.
     """
     from certkit.models import create_model
-    from certkit.train import Trainer, TrainConfig
+    from certkit.train import TrainConfig, Trainer
 
     train, test = fmnist
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ def test_certify_with_redirected_output_logs_progress(tmp_path: Path, monkeypatc
     from certkit import checkpoint
     from certkit.cli import main
     from certkit.models import create_model
-    from conftest import make_idx_dataset
+    from helpers import make_idx_dataset
 
     data = make_idx_dataset(tmp_path / "data", n_train=4, n_test=6)
     torch.manual_seed(0)

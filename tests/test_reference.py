@@ -177,7 +177,7 @@ def test_crt_checkpoint_without_arch_needs_arch(tmp_path: Path) -> None:
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150])
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"epoch": 199, "state_dict": ref.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
-    with pytest.raises(CertkitError, match="does not record its architecture.*pass --arch"):
+    with pytest.raises(CertkitError, match=r"does not record its architecture.*pass --arch"):
         import_checkpoint(path, "cifar10")
     model, meta = _import_quietly(path, "cifar10", arch="resnet20", normalization="standard")
     assert _logits_match(ref, model, (3, 32, 32))

@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 
 from certkit.errors import CertkitError
 from certkit.results import read_results
+from helpers import make_idx_dataset
 
-from conftest import make_idx_dataset
+pytestmark = pytest.mark.slow  # every test runs certkit in subprocesses, killing some mid-run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

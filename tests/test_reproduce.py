@@ -12,7 +12,7 @@ import pytest
 from certkit.errors import CertkitError
 from certkit.experiments import reproduce as rp
 from certkit.results import read_results, summary_path
-from conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 
 def _write_published(folder: Path, n: int, seed: int = 1) -> Path:
@@ -108,5 +108,5 @@ def test_selection_flags_are_checked() -> None:
     assert plan.n == 100_000 and plan.skip == 10
     with pytest.raises(CertkitError, match="crt"):
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "crt"]))
-    with pytest.raises(CertkitError, match="0.3"):
+    with pytest.raises(CertkitError, match=r"0\.3"):
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "0.3"]))

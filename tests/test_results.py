@@ -104,19 +104,19 @@ def test_read_drops_a_partial_last_row(tmp_path: Path):
 def test_not_a_results_file(tmp_path: Path, content: bytes):
     path = tmp_path / "junk.tsv"
     path.write_bytes(content)
-    with pytest.raises(CertkitError, match="junk.tsv"):
+    with pytest.raises(CertkitError, match=r"junk\.tsv"):
         read_results(path)
-    with pytest.raises(CertkitError, match="junk.tsv"):
+    with pytest.raises(CertkitError, match=r"junk\.tsv"):
         read_results(tmp_path / "missing" / "junk.tsv")
 
 
 def test_bad_row_names_file_and_line(tmp_path: Path):
     path = tmp_path / "bad.tsv"
     path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\tabc\t1\t0:00:01\n")
-    with pytest.raises(CertkitError, match="bad.tsv"):
+    with pytest.raises(CertkitError, match=r"bad\.tsv"):
         read_results(path)
     path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t3\t3\n")
-    with pytest.raises(CertkitError, match="bad.tsv:2"):
+    with pytest.raises(CertkitError, match=r"bad\.tsv:2"):
         read_results(path)
 
 
@@ -171,7 +171,7 @@ def test_planned_indices_follow_skip_max_and_shards():
     assert planned_indices(10, skip=3) == [0, 3, 6, 9]
     assert planned_indices(10, skip=2, max_idx=7) == [0, 2, 4, 6]
     shards = [planned_indices(100, 7, -1, (i, 3)) for i in range(3)]
-    assert sorted(sum(shards, [])) == planned_indices(100, 7)
+    assert sorted(i for shard in shards for i in shard) == planned_indices(100, 7)
     with pytest.raises(CertkitError):
         planned_indices(10, shard=(3, 3))
 
@@ -198,7 +198,7 @@ def test_merge_refusals(tmp_path: Path):
     with pytest.raises(CertkitError, match="settings differ in sigma"):
         merge_results([a, b], tmp_path / "m.tsv")
     _write_rows(c, [1, 2, 3, 5], {**settings, "shard": [1, 2]}).close()
-    with pytest.raises(CertkitError, match="c.tsv:3: index 2 is not in the run's plan"):
+    with pytest.raises(CertkitError, match=r"c\.tsv:3: index 2 is not in the run's plan"):
         merge_results([a, c], tmp_path / "m.tsv")
     whole_a, whole_c = tmp_path / "whole_a.tsv", tmp_path / "whole_c.tsv"
     _write_rows(whole_a, [0, 1, 2], settings).close()

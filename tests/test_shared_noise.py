@@ -243,6 +243,7 @@ class Images:
         return self.images[i], i % 10
 
 
+@pytest.mark.slow  # four dataset runs, each with its vote-agreement check
 def test_dataset_runs_with_shared_noise(tmp_path: Path):
     torch.manual_seed(0)
     model, data = create_model("lenet", 10, (1, 28, 28)), Images()

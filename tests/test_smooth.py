@@ -24,23 +24,7 @@ from certkit.smoothing.statistics import (
     upper_confidence_bound,
 )
 from certkit.smoothing.voter import Voter
-
-
-class HalfSpace(nn.Module):
-    """f(x) = 1 if w.x + b > 0 else 0, as two logits: the smoothed classifier is known in closed form.
-
-    P(f(x + eta) = 1) = Phi((w.x + b) / (sigma ||w||)), and the true robust radius of g at x is the
-    distance to the hyperplane, |w.x + b| / ||w||.
-    """
-
-    def __init__(self, w: list[float], b: float) -> None:
-        super().__init__()
-        self.w = nn.Parameter(torch.tensor(w), requires_grad=False)
-        self.b = b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.flatten(1) @ self.w + self.b
-        return torch.stack([-z, z], dim=1)
+from helpers import HalfSpace, false_certificates, halfspace_input
 
 
 class Constant(nn.Module):
@@ -56,14 +40,6 @@ class Constant(nn.Module):
         out = torch.zeros(len(x), self.num_classes)
         out[:, self.label] = 1.0
         return out
-
-
-def halfspace_input(p_class1: float, sigma: float, w: list[float]) -> tuple[torch.Tensor, float]:
-    """An input (1, 1, d) at which the smoothed probability of class 1 is ``p_class1``; also its true radius."""
-    w_norm = float(np.linalg.norm(w))
-    margin = norm.ppf(p_class1) * sigma  # signed distance to the hyperplane
-    x = torch.tensor(w, dtype=torch.float32) / w_norm * margin
-    return x.view(1, 1, -1), abs(margin)
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -261,10 +237,6 @@ def test_input_generator_streams():
     assert not torch.equal(a, torch.randn(5, generator=input_generator(1, 0)))
 
 
-def false_certificates(certs, true_class: int, true_radius: float) -> int:
-    return sum(1 for c in certs if c.prediction != ABSTAIN and (c.prediction != true_class or c.radius > true_radius))
-
-
 @pytest.mark.parametrize("p_class1", [0.8, 0.6])
 def test_guarantee_on_a_linear_classifier(p_class1):
     """Over many runs, certificates exceeding the true radius (or of the wrong class) stay within alpha."""
@@ -292,7 +264,7 @@ def test_guarantee_on_a_linear_classifier(p_class1):
 def test_amp_is_refused_on_cpu_with_a_clear_message():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     for amp in ("bf16", "fp16"):
-        with pytest.raises(CertkitError, match="CUDA-only.*certify without it"):
+        with pytest.raises(CertkitError, match=r"CUDA-only.*certify without it"):
             Smooth(model, 3, 0.5, amp=amp)
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")

@@ -13,7 +13,7 @@ from certkit.data import ArrayDataset, dataset_info, load_dataset
 from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.train import Trainer, TrainConfig, recipe, train
+from certkit.train import TrainConfig, Trainer, recipe, train
 
 
 def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
@@ -76,7 +76,7 @@ def test_resume_refuses_another_sigma_or_method_setting(tmp_path: Path) -> None:
     t.fit()
     other = _trainer(tmp_path / "run", epochs=3)
     other.objective = Gaussian(0.5)
-    with pytest.raises(CertkitError, match="sigma=0.25, not 0.5"):
+    with pytest.raises(CertkitError, match=r"sigma=0\.25, not 0\.5"):
         other.resume()
     other.objective = Gaussian(0.25)
     other.objective.hparams["extra"] = 1  # a method setting the saved run did not have
@@ -98,6 +98,7 @@ def test_recipes() -> None:
     assert recipe("cifar10", "crt")["milestones"] == (100, 150)
 
 
+@pytest.mark.slow  # trains on the real dataset
 def test_real_fashion_mnist_beats_chance(fmnist_root: Path, tmp_path: Path) -> None:
     trainer = train(
         "fashion-mnist", "lenet", "gaussian", sigma=0.25, out=tmp_path / "g", train_subset=6000, test_subset=1000,

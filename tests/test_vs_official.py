@@ -18,7 +18,7 @@ import pytest
 from certkit.cli import build_parser, main
 from certkit.data import load_dataset, read_idx
 from certkit.errors import CertkitError
-from tests.conftest import make_idx_dataset
+from helpers import make_idx_dataset
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_official.py"
 
@@ -70,7 +70,7 @@ def test_official_log_parser_reads_the_time_column(vs: ModuleType, tmp_path: Pat
     # the header and row format of the official train_utils.init_logfile / per-epoch log call
     rows = ["epoch\ttime\tlr\ttrain loss\ttrain acc\ttestloss\ttest acc"]
     for epoch, seconds in enumerate((12.3456, 0.10749, 123.4)):
-        rows.append("{}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}\t{:.3}".format(epoch, seconds, 0.01, 2.3, 11.3, 2.3, 0.0))
+        rows.append(f"{epoch}\t{seconds:.3}\t{0.01:.3}\t{2.3:.3}\t{11.3:.3}\t{2.3:.3}\t{0.0:.3}")
     log = tmp_path / "log.txt"
     log.write_text("\n".join(rows) + "\n")
     assert vs.official_epoch_seconds(log) == [12.3, 0.107, 123.0]

@@ -58,7 +58,7 @@ class CompareConfig:
     teacher_hparams: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def full(cls) -> "CompareConfig":
+    def full(cls) -> CompareConfig:
         """The literature's settings: 90 epochs, lr 0.01 ×0.1 every 30, all data, full test set, n = 100,000."""
         return cls(
             train_subset=None, test_subset=10_000, teacher_epochs=90, student_epochs=90, batch_size=256,
@@ -81,7 +81,7 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
     """Train teacher, CRT student and SmoothMix student; certify all three; return the figures."""
     out = Path(out)
     dev = select_device(device)
-    runs = {
+    runs: dict[str, dict[str, Any]] = {
         "teacher": dict(arch=cfg.teacher_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.teacher_epochs),
         "crt": dict(arch=cfg.student_arch, method="crt", teacher=out / "teacher", epochs=cfg.student_epochs,
                     hparams={"alpha": cfg.crt_alpha}, batch_size=cfg.crt_batch_size),
@@ -136,9 +136,11 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     radii = [r for r in (0.0, 0.25, 0.5, 0.75) if r < cfg.sigma * 4]
     direct_s = figures["direct"]["seconds"]
     lines = [
-        f"Fashion-MNIST, sigma={cfg.sigma}, {cfg.certify_images} test images, n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha}",
+        f"Fashion-MNIST, sigma={cfg.sigma}, {cfg.certify_images} test images, "
+        f"n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha}",
         f"teacher {cfg.teacher_epochs} epochs, students {cfg.student_epochs} epochs; CRT: transfer weight "
-        f"{cfg.crt_alpha:g}, batch {cfg.crt_batch_size or cfg.batch_size}; {cfg.teacher_method}: batch {cfg.batch_size}",
+        f"{cfg.crt_alpha:g}, batch {cfg.crt_batch_size or cfg.batch_size}; "
+        f"{cfg.teacher_method}: batch {cfg.batch_size}",
         "",
         "| model | train s | speedup vs direct | clean acc | ACR | " + " | ".join(f"r={r:g}" for r in radii) + " |",
         "|---|---|---|---|---|" + "---|" * len(radii),
@@ -155,7 +157,8 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         "",
         f"crt_speedup: {figures['speedup']:.2f}x  acr_ratio: {figures['acr_ratio']:.3f}",
         f"teacher cost (paid once): {figures['teacher']['seconds']:.1f}s",
-        f"{ch['generations']}-generation chain: CRT {ch['crt_seconds']:.1f}s (teacher + {ch['generations']} students) vs "
+        f"{ch['generations']}-generation chain: CRT {ch['crt_seconds']:.1f}s "
+        f"(teacher + {ch['generations']} students) vs "
         f"{figures['direct']['method']} {ch['direct_seconds']:.1f}s ({ch['generations']} trainings): "
         f"{ch['reduction'] * 100:.1f}% cumulative cost reduction",
     ]

@@ -27,9 +27,9 @@ import argparse
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -348,7 +348,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default)")
     p.add_argument("--published", default=None, help="folder of the published result files (<dir>/sigma_<s>/<method>.tsv)")
-    p.add_argument("--certify-flags", default="", help="extra flags for certkit certify, written with '=', e.g. --certify-flags='--shared-noise 10 --channels-last'")
+    p.add_argument("--certify-flags", default="", help="extra flags for certkit certify, written with '=', "
+        "e.g. --certify-flags='--shared-noise 10 --channels-last'")
     p.add_argument("--train-only", action="store_true", help="train (and resume) only; certify later")
     p.add_argument("--report-only", action="store_true", help="only compare what is already certified")
 

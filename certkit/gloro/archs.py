@@ -5,13 +5,13 @@
 "same" padding (``4×4/2`` convs halve the size, ``⌈n/2⌉``), MinMax activations (1-Lipschitz and gradient-
 norm preserving), orthogonal initialisation (every layer starts with all singular values 1, so the initial
 Lipschitz bound is not astronomically loose), and no normalization layers (a batch-dependent layer has no
-fixed Lipschitz constant). Every layer is one the bound analysis of :mod:`certkit.gloro.lipschitz` knows. The GloroNet wrapper
-is registered here too, so checkpoints rebuild it by its ``wrapper`` key.
+fixed Lipschitz constant). Every layer is one the bound analysis of :mod:`certkit.gloro.lipschitz` knows. The
+GloroNet wrapper is registered here too, so checkpoints rebuild it by its ``wrapper`` key.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -58,11 +58,11 @@ def same_conv(c_in: int, c_out: int, k: int, s: int, size: tuple[int, int]) -> t
         total = max((o - 1) * s + k - n, 0)
         pads.append((total // 2, total - total // 2))
         out.append(o)
-    (t, b), (l, r) = pads
-    if t == b and l == r:
-        layers.append(nn.Conv2d(c_in, c_out, k, s, padding=(t, l)))
+    (t, b), (left, right) = pads
+    if t == b and left == right:
+        layers.append(nn.Conv2d(c_in, c_out, k, s, padding=(t, left)))
     else:
-        layers += [nn.ZeroPad2d((l, r, t, b)), nn.Conv2d(c_in, c_out, k, s)]
+        layers += [nn.ZeroPad2d((left, right, t, b)), nn.Conv2d(c_in, c_out, k, s)]
     return layers, (out[0], out[1])
 
 
@@ -75,7 +75,7 @@ def gloro_body(
     layers: list[nn.Module] = []
     for width, k, s in convs:
         block, size = same_conv(c, width, k, s, size)
-        layers += block + [MinMax()]
+        layers += [*block, MinMax()]
         c = width
     layers.append(nn.Flatten())
     features = c * size[0] * size[1]
@@ -86,7 +86,8 @@ def gloro_body(
     for m in layers:
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.orthogonal_(m.weight)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
 

@@ -104,8 +104,8 @@ def certify_gloro_dataset(
     @torch.no_grad()
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
         began = time.perf_counter()
-        pred, radius, certified = net.certify_logits(net.exact_logits(xs.to(device)), eps, k_sub)
-        pred, radius, certified = pred.tolist(), radius.tolist(), certified.tolist()
+        pred_t, radius_t, certified_t = net.certify_logits(net.exact_logits(xs.to(device)), eps, k_sub)
+        pred, radius, certified = pred_t.tolist(), radius_t.tolist(), certified_t.tolist()
         elapsed = time.perf_counter() - began
         seconds[0] += elapsed
         cap = math.sqrt(xs[0].numel())
@@ -124,7 +124,7 @@ def certify_gloro_dataset(
     )
     if not complete:
         return None
-    metrics = file_metrics(out)
+    metrics: dict[str, Any] = file_metrics(out)
     metrics.update(epsilon=eps, lipschitz=bound_info, certify_seconds=seconds[0])
     return write_summary(out, settings, radii=_grid(eps), extra={"gloro": metrics})
 

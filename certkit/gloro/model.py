@@ -42,7 +42,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import OrderedDict
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,6 +101,9 @@ class GloroNet(nn.Sequential):
         pred = net.predict_with_bottom(images)   # (B,), -1 where rejected
     """
 
+    lipschitz_frozen: Tensor  # buffers, registered in __init__
+    epsilon: Tensor
+
     def __init__(
         self, model: nn.Sequential, in_shape: Sequence[int], epsilon: float, power_iterations: int = 5
     ) -> None:
@@ -136,7 +140,7 @@ class GloroNet(nn.Sequential):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         power_iterations: int = 5,
-    ) -> "GloroNet":
+    ) -> GloroNet:
         """``GloroNet(create_model(arch, ...))``: what ``certkit train --method gloro`` builds."""
         from certkit.models.registry import create_model
 
@@ -175,7 +179,7 @@ class GloroNet(nn.Sequential):
     def _iterates(self) -> dict[str, Tensor]:
         return {name: getattr(self, key) for name, key in self._iterate_keys.items()}
 
-    def train(self, mode: bool = True) -> "GloroNet":
+    def train(self, mode: bool = True) -> GloroNet:
         """As ``nn.Module.train``; entering training mode discards the frozen constant (weights will change)."""
         if mode and "lipschitz_frozen" in self._buffers:  # absent while __init__ records layer shapes
             self.lipschitz_frozen.zero_()
@@ -241,7 +245,7 @@ class GloroNet(nn.Sequential):
         return dict(self._freeze_report, epsilon=self.eval_epsilon, power_iterations=self.power_iterations)
 
     @classmethod
-    def from_meta(cls, model: nn.Sequential, meta: dict[str, Any]) -> "GloroNet":
+    def from_meta(cls, model: nn.Sequential, meta: dict[str, Any]) -> GloroNet:
         """Wrap a freshly built registry model as described by a checkpoint's ``model.json``.
 
         Only the structure is rebuilt here; the weights, the frozen constant, ε and the iterates come from

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,9 @@ class Normalize(nn.Module):
     units; mean and std are buffers, so they travel with the checkpoint and cannot be forgotten at load time
     (the cause of the ~30%-accuracy reports on released checkpoints of public code bases).
     """
+
+    mean: Tensor
+    std: Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -10,8 +10,9 @@ model module: :mod:`certkit.models` loads them all.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import nn
 

@@ -37,8 +37,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -269,7 +270,7 @@ class Objective:
         return cls.Params.defaults(family, sigma)
 
     @classmethod
-    def from_config(cls, sigma: float | None, family: str, overrides: Mapping[str, Any] | None = None) -> "Objective":
+    def from_config(cls, sigma: float | None, family: str, overrides: Mapping[str, Any] | None = None) -> Objective:
         """Build with the published defaults for ``family``/``sigma``, then apply explicit ``overrides``."""
         return cls(sigma, family=family, **dict(overrides or {}))
 

@@ -120,7 +120,7 @@ class CRT(Objective):
             )
         self.record = {k: info.get(k) for k in ("path", "arch", "method", "sigma")}
         self.record["sha256"] = info.get("weights", {}).get("sha256")
-        self.lineage = list(info.get("lineage", [])) + [self.record]
+        self.lineage = [*info.get("lineage", []), self.record]
         self.ancestors = list(info.get("cost", {}).get("ancestors", []))
         if "cost" in info:
             total = info["cost"].get("total", {})

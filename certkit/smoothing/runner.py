@@ -27,9 +27,10 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -310,14 +311,14 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
         for t in (dataset.images, dataset.labels):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.numpy())
+            h.update(t.numpy())  # type: ignore[arg-type]  # numpy's stubs declare the buffer protocol only for Python >= 3.12
     elif isinstance(dataset, FolderDataset):
         for path, label in dataset._folder.samples[: len(dataset)]:  # type: ignore[attr-defined]
             h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
     else:
         for i in range(len(dataset)):
             x, label = dataset[i]
-            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())
+            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())  # type: ignore[arg-type]  # as above
             h.update(f"|{int(label)}\n".encode())
     identity["dataset_sha256"] = h.hexdigest()
     return identity
@@ -344,7 +345,8 @@ def run_planned(
 
     Opens ``out`` through :class:`ResultWriter` (sidecar, resume with matching settings), skips the indices
     already written, loads the rest ``group_size`` at a time and hands each group to ``process``, with a
-    progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`). Returns True when every planned index is in the file.
+    progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`).
+    Returns True when every planned index is in the file.
     """
     with ResultWriter(out, kind, settings, resume=resume, extra_columns=extra_columns) as writer:
         todo = [i for i in indices if i not in writer.done_indices]

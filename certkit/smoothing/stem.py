@@ -23,8 +23,8 @@ uses the split checks its votes against the plain model first (``vote_agreement`
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Hashable
 
 import torch
 import torch.fx as fx
@@ -121,7 +121,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     try:
         tracer = _NormalizeLeaf()
         graph = tracer.trace(model)
-    except Exception:  # noqa: BLE001 - fx raises many types on untraceable code; the fallback is always valid
+    except Exception:  # fx raises many types on untraceable code; the fallback is always valid
         return None
     root = tracer.root
 

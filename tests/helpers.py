@@ -1,0 +1,84 @@
+"""Helpers that tests import: writers of small files in the real dataset formats, and a classifier whose
+smoothed version is known in closed form. Fixtures stay in ``conftest.py``, which tests never import."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import nn
+
+from certkit import ABSTAIN
+
+# --- dataset files ------------------------------------------------------------------------------------------
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def make_idx_dataset(root: Path, n_train: int = 20, n_test: int = 10, seed: int = 0) -> Path:
+    """A tiny MNIST-format dataset (gzipped IDX) with random images and labels."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+    return root
+
+
+def make_cifar_dataset(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
+    """A tiny ``cifar-10-batches-py`` folder in the real (pickled dict) format."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return root
+
+
+# --- a closed-form smoothed classifier -----------------------------------------------------------------------
+
+
+class HalfSpace(nn.Module):
+    """f(x) = 1 if w.x + b > 0 else 0, as two logits: the smoothed classifier is known in closed form.
+
+    P(f(x + eta) = 1) = Phi((w.x + b) / (sigma ||w||)), and the true robust radius of g at x is the
+    distance to the hyperplane, |w.x + b| / ||w||.
+    """
+
+    def __init__(self, w: list[float], b: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w), requires_grad=False)
+        self.b = b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1) @ self.w + self.b
+        return torch.stack([-z, z], dim=1)
+
+
+def halfspace_input(p_class1: float, sigma: float, w: list[float]) -> tuple[torch.Tensor, float]:
+    """An input (1, 1, d) at which the smoothed probability of class 1 is ``p_class1``; also its true radius."""
+    w_norm = float(np.linalg.norm(w))
+    margin = norm.ppf(p_class1) * sigma  # signed distance to the hyperplane
+    x = torch.tensor(w, dtype=torch.float32) / w_norm * margin
+    return x.view(1, 1, -1), abs(margin)
+
+
+def false_certificates(certs, true_class: int, true_radius: float) -> int:
+    return sum(1 for c in certs if c.prediction != ABSTAIN and (c.prediction != true_class or c.radius > true_radius))
