@@ -254,5 +254,6 @@ class Gloro(Objective):
         meta: dict[str, Any] = {"gloro": self.net.checkpoint_meta(), "wrapper": "gloro"}
         if not self.hp.normalize:  # the identity input layer, not the dataset's constants
             first = self.net[0]
+            assert isinstance(first, Normalize)  # prepare_model put the identity Normalize there
             meta["normalization"] = {"mean": first.mean.flatten().tolist(), "std": first.std.flatten().tolist()}
         return meta
