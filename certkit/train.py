@@ -319,6 +319,9 @@ class Trainer:
                 self.save(epoch)
             if self.world_size > 1:
                 dist.barrier()
+        # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does
+        for module in (self.model, *self.objective.counted_modules().values()):
+            module.to(memory_format=torch.contiguous_format)
         return self.history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
