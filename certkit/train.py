@@ -86,6 +86,15 @@ class TrainConfig:
     test_batch_size: int = setting(1000, "batch of the per-epoch test")
     #: stop with an error when the loss is NaN/inf (diverged run, e.g. SmoothAdv with a large epsilon)
     check_finite: bool = setting(True, "stop when the loss is NaN/inf", cli=False)
+    compile: str = setting(
+        "auto", "compile the model with torch.compile (inductor; CUDA graphs on CUDA): on, off, or auto = on for "
+        "CUDA, off on CPU", choices=("auto", "on", "off"),
+    )
+    channels_last: str = setting(
+        "auto", "channels-last memory format for a model with 2-d convolutions: on, off, or auto = on",
+        choices=("auto", "on", "off"),
+    )
+    amp: str = setting("off", "autocast for CUDA training: off or bf16 (not on CPU)", choices=("off", "bf16"))
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -101,6 +110,9 @@ class TrainConfig:
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
         if self.schedule not in SCHEDULES:
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        for name, valid in (("compile", ("auto", "on", "off")), ("channels_last", ("auto", "on", "off")), ("amp", ("off", "bf16"))):
+            if getattr(self, name) not in valid:
+                raise CertkitError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; valid: {', '.join(valid)}")
 
     @classmethod
     def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
@@ -263,11 +275,18 @@ class Trainer:
         self.ledger = CostLedger(device=checkpoint.environment()["device"], ancestors=objective.cost_ancestors())
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
-        self.net: nn.Module = self.model
+        self.amp = autocast_dtype(self.config.amp, self.device)
+        if use_channels_last(self.config.channels_last, self.model):
+            for module in (self.model, *counted.values()):
+                module.to(memory_format=torch.channels_last)
+        self.compiled = self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
+        step_model = compiled_model(self.model, self.device) if self.compiled else self.model
+        self.net: nn.Module = step_model
         if self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        modules = {"": self.model, **{f"{k}_": m for k, m in counted.items()}}
+            self.net = nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
+        # the compiled wrapper's hooks run outside the compiled graph, so it is the one that counts passes
+        modules = {"": step_model, **{f"{k}_": m for k, m in counted.items()}}
         self.counters = [PassCounter(m, prefix) for prefix, m in modules.items()]
 
     # --- optimisation -------------------------------------------------------------------------------
@@ -318,9 +337,16 @@ class Trainer:
                 self.save(epoch)
             if self.world_size > 1:
                 dist.barrier()
+        # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does
+        for module in (self.model, *self.objective.counted_modules().values()):
+            module.to(memory_format=torch.contiguous_format)
         return self.history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch of optimizer steps without a host synchronisation: the loss and its parts are summed on
+        the device and read once at the end, where a non-finite sum (any step's loss NaN/inf) stops the run
+        before anything is saved. A compiled step keeps its shapes fixed by dropping the last, partial batch
+        (when there is at least one full batch), so the graph is never re-traced for a smaller one."""
         c = self.config
         torch.manual_seed(derive_seed(c.seed, "noise", epoch, self.rank))
         order = torch.Generator().manual_seed(derive_seed(c.seed, "order", epoch))
@@ -329,28 +355,33 @@ class Trainer:
         chunks = max(1, int(self.objective.num_chunks))
         sums: dict[str, Tensor] = {}
         steps = 0
-        n_batches = math.ceil(len(self.train_data) / self.world_size / c.batch_size)
+        per_rank = len(self.train_data) // self.world_size
+        drop_last = self.compiled and per_rank >= c.batch_size
+        n_batches = per_rank // c.batch_size if drop_last else math.ceil(per_rank / c.batch_size)
         bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
         self._sync()
         start = time.perf_counter()
         for x, y in self.train_data.batches(
-            c.batch_size, shuffle=True, generator=order, rank=self.rank, world_size=self.world_size
+            c.batch_size, shuffle=True, generator=order, drop_last=drop_last, rank=self.rank, world_size=self.world_size
         ):
             for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
                 self.optimizer.zero_grad(set_to_none=True)
-                loss, parts = self.objective(self.net, xc, yc)
-                if c.check_finite and not torch.isfinite(loss):
-                    raise CertkitError(
-                        f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss is {loss.item()} "
-                        "(lower the learning rate or the method's attack strength)"
-                    )
+                if self.compiled and self.device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()
+                with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
+                    loss, parts = self.objective(self.net, xc, yc)
                 loss.backward()
                 self.optimizer.step()
-                sums["loss"] = sums.get("loss", 0) + loss.detach()
+                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
                 for k, v in parts.items():
-                    sums[k] = sums.get(k, 0) + v
+                    sums[k] = sums.get(k, 0) + v.float()
                 steps += 1
             bar.update(1)
+        if c.check_finite and steps and not bool(torch.isfinite(sums["loss"])):
+            raise CertkitError(
+                f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
+                "(lower the learning rate or the method's attack strength)"
+            )
         self._sync()
         seconds = time.perf_counter() - start
         bar.close()
@@ -488,6 +519,31 @@ class Trainer:
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
         return True
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp``: None for off; bf16 only on CUDA, where its tensor cores pay for the
+    lower precision (on CPU it is slower for these small nets and would change the losses for nothing)."""
+    if amp == "off":
+        return None
+    if device.type != "cuda":
+        raise CertkitError(f"--amp {amp} is for CUDA training; on {device.type} use --amp off")
+    return torch.bfloat16
+
+
+def use_channels_last(choice: str, model: nn.Module) -> bool:
+    """Whether to store the weights channels-last: 'auto' does for a model with 2-d convolutions, whose
+    oneDNN (CPU) and cuDNN kernels run faster in that layout; the inputs stay as they are (the first
+    convolution follows its weight's layout), so the noise drawn for a batch does not change."""
+    if choice == "auto":
+        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return choice == "on"
+
+
+def compiled_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under torch.compile (inductor) with fixed shapes; on CUDA with CUDA graphs
+    (``reduce-overhead``), which replay the whole forward/backward without a launch per kernel."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
 def check_fit(model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None) -> int:

@@ -173,8 +173,10 @@ class Gloro(Objective):
         return self.bind(model)
 
     def bind(self, model: nn.Module) -> GloroNet:
-        """The GloroNet inside ``model`` (DDP unwrapped), its evaluation ε set to this run's."""
+        """The GloroNet inside ``model`` (DDP and torch.compile's wrapper unwrapped), its evaluation ε set to
+        this run's."""
         net = unwrap(model)
+        net = getattr(net, "_orig_mod", net)
         if not isinstance(net, GloroNet):
             raise CertkitError(
                 f"method 'gloro' trains a GloroNet (one of the gloro-* architectures), not a {type(net).__name__}; "
