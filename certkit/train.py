@@ -543,7 +543,9 @@ def use_channels_last(choice: str, model: nn.Module) -> bool:
 def compiled_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` under torch.compile (inductor) with fixed shapes; on CUDA with CUDA graphs
     (``reduce-overhead``), which replay the whole forward/backward without a launch per kernel."""
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    # compiling a module returns a module (an OptimizedModule); torch's stubs promise only a callable
+    return torch.compile(model, mode=mode, dynamic=False)  # type: ignore[return-value]
 
 
 def check_fit(model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None) -> int:
