@@ -13,9 +13,26 @@ The names most programs need are here::
 
 __version__ = "0.1.0"  # first: submodules read it while this package is still importing
 
-from certkit.checkpoint import load
-from certkit.errors import CertkitError
-from certkit.smooth import ABSTAIN, Smooth
-from certkit.train import train
+from typing import Any
+
+#: public name -> the module that defines it, imported on first use: they all need torch, which takes
+#: seconds to import, and ``certkit --help`` or ``--version`` should not wait for it
+_LAZY = {
+    "load": "certkit.checkpoint",
+    "CertkitError": "certkit.errors",
+    "ABSTAIN": "certkit.smooth",
+    "Smooth": "certkit.smooth",
+    "train": "certkit.train",
+}
 
 __all__ = ["ABSTAIN", "CertkitError", "Smooth", "load", "train", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'certkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
