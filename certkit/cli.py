@@ -300,10 +300,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         arch=arch, method=args.method, sigma=args.sigma, out=args.out, teacher=args.teacher,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
         data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
-        resume=args.resume, meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
+        resume=args.resume, metric_logs=tuple(args.log or ()), meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
         **data, **given,
     )
     trainer.run(resume=args.resume)
+    if trainer.rank != 0:
+        return
     total = trainer.ledger.totals()
     print(f"trained {args.arch} with {args.method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
 
