@@ -317,8 +317,9 @@ class ResultWriter:
 class Results:
     """The rows of one result file as arrays (full precision as printed; abstain is predict = -1).
 
-    ``radius`` is None for PREDICT files; ``samples`` (adaptive certification) and ``clean_predict``
-    (GloRo: the prediction before the certification check) are None unless the file has that column.
+    ``radius`` is None for PREDICT files; ``samples`` (adaptive certification), ``certified_eps`` (GloRo:
+    1 when certified at its epsilon) and ``clean_predict`` (older GloRo files: the prediction before the
+    check at epsilon) are None unless the file has that column.
     """
 
     idx: np.ndarray
@@ -330,6 +331,7 @@ class Results:
     kind: str = "certify"
     samples: np.ndarray | None = None
     clean_predict: np.ndarray | None = None
+    certified_eps: np.ndarray | None = None
     path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -361,6 +363,7 @@ def read_results(path: str | os.PathLike) -> Results:
         kind=table.kind,
         samples=ints("samples") if "samples" in column else None,
         clean_predict=ints("clean_predict") if "clean_predict" in column else None,
+        certified_eps=ints("certified_eps") if "certified_eps" in column else None,
         path=str(path),
     )
     try:
@@ -454,6 +457,8 @@ def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> s
             return f"{name} must be an integer >= {low} (got {fields[column[name]]!r})"
     if fields[column["correct"]] not in ("0", "1"):
         return f"correct must be 0 or 1 (got {fields[column['correct']]!r})"
+    if "certified_eps" in column and fields[column["certified_eps"]] not in ("0", "1"):
+        return f"certified_eps must be 0 or 1 (got {fields[column['certified_eps']]!r})"
     for name in ("samples", "clean_predict"):
         if name in column and not integer(name, -1):
             return f"{name} must be an integer (got {fields[column[name]]!r})"
