@@ -151,7 +151,7 @@ class ResultWriter:
     ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
     names the keys that differ), any trailing partial line left by a crash is cut off, and
     :attr:`done_indices` holds the indices already written so the caller can skip them. With
-    ``resume=False`` an existing file is replaced. The file must be a regular file (or not exist yet), and
+    ``resume=False`` an existing file is replaced and its summary removed. The file must be a regular file (or not exist yet), and
     ``<file>.lock`` (:class:`~certkit.fileio.PidLock`) keeps a second process from writing it until
     :meth:`close`.
 
@@ -184,6 +184,7 @@ class ResultWriter:
             if resume and self.path.exists() and self._resumable(header):
                 self._file = open(self.path, "a", encoding="utf-8")
             else:
+                summary_path(self.path).unlink(missing_ok=True)  # a replaced file's summary no longer holds
                 atomic_write_json(
                     sidecar_path(self.path),
                     {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},

@@ -20,17 +20,9 @@ from certkit.models import create_model
 from certkit.objectives import Gaussian
 from certkit.results import read_results, read_sidecar
 from certkit.train import STATE, Trainer, TrainConfig
+from test_cli import run  # exit status, stdout and stderr of one in-process command
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = int(e.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("flag", ["--version", "--help"])
