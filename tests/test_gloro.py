@@ -553,6 +553,7 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     before = out.read_text()
     assert main(args) == 0 and out.read_text() == before
     assert main(args + ["--epsilon", "0.3"]) == 2
+    assert main(args + ["--epsilon", "0.3", "--overwrite"]) == 0 and read_results(out).settings["epsilon"] == 0.3
     # sampling options of randomized smoothing are refused, not silently ignored
     capsys.readouterr()
     assert main(args + ["--shared-noise", "4"]) == 2

@@ -174,6 +174,7 @@ def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: arg
             model, data, out=args.out, epsilon=args.epsilon, batch_size=args.batch, skip=args.skip,
             max_idx=args.max, shard=args.shard, progress=True,
             settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+            resume=not args.overwrite,
         )
         if summary is not None:
             g = summary["gloro"]
