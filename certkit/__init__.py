@@ -13,6 +13,8 @@ The names most programs need are here::
 
 __version__ = "0.1.0"  # first: submodules read it while this package is still importing
 
+import sys as _sys
+import types as _types
 from typing import Any
 
 #: public name -> the module that defines it, imported on first use: they all need torch, which takes
@@ -36,3 +38,16 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value
     return value
+
+
+class _Package(_types.ModuleType):
+    """``certkit.train`` names both a submodule and the function most programs call. Importing the submodule
+    binds its name on the package (the import system's ``setattr``); the package keeps the function there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "train" and isinstance(value, _types.ModuleType):
+            value = value.train
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -178,3 +178,15 @@ def test_log_tensorboard_writes_one_scalar_per_metric_and_epoch(
     assert [(tag, step) for tag, _, step in calls if tag == "loss"] == [("loss", 1), ("loss", 2)]
     assert {(tag, step): value for tag, value, step in calls}[("loss", 2)] == pytest.approx(records[1]["loss"])
     assert not any(tag == "epoch" for tag, _, _ in calls)
+
+
+def test_the_package_names_resolve_lazily_and_train_stays_the_function() -> None:
+    """certkit imports torch-backed names on first use; importing the certkit.train submodule (as this
+    test file did) must not replace the certkit.train function with the module."""
+    import certkit
+    import certkit.train as submodule_import  # noqa: F401
+
+    assert callable(certkit.train) and certkit.train.__module__ == "certkit.train"
+    assert certkit.Smooth.__name__ == "Smooth" and certkit.load.__module__ == "certkit.checkpoint"
+    with pytest.raises(AttributeError):
+        certkit.no_such_name  # noqa: B018
