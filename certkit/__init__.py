@@ -16,12 +16,22 @@ The names most programs need are here::
 # this package is still importing.
 __version__ = "0.1.0"
 
-from certkit.checkpoint import load
-from certkit.errors import CertkitError
-from certkit.smoothing.runner import RunPlan, certify_dataset
-from certkit.smoothing.smooth import Smooth
-from certkit.smoothing.statistics import ABSTAIN, AdaptiveSchedule
-from certkit.train import train
+import sys as _sys
+import types as _types
+from typing import Any
+
+#: public name -> the module that defines it, imported on first use: they all need torch, which takes
+#: seconds to import, and ``certkit --help`` or ``--version`` should not wait for it
+_LAZY = {
+    "load": "certkit.checkpoint",
+    "CertkitError": "certkit.errors",
+    "ABSTAIN": "certkit.smoothing.statistics",
+    "AdaptiveSchedule": "certkit.smoothing.statistics",
+    "Smooth": "certkit.smoothing.smooth",
+    "RunPlan": "certkit.smoothing.runner",
+    "certify_dataset": "certkit.smoothing.runner",
+    "train": "certkit.train",
+}
 
 __all__ = [
     "ABSTAIN",
@@ -29,8 +39,31 @@ __all__ = [
     "CertkitError",
     "RunPlan",
     "Smooth",
+    "__version__",
     "certify_dataset",
     "load",
     "train",
-    "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'certkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(_types.ModuleType):
+    """``certkit.train`` names both a submodule and the function most programs call. Importing the submodule
+    binds its name on the package (the import system's ``setattr``); the package keeps the function there."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "train" and isinstance(value, _types.ModuleType):
+            value = value.train
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

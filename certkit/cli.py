@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,27 @@ from certkit.errors import CertkitError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (not a usage block) and exit status 2."""
+    """argparse, but a bad flag is one line on stderr (not a usage block) and exit status 2.
+
+    A subcommand's flags are declared by its ``declare`` function the first time the subcommand is parsed
+    or its help is shown: several flag lists name registries (methods, models, datasets) whose modules
+    import torch, which costs seconds that ``certkit --help`` and ``--version`` should not pay.
+    """
+
+    declare: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def _declared(self) -> None:
+        if self.declare is not None:
+            declare, self.declare = self.declare, None
+            declare(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        self._declared()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._declared()
+        return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -56,9 +77,12 @@ def _positive_int(value: str) -> int:
 def _common_data(p: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
     from certkit.data import DATASETS
 
-    p.add_argument("--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; "
-        "Fashion-MNIST: /usr/share/datasets/fashion-mnist)")
+    default = "%(default)s" if dataset_default else "the one the checkpoint names"
+    p.add_argument("--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: {default})")
+    p.add_argument(
+        "--data-dir", default=None,
+        help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; Fashion-MNIST: /usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
 
 
@@ -72,9 +96,10 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
         if not meta["cli"]:
             continue
         parse = meta["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
+        flags = meta["flags"] or ["--" + f.name.replace("_", "-")]  # the metavar follows the first flag: LR_GAMMA
         group.add_argument(
-            *(meta["flags"] or ["--" + f.name.replace("_", "-")]), dest=f.name, type=parse, choices=meta["choices"] or None,
-            default=None, help=f"{meta['help']} (default: recipe, else {f.default!r})",
+            *flags, dest=f.name, type=parse, choices=meta["choices"] or None,
+            metavar=None if meta["choices"] else flags[0][2:].replace("-", "_").upper(), default=None, help=f"{meta['help']} (default: recipe, else {f.default!r})",
         )
 
 
@@ -96,28 +121,11 @@ def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> Non
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _train_arguments(t: argparse.ArgumentParser) -> None:
     from certkit.methods import list_objectives, registry
     from certkit.models import list_models
     from certkit.recipes import list_recipes
-    from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
-    parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
-    parser.add_argument("--version", action="version", version=f"certkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    # --- train --------------------------------------------------------------------------------------
-    t = sub.add_parser(
-        "train",
-        help="train a model with a robust-training method",
-        description="Train a model. Optimisation defaults follow the literature's recipe for the dataset family and "
-        "method (MNIST-like: 90 epochs, SGD lr 0.01, x0.1 every 30, batch 256; CIFAR-10: 150 epochs, lr 0.1, step 50; "
-        "CRT on CIFAR-10: 200 epochs, lr 0.1, x0.1 at 50%%/75%%). Method hyperparameters default to the published "
-        "values for the dataset and sigma; the resolved values are written to OUT/model.json. Your own model and "
-        "data: --arch pkg.module:factory (returns an nn.Module) and --dataset pkg.module:factory (returns "
-        "train and test torch Datasets and the class count).",
-        formatter_class=_Formatter,
-    )
     _common_data(t)
     t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
     t.add_argument("--method", default=None, help=f"training method: {', '.join(list_objectives())} (default: the recipe's, else gaussian)")
@@ -132,60 +140,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
     t.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images each epoch (0: no per-epoch test)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
+    t.add_argument(
+        "--log", choices=["csv", "tensorboard"], action="append", default=None,
+        help="also write the per-epoch metrics as OUT/metrics.csv (csv) or TensorBoard event files in OUT "
+        "(tensorboard, needs the extra: pip install 'certkit[tensorboard]'); repeat for both",
+    )
     _config_arguments(t)
     _hyper_arguments(t, registry())
 
-    # --- certify / predict -------------------------------------------------------------------------
-    for name in ("certify", "predict"):
-        c = sub.add_parser(
-            name,
-            help="randomized-smoothing CERTIFY (radius) over a test set" if name == "certify" else "randomized-smoothing PREDICT over a test set",
-            description=(
-                "Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, "
-                "one-sided Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). "
-                "Writes the field's standard TSV (idx label predict radius correct time), flushed per row, "
-                "with a JSON sidecar of the settings; re-running with the same --out resumes. "
-                "--method gloro certifies a GloRo net deterministically in one pass."
-                if name == "certify"
-                else "Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, "
-                "abstain (-1) when p > alpha."
-            ),
-            formatter_class=_Formatter,
-        )
-        c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
-        _common_data(c, dataset_default=None)
-        c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, "
-            "a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
-        c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
-        c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
-        c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
-        if name == "certify":
-            c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples")
-            c.add_argument("--method", choices=["smoothing", "gloro"], default=None, help="certifier (default: gloro for GloRo checkpoints, else smoothing)")
-            c.add_argument("--epsilon", type=float, default=None, help="gloro: epsilon for VRA (default: the checkpoint's)")
-            c.add_argument("--adaptive", action="store_true", help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)")
-        c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples")
-        c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-        c.add_argument("--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass")
-        c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
-        c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` "
-            "or spell it --max-index (torchrun reads --max as its own --max-restarts)")
-        c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
-        c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
-        c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), "
-            "checked to match fp32 votes on a sample")
-        c.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
-        c.add_argument(
-            "--shared-noise", type=int, default=0, metavar="G",
-            help="groups of G consecutive test inputs vote on the same noise draws: the first layer then runs once "
-            "per input and once per draw (LeNet on CPU: several times faster). Each certificate keeps its 1-alpha "
-            "guarantee; certificates within a group are no longer independent of each other. 0 (default): off",
-        )
-        c.add_argument("--shard", type=_shard, default=None, help="i/k: certify the i-th of k disjoint slices (automatic under torchrun)")
-        c.add_argument("--out", required=True, help="result TSV")
 
-    # --- report / merge / demo / list ------------------------------------------------------------
-    r = sub.add_parser("report", help="ACR and certified accuracy of result files, as a Markdown table and a plot")
+def _certify_arguments(c: argparse.ArgumentParser) -> None:
+    """The flags of ``certify`` and ``predict`` (``c.prog`` ends with the subcommand's name)."""
+    from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
+
+    name = c.prog.split()[-1]
+    c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
+    _common_data(c, dataset_default=None)
+    c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
+    c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
+    c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
+    c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
+    if name == "certify":
+        c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples")
+        c.add_argument("--method", choices=["smoothing", "gloro"], default=None, help="certifier (default: gloro for GloRo checkpoints, else smoothing)")
+        c.add_argument("--epsilon", type=float, default=None, help="gloro: epsilon for VRA (default: the checkpoint's)")
+        c.add_argument("--adaptive", action="store_true", help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)")
+    c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples")
+    c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    c.add_argument("--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass")
+    c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
+    c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` or spell it --max-index (torchrun reads --max as its own --max-restarts)")
+    c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
+    c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
+    c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), checked to match fp32 votes on a sample")
+    c.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
+    c.add_argument(
+        "--shared-noise", type=int, default=0, metavar="G",
+        help="groups of G consecutive test inputs vote on the same noise draws: the first layer then runs once "
+        "per input and once per draw (LeNet on CPU: several times faster). Each certificate keeps its 1-alpha "
+        "guarantee; certificates within a group are no longer independent of each other. 0: off",
+    )
+    c.add_argument("--shard", type=_shard, default=None, help="i/k: certify the i-th of k disjoint slices (automatic under torchrun)")
+    c.add_argument("--out", required=True, help="result TSV")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its sidecar and summary) instead of resuming it")
+
+
+def _report_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("files", nargs="+", help="result TSVs (certkit's or the reference implementations')")
     r.add_argument("--plot", default=None, help="write certified accuracy vs radius of all files to this image; "
         "the suffix picks the format (.png, .pdf, .svg)")
@@ -193,41 +193,99 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--labels", default=None, help="comma-separated names for the files, in order (default: the file names)")
     r.add_argument("--title", default=None, help="plot title")
     r.add_argument("--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown")
-    cv = sub.add_parser("curves", help="plot training loss and accuracy per epoch of one or more runs (from metrics.jsonl)")
+
+
+def _curves_arguments(cv: argparse.ArgumentParser) -> None:
     cv.add_argument("runs", nargs="+", help="certkit run folders")
     cv.add_argument("--plot", required=True, help="image to write; the suffix picks the format (.png, .pdf, .svg)")
     cv.add_argument("--labels", default=None, help="comma-separated names for the runs, in order (default: the folder names)")
     cv.add_argument("--title", default=None, help="figure title")
-    m = sub.add_parser("merge", help="join shard result files into one TSV in index order")
+
+
+def _merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("shards", nargs="+", help="shard TSVs")
     m.add_argument("--out", required=True, help="merged TSV")
-    d = sub.add_parser("demo", help="the main job: SmoothMix teacher -> CRT student vs SmoothMix student, certified and compared")
+
+
+def _demo_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--full", action="store_true", help="the literature's settings (90 epochs, full test set, n=100,000): hours on CPU")
     d.add_argument("--out", default="demo-out", help="output directory")
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
-    d.add_argument("--device", default="auto")
-    rp = sub.add_parser(
-        "reproduce",
+    d.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
+
+
+def _reproduce_arguments(rp: argparse.ArgumentParser) -> None:
+    from certkit.experiments.reproduce import add_arguments
+
+    add_arguments(rp)
+
+
+def _export_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("run", help="certkit run directory")
+    e.add_argument("--format", choices=["reference"], required=True, help="output layout")
+    e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
+
+
+def _list_arguments(ls: argparse.ArgumentParser) -> None:
+    ls.add_argument("what", nargs="?", choices=["all", "recipes"], default="all", help="recipes: one line per recipe with its source")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Each subcommand declares its flags when it is first parsed or its help shown
+    (see :class:`_Parser`), so ``certkit --help`` and ``--version`` never import torch."""
+    parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
+    parser.add_argument("--version", action="version", version=f"certkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name: str, declare: Callable[[argparse.ArgumentParser], None] | None, help: str, **kwargs: Any) -> None:
+        sub.add_parser(name, help=help, **kwargs).declare = declare
+
+    add(
+        "train", _train_arguments,
+        help="train a model with a robust-training method",
+        description="Train a model. Optimisation defaults follow the literature's recipe for the dataset family and "
+        "method (MNIST-like: 90 epochs, SGD lr 0.01, x0.1 every 30, batch 256; CIFAR-10: 150 epochs, lr 0.1, step 50; "
+        "CRT on CIFAR-10: 200 epochs, lr 0.1, x0.1 at 50%/75%). Method hyperparameters default to the published "
+        "values for the dataset and sigma; the resolved values are written to OUT/model.json. Your own model and "
+        "data: --arch pkg.module:factory (returns an nn.Module) and --dataset pkg.module:factory (returns "
+        "train and test torch Datasets and the class count).",
+        formatter_class=_Formatter,
+    )
+    add(
+        "certify", _certify_arguments,
+        help="randomized-smoothing CERTIFY (radius) over a test set",
+        description="Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, one-sided "
+        "Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). Writes the field's standard TSV "
+        "(idx label predict radius correct time), flushed per row, with a JSON sidecar of the settings; re-running "
+        "with the same --out resumes (--overwrite starts afresh). --method gloro certifies a GloRo net "
+        "deterministically in one pass.",
+        formatter_class=_Formatter,
+    )
+    add(
+        "predict", _certify_arguments,
+        help="randomized-smoothing PREDICT over a test set",
+        description="Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, abstain (-1) when p > alpha.",
+        formatter_class=_Formatter,
+    )
+    add("report", _report_arguments, help="ACR and certified accuracy of result files, as a Markdown table and a plot")
+    add("curves", _curves_arguments, help="plot training loss and accuracy per epoch of one or more runs (from metrics.jsonl)")
+    add("merge", _merge_arguments, help="join shard result files into one TSV in index order")
+    add("demo", _demo_arguments, help="the main job: SmoothMix teacher -> CRT student vs SmoothMix student, certified and compared")
+    add(
+        "reproduce", _reproduce_arguments,
         help="train and certify a published protocol (resumable) and compare with the published result files",
         description="Runs a named protocol of the literature at its own settings, resuming every training epoch "
         "and certification row that is already done, then writes a table (ACR, paired difference and its standard "
         "error, certified accuracy at 0-2.0) and a plot of certkit's curves over the published ones.",
         formatter_class=_Formatter,
     )
-    from certkit.experiments.reproduce import add_arguments as add_reproduce_arguments
-
-    add_reproduce_arguments(rp)
-    e = sub.add_parser(
-        "export", help="write a certkit run in another layout",
+    add(
+        "export", _export_arguments, help="write a certkit run in another layout",
         description="--format reference writes {'epoch', 'arch', 'state_dict'} with the reference key names "
         "(torch.save), which the reference repos' certify.py reads "
         "(pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
     )
-    e.add_argument("run", help="certkit run directory")
-    e.add_argument("--format", choices=["reference"], required=True, help="output layout")
-    e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
-    ls = sub.add_parser("list", help="list datasets, architectures, methods and published recipes")
-    ls.add_argument("what", nargs="?", choices=["all", "recipes"], default="all", help="recipes: one line per recipe with its source")
+    add("list", _list_arguments, help="list datasets, architectures, methods and published recipes")
     return parser
 
 
@@ -260,10 +318,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         arch=arch, method=method, sigma=args.sigma, out=args.out, teacher=args.teacher, recipe=args.recipe,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
         data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
-        resume=args.resume, meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
+        resume=args.resume, metric_logs=tuple(args.log or ()), meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
         **data, **given,
     )
     trainer.run(resume=args.resume)
+    if trainer.rank != 0:
+        return
     total = trainer.ledger.totals()
     print(f"trained {args.arch} with {method} in {total.get('seconds', 0.0):.1f}s -> {args.out}")
 
@@ -282,6 +342,10 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.train import select_device
 
     device = select_device(args.device)
+    if args.compile and device.type != "cuda":
+        # torch.compile's C++ toolchain lookup logs "No CUDA runtime is found" on a CPU-only run: true, and
+        # beside the point, since a CPU run compiles for the CPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     model, meta = reference.load_any(
         args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
     )
@@ -319,6 +383,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     certify_dataset(
         smoothed, data, plan, out=out, progress=rank == 0,
         settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+        resume=not args.overwrite,
     )
     if auto_shard:
         barrier()
@@ -439,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _shutdown_distributed() -> None:
+    if "torch" not in sys.modules:  # nothing was initialised, and importing torch here would cost seconds
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from certkit.errors import CertkitError
 
@@ -44,7 +44,7 @@ class Progress:
     """Counts ``done`` of ``total`` items; shows a bar on a terminal, else logs a line every ``every`` s.
 
     ``enabled=False`` (ranks other than 0) shows nothing. ``note`` passed to :meth:`update` is appended to
-    the line (running accuracy and ACR for certification, the loss for training).
+    the line (running accuracy and ACR for certification, the running loss for training).
     """
 
     def __init__(
@@ -57,33 +57,41 @@ class Progress:
         enabled: bool = True,
         every: float | None = None,
         terminal: bool | None = None,
+        final: bool = True,
     ) -> None:
         self.total, self.done, self.desc, self.unit = int(total), int(done), desc, unit
-        self.enabled = enabled
+        self.enabled, self.final = enabled, final
         self.every = interval_from_env() if every is None else float(every)
         self._start_done = self.done
         self._start = self._last = time.monotonic()
-        self._note = ""
+        self._note: str | Callable[[], str] = ""
         self._bar: Any = None
         if enabled and (sys.stderr.isatty() if terminal is None else terminal):
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, initial=self.done, desc=desc, unit=unit, dynamic_ncols=True, leave=False)
 
-    def update(self, k: int = 1, note: str = "") -> None:
+    def update(self, k: int = 1, note: str | Callable[[], str] = "") -> None:
+        """Count ``k`` more done. ``note`` may be a function, called only when a line or the bar's postfix is
+        drawn (at most once a second on a bar): training passes one that reads the running loss off the
+        device, which would otherwise cost a synchronisation every batch."""
         self.done += k
         self._note = note or self._note
         if not self.enabled:
             return
+        now = time.monotonic()
         if self._bar is not None:
             self._bar.update(k)
-            if note:
-                self._bar.set_postfix_str(note)
+            if note and (not callable(note) or now - self._last >= 1.0):
+                self._last = now
+                self._bar.set_postfix_str(self._note_text())
             return
-        now = time.monotonic()
         if now - self._last >= self.every:
             self._last = now
             log.info(self.line(now))
+
+    def _note_text(self) -> str:
+        return self._note() if callable(self._note) else self._note
 
     def line(self, now: float | None = None) -> str:
         """The plain progress line: done/total, rate since this run started, ETA, and the last note."""
@@ -93,13 +101,15 @@ class Progress:
         eta = str(datetime.timedelta(seconds=round(left / rate))) if rate > 0 else "?"
         share = 100.0 * self.done / self.total if self.total else 100.0
         text = f"{self.desc}: {self.done:,}/{self.total:,} ({share:.1f}%), {rate:.3g} {self.unit}/s, ETA {eta}"
-        return f"{text} | {self._note}" if self._note else text
+        note = self._note_text()
+        return f"{text} | {note}" if note else text
 
     def close(self) -> None:
-        """Remove the bar, or log the final line (once, when anything was done)."""
+        """Remove the bar, or log the final line (once, when anything was done and ``final`` is set; training
+        leaves it out, as its per-epoch line follows at once)."""
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled and self.done > self._start_done:
+        elif self.enabled and self.final and self.done > self._start_done:
             log.info(self.line())
 
     def __enter__(self) -> Progress:

@@ -152,7 +152,7 @@ class ResultWriter:
     ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
     names the keys that differ), any trailing partial line left by a crash is cut off, and
     :attr:`done_indices` holds the indices already written so the caller can skip them. With
-    ``resume=False`` an existing file is replaced. The file must be a regular file (or not exist yet), and
+    ``resume=False`` an existing file is replaced and its summary removed. The file must be a regular file (or not exist yet), and
     ``<file>.lock`` (:class:`~certkit.fileio.PidLock`) keeps a second process from writing it until
     :meth:`close`.
 
@@ -185,6 +185,7 @@ class ResultWriter:
             if resume and self.path.exists() and self._resumable(header):
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the writer owns it; close() closes it
             else:
+                summary_path(self.path).unlink(missing_ok=True)  # a replaced file's summary no longer holds
                 atomic_write_json(
                     sidecar_path(self.path),
                     {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
@@ -318,8 +319,9 @@ class ResultWriter:
 class Results:
     """The rows of one result file as arrays (full precision as printed; abstain is predict = -1).
 
-    ``radius`` is None for PREDICT files; ``samples`` (adaptive certification) and ``clean_predict``
-    (GloRo: the prediction before the certification check) are None unless the file has that column.
+    ``radius`` is None for PREDICT files; ``samples`` (adaptive certification), ``certified_eps`` (GloRo:
+    1 when certified at its epsilon) and ``clean_predict`` (older GloRo files: the prediction before the
+    check at epsilon) are None unless the file has that column.
     """
 
     idx: np.ndarray
@@ -331,6 +333,7 @@ class Results:
     kind: str = "certify"
     samples: np.ndarray | None = None
     clean_predict: np.ndarray | None = None
+    certified_eps: np.ndarray | None = None
     path: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -362,6 +365,7 @@ def read_results(path: str | os.PathLike) -> Results:
         kind=table.kind,
         samples=ints("samples") if "samples" in column else None,
         clean_predict=ints("clean_predict") if "clean_predict" in column else None,
+        certified_eps=ints("certified_eps") if "certified_eps" in column else None,
         path=str(path),
     )
     try:
@@ -455,6 +459,8 @@ def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> s
             return f"{name} must be an integer >= {low} (got {fields[column[name]]!r})"
     if fields[column["correct"]] not in ("0", "1"):
         return f"correct must be 0 or 1 (got {fields[column['correct']]!r})"
+    if "certified_eps" in column and fields[column["certified_eps"]] not in ("0", "1"):
+        return f"certified_eps must be 0 or 1 (got {fields[column['certified_eps']]!r})"
     for name in ("samples", "clean_predict"):
         if name in column and not integer(name, -1):
             return f"{name} must be an integer (got {fields[column[name]]!r})"

@@ -20,9 +20,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load as st_load
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
@@ -43,6 +42,8 @@ from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
 from certkit.recipes import check_recipe, get_recipe
+from certkit.progress import Progress
+from certkit.trainlog import MetricLogs
 
 STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
@@ -250,6 +251,7 @@ class Trainer:
         device: torch.device | str = "auto",
         progress: bool | None = None,
         log: Callable[[str], None] | None = None,
+        metric_logs: tuple[str, ...] = (),
     ) -> None:
         self.config = config if config is not None else TrainConfig()
         self.device = select_device(device) if isinstance(device, str) else device
@@ -268,8 +270,9 @@ class Trainer:
             module.to(self.device)
         self.meta["num_classes"] = check_fit(self.model, counted, image.to(self.device), label, self.meta.get("num_classes"))
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.rank == 0
-        self.log = log or (lambda msg: print(msg, file=sys.stderr) if self.rank == 0 else None)
+        self.progress = progress  # None: a bar on a terminal, else a log line every CERTKIT_PROGRESS_SECONDS
+        self.log = log or (logging.getLogger("certkit").info if self.rank == 0 else lambda msg: None)
+        self.metric_logs = MetricLogs(self.out_dir if self.rank == 0 else None, metric_logs if self.rank == 0 else ())
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.ledger = CostLedger(device=checkpoint.environment()["device"], ancestors=objective.cost_ancestors())
@@ -320,7 +323,10 @@ class Trainer:
         with PidLock(self.out_dir) if locked else contextlib.nullcontext():  # type: ignore[arg-type]
             if resume:
                 self.resume()
-            return self.fit()
+            try:
+                return self.fit()
+            finally:
+                self.metric_logs.close()
 
     def fit(self) -> list[dict[str, Any]]:
         c = self.config
@@ -335,6 +341,7 @@ class Trainer:
             )
             if self.out_dir is not None and self.rank == 0:
                 self.save(epoch)
+                self.metric_logs.write(self.history)
             if self.world_size > 1:
                 dist.barrier()
         # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does
@@ -358,7 +365,10 @@ class Trainer:
         per_rank = len(self.train_data) // self.world_size
         drop_last = self.compiled and per_rank >= c.batch_size
         n_batches = per_rank // c.batch_size if drop_last else math.ceil(per_rank / c.batch_size)
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.progress, leave=False)
+        bar = Progress(
+            n_batches, f"epoch {epoch + 1}/{c.epochs}", unit="batch", enabled=self.rank == 0 and self.progress is not False,
+            terminal=self.progress or None, final=False,
+        )
         self._sync()
         start = time.perf_counter()
         for x, y in self.train_data.batches(
@@ -376,7 +386,7 @@ class Trainer:
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0) + v.float()
                 steps += 1
-            bar.update(1)
+            bar.update(1, note=lambda: f"loss={float(sums['loss']) / max(steps, 1):.4f}")
         if c.check_finite and steps and not bool(torch.isfinite(sums["loss"])):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
@@ -387,11 +397,12 @@ class Trainer:
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        cost: dict[str, Any] = {"epoch": epoch, "seconds": seconds, "steps": steps}
+        # epochs count from 1 in metrics.jsonl and the ledger, as on the console
+        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps}
         for counter in self.counters:
             cost.update(counter.take())
         self.ledger.epochs.append(cost)
-        record = {"epoch": epoch, "lr": lr, "seconds": seconds}
+        record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
         record.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
         return record
 
@@ -509,8 +520,9 @@ class Trainer:
                 opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
         self.optimizer.load_state_dict(opt_state)
         self.scheduler.load_state_dict(info["scheduler"])
-        self.history = list(info["history"])
+        self.history = _count_from_one(list(info["history"]))
         self.ledger = CostLedger.from_json(meta["cost"])
+        self.ledger.epochs = _count_from_one(self.ledger.epochs)
         self.ledger.ancestors = self.objective.cost_ancestors() or self.ledger.ancestors
         self.start_epoch = info["epoch"] + 1
         if self.rank == 0:
@@ -546,6 +558,14 @@ def compiled_model(model: nn.Module, device: torch.device) -> nn.Module:
     mode = "reduce-overhead" if device.type == "cuda" else None
     # compiling a module returns a module (an OptimizedModule); torch's stubs promise only a callable
     return torch.compile(model, mode=mode, dynamic=False)  # type: ignore[return-value]
+
+
+def _count_from_one(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-epoch records numbered from 1. Runs written before the numbering was unified counted from 0
+    (their first record says epoch 0); a resumed one is renumbered, so that its old and new records agree."""
+    if epochs and epochs[0].get("epoch") == 0:
+        return [{**e, "epoch": e["epoch"] + 1} for e in epochs]
+    return epochs
 
 
 def check_fit(model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None) -> int:
@@ -621,6 +641,7 @@ def build_trainer(
     num_classes: int | None = None,
     meta: Mapping[str, Any] | None = None,
     recipe: str | None = None,
+    metric_logs: tuple[str, ...] = (),
     **config: Any,
 ) -> Trainer:
     """Names and objects in, a :class:`Trainer` out (not started): what :func:`train` and the CLI share.
@@ -635,6 +656,7 @@ def build_trainer(
     """
     if out is not None and not resume and (Path(out) / STATE).exists():
         raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    MetricLogs(out, metric_logs)  # an unknown format or a missing tensorboard package, before any data is read
     named = isinstance(dataset, str)
     info = dataset_info(dataset) if named else None
     if info is not None and (test_data is not None or num_classes not in (None, info.num_classes)):
@@ -676,7 +698,10 @@ def build_trainer(
     else:
         model = arch
     run_meta.update(dict(meta or {}))
-    return Trainer(model, objective, train_split, test_split, cfg, out_dir=out, meta=run_meta, device=device, progress=progress)
+    return Trainer(
+        model, objective, train_split, test_split, cfg, out_dir=out, meta=run_meta, device=device, progress=progress,
+        metric_logs=metric_logs,
+    )
 
 
 def train(dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", method: str | Objective = "gaussian",

@@ -30,11 +30,22 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     cost = meta["cost"]["total"]
     assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
     assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])
+    # passes are the ledger's image counts: the direct student's forwards and backwards against CRT's student
+    # forwards and backwards plus its teacher's forwards
+    direct = json.loads((tmp_path / "direct" / "model.json").read_text())["cost"]["total"]
+    assert figures["direct"]["passes"] == direct["forward"] + direct["backward"]
+    assert figures["crt"]["passes"] == cost["forward"] + cost["backward"] + cost["teacher_forward"]
+    assert figures["pass_ratio"] == pytest.approx(figures["direct"]["passes"] / figures["crt"]["passes"])
     chain = figures["chain"]
     assert chain["crt_seconds"] == pytest.approx(figures["teacher"]["seconds"] + 3 * figures["crt"]["seconds"])
 
     text = render(cfg, figures, plot=tmp_path / "curves.png")
     assert text.splitlines()[-4].startswith("crt_speedup: ") and "acr_ratio: " in text
+    assert f"crt_pass_ratio: {figures['pass_ratio']:.2f}x" in text
+    header, *rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "| image passes | pass ratio vs direct |" in header and len(rows) == 3
+    crt_row = next(r for r in rows if "CRT" in r)
+    assert f"| {figures['crt']['passes']:,} | {figures['pass_ratio']:.2f}x |" in crt_row
     assert (tmp_path / "curves.png").stat().st_size > 0
 
     again = compare(cfg, tmp_path, log=lambda m: None)  # everything resumes: nothing is trained twice

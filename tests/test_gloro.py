@@ -532,25 +532,31 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     assert "clean accuracy" in printed and "VRA" in printed and "rejection rate" in printed
     res = read_results(out)
     assert res.idx.tolist() == list(range(300))
-    assert ((res.predict == -1) == (res.radius == 0)).all()
-    assert (res.radius[res.predict >= 0] >= 0.499).all()  # certified at ε = 0.5 (radius floored to 3 digits)
+    # every row keeps its prediction and true margin radius; the decision at ε = 0.5 is its own column
+    assert (res.predict >= 0).all() and res.certified_eps is not None
+    assert (res.radius[res.certified_eps == 1] >= 0.499).all()  # radius floored to 3 digits
+    assert (res.radius[res.certified_eps == 0] <= 0.5).all() and (res.radius[res.certified_eps == 0] > 0).any()
     assert (res.correct == (res.predict == res.label)).all()
     summary = json.loads(summary_path(out).read_text())
     g = summary["gloro"]
-    assert g["N"] == 300 and g["vra"] == pytest.approx(res.correct.mean()) and g["vra"] <= g["clean_accuracy"]
-    assert g["rejection_rate"] == pytest.approx((res.predict == -1).mean())
+    assert g["N"] == 300 and g["clean_accuracy"] == pytest.approx(res.correct.mean())
+    assert g["vra"] == pytest.approx((res.correct & res.certified_eps).mean()) and g["vra"] < g["clean_accuracy"]
+    assert g["rejection_rate"] == pytest.approx((res.certified_eps == 0).mean())
+    # so the curve read off the file starts at clean accuracy, not at VRA
+    assert summary["certified_accuracy"]["0"] == pytest.approx(g["clean_accuracy"])
     # the rows are the model's own certificates
     model = checkpoint.load(cli_run)
     from certkit.data import load_dataset
 
     data = load_dataset("fashion-mnist", "test", str(fmnist_root))
     x = torch.stack([data[i][0] for i in range(300)])
-    pred, _, _ = model.certify(x)
-    assert pred.tolist() == res.predict.tolist()
+    pred, _, clean = model.certify(x)
+    assert clean.tolist() == res.predict.tolist() and ((pred != -1) == (res.certified_eps == 1)).all()
     # resuming adds nothing; another epsilon is refused (settings differ)
     before = out.read_text()
     assert main(args) == 0 and out.read_text() == before
     assert main([*args, "--epsilon", "0.3"]) == 2
+    assert main([*args, "--epsilon", "0.3", "--overwrite"]) == 0 and read_results(out).settings["epsilon"] == 0.3
     # sampling options of randomized smoothing are refused, not silently ignored
     capsys.readouterr()
     assert main([*args, "--shared-noise", "4"]) == 2

@@ -7,13 +7,16 @@ the frozen *guaranteed* Lipschitz bound ``K_sub`` (``shared/reference/gloro.md``
   allowance for float64 rounding (:meth:`GloroNet.certify_logits`) and ``K_ji = K_sub·‖w_j − w_i‖``;
 * certified radius ``min_{i≠j} d_i / K_ji``; certified at ε iff every ``d_i > ε·K_ji`` (ties never are).
 
-Rows: ``idx label predict radius correct time clean_predict``. ``predict`` is ``j`` when the point is
-certified at ε and ``-1`` (⊥, rejected) otherwise, with radius 0; ``correct`` is therefore 1 exactly for
-the points that count towards VRA. ``radius`` is floored by the writer like every certkit radius
-(:func:`certkit.results.format_radius`), and capped at the diameter of
+Rows: ``idx label predict radius correct time certified_eps``. ``predict`` is ``j`` and ``radius`` its true
+margin radius (0 when no positive margin survives the rounding allowance), so certified accuracy against the
+radius, read off the file as for a smoothing run, starts at clean accuracy and is a GloRo curve that can be
+drawn honestly beside a smoothing curve. ``certified_eps`` holds the decision at ε (1: certified, 0: ⊥,
+rejected): VRA is the share of rows with ``correct`` and ``certified_eps`` both 1. ``radius`` is floored by
+the writer like every certkit radius (:func:`certkit.results.format_radius`), and capped at the diameter of
 ``[0, 1]^d`` (an infinite radius, from identical head rows, is no more useful and is not valid TSV).
-``clean_predict`` is ``j`` itself, so clean accuracy survives in the file and in resumed runs. ``time`` is
-each input's share of its batch's forward pass. Rows are flushed to disk once per batch, not per row.
+``time`` is each input's share of its batch's forward pass. Rows are flushed to disk once per batch.
+Files written before this layout have ``predict`` -1 and radius 0 below ε and a ``clean_predict`` column;
+:func:`file_metrics` reads both.
 
 Everything row-independent is shared with the smoothing runner (:func:`certkit.smoothing.runner.run_planned`):
 settings sidecar, resume (refused if ε, the bound or the weights differ), ``--skip/--max/--shard`` and the
@@ -37,8 +40,8 @@ from certkit.gloro.model import BOTTOM, GloroNet
 from certkit.results import ResultWriter, planned_indices, read_results
 from certkit.summary import write_summary
 
-#: extra TSV column after the standard six: the clean (un-certified) prediction
-CLEAN_COLUMN = "clean_predict"
+#: extra TSV column after the standard six: 1 when the row is certified at epsilon, else 0
+EPS_COLUMN = "certified_eps"
 
 
 def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
@@ -111,8 +114,7 @@ def certify_gloro_dataset(
         cap = math.sqrt(xs[0].numel())
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
             for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
-                shown = min(r, cap) if ok else 0.0
-                writer.write_certify(idx, label, j if ok else BOTTOM, shown, elapsed / len(group), **{CLEAN_COLUMN: j})
+                writer.write_certify(idx, label, j, min(max(r, 0.0), cap), elapsed / len(group), **{EPS_COLUMN: int(ok)})
                 tally[0] += 1
                 tally[1] += j == label
                 tally[2] += ok and j == label
@@ -120,7 +122,7 @@ def certify_gloro_dataset(
 
     complete = run_planned(
         out, "certify", settings, dataset, indices, batch_size, process,
-        resume=resume, progress=progress, extra_columns=(CLEAN_COLUMN,),
+        resume=resume, progress=progress, extra_columns=(EPS_COLUMN,),
     )
     if not complete:
         return None
@@ -137,14 +139,19 @@ def _grid(eps: float) -> list[float]:
 def file_metrics(path: str | Path) -> dict[str, float]:
     """Clean accuracy, VRA and rejection rate over every row of a GloRo result file (resumed rows too)."""
     res = read_results(path)
-    if res.clean_predict is None:
-        raise CertkitError(f"{path}: not a GloRo result file (no {CLEAN_COLUMN} column)")
+    if res.certified_eps is not None:
+        clean, certified = res.predict == res.label, res.certified_eps == 1
+        vra = clean & certified
+    elif res.clean_predict is not None:  # the older layout: predict -1 below epsilon
+        clean, certified, vra = res.clean_predict == res.label, res.predict != BOTTOM, res.correct == 1
+    else:
+        raise CertkitError(f"{path}: not a GloRo result file (no {EPS_COLUMN} column)")
     n = max(len(res), 1)
     return {
         "N": len(res),
-        "clean_accuracy": int((res.clean_predict == res.label).sum()) / n,
-        "vra": int(res.correct.sum()) / n,
-        "rejection_rate": int((res.predict == BOTTOM).sum()) / n,
+        "clean_accuracy": int(clean.sum()) / n,
+        "vra": int(vra.sum()) / n,
+        "rejection_rate": int((~certified).sum()) / n,
     }
 
 
@@ -167,6 +174,7 @@ def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: arg
             model, data, out=args.out, epsilon=args.epsilon, batch_size=args.batch, skip=args.skip,
             max_idx=args.max, shard=args.shard, progress=True,
             settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+            resume=not args.overwrite,
         )
         if summary is not None:
             g = summary["gloro"]

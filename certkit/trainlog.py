@@ -1,0 +1,78 @@
+"""Extra records of the per-epoch training metrics: ``certkit train --log csv`` and ``--log tensorboard``.
+
+``metrics.jsonl`` is always written; these are for the tools people already use to look at training.
+``csv`` rewrites ``OUT/metrics.csv`` from the whole history after every epoch (atomically, like
+``metrics.jsonl``, so a resumed run's file is whole and never has a line twice). ``tensorboard`` appends
+one scalar per metric and epoch to event files in ``OUT`` through ``torch.utils.tensorboard``, which needs
+the optional ``tensorboard`` package (``pip install 'certkit[tensorboard]'``). Epochs count from 1 in all
+three, as on the console.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from certkit.errors import CertkitError
+from certkit.fileio import atomic_write_text
+
+FORMATS = ("csv", "tensorboard")
+CSV = "metrics.csv"
+
+
+class MetricLogs:
+    """The writers named in ``formats`` for the run directory ``out``; :meth:`write` after every epoch."""
+
+    def __init__(self, out: str | os.PathLike[str] | None, formats: Sequence[str] = ()) -> None:
+        self.formats = tuple(dict.fromkeys(formats))
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise CertkitError(f"unknown --log {unknown[0]!r}; valid: {', '.join(FORMATS)}")
+        if self.formats and out is None:
+            raise CertkitError("--log needs a run directory (--out) to write to")
+        self.out = Path(out) if out is not None else None
+        self._board: Any = None
+        if "tensorboard" in self.formats:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise CertkitError(
+                    "--log tensorboard needs the tensorboard package: pip install 'certkit[tensorboard]'"
+                ) from None
+            self._writer_class = SummaryWriter
+
+    def write(self, history: Sequence[dict[str, Any]]) -> None:
+        """Record the last epoch of ``history`` (and, for csv, rewrite the whole history)."""
+        if not self.formats or not history:
+            return
+        assert self.out is not None
+        if "csv" in self.formats:
+            atomic_write_text(self.out / CSV, to_csv(history))
+        if "tensorboard" in self.formats:
+            if self._board is None:  # opened on first use, so a run that fails its checks leaves no event file
+                self._board = self._writer_class(log_dir=str(self.out))
+            record = history[-1]
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._board.add_scalar(key, value, global_step=int(record["epoch"]))
+            self._board.flush()
+
+    def close(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+
+def to_csv(history: Sequence[dict[str, Any]]) -> str:
+    """One row per epoch; columns: ``epoch`` first, then every other key in order of first appearance
+    (a column an epoch lacks, such as a test metric of a run without a test split, is left empty)."""
+    columns = list(dict.fromkeys(["epoch", *(k for record in history for k in record)]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
