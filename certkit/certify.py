@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.fileio import require_regular
+from certkit.fileio import check_output
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
 from certkit.summary import write_summary
@@ -43,9 +43,14 @@ from certkit.smooth import (
     Smooth,
     check_certify_args,
     check_predict_args,
+    check_seed,
     input_generator,
     shared_generator,
 )
+
+
+#: most noisy copies per forward pass: a million 224x224 colour copies are already 600 GB of float32
+MAX_BATCH = 10**6
 
 
 class Dataset(Protocol):
@@ -112,15 +117,16 @@ def certify_dataset(
     """
     if mode not in ("certify", "predict"):
         raise CertkitError(f"mode must be 'certify' or 'predict' (got {mode!r})")
-    require_regular(out, "result file")  # a FIFO would block the first write after all the set-up
+    check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
     if mode == "certify":
         check_certify_args(n0, n, alpha)
     else:
         check_predict_args(n, alpha)
         if adaptive is not None:
             raise CertkitError("adaptive sampling applies to certify only")
-    if batch_size < 1:
-        raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise CertkitError(f"--batch must be in 1..{MAX_BATCH:,} noisy copies per forward pass (got {batch_size})")
+    check_seed(seed)
     if shared_noise < 0 or shared_noise == 1:
         raise CertkitError(f"shared noise needs groups of at least 2 inputs (got {shared_noise}; 0 turns it off)")
     smoothed = Smooth(model, num_classes, sigma, shared_noise=shared_noise, **dict(smooth_options or {}))

@@ -20,10 +20,25 @@ from certkit.errors import CertkitError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (not a usage block) and exit status 2."""
+    """argparse, but a bad flag is one line on stderr (not a usage block) starting ``certkit: error:``, exit
+    status 2, and a value the flag's type refuses is described in words, never by the parser function's name."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix("certkit").strip()
+        self.exit(2, f"certkit: error: {command + ': ' if command else ''}{message}\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        parse = action.type if callable(action.type) else str
+        try:
+            return parse(arg_string)
+        except argparse.ArgumentTypeError as e:  # already says what was expected
+            raise argparse.ArgumentError(action, str(e)) from None
+        except (TypeError, ValueError):
+            expected = _EXPECTED.get(parse, "a valid value")  # type: ignore[call-overload]
+            raise argparse.ArgumentError(action, f"expected {expected} (got {arg_string!r})") from None
+
+
+_EXPECTED = {int: "an integer", float: "a number"}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -46,9 +61,12 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def _positive_int(value: str) -> int:
-    v = int(value)
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {value!r})") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {v})")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {v})")
     return v
 
 
@@ -101,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected failure")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     # --- train --------------------------------------------------------------------------------------
@@ -256,9 +275,14 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.certify import certify_dataset
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
+    from certkit.fileio import check_output
     from certkit.reference import check_fits_dataset
+    from certkit.objectives.base import check_sigma
     from certkit.train import select_device
 
+    check_output(args.out, "--out")
+    if args.sigma is not None:
+        check_sigma(args.sigma)
     device = select_device(args.device)
     model, meta = reference.load_any(
         args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
@@ -278,10 +302,9 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CertkitError(f"{args.run}: the checkpoint records no training sigma; pass --sigma")
-    if not float(sigma) > 0:
-        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
+    check_sigma(float(sigma))
     if meta.get("sigma") is not None and abs(float(sigma) - float(meta["sigma"])) > 1e-12:
-        print(f"certkit: note: certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", file=sys.stderr)
+        warnings.warn(f"certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}")
     shard, out = args.shard, args.out
     rank, size = world()
     auto_shard = shard is None and size > 1
@@ -379,11 +402,34 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("methods:       " + ", ".join(list_objectives()))
 
 
+class _HeldWarnings:
+    """Warnings wait until the command is past its checks: they are printed before the first progress line
+    and when the command ends, but dropped when it ends in an error, so a refused command stays one line."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+
+    def hold(self, message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        self.pending.append(f"certkit: warning: {message}")
+
+    def flush(self) -> None:
+        for line in self.pending:
+            print(line, file=sys.stderr)
+        self.pending.clear()
+
+    def filter(self, record: Any) -> bool:  # a logging filter: a progress line means the work has begun
+        self.flush()
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"  # type: ignore[assignment]
-    from certkit.progress import log_to_stderr
+    from certkit.progress import log, log_to_stderr
 
     log_to_stderr()
+    held = _HeldWarnings()
+    warnings.showwarning = held.hold  # type: ignore[assignment]
+    log.addFilter(held)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "certify", "predict"):
@@ -403,13 +449,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             "list": cmd_list,
         }
         handler[args.command](args)
+        held.flush()
     except CertkitError as e:
         print(f"certkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("certkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a failure no check foresaw: one line unless asked for the traceback
+        if debug:
+            raise
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"certkit: error: unexpected {type(e).__name__}{': ' + what if what else ''} (certkit {__version__}); "
+            "rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
     finally:
+        log.removeFilter(held)
         _shutdown_distributed()
     return 0
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -49,6 +50,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.objectives.base import check_sigma
 from certkit.models.stem import StemSplit, outer_sum, split_stem, structure_key
 
 #: the class returned when the smoothed classifier declines to answer
@@ -148,18 +150,34 @@ def certify_from_counts(c_hat: int, n_a: int, n: int, alpha: float, sigma: float
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: most samples per input: 10^9 already takes hours per image on a GPU, and counts beyond it would be
+#: accumulated into arrays and binomial bounds far from anything tested
+MAX_SAMPLES = 10**9
+#: seeds feed NumPy's SeedSequence and torch.manual_seed, which take non-negative 63-bit integers
+MAX_SEED = 2**63 - 1
+
+
 def check_alpha(alpha: float) -> None:
-    if not (0.0 < alpha < 1.0):
-        raise CertkitError(f"alpha must be in (0, 1) (got {alpha})")
+    """alpha in (0, 1) and a normal float: a denormal (e.g. 1e-320) overflows the bounds' 1/alpha terms."""
+    if not (sys.float_info.min <= alpha < 1.0):
+        raise CertkitError(f"--alpha must be a number in (0, 1) no smaller than {sys.float_info.min:.3g} (got {alpha})")
+
+
+def check_sample_count(name: str, value: int) -> None:
+    if not 1 <= value <= MAX_SAMPLES:
+        raise CertkitError(f"--{name} must be an integer in 1..{MAX_SAMPLES:,} samples per input (got {value})")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise CertkitError(f"--seed must be an integer in 0..2^63-1 (got {seed})")
 
 
 def check_certify_args(n0: int, n: int, alpha: float) -> None:
     """Refuse settings under which CERTIFY could never return a certificate, before any sampling."""
     check_alpha(alpha)
-    if n0 < 1:
-        raise CertkitError(f"n0 must be >= 1 (got {n0})")
-    if n < 1:
-        raise CertkitError(f"n must be >= 1 (got {n})")
+    check_sample_count("n0", n0)
+    check_sample_count("n", n)
     if n < min_n_certify(alpha):
         raise CertkitError(
             f"n = {n} can never certify at alpha = {alpha}: CERTIFY needs n >= {min_n_certify(alpha)}"
@@ -168,8 +186,7 @@ def check_certify_args(n0: int, n: int, alpha: float) -> None:
 
 def check_predict_args(n: int, alpha: float) -> None:
     check_alpha(alpha)
-    if n < 1:
-        raise CertkitError(f"n must be >= 1 (got {n})")
+    check_sample_count("n", n)
     if n < min_n_predict(alpha):
         raise CertkitError(
             f"n = {n} always abstains at alpha = {alpha}: PREDICT needs n >= {min_n_predict(alpha)}"
@@ -377,8 +394,7 @@ class Smooth:
         compile: bool = False,
         shared_noise: int = 0,
     ) -> None:
-        if not sigma > 0:
-            raise CertkitError(f"sigma must be > 0 (got {sigma})")
+        check_sigma(sigma)
         if num_classes < 2:
             raise CertkitError(f"num_classes must be >= 2 (got {num_classes})")
         self.model = model

@@ -327,10 +327,15 @@ class Objective:
         return f"{type(self).__name__}(sigma={self.sigma}{', ' if args else ''}{args})"
 
 
+#: largest noise level: 100 times the [0, 1] pixel range, where noise already drowns any image and radii
+#: (at most about 6 sigma) stay far inside what result files accept
+MAX_SIGMA = 100.0
+
+
 def check_sigma(sigma: float | None) -> float:
-    """The one check of a smoothing noise level."""
-    if sigma is None or not isinstance(sigma, (int, float)) or not sigma > 0 or not math.isfinite(sigma):
-        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
+    """The one check of a smoothing noise level, for training and certification alike."""
+    if sigma is None or isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma <= MAX_SIGMA:
+        raise CertkitError(f"--sigma must be a number in (0, {MAX_SIGMA:g}] in [0, 1] pixel units (got {sigma})")
     return float(sigma)
 
 
