@@ -34,11 +34,13 @@ class _Parser(argparse.ArgumentParser):
         except argparse.ArgumentTypeError as e:  # already says what was expected
             raise argparse.ArgumentError(action, str(e)) from None
         except (TypeError, ValueError):
-            expected = _EXPECTED.get(parse, "a valid value")  # type: ignore[call-overload]
+            expected = _EXPECTED.get(getattr(parse, "__name__", ""), "a valid value")
             raise argparse.ArgumentError(action, f"expected {expected} (got {arg_string!r})") from None
 
 
-_EXPECTED = {int: "an integer", float: "a number"}
+#: what a flag's value must look like, by the name of the function that parses it
+_EXPECTED = {"int": "an integer", "float": "a number", "parse_bool": "true or false",
+             "_milestones": "comma-separated integers, e.g. 30,60"}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -426,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from certkit.progress import log, log_to_stderr
 
     log_to_stderr()
-    held = _HeldWarnings()
+    held, shown = _HeldWarnings(), warnings.showwarning
     warnings.showwarning = held.hold  # type: ignore[assignment]
     log.addFilter(held)
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
@@ -468,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         log.removeFilter(held)
+        warnings.showwarning = shown
         _shutdown_distributed()
     return 0
 

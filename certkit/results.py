@@ -543,8 +543,7 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     """
     if not shard_paths:
         raise CertkitError("merge needs at least one shard file")
-    out_path = Path(out_path)
-    check_output(out_path, "merge --out")
+    out_path = check_output(out_path, "merge --out")  # before Path(), which reads "" as "."
     for path in shard_paths:
         if out_path.exists() and Path(path).exists() and os.path.samefile(out_path, path):
             raise CertkitError(f"merge --out {out_path} is one of its input shards; choose another output file")

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
 from certkit.errors import CertkitError
-from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output
+from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
@@ -575,6 +575,8 @@ def build_trainer(
     select_device(device)
     if out is not None:
         check_output(out, "--out", directory=True)
+        for name in (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE):  # written after the first epoch
+            require_regular(Path(out) / name, f"run's {name}")
         if not resume and (Path(out) / STATE).exists():
             raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         if resume and not (Path(out) / STATE).is_file():
