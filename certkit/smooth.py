@@ -157,10 +157,17 @@ MAX_SAMPLES = 10**9
 MAX_SEED = 2**63 - 1
 
 
+#: largest failure probability: above it the bound alpha^(1/n) of n unanimous votes rounds to 1 for large n
+#: (at alpha = 1 - 1e-12 and n = 10^9), which would publish an infinite radius
+MAX_ALPHA = 0.5
+
+
 def check_alpha(alpha: float) -> None:
-    """alpha in (0, 1) and a normal float: a denormal (e.g. 1e-320) overflows the bounds' 1/alpha terms."""
-    if not (sys.float_info.min <= alpha < 1.0):
-        raise CertkitError(f"--alpha must be a number in (0, 1) no smaller than {sys.float_info.min:.3g} (got {alpha})")
+    """alpha a normal float in (0, 1/2]: a denormal (e.g. 1e-320) overflows the bounds' 1/alpha terms."""
+    if not (sys.float_info.min <= alpha <= MAX_ALPHA):
+        raise CertkitError(
+            f"--alpha must be a number in (0, {MAX_ALPHA}], at least {sys.float_info.min:.3g} (got {alpha})"
+        )
 
 
 def check_sample_count(name: str, value: int) -> None:

@@ -128,8 +128,8 @@ def test_certify_grows_with_a_larger_max_and_refuses_a_smaller_one(
     [
         (["certify", "RUN", "--sigma", "0"], "--sigma must be a number in (0, 100]"),
         (["certify", "RUN", "--sigma", "-0.5"], "--sigma must be a number in (0, 100]"),
-        (["certify", "RUN", "--alpha", "1.5"], "--alpha must be a number in (0, 1)"),
-        (["certify", "RUN", "--alpha", "0"], "--alpha must be a number in (0, 1)"),
+        (["certify", "RUN", "--alpha", "1.5"], "--alpha must be a number in (0, 0.5]"),
+        (["certify", "RUN", "--alpha", "0"], "--alpha must be a number in (0, 0.5]"),
         (["certify", "RUN", "--n0", "0"], "--n0 must be an integer in 1..1,000,000,000"),
         (["certify", "RUN", "--n", "0"], "--n must be an integer in 1..1,000,000,000"),
         (["certify", "RUN", "--n", "5"], "CERTIFY needs n >= 10"),
