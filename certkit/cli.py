@@ -278,8 +278,8 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
     from certkit.fileio import check_output
-    from certkit.reference import check_fits_dataset
     from certkit.objectives.base import check_sigma
+    from certkit.reference import check_fits_dataset
     from certkit.train import select_device
 
     check_output(args.out, "--out")
