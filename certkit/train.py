@@ -428,19 +428,22 @@ class Trainer:
         optimisation setting, so what ``model.json`` records is what ran. ``epochs`` alone may grow; that
         is checked by the caller."""
         current = self.checkpoint_meta(0)
-        keys = ["dataset", "train_subset", "test_subset", "arch", "method", "sigma"]
-        saved = {k: saved_meta.get(k) for k in keys}
-        now = {k: current.get(k) for k in keys}
+        flag = {f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0] for f in dataclasses.fields(TrainConfig)}
+        saved: dict[str, Any] = {}  # by the flag that sets it (MACER's --gamma is not the schedule's --lr-gamma)
+        now: dict[str, Any] = {}
+        for k in ("dataset", "train_subset", "test_subset", "arch", "method", "sigma"):
+            saved["--" + k.replace("_", "-")], now["--" + k.replace("_", "-")] = saved_meta.get(k), current.get(k)
         for group in ("hparams", "train"):
             old, new = dict(saved_meta.get(group, {})), dict(current.get(group, {}))
             for k in dict.fromkeys([*old, *new]):
                 if (group, k) != ("train", "epochs"):
-                    saved[k], now[k] = old.get(k), new.get(k)
+                    name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
+                    saved[name], now[name] = old.get(k), new.get(k)
         saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # as stored: tuples become lists
         for k in saved:
             if saved[k] != now[k]:
                 raise CertkitError(
-                    f"{path}: run was started with {k}={saved[k]!r}, not {now[k]!r}; resume with the same settings or choose another --out"
+                    f"{path}: run was started with {k} {saved[k]!r}, not {now[k]!r}; resume with the same settings or choose another --out"
                 )
 
     def resume(self) -> bool:

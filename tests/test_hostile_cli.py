@@ -207,12 +207,13 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
                               made("d", directory=True), False),
     # resume: no run, or a run that differs in what defines its result
     "resume-no-run": ([*TRAIN, "--out", "TMP/empty", "--resume"], ["holds no run"], made("empty", directory=True), False),
-    "resume-other-lr-momentum": (resume("--lr", "0.5", "--momentum", "0"), ["lr=", "0.5"], None, False),
-    "resume-other-momentum": (resume("--momentum", "0"), ["momentum=0.9", "not 0.0"], None, False),
-    "resume-other-subset": (resume(subset="128"), ["train_subset=256", "128"], None, False),
-    "resume-other-arch": (resume("--arch", "resnet20"), ["arch='lenet'", "resnet20"], None, False),
-    "resume-other-method": (resume("--method", "smoothmix"), ["method='gaussian'", "smoothmix"], None, False),
-    "resume-other-dataset": (resume("--dataset", "mnist"), ["dataset='fashion-mnist'", "mnist"], None, False),
+    "resume-other-lr-momentum": (resume("--lr", "0.5", "--momentum", "0"), ["--lr 0.01", "0.5"], None, False),
+    "resume-other-momentum": (resume("--momentum", "0"), ["--momentum 0.9", "not 0.0"], None, False),
+    "resume-other-lr-gamma": (resume("--lr-gamma", "0.5"), ["--lr-gamma 0.1", "0.5"], None, False),
+    "resume-other-subset": (resume(subset="128"), ["--train-subset 256", "128"], None, False),
+    "resume-other-arch": (resume("--arch", "resnet20"), ["--arch 'lenet'", "resnet20"], None, False),
+    "resume-other-method": (resume("--method", "smoothmix"), ["--method 'gaussian'", "smoothmix"], None, False),
+    "resume-other-dataset": (resume("--dataset", "mnist"), ["--dataset 'fashion-mnist'", "mnist"], None, False),
 }
 
 
