@@ -19,6 +19,7 @@ containers and refuses every other pickled object.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -122,10 +123,63 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         raise CertkitError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CertkitError(f"{meta_path}: not a certkit checkpoint (expected format {FORMAT!r})")
+    problem = meta_problem(meta)
+    if problem:
+        raise CertkitError(f"{meta_path}: {problem}")
+    return meta
+
+
+#: bounds on what a model.json may ask certkit to build: ImageNet-21k has 21,841 classes and 224x224
+#: colour images; beyond these a crafted file would only ask the allocator for gigabytes of weights
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 4
+MAX_SIDE = 1024
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a ``model.json``'s fields (None: nothing), checked before any of them is used to
+    build a model: types, bounds that keep a crafted file from asking for terabytes, and the weights' hash,
+    which must be there (a checkpoint without one would load unchecked)."""
     for key in ("arch", "num_classes", "in_shape", "weights"):
         if key not in meta:
-            raise CertkitError(f"{meta_path}: missing field {key!r}")
-    return meta
+            return f"missing field {key!r}"
+    if not isinstance(meta["arch"], str):
+        return "'arch' must be a string"
+    if not (_is_int(meta["num_classes"]) and 1 <= meta["num_classes"] <= MAX_CLASSES):
+        return f"'num_classes' must be an integer in 1..{MAX_CLASSES:,} (got {meta['num_classes']!r})"
+    shape = meta["in_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)
+            and 1 <= shape[0] <= MAX_CHANNELS and all(1 <= v <= MAX_SIDE for v in shape[1:])):
+        return f"'in_shape' must be [channels 1..{MAX_CHANNELS}, height, width 1..{MAX_SIDE}] (got {shape!r})"
+    sigma = meta.get("sigma")
+    if sigma is not None and not (_is_number(sigma) and sigma > 0):
+        return f"'sigma' must be a positive finite number (got {sigma!r})"
+    norm = meta.get("normalization")
+    if norm is not None:
+        if not (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
+                                               and all(_is_number(v) for v in norm[k]) for k in ("mean", "std"))):
+            return f"'normalization' must hold 'mean' and 'std', {shape[0]} finite numbers each"
+        if not all(v > 0 for v in norm["std"]):
+            return f"'normalization' std must be positive (got {norm['std']!r})"
+    weights = meta["weights"]
+    if not isinstance(weights, dict) or not isinstance(weights.get("tensors"), dict):
+        return "'weights' must be a mapping with the weights file's 'sha256' and 'tensors'"
+    digest = weights.get("sha256")
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        return (f"'weights' has no valid 'sha256' of {WEIGHTS}, so the weights cannot be checked; restore the file, "
+                "or re-save the run (certkit train ... --resume rewrites it)")
+    for key in ("hparams", "train"):
+        if key in meta and not isinstance(meta[key], dict):
+            return f"{key!r} must be a mapping"
+    return None
 
 
 def wrapper_key(meta: dict[str, Any]) -> str | None:
@@ -155,8 +209,7 @@ def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str,
     if not weights.is_file():
         raise CertkitError(f"{weights}: missing")
     if meta is not None:
-        want = meta["weights"].get("sha256")
-        if want and sha256_file(weights) != want:
+        if sha256_file(weights) != meta["weights"]["sha256"]:  # read_meta made sure there is one
             raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
     try:
         state = st_load(weights.read_bytes())

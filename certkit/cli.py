@@ -22,7 +22,8 @@ from certkit.errors import CertkitError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (not a usage block) and exit status 2.
+    """argparse, but a bad flag is one line on stderr (not a usage block) starting ``certkit: error:``, exit
+    status 2, and a value the flag's type refuses is described in words, never by the parser function's name.
 
     A subcommand's flags are declared by its ``declare`` function the first time the subcommand is parsed
     or its help is shown: several flag lists name registries (methods, models, datasets) whose modules
@@ -45,7 +46,23 @@ class _Parser(argparse.ArgumentParser):
         return super().format_help()
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix("certkit").strip()
+        self.exit(2, f"certkit: error: {command + ': ' if command else ''}{message}\n")
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        parse = action.type if callable(action.type) else str
+        try:
+            return parse(arg_string)
+        except argparse.ArgumentTypeError as e:  # already says what was expected
+            raise argparse.ArgumentError(action, str(e)) from None
+        except (TypeError, ValueError):
+            expected = _EXPECTED.get(getattr(parse, "__name__", ""), "a valid value")
+            raise argparse.ArgumentError(action, f"expected {expected} (got {arg_string!r})") from None
+
+
+#: what a flag's value must look like, by the name of the function that parses it
+_EXPECTED = {"int": "an integer", "float": "a number", "parse_bool": "true or false",
+             "_milestones": "comma-separated integers, e.g. 30,60"}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -68,9 +85,12 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def _positive_int(value: str) -> int:
-    v = int(value)
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {value!r})") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {v})")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {v})")
     return v
 
 
@@ -235,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     (see :class:`_Parser`), so ``certkit --help`` and ``--version`` never import torch."""
     parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected failure")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, declare: Callable[[argparse.ArgumentParser], None] | None, help: str, **kwargs: Any) -> None:
@@ -333,6 +354,8 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit import reference
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
+    from certkit.fileio import check_output
+    from certkit.smoothing.statistics import check_sigma
     from certkit.reference import check_fits_dataset
     from certkit.smoothing.runner import RunPlan, certify_dataset
     from certkit.smoothing.samplers import sampler_for
@@ -341,6 +364,9 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.smoothing.voter import Voter
     from certkit.train import select_device
 
+    check_output(args.out, "--out")
+    if args.sigma is not None:
+        check_sigma(args.sigma)
     device = select_device(args.device)
     if args.compile and device.type != "cuda":
         # torch.compile's C++ toolchain lookup logs "No CUDA runtime is found" on a CPU-only run: true, and
@@ -364,10 +390,9 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CertkitError(f"{args.run}: the checkpoint records no training sigma; pass --sigma")
-    if not float(sigma) > 0:
-        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
+    check_sigma(float(sigma))
     if meta.get("sigma") is not None and abs(float(sigma) - float(meta["sigma"])) > 1e-12:
-        print(f"certkit: note: certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", file=sys.stderr)
+        warnings.warn(f"certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}")
     shard, out = args.shard, args.out
     rank, size = world()
     auto_shard = shard is None and size > 1
@@ -468,11 +493,35 @@ def cmd_list(args: argparse.Namespace) -> None:
     print("recipes:       " + ", ".join(list_recipes()) + " (certkit list recipes)")
 
 
+class _HeldWarnings:
+    """Warnings wait until the command is past its checks: they are printed before the first progress line
+    and when the command ends, but dropped when it ends in an error, so a refused command stays one line."""
+
+    def __init__(self) -> None:
+        self.pending: list[str] = []
+
+    def hold(self, message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        self.pending.append(f"certkit: warning: {message}")
+
+    def flush(self) -> None:
+        for line in self.pending:
+            print(line, file=sys.stderr)
+        self.pending.clear()
+
+    def filter(self, record: Any) -> bool:  # a logging filter: a progress line means the work has begun
+        self.flush()
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"
-    from certkit.progress import log_to_stderr
+    from certkit.progress import log, log_to_stderr
 
     log_to_stderr()
+    held, shown = _HeldWarnings(), warnings.showwarning
+    warnings.showwarning = held.hold
+    log.addFilter(held)
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "certify", "predict"):
@@ -492,13 +541,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             "list": cmd_list,
         }
         handler[args.command](args)
+        held.flush()
     except CertkitError as e:
         print(f"certkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("certkit: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, or a failure no check foresaw: one line unless asked for the traceback
+        if debug:
+            raise
+        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"certkit: error: unexpected {type(e).__name__}{': ' + what if what else ''} (certkit {__version__}); "
+            "rerun with --debug for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 1
     finally:
+        log.removeFilter(held)
+        warnings.showwarning = shown
         _shutdown_distributed()
     return 0
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from certkit.errors import CertkitError
+from certkit.fileio import check_output
 from certkit.figures import pyplot, save_figure
 
 METRICS = "metrics.jsonl"
@@ -56,6 +57,7 @@ def plot_training_curves(
 ) -> Path:
     """Loss (left) and accuracies (right) against the epoch for every run, saved atomically in the format
     of ``path``'s suffix (.png, .pdf, .svg). Runs are told apart by colour, the accuracies by line style."""
+    check_output(path, "--plot")
     plt = pyplot()
     if labels is not None and len(labels) != len(runs):
         raise CertkitError(f"--labels gives {len(labels)} names for {len(runs)} runs")

@@ -1,4 +1,4 @@
-"""Atomic file writes, hashing, output locks and the regular-file check.
+"""Atomic file writes, hashing, output locks, the regular-file check and the output-path check.
 
 A run that is killed (SIGKILL included) at any moment must never leave a half-written file that later
 loads. Every file certkit produces is therefore written to a temporary file in the same directory, flushed,
@@ -90,6 +90,38 @@ def require_regular(path: str | os.PathLike, what: str = "file") -> None:
     if not stat.S_ISREG(mode):
         kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, device or socket)"
         raise CertkitError(f"{path}: is {kind}; the {what} must be a regular file")
+
+
+#: pseudo-file systems: writing there changes the kernel's state or fails late, never stores a result
+SYSTEM_TREES = (Path("/proc"), Path("/sys"))
+
+
+def check_output(path: str | os.PathLike, flag: str, *, directory: bool = False) -> Path:
+    """Refuse an output path that could only fail after the work is done: empty, under /proc or /sys, of the
+    wrong kind (a directory where a file goes, a file where a run directory goes, a FIFO or device), or
+    whose parent is missing or not writable. Checked before any data is read or any model trained."""
+    if not str(path).strip():
+        raise CertkitError(f"{flag} is empty; give a {'directory' if directory else 'file'} path")
+    target = Path(path)
+    resolved = target.resolve()
+    for tree in SYSTEM_TREES:
+        if resolved == tree or tree in resolved.parents:
+            raise CertkitError(f"{flag} {path}: under {tree}, a kernel file system; choose a normal folder")
+    if directory:
+        if target.exists() and not target.is_dir():
+            raise CertkitError(f"{flag} {path}: exists and is not a directory; {flag} names a run directory")
+    else:
+        require_regular(target, f"{flag} file")
+    existing = target if directory and target.is_dir() else resolved.parent
+    if not directory and not existing.is_dir():
+        raise CertkitError(f"{flag} {path}: its folder {existing} does not exist")
+    while directory and not existing.exists():  # a run directory is created with its parents
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CertkitError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CertkitError(f"{flag} {path}: cannot write in {existing} (permission denied)")
+    return target
 
 
 def lock_path(target: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from torch import nn
 from certkit.checkpoint import load_with_meta, make_meta
 from certkit.data import DatasetInfo, dataset_info
 from certkit.errors import CertkitError
-from certkit.fileio import atomic_write_bytes, sha256_file
+from certkit.fileio import atomic_write_bytes, check_output, sha256_file
 from certkit.models import create_model, model_spec
 
 #: The first layers of the reference code bases, by what they compute:
@@ -112,12 +113,20 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the checkpoint dict, its state dict)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses arbitrary objects with an UnpicklingError among others
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False, i.e. running the file's code
+        raise CertkitError(
+            f"{path}: refused: it holds pickled objects other than tensors and plain containers, and certkit "
+            "never runs code from a checkpoint"
+        ) from None
+    except Exception as e:  # truncated or not a torch file at all
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CertkitError(f"{path}: refused: not a plain weights file loadable with weights_only=True ({first})") from None
+        raise CertkitError(f"{path}: not a readable torch checkpoint ({first})") from None
     state = ckpt.get("state_dict", ckpt.get("net")) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CertkitError(f"{path}: expected a dict with 'state_dict' (or MACER's 'net'), the reference checkpoint format")
+    bad = next((k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
+    if bad is not None:
+        raise CertkitError(f"{path}: the state_dict must map names (strings) to tensors; entry {bad!r} does not")
     return ckpt, state
 
 
@@ -131,8 +140,6 @@ def _body_state(path: Path, state: dict[str, Any], layout: ReferenceArch) -> tup
     origin: dict[str, str] = {}
     wrapped = False
     for file_key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise CertkitError(f"{path}: state_dict entry {file_key!r} is not a tensor")
         key = file_key.removeprefix("module.")
         if key.startswith("0."):
             raise CertkitError(f"{path}: the input layer holds a tensor ({file_key!r}); the reference input layers hold none")
@@ -245,6 +252,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     dataset name alone, so only models whose first layer is that dataset's standard layer are exported:
     anything else would certify a different function there.
     """
+    check_output(out, "--out")
     model, meta = load_with_meta(run)
     assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
     arch = meta["arch"]

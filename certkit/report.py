@@ -25,6 +25,7 @@ from typing import overload
 import numpy as np
 
 from certkit.errors import CertkitError
+from certkit.fileio import check_output
 from certkit.figures import pyplot, save_figure
 from certkit.results import Results, read_results
 from certkit.smoothing.statistics import max_radius
@@ -311,6 +312,8 @@ def report_files(
     """
     if not files:
         raise CertkitError("report needs at least one result file")
+    if plot is not None:
+        check_output(plot, "--plot")
     if radii is not None:
         radii = [float(r) for r in radii]
         bad = [r for r in radii if not (math.isfinite(r) and r >= 0)]

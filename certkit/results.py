@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.fileio import PidLock, atomic_write_json, atomic_write_text, require_regular
+from certkit.fileio import PidLock, atomic_write_json, atomic_write_text, check_output, require_regular
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -550,8 +550,7 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     """
     if not shard_paths:
         raise CertkitError("merge needs at least one shard file")
-    out_path = Path(out_path)
-    require_regular(out_path, "merged result file")
+    out_path = check_output(out_path, "merge --out")  # before Path(), which reads "" as "."
     for path in shard_paths:
         if out_path.exists() and Path(path).exists() and os.path.samefile(out_path, path):
             raise CertkitError(f"merge --out {out_path} is one of its input shards; choose another output file")

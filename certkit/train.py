@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
 from certkit.errors import CertkitError
-from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text
+from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
@@ -102,11 +102,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step", "test_batch_size"):
             if getattr(self, name) < 1:
                 raise CertkitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise CertkitError(f"--lr must be > 0 (got {self.lr})")
+        if not 0 < self.lr < math.inf:
+            raise CertkitError(f"--lr must be a finite number > 0 (got {self.lr})")
         for name in ("momentum", "weight_decay", "gamma", "lr_final"):
-            if not getattr(self, name) >= 0:
-                raise CertkitError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise CertkitError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed and the derived seeds take non-negative 63-bit seeds
+            raise CertkitError(f"--seed must be an integer in 0..2^63-1 (got {self.seed})")
         if self.optimizer not in ("sgd", "adam"):
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
         if self.schedule not in SCHEDULES:
@@ -136,7 +138,9 @@ def half_exp_factor(epoch: int, epochs: int, ratio: float) -> float:
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    """'auto' picks CUDA when present (the local rank's GPU under torchrun), else CPU. Any other name must
+    be a device this machine has (cpu, cuda, cuda:N below the count, mps), so that a run never starts on
+    a device torch rejects late (``meta`` has no data at all)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -144,9 +148,17 @@ def select_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CertkitError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CertkitError("device cuda requested but CUDA is not available")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CertkitError(f"--device {name}: unknown; use auto, cpu, cuda or cuda:N")
+    if device.type == "mps" and not (torch.backends.mps.is_available()):
+        raise CertkitError(f"--device {name}: this machine has no Apple MPS device; use auto or cpu")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CertkitError(f"--device {name}: CUDA is not available on this machine; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise CertkitError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return device
 
 
@@ -470,6 +482,31 @@ class Trainer:
         checkpoint.save(self.model, self.out_dir, meta)
         atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
 
+    def _check_same_run(self, path: Path, saved_meta: Mapping[str, Any]) -> None:
+        """Refuse to resume under any setting that defines the result other than the one the run started
+        with: the data (dataset, subsets, architecture), the method, sigma, its hyperparameters and every
+        optimisation setting, so what ``model.json`` records is what ran. ``epochs`` alone may grow; that
+        is checked by the caller."""
+        current = self.checkpoint_meta(0)
+        flag = {f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0] for f in dataclasses.fields(TrainConfig)}
+        saved: dict[str, Any] = {}  # by the flag that sets it (MACER's --gamma is not the schedule's --lr-gamma)
+        now: dict[str, Any] = {}
+        for k in ("dataset", "train_subset", "test_subset", "arch", "method", "sigma"):
+            saved["--" + k.replace("_", "-")], now["--" + k.replace("_", "-")] = saved_meta.get(k), current.get(k)
+        for group in ("hparams", "train"):
+            old, new = dict(saved_meta.get(group, {})), dict(current.get(group, {}))
+            # a setting the run never recorded was added by a later certkit: the run resumes under its value now
+            for k in old:
+                if (group, k) != ("train", "epochs"):
+                    name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
+                    saved[name], now[name] = old.get(k), new.get(k)
+        saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # as stored: tuples become lists
+        for k in saved:
+            if saved[k] != now[k]:
+                raise CertkitError(
+                    f"{path}: run was started with {k} {saved[k]!r}, not {now[k]!r}; resume with the same settings or choose another --out"
+                )
+
     def resume(self) -> bool:
         """Continue from the last completed epoch in ``out_dir``; False when there is nothing to resume."""
         if self.out_dir is None or not (self.out_dir / STATE).is_file():
@@ -484,22 +521,8 @@ class Trainer:
         except Exception as e:  # a corrupt resume file must not be half-used
             raise CertkitError(f"{path}: cannot resume from it ({e})") from None
         meta = info["meta"]
-        if meta.get("method") != self.objective.name:
-            raise CertkitError(f"{path}: run was trained with method {meta.get('method')!r}, not {self.objective.name!r}")
-        # every setting that changes what an epoch computes must match: optimisation, sigma, method hyperparameters
+        self._check_same_run(path, meta)
         saved_train = meta.get("train", {})
-        train_keys = [k for k in ("seed", "batch_size", "optimizer", "schedule") if k in saved_train]
-        saved = {**{k: saved_train[k] for k in train_keys}, "sigma": meta.get("sigma"), **meta.get("hparams", {})}
-        now = json.loads(json.dumps(  # compared as stored in JSON (tuples become lists)
-            {**{k: getattr(self.config, k) for k in train_keys}, "sigma": self.objective.sigma, **self.objective.hparams}
-        ))
-        differing = [k for k in dict.fromkeys([*saved, *now]) if saved.get(k) != now.get(k)]
-        if differing:
-            k = differing[0]
-            raise CertkitError(
-                f"{path}: run was started with {k}={saved.get(k)!r}, not {now.get(k)!r}; "
-                "use the same settings or another --out"
-            )
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
                 raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
@@ -654,8 +677,15 @@ def build_trainer(
     instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters,
     the teacher, the settings), so a mistake is reported before any data is read.
     """
-    if out is not None and not resume and (Path(out) / STATE).exists():
-        raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+    select_device(device)
+    if out is not None:
+        check_output(out, "--out", directory=True)
+        for name in (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE):  # written after the first epoch
+            require_regular(Path(out) / name, f"run's {name}")
+        if not resume and (Path(out) / STATE).exists():
+            raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+        if resume and not (Path(out) / STATE).is_file():
+            raise CertkitError(f"--resume {out}: holds no run to resume ({STATE} is missing); drop --resume to start one")
     MetricLogs(out, metric_logs)  # an unknown format or a missing tensorboard package, before any data is read
     named = isinstance(dataset, str)
     info = dataset_info(dataset) if named else None

@@ -63,7 +63,6 @@ def test_truncated_weights_refused_without_hash(tmp_path: Path, fraction: float)
 def test_shape_mismatch_refused(tmp_path: Path) -> None:
     _, run = _saved(tmp_path)
     meta = json.loads((run / "model.json").read_text())
-    meta["weights"]["sha256"] = None
     meta["weights"]["tensors"]["1.classifier.3.weight"]["shape"] = [11, 500]
     (run / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CertkitError, match="shapes or dtypes do not match"):

@@ -79,8 +79,10 @@ def test_training_killed_before_first_epoch_starts_over(tmp_path: Path) -> None:
             "--batch-size", "50", "--device", "cpu", "--out", str(tmp_path / "run")]
     proc = certkit(*args, wait=False)
     kill_when(proc, lambda: True)  # at once: nothing complete on disk
-    resumed = certkit(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr.decode()
+    resumed = certkit(*args, "--resume")  # nothing to resume: refused, not a silent fresh start
+    assert resumed.returncode == 2 and "holds no run" in resumed.stderr.decode(), resumed.stderr.decode()
+    again = certkit(*args)
+    assert again.returncode == 0, again.stderr.decode()
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from certkit import checkpoint, report
 from certkit.data import dataset_info, load_dataset
-from certkit.fileio import atomic_write_text
+from certkit.fileio import atomic_write_text, check_output
 from certkit.smoothing.runner import RunPlan, certify_dataset
 from certkit.smoothing.smooth import Smooth
-from certkit.train import select_device, train
+from certkit.train import STATE, select_device, train
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
         log(f"== {name}: {spec['arch']} with {spec['method']} ({spec['epochs']} epochs)")
         train(
             cfg.dataset, spec["arch"], spec["method"], sigma=cfg.sigma, out=out / name, hparams=spec.get("hparams"),
-            teacher=spec.get("teacher"), data_dir=data_dir, device=str(dev), resume=True,
+            teacher=spec.get("teacher"), data_dir=data_dir, device=str(dev), resume=(out / name / STATE).is_file(),
             **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size")),
         )
         model, meta = checkpoint.load_with_meta(out / name, device=dev)
@@ -181,6 +181,8 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
 
 
 def run_demo(out: str | Path = "demo-out", full: bool = False, data_dir: str | None = None, device: str = "auto") -> str:
+    check_output(out, "--out", directory=True)  # before an hour of training, not after it
+    select_device(device)
     cfg = CompareConfig.full() if full else CompareConfig()
     out = Path(out) / ("full" if full else "quick")
     figures = compare(cfg, out, data_dir, device)

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.smoothing.statistics import check_sigma
 
 #: the dataset family whose published values a directly built objective takes: the command line's
 #: default dataset (Fashion-MNIST) is in it, so ``SmoothMix(0.25)`` is ``certkit train --method smoothmix``
@@ -326,13 +327,6 @@ class Objective:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in sorted(self.hparams.items()))
         return f"{type(self).__name__}(sigma={self.sigma}{', ' if args else ''}{args})"
-
-
-def check_sigma(sigma: float | None) -> float:
-    """The one check of a smoothing noise level."""
-    if sigma is None or not isinstance(sigma, (int, float)) or not sigma > 0 or not math.isfinite(sigma):
-        raise CertkitError(f"--sigma must be > 0 (got {sigma})")
-    return float(sigma)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -36,14 +36,24 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.fileio import require_regular
+from certkit.fileio import check_output
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
 from certkit.smoothing.samplers import NOISE_BLOCK, input_generator, shared_generator
 from certkit.smoothing.smooth import Smooth
-from certkit.smoothing.statistics import AdaptiveSchedule, check_batch_size, check_certify_args, check_predict_args
+from certkit.smoothing.statistics import (
+    AdaptiveSchedule,
+    check_batch_size,
+    check_certify_args,
+    check_predict_args,
+    check_seed,
+)
 from certkit.smoothing.voter import MIN_VOTE_AGREEMENT, NonFiniteLogits
 from certkit.summary import write_summary
+
+
+#: most noisy copies per forward pass: a million 224x224 colour copies are already 600 GB of float32
+MAX_BATCH = 10**6
 
 
 class Dataset(Protocol):
@@ -104,6 +114,7 @@ class RunPlan:
             if self.adaptive is not None:
                 raise CertkitError("adaptive sampling applies to certify only")
         check_batch_size(self.batch_size)
+        check_seed(self.seed)
         if self.inputs_per_batch is not None and self.inputs_per_batch < 1:
             raise CertkitError(f"inputs per batch must be >= 1 (got {self.inputs_per_batch})")
         self.indices(0)  # refuses a bad skip or shard before any work
@@ -159,7 +170,7 @@ def certify_dataset(
     ``p // G`` in the unsharded plan) votes on one noise stream; every certificate keeps its guarantee, but
     the certificates of a group are not independent of each other.
     """
-    require_regular(out, "result file")  # a FIFO would block the first write after all the set-up
+    check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
     indices = plan.indices(len(dataset))
     shared_noise = smoothed.shared_noise
     settings: dict[str, Any] = {

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from certkit.errors import CertkitError
-from certkit.smoothing.statistics import check_batch_size
+from certkit.smoothing.statistics import check_batch_size, check_sigma
 from certkit.smoothing.stem import StemSplit, outer_sum, split_stem, structure_key
 from certkit.smoothing.voter import Voter
 
@@ -82,10 +82,8 @@ class Sampler:
     group = 0
 
     def __init__(self, voter: Voter, sigma: float) -> None:
-        if not sigma > 0:
-            raise CertkitError(f"sigma must be > 0 (got {sigma})")
         self.voter = voter
-        self.sigma = float(sigma)
+        self.sigma = check_sigma(sigma)
         self._buffer: Tensor | None = None
 
     @property

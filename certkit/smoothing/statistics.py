@@ -9,6 +9,7 @@ test, and the stages and per-look levels of :class:`AdaptiveSchedule`.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -106,18 +107,49 @@ def certify_from_counts(c_hat: int, n_a: int, n: int, alpha: float, sigma: float
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: most samples per input: 10^9 already takes hours per image on a GPU, and counts beyond it would be
+#: accumulated into arrays and binomial bounds far from anything tested
+MAX_SAMPLES = 10**9
+#: seeds feed NumPy's SeedSequence and torch.manual_seed, which take non-negative 63-bit integers
+MAX_SEED = 2**63 - 1
+#: largest failure probability: above it the bound alpha^(1/n) of n unanimous votes rounds to 1 for large n
+#: (at alpha = 1 - 1e-12 and n = 10^9), which would publish an infinite radius
+MAX_ALPHA = 0.5
+#: largest noise level: 100 times the [0, 1] pixel range, where noise already drowns any image and radii
+#: (at most about 6 sigma) stay far inside what result files accept
+MAX_SIGMA = 100.0
+#: most noisy copies per forward pass: a million 224x224 colour copies are already 600 GB of float32
+MAX_BATCH = 10**6
+
+
+def check_sigma(sigma: float | None) -> float:
+    """The one check of a smoothing noise level, for training and certification alike."""
+    if sigma is None or isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma <= MAX_SIGMA:
+        raise CertkitError(f"--sigma must be a number in (0, {MAX_SIGMA:g}] in [0, 1] pixel units (got {sigma})")
+    return float(sigma)
+
+
 def check_alpha(alpha: float) -> None:
-    if not (0.0 < alpha < 1.0):
-        raise CertkitError(f"alpha must be in (0, 1) (got {alpha})")
+    """alpha a normal float in (0, 1/2]: a denormal (e.g. 1e-320) overflows the bounds' 1/alpha terms."""
+    if not (sys.float_info.min <= alpha <= MAX_ALPHA):
+        raise CertkitError(f"--alpha must be a number in (0, {MAX_ALPHA}], at least {sys.float_info.min:.3g} (got {alpha})")
+
+
+def check_sample_count(name: str, value: int) -> None:
+    if not 1 <= value <= MAX_SAMPLES:
+        raise CertkitError(f"--{name} must be an integer in 1..{MAX_SAMPLES:,} samples per input (got {value})")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise CertkitError(f"--seed must be an integer in 0..2^63-1 (got {seed})")
 
 
 def check_certify_args(n0: int, n: int, alpha: float) -> None:
     """Refuse settings under which CERTIFY could never return a certificate, before any sampling."""
     check_alpha(alpha)
-    if n0 < 1:
-        raise CertkitError(f"n0 must be >= 1 (got {n0})")
-    if n < 1:
-        raise CertkitError(f"n must be >= 1 (got {n})")
+    check_sample_count("n0", n0)
+    check_sample_count("n", n)
     if n < min_n_certify(alpha):
         raise CertkitError(
             f"n = {n} can never certify at alpha = {alpha}: CERTIFY needs n >= {min_n_certify(alpha)}"
@@ -125,14 +157,13 @@ def check_certify_args(n0: int, n: int, alpha: float) -> None:
 
 
 def check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise CertkitError(f"--batch must be in 1..{MAX_BATCH:,} noisy copies per forward pass (got {batch_size})")
 
 
 def check_predict_args(n: int, alpha: float) -> None:
     check_alpha(alpha)
-    if n < 1:
-        raise CertkitError(f"n must be >= 1 (got {n})")
+    check_sample_count("n", n)
     if n < min_n_predict(alpha):
         raise CertkitError(
             f"n = {n} always abstains at alpha = {alpha}: PREDICT needs n >= {min_n_predict(alpha)}"
