@@ -69,7 +69,12 @@ def build_model(arch: str) -> nn.Module:
     info = dataset_info("fashion-mnist")
     if arch == "mlp":
         return nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, info.num_classes)
+            nn.Flatten(),
+            nn.Linear(784, 256),
+            nn.ReLU(),
+            nn.Linear(256, 256),
+            nn.ReLU(),
+            nn.Linear(256, info.num_classes),
         )
     return create_model(arch, info.num_classes, info.in_shape, info.mean, info.std)
 
@@ -83,7 +88,9 @@ def train_model(args: argparse.Namespace) -> nn.Module:
     model = build_model(args.arch)
     train = load_dataset("fashion-mnist", "train", args.data_dir)
     test = load_dataset("fashion-mnist", "test", args.data_dir).subset(2000)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=256, optimizer="adam", lr=1e-3, schedule="constant", seed=args.seed)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=256, optimizer="adam", lr=1e-3, schedule="constant", seed=args.seed
+    )
     trainer = Trainer(model, Gaussian(args.sigma), train, test, cfg, device="cpu", progress=False, log=print)
     trainer.fit()
     return model.eval()
@@ -158,7 +165,9 @@ def oracle_ratio(selection, estimation, labels, args: argparse.Namespace, loss: 
     return (args.n0 + args.n) / best
 
 
-def published_votes(path: Path, n: int, alpha: float, sigma: float, every: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+def published_votes(
+    path: Path, n: int, alpha: float, sigma: float, every: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(labels, selected class, estimated vote fraction) of every ``every``-th row of a published result file.
 
     A certified row's fraction is the smallest n_A / n whose bound reproduces its radius; an abstained or
@@ -229,12 +238,22 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; the MLP's matrices are too small to gain from more, "
-                   "and on a shared machine a second thread mostly waits")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the MLP's matrices are too small to gain from more, "
+        "and on a shared machine a second thread mostly waits",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the real certify_dataset adaptive run")
     p.add_argument("--out", default=None, help="keep the TSVs here (default: a temporary folder)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--published", default=None, metavar="DIR", help="only analyse published n = 100,000 result files (sigma_*/<method>.tsv) under DIR")
+    p.add_argument(
+        "--published",
+        default=None,
+        metavar="DIR",
+        help="only analyse published n = 100,000 result files (sigma_*/<method>.tsv) under DIR",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,20 +283,33 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="certkit-adaptive-"))
     out.mkdir(parents=True, exist_ok=True)
     # the shared counts, to try other schedules on the same noise without sampling again
-    np.savez(out / "counts.npz", selection=selection, estimation=estimation, labels=np.array(labels),
-             indices=np.array(indices), stages=np.array(schedule.stages(args.n)))
+    np.savez(
+        out / "counts.npz",
+        selection=selection,
+        estimation=estimation,
+        labels=np.array(labels),
+        indices=np.array(indices),
+        stages=np.array(schedule.stages(args.n)),
+    )
     verified = "skipped"
     if not args.no_verify:
         # the same schedule through the runner users call; its rows must be the replay's
         skip = len(test) // args.images
         plan = RunPlan(
-            n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, skip=skip, max_idx=indices[-1] + 1,
-            seed=args.seed, adaptive=schedule,
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            batch_size=args.batch,
+            skip=skip,
+            max_idx=indices[-1] + 1,
+            seed=args.seed,
+            adaptive=schedule,
         )
         certify_dataset(smoothed, test, plan, out=out / "adaptive.tsv", progress=False, resume=False)
         rows = read_results(out / "adaptive.tsv")
         mismatch = [
-            i for i, (pred, r, used), rp, rr, rs in zip(indices, adaptive, rows.predict, rows.radius, rows.samples)
+            i
+            for i, (pred, r, used), rp, rr, rs in zip(indices, adaptive, rows.predict, rows.radius, rows.samples)
             if pred != rp or used != rs or abs(floor_significant(r) - rr) > 1e-12
         ]
         if len(rows) != len(indices) or mismatch:
@@ -287,11 +319,17 @@ def main() -> None:
     # the fixed-n rows as a result file, for the table
     fixed_tsv = out / "fixed.tsv"
     lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
-    lines += [f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00" for i, y, (pr, r, _) in zip(indices, labels, fixed)]
+    lines += [
+        f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00"
+        for i, y, (pr, r, _) in zip(indices, labels, fixed)
+    ]
     fixed_tsv.write_text("\n".join(lines) + "\n")
     adaptive_tsv = out / "adaptive-replay.tsv"
     lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples"]
-    lines += [f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00\t{s}" for i, y, (pr, r, s) in zip(indices, labels, adaptive)]
+    lines += [
+        f"{i}\t{y}\t{pr}\t{format_radius(r)}\t{int(pr == y)}\t0:00:00\t{s}"
+        for i, y, (pr, r, s) in zip(indices, labels, adaptive)
+    ]
     adaptive_tsv.write_text("\n".join(lines) + "\n")
     print(report.markdown_table({"fixed n": fixed_tsv, "adaptive": adaptive_tsv}), end="")
 
@@ -302,8 +340,10 @@ def main() -> None:
     print("adaptive stopping points (samples: images): " + ", ".join(f"{s}: {c}" for s, c in zip(*stops)))
     changed = sum(a[0] != f[0] for a, f in zip(adaptive, fixed))
     abstained = sum(a[0] == ABSTAIN for a in adaptive), sum(f[0] == ABSTAIN for f in fixed)
-    print(f"images whose decision (class or abstain) differs between fixed and adaptive: {changed}; "
-          f"abstentions adaptive/fixed: {abstained[0]}/{abstained[1]}")
+    print(
+        f"images whose decision (class or abstain) differs between fixed and adaptive: {changed}; "
+        f"abstentions adaptive/fixed: {abstained[0]}/{abstained[1]}"
+    )
     print(f"fixed n:  mean samples {mean_fixed:.0f}, ACR {acr_fixed:.4f}")
     print(
         f"adaptive: mean samples {mean_adaptive:.0f}, ACR {acr_adaptive:.4f}; "

@@ -127,8 +127,12 @@ def time_reference(ref: ReferenceLoop, xs: Tensor, args: argparse.Namespace) -> 
     return len(xs) * (args.n0 + args.n) / (time.perf_counter() - start), out
 
 
-def time_certkit(smoothed: Smooth, xs: Tensor, first_idx: int, args: argparse.Namespace) -> tuple[float, list[tuple[int, float]]]:
-    plan = RunPlan(n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, inputs_per_batch=args.inputs_per_batch)
+def time_certkit(
+    smoothed: Smooth, xs: Tensor, first_idx: int, args: argparse.Namespace
+) -> tuple[float, list[tuple[int, float]]]:
+    plan = RunPlan(
+        n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch, inputs_per_batch=args.inputs_per_batch
+    )
     group = plan.group_size(args.shared_noise)
     out: list[tuple[int, float]] = []
     sync(smoothed.device)
@@ -158,22 +162,39 @@ def time_forward(forward, batch: Tensor, samples: int, device: torch.device) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--arch", default="lenet", choices=sorted(SHAPES))
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--n0", type=int, default=100)
-    p.add_argument("--n", type=int, default=1000, help="estimation samples (the reference's default is 100,000; on CPU that is ~1 min per input)")
+    p.add_argument(
+        "--n",
+        type=int,
+        default=1000,
+        help="estimation samples (the reference's default is 100,000; on CPU that is ~1 min per input)",
+    )
     p.add_argument("--batch", type=int, default=1000, help="noisy copies per forward pass, for all three")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--sigma", type=float, default=0.25)
     p.add_argument("--ref-inputs", type=int, default=4, help="inputs the reference loop certifies per round")
-    p.add_argument("--inputs", type=int, default=10, help="inputs certkit certifies per round (bare forward: as many samples)")
-    p.add_argument("--inputs-per-batch", type=int, default=None, help="certkit group size (default: as certify_dataset)")
+    p.add_argument(
+        "--inputs", type=int, default=10, help="inputs certkit certifies per round (bare forward: as many samples)"
+    )
+    p.add_argument(
+        "--inputs-per-batch", type=int, default=None, help="certkit group size (default: as certify_dataset)"
+    )
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--shared-noise", type=int, default=0, metavar="G", help="certkit: groups of G inputs vote on the same noise draws "
-                   "(the first layer runs once per input and once per draw)")
+    p.add_argument(
+        "--shared-noise",
+        type=int,
+        default=0,
+        metavar="G",
+        help="certkit: groups of G inputs vote on the same noise draws "
+        "(the first layer runs once per input and once per draw)",
+    )
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -186,7 +207,12 @@ def main() -> None:
     model = build_model(args.arch, device)
     xs = load_inputs(args.arch, max(args.inputs, args.ref_inputs), args.data_dir)
     smoothed = Smooth(
-        model, 10, args.sigma, channels_last=args.channels_last, amp=args.amp, compile=args.compile,
+        model,
+        10,
+        args.sigma,
+        channels_last=args.channels_last,
+        amp=args.amp,
+        compile=args.compile,
         shared_noise=args.shared_noise,
     )
     reference = ReferenceLoop(model, 10, args.sigma, device)
@@ -229,12 +255,16 @@ def main() -> None:
     speedup = statistics.median(k / ref for ref, k, _, _ in rows)
     share = statistics.median(k / f for _, k, f, _ in rows)
     kit = statistics.median(k for _, k, _, _ in rows)
-    print(f"median samples/s: reference {statistics.median(r[0] for r in rows):.0f}, certkit {kit:.0f}, "
-          f"bare forward {statistics.median(r[2] for r in rows):.0f}"
-          + (f", plain forward {statistics.median(r[3] for r in rows):.0f}" if options else ""))
+    print(
+        f"median samples/s: reference {statistics.median(r[0] for r in rows):.0f}, certkit {kit:.0f}, "
+        f"bare forward {statistics.median(r[2] for r in rows):.0f}"
+        + (f", plain forward {statistics.median(r[3] for r in rows):.0f}" if options else "")
+    )
     agree = sum(a[0] == b[0] for a, b in zip(decisions_ref, decisions_certkit))
     print(f"same predicted class (independent noise) on {agree}/{len(decisions_ref)} inputs certified by both")
-    print(f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPU: compare ratios, not rates)")
+    print(
+        f"load average at the end {os.getloadavg()[0]:.1f} (other processes share the CPU: compare ratios, not rates)"
+    )
     print(f"certify_throughput: {kit:.0f} ({speedup:.2f}x vs reference loop, {share:.2f} of bare forward)")
 
 

@@ -27,7 +27,9 @@ EPOCHS, TEACHER_EPOCHS = 15, 16
 
 def main() -> None:
     d = dataclasses.replace(CompareConfig(), student_epochs=EPOCHS, teacher_epochs=TEACHER_EPOCHS)
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="bench-out/crt_speedup", help="run folder (re-running resumes)")
     p.add_argument("--epochs", type=int, default=d.student_epochs, help="student epochs, both students")
     p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="teacher epochs (paid once)")
@@ -37,14 +39,26 @@ def main() -> None:
     p.add_argument("--certify-images", type=int, default=d.certify_images)
     p.add_argument("--n", type=int, default=d.n, help="certification samples per image")
     p.add_argument("--sigma", type=float, default=d.sigma)
-    p.add_argument("--crt-alpha", type=float, default=d.crt_alpha, help="CRT transfer weight (1 - it weighs cross-entropy)")
-    p.add_argument("--crt-batch-size", type=int, default=d.crt_batch_size, help="CRT student batch size (0: same as SmoothMix)")
+    p.add_argument(
+        "--crt-alpha", type=float, default=d.crt_alpha, help="CRT transfer weight (1 - it weighs cross-entropy)"
+    )
+    p.add_argument(
+        "--crt-batch-size", type=int, default=d.crt_batch_size, help="CRT student batch size (0: same as SmoothMix)"
+    )
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     cfg = dataclasses.replace(
-        d, teacher_arch=a.teacher_arch, student_arch=a.student_arch, teacher_epochs=a.teacher_epochs,
-        student_epochs=a.epochs, train_subset=a.train_subset or None, certify_images=a.certify_images, n=a.n,
-        sigma=a.sigma, crt_alpha=a.crt_alpha, crt_batch_size=a.crt_batch_size or None,
+        d,
+        teacher_arch=a.teacher_arch,
+        student_arch=a.student_arch,
+        teacher_epochs=a.teacher_epochs,
+        student_epochs=a.epochs,
+        train_subset=a.train_subset or None,
+        certify_images=a.certify_images,
+        n=a.n,
+        sigma=a.sigma,
+        crt_alpha=a.crt_alpha,
+        crt_batch_size=a.crt_batch_size or None,
     )
     figures = compare(cfg, a.out, device=a.device)
     print(render(cfg, figures))

@@ -36,7 +36,9 @@ from certkit.train import train
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", default="bench-out/gloro", help="run folder (replaced)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: certkit's)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -45,10 +47,19 @@ def main() -> None:
     g.add_argument("--arch", default="gloro-2c2f", choices=["gloro-2c2f", "gloro-4c3f"])
     g.add_argument("--epochs", type=int, default=4)
     g.add_argument("--batch-size", type=int, default=256)
-    g.add_argument("--lr", type=float, default=3e-3, help="initial LR (library: 1e-3 over hundreds of epochs; 3e-3 suits a short run)")
-    g.add_argument("--lr-final", type=float, default=1e-4, help="exponential decay target (library: 1e-6 over 300-500 epochs)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=3e-3,
+        help="initial LR (library: 1e-3 over hundreds of epochs; 3e-3 suits a short run)",
+    )
+    g.add_argument(
+        "--lr-final", type=float, default=1e-4, help="exponential decay target (library: 1e-6 over 300-500 epochs)"
+    )
     g.add_argument("--train-eps-factor", type=float, default=1.5, help="training epsilon / evaluation epsilon")
-    g.add_argument("--eps-ramp", type=float, default=0.5, help="fraction of epochs over which the training epsilon ramps up")
+    g.add_argument(
+        "--eps-ramp", type=float, default=0.5, help="fraction of epochs over which the training epsilon ramps up"
+    )
     g.add_argument("--lbd", type=float, default=0.0, help="TRADES weight (0: GloRo cross-entropy over C+1 logits)")
     g.add_argument("--power-iterations", type=int, default=10)
     g.add_argument("--train-subset", type=int, default=None, help="first N training images (default: all 60k)")
@@ -70,16 +81,33 @@ def main() -> None:
     # --- GloRo ------------------------------------------------------------------------------------------
     began = time.perf_counter()
     trainer = train(
-        "fashion-mnist", args.arch, "gloro", out=out / "gloro", data_dir=args.data_dir, train_subset=args.train_subset,
-        test_subset=0, device="cpu", progress=False, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        "fashion-mnist",
+        args.arch,
+        "gloro",
+        out=out / "gloro",
+        data_dir=args.data_dir,
+        train_subset=args.train_subset,
+        test_subset=0,
+        device="cpu",
+        progress=False,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         lr_final=args.lr_final,
-        hparams=dict(epsilon=eps, train_eps_factor=args.train_eps_factor, eps_ramp=args.eps_ramp, lbd=args.lbd,
-                     power_iterations=args.power_iterations),
+        hparams=dict(
+            epsilon=eps,
+            train_eps_factor=args.train_eps_factor,
+            eps_ramp=args.eps_ramp,
+            lbd=args.lbd,
+            power_iterations=args.power_iterations,
+        ),
     )
     gloro_train_s = trainer.ledger.seconds
     net = checkpoint.load(out / "gloro")
     load_s = time.perf_counter()
-    summary = certify_gloro_dataset(net, test, out=out / "gloro.tsv", epsilon=eps, batch_size=1000, progress=False, resume=False)
+    summary = certify_gloro_dataset(
+        net, test, out=out / "gloro.tsv", epsilon=eps, batch_size=1000, progress=False, resume=False
+    )
     certify_wall_s = time.perf_counter() - load_s
     assert summary is not None
     gm = summary["gloro"]
@@ -92,8 +120,16 @@ def main() -> None:
     # --- randomized smoothing -----------------------------------------------------------------------------
     began = time.perf_counter()
     rs = train(
-        "fashion-mnist", "lenet", "gaussian", sigma=args.rs_sigma, out=out / "rs", data_dir=args.data_dir,
-        test_subset=0, device="cpu", progress=False, epochs=args.rs_epochs,
+        "fashion-mnist",
+        "lenet",
+        "gaussian",
+        sigma=args.rs_sigma,
+        out=out / "rs",
+        data_dir=args.data_dir,
+        test_subset=0,
+        device="cpu",
+        progress=False,
+        epochs=args.rs_epochs,
     )
     rs_train_s = rs.ledger.seconds
     model = checkpoint.load(out / "rs")
@@ -107,8 +143,11 @@ def main() -> None:
     rs_res = read_results(out / "rs.tsv")
     rs_acc = float(certified_accuracy(rs_res, eps))
     rs_clean = float(certified_accuracy(rs_res, 0.0))
-    print(f"RS LeNet sigma={args.rs_sigma}: trained {args.rs_epochs} epochs in {rs_train_s:.0f}s "
-          f"(total {time.perf_counter() - began:.0f}s)", flush=True)
+    print(
+        f"RS LeNet sigma={args.rs_sigma}: trained {args.rs_epochs} epochs in {rs_train_s:.0f}s "
+        f"(total {time.perf_counter() - began:.0f}s)",
+        flush=True,
+    )
 
     # --- side by side -------------------------------------------------------------------------------------
     k = gm["lipschitz"]
@@ -123,9 +162,11 @@ def main() -> None:
     print(f"| clean accuracy | {gm['clean_accuracy']:.4f} | {rs_clean:.4f} (smoothed, certified at radius 0) |")
     print(f"| certified at {eps:g} | VRA {gm['vra']:.4f} (deterministic) | {rs_acc:.4f} (with prob. 1-alpha) |")
     print(f"| rejected / abstained | {gm['rejection_rate']:.4f} | {rs_summary['abstain_rate']:.4f} |")
-    print(f"| seconds to certify | {gm['certify_seconds']:.2f}s for {gm['N']} images "
-          f"({certify_wall_s:.1f}s wall incl. bound check {k['seconds']:.1f}s) "
-          f"| {rs_certify_s:.0f}s for {len(rs_res)} images |")
+    print(
+        f"| seconds to certify | {gm['certify_seconds']:.2f}s for {gm['N']} images "
+        f"({certify_wall_s:.1f}s wall incl. bound check {k['seconds']:.1f}s) "
+        f"| {rs_certify_s:.0f}s for {len(rs_res)} images |"
+    )
     print(f"| Lipschitz bound K_sub | {k['lipschitz_bound']:.4f} (guaranteed {k['lipschitz_guaranteed']:.4f}) | - |")
     print()
     print(f"gloro_vra_at_{eps:g}: {gm['vra']:.4f} (rs_certified_acc_at_{eps:g}: {rs_acc:.4f})")

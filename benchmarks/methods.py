@@ -57,7 +57,9 @@ RECIPE_EPOCHS = 90
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods; gaussian must be one of them")
     p.add_argument("--sigma", type=float, default=0.25, help="training and certification noise level")
     p.add_argument("--epochs", type=int, default=2, help="training epochs of every method")
@@ -68,11 +70,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n0", type=int, default=100, help="selection samples")
     p.add_argument("--n", type=int, default=1000, help="estimation samples")
     p.add_argument("--alpha", type=float, default=0.001, help="certification failure probability")
-    p.add_argument("--published-schedules", action="store_true",
-                   help="keep the 90-epoch recipe's warm-ups (10 epochs) and MACER deferral (31 epochs)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (1: stable timings on a shared machine, where a multi-threaded op waits "
-                   "for its slowest, possibly descheduled, thread)")
+    p.add_argument(
+        "--published-schedules",
+        action="store_true",
+        help="keep the 90-epoch recipe's warm-ups (10 epochs) and MACER deferral (31 epochs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: stable timings on a shared machine, where a multi-threaded op waits "
+        "for its slowest, possibly descheduled, thread)",
+    )
     p.add_argument("--seed", type=int, default=0, help="model initialisation, data order and noise")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: the dataset's default)")
     p.add_argument("--out", default=None, help="folder for the result files (default: a temporary folder)")
@@ -160,7 +169,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         fm = PUBLISHED_FMNIST.get(r["method"])
         cf = PUBLISHED_CIFAR.get(r["method"])
-        published = " / ".join("—" if v is None else f"{v:.2f}×" for v in (fm, cf)) if r["method"] != "gaussian" else "1×"
+        published = (
+            " / ".join("—" if v is None else f"{v:.2f}×" for v in (fm, cf)) if r["method"] != "gaussian" else "1×"
+        )
         lines.append(
             f"| {r['method']} | {r['seconds_per_epoch']:.1f} | {r['seconds_per_epoch'] / base:.2f}× "
             f"| {r['cpu_per_epoch']:.1f} ({r['cpu_per_epoch'] / cpu_base:.2f}×) | {r['passes']:.0f} "

@@ -77,14 +77,19 @@ def measure(arch: str, dataset: str, images: int, batch: int, device: torch.devi
     pixels = rng.integers(0, 256, size=(images, h, w, c), dtype=np.uint8)
     labels = rng.integers(0, info.num_classes, size=images)
     augment = dataset == "cifar10"
-    arrays = ArrayDataset(info, torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels),
-                          augment=augment).to(device)
+    arrays = ArrayDataset(
+        info, torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels), augment=augment
+    ).to(device)
     rates = []
     for run in ("baseline", "certkit"):
         torch.manual_seed(0)
         model = create_model(arch, info.num_classes, info.in_shape, info.mean, info.std).to(device)
         if run == "baseline":
-            rates.append(baseline(model, PerImageDataset(pixels.squeeze(-1) if c == 1 else pixels, labels, augment), batch, device))
+            rates.append(
+                baseline(
+                    model, PerImageDataset(pixels.squeeze(-1) if c == 1 else pixels, labels, augment), batch, device
+                )
+            )
         else:
             rates.append(certkit_rate(model, arrays, batch, device))
     return rates[0], rates[1]

@@ -106,10 +106,34 @@ METHODS: dict[str, Method] = {
     "gaussian": Method("train_cohen.py", (), ()),
     "smoothmix": Method(
         "train.py",
-        ("--num-noise-vec", "4", "--num-steps", "3", "--alpha", "1.0", "--mix_step", "0", "--eta", "1.0",
-         "--warmup", "10"),
-        ("--num-noise-vec", "4", "--num-steps", "3", "--step-size", "1.0", "--mix-step", "0", "--eta", "1.0",
-         "--warmup", "10"),
+        (
+            "--num-noise-vec",
+            "4",
+            "--num-steps",
+            "3",
+            "--alpha",
+            "1.0",
+            "--mix_step",
+            "0",
+            "--eta",
+            "1.0",
+            "--warmup",
+            "10",
+        ),
+        (
+            "--num-noise-vec",
+            "4",
+            "--num-steps",
+            "3",
+            "--step-size",
+            "1.0",
+            "--mix-step",
+            "0",
+            "--eta",
+            "1.0",
+            "--warmup",
+            "10",
+        ),
     ),
     "smoothadv": Method(
         "train_salman.py",
@@ -182,9 +206,25 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
 
 def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[str, str]) -> list[float]:
     cmd = [
-        sys.executable, METHODS[method].script, "mnist", "lenet", "--lr", "0.01", "--lr_step_size", "30",
-        "--epochs", str(epochs), "--noise_sd", str(SIGMA), "--batch", str(BATCH), "--workers", "0",
-        "--id", str(run_id), *METHODS[method].official,
+        sys.executable,
+        METHODS[method].script,
+        "mnist",
+        "lenet",
+        "--lr",
+        "0.01",
+        "--lr_step_size",
+        "30",
+        "--epochs",
+        str(epochs),
+        "--noise_sd",
+        str(SIGMA),
+        "--batch",
+        str(BATCH),
+        "--workers",
+        "0",
+        "--id",
+        str(run_id),
+        *METHODS[method].official,
     ]
     run(cmd, code, env, f"official {METHODS[method].script}")
     logs = sorted(code.glob(f"logs/**/lenet/{run_id}/log.txt"))
@@ -195,11 +235,41 @@ def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[st
 
 def run_certkit(method: str, data: Path, out: Path, epochs: int, device: str, env: dict[str, str]) -> list[float]:
     cmd = [
-        sys.executable, "-m", "certkit", "train", "--dataset", "fashion-mnist", "--data-dir", str(data),
-        "--arch", "lenet", "--method", method, "--sigma", str(SIGMA), "--out", str(out),
-        "--epochs", str(epochs), "--batch-size", str(BATCH), "--lr", "0.01", "--momentum", "0.9",
-        "--weight-decay", "1e-4", "--schedule", "step", "--lr-step", "30", "--test-subset", "0",
-        "--device", device, *METHODS[method].certkit,
+        sys.executable,
+        "-m",
+        "certkit",
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "lenet",
+        "--method",
+        method,
+        "--sigma",
+        str(SIGMA),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        "0.01",
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "1e-4",
+        "--schedule",
+        "step",
+        "--lr-step",
+        "30",
+        "--test-subset",
+        "0",
+        "--device",
+        device,
+        *METHODS[method].certkit,
     ]
     run(cmd, out.parent, env, f"certkit train --method {method}")
     return certkit_epoch_seconds(out / "metrics.jsonl")
@@ -276,8 +346,11 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, floa
                 else:
                     secs = run_certkit(method, raw, runs / f"{method}-{r}", a.epochs, a.device, certkit_env)
                 times[method][side] += timed(secs, a.epochs, f"{side} {method}")
-                print(f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs)
-                      + " s", file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs) + " s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return {
         m: (sum(t["official"]) / len(t["official"]) / images, sum(t["certkit"]) / len(t["certkit"]) / images)
         for m, t in times.items()
@@ -286,8 +359,11 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, floa
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    print(f"device {a.device}, {a.threads} thread(s) each side, {a.batches} batches of {BATCH} per epoch, "
-          f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)", flush=True)
+    print(
+        f"device {a.device}, {a.threads} thread(s) each side, {a.batches} batches of {BATCH} per epoch, "
+        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)",
+        flush=True,
+    )
     try:
         if a.keep is not None:
             a.keep.mkdir(parents=True, exist_ok=False)
@@ -300,11 +376,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     ratios = {m: ours / theirs for m, (theirs, ours) in rates.items()}
     for m, (theirs, ours) in rates.items():
-        print(f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {ours * 1e3:.3f} ms/image, "
-              f"official {theirs * 1e3:.3f} ms/image)")
+        print(
+            f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {ours * 1e3:.3f} ms/image, "
+            f"official {theirs * 1e3:.3f} ms/image)"
+        )
     worst = max(ratios, key=ratios.__getitem__)
-    print(f"vs_official: {ratios[worst]:.3f} (worst train_ratio, {worst}; certkit s/image / official s/image, "
-          "lower is better)")
+    print(
+        f"vs_official: {ratios[worst]:.3f} (worst train_ratio, {worst}; certkit s/image / official s/image, "
+        "lower is better)"
+    )
 
 
 if __name__ == "__main__":

@@ -156,16 +156,26 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
     if not (_is_int(meta["num_classes"]) and 1 <= meta["num_classes"] <= MAX_CLASSES):
         return f"'num_classes' must be an integer in 1..{MAX_CLASSES:,} (got {meta['num_classes']!r})"
     shape = meta["in_shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) for v in shape)
-            and 1 <= shape[0] <= MAX_CHANNELS and all(1 <= v <= MAX_SIDE for v in shape[1:])):
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(_is_int(v) for v in shape)
+        and 1 <= shape[0] <= MAX_CHANNELS
+        and all(1 <= v <= MAX_SIDE for v in shape[1:])
+    ):
         return f"'in_shape' must be [channels 1..{MAX_CHANNELS}, height, width 1..{MAX_SIDE}] (got {shape!r})"
     sigma = meta.get("sigma")
     if sigma is not None and not (_is_number(sigma) and sigma > 0):
         return f"'sigma' must be a positive finite number (got {sigma!r})"
     norm = meta.get("normalization")
     if norm is not None:
-        if not (isinstance(norm, dict) and all(isinstance(norm.get(k), list) and len(norm[k]) == shape[0]
-                                               and all(_is_number(v) for v in norm[k]) for k in ("mean", "std"))):
+        if not (
+            isinstance(norm, dict)
+            and all(
+                isinstance(norm.get(k), list) and len(norm[k]) == shape[0] and all(_is_number(v) for v in norm[k])
+                for k in ("mean", "std")
+            )
+        ):
             return f"'normalization' must hold 'mean' and 'std', {shape[0]} finite numbers each"
         if not all(v > 0 for v in norm["std"]):
             return f"'normalization' std must be positive (got {norm['std']!r})"
@@ -174,8 +184,10 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
         return "'weights' must be a mapping with the weights file's 'sha256' and 'tensors'"
     digest = weights.get("sha256")
     if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
-        return (f"'weights' has no valid 'sha256' of {WEIGHTS}, so the weights cannot be checked; restore the file, "
-                "or re-save the run (certkit train ... --resume rewrites it)")
+        return (
+            f"'weights' has no valid 'sha256' of {WEIGHTS}, so the weights cannot be checked; restore the file, "
+            "or re-save the run (certkit train ... --resume rewrites it)"
+        )
     for key in ("hparams", "train"):
         if key in meta and not isinstance(meta[key], dict):
             return f"{key!r} must be a mapping"
@@ -208,9 +220,8 @@ def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str,
     """Read a safetensors file, checking its hash and tensor specs against ``meta`` when given."""
     if not weights.is_file():
         raise CertkitError(f"{weights}: missing")
-    if meta is not None:
-        if sha256_file(weights) != meta["weights"]["sha256"]:  # read_meta made sure there is one
-            raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
+    if meta is not None and sha256_file(weights) != meta["weights"]["sha256"]:  # read_meta made sure there is one
+        raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
     try:
         state = st_load(weights.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as e:

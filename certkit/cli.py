@@ -61,8 +61,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 #: what a flag's value must look like, by the name of the function that parses it
-_EXPECTED = {"int": "an integer", "float": "a number", "parse_bool": "true or false",
-             "_milestones": "comma-separated integers, e.g. 30,60"}
+_EXPECTED = {
+    "int": "an integer",
+    "float": "a number",
+    "parse_bool": "true or false",
+    "_milestones": "comma-separated integers, e.g. 30,60",
+}
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -98,10 +102,14 @@ def _common_data(p: argparse.ArgumentParser, dataset_default: str | None = "fash
     from certkit.data import DATASETS
 
     default = "%(default)s" if dataset_default else "the one the checkpoint names"
-    p.add_argument("--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: {default})")
     p.add_argument(
-        "--data-dir", default=None,
-        help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; Fashion-MNIST: /usr/share/datasets/fashion-mnist)",
+        "--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: {default})"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset folder (default: $CERTKIT_DATA, then the dataset's default; "
+        "Fashion-MNIST: /usr/share/datasets/fashion-mnist)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
 
@@ -118,8 +126,13 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
         parse = meta["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
         flags = meta["flags"] or ["--" + f.name.replace("_", "-")]  # the metavar follows the first flag: LR_GAMMA
         group.add_argument(
-            *flags, dest=f.name, type=parse, choices=meta["choices"] or None,
-            metavar=None if meta["choices"] else flags[0][2:].replace("-", "_").upper(), default=None, help=f"{meta['help']} (default: recipe, else {f.default!r})",
+            *flags,
+            dest=f.name,
+            type=parse,
+            choices=meta["choices"] or None,
+            metavar=None if meta["choices"] else flags[0][2:].replace("-", "_").upper(),
+            default=None,
+            help=f"{meta['help']} (default: recipe, else {f.default!r})",
         )
 
 
@@ -136,8 +149,12 @@ def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> Non
     group = p.add_argument_group("method hyperparameters (default: the published value for the dataset and sigma)")
     for key in sorted(helps):
         group.add_argument(
-            "--" + key.replace("_", "-"), dest="hp_" + key, metavar=key.upper(), type=parsers[key],
-            default=argparse.SUPPRESS, help="; ".join(helps[key]),
+            "--" + key.replace("_", "-"),
+            dest="hp_" + key,
+            metavar=key.upper(),
+            type=parsers[key],
+            default=argparse.SUPPRESS,
+            help="; ".join(helps[key]),
         )
 
 
@@ -148,20 +165,40 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
 
     _common_data(t)
     t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
-    t.add_argument("--method", default=None, help=f"training method: {', '.join(list_objectives())} (default: the recipe's, else gaussian)")
     t.add_argument(
-        "--recipe", default=None, choices=list_recipes(), metavar="NAME",
+        "--method",
+        default=None,
+        help=f"training method: {', '.join(list_objectives())} (default: the recipe's, else gaussian)",
+    )
+    t.add_argument(
+        "--recipe",
+        default=None,
+        choices=list_recipes(),
+        metavar="NAME",
         help="a published recipe (certkit list recipes): its optimisation settings and method hyperparameters, "
         "under any flag given explicitly",
     )
-    t.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma)")
+    t.add_argument(
+        "--sigma",
+        type=float,
+        default=0.25,
+        help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma)",
+    )
     t.add_argument("--out", required=True, help="run directory (model.safetensors, model.json, metrics.jsonl)")
     t.add_argument("--teacher", default=None, help="CRT teacher: a certkit run directory or a reference .pth/.pth.tar")
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
-    t.add_argument("--test-subset", type=int, default=None, help="evaluate on the first N test images each epoch (0: no per-epoch test)")
+    t.add_argument(
+        "--test-subset",
+        type=int,
+        default=None,
+        help="evaluate on the first N test images each epoch (0: no per-epoch test)",
+    )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     t.add_argument(
-        "--log", choices=["csv", "tensorboard"], action="append", default=None,
+        "--log",
+        choices=["csv", "tensorboard"],
+        action="append",
+        default=None,
         help="also write the per-epoch metrics as OUT/metrics.csv (csv) or TensorBoard event files in OUT "
         "(tensorboard, needs the extra: pip install 'certkit[tensorboard]'); repeat for both",
     )
@@ -176,49 +213,107 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
     name = c.prog.split()[-1]
     c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
     _common_data(c, dataset_default=None)
-    c.add_argument("--arch", default=None, help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)")
+    c.add_argument(
+        "--arch",
+        default=None,
+        help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, "
+        "a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)",
+    )
     c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
     c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
     c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
     if name == "certify":
         c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples")
-        c.add_argument("--method", choices=["smoothing", "gloro"], default=None, help="certifier (default: gloro for GloRo checkpoints, else smoothing)")
+        c.add_argument(
+            "--method",
+            choices=["smoothing", "gloro"],
+            default=None,
+            help="certifier (default: gloro for GloRo checkpoints, else smoothing)",
+        )
         c.add_argument("--epsilon", type=float, default=None, help="gloro: epsilon for VRA (default: the checkpoint's)")
-        c.add_argument("--adaptive", action="store_true", help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)")
+        c.add_argument(
+            "--adaptive",
+            action="store_true",
+            help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)",
+        )
     c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples")
     c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    c.add_argument("--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass")
+    c.add_argument(
+        "--batch", "--batch-size", dest="batch", type=_positive_int, default=1000, help="noisy samples per forward pass"
+    )
     c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
-    c.add_argument("--max", "--max-index", dest="max", type=int, default=-1, help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` or spell it --max-index (torchrun reads --max as its own --max-restarts)")
+    c.add_argument(
+        "--max",
+        "--max-index",
+        dest="max",
+        type=int,
+        default=-1,
+        help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` "
+        "or spell it --max-index (torchrun reads --max as its own --max-restarts)",
+    )
     c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
-    c.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)")
-    c.add_argument("--channels-last", action="store_true", help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), checked to match fp32 votes on a sample")
+    c.add_argument(
+        "--amp",
+        choices=["bf16", "fp16"],
+        default=None,
+        help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)",
+    )
+    c.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="run the network channels-last (CUDA tensor cores; also faster for small CNNs on CPU), "
+        "checked to match fp32 votes on a sample",
+    )
     c.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long runs)")
     c.add_argument(
-        "--shared-noise", type=int, default=0, metavar="G",
+        "--shared-noise",
+        type=int,
+        default=0,
+        metavar="G",
         help="groups of G consecutive test inputs vote on the same noise draws: the first layer then runs once "
         "per input and once per draw (LeNet on CPU: several times faster). Each certificate keeps its 1-alpha "
         "guarantee; certificates within a group are no longer independent of each other. 0: off",
     )
-    c.add_argument("--shard", type=_shard, default=None, help="i/k: certify the i-th of k disjoint slices (automatic under torchrun)")
+    c.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        help="i/k: certify the i-th of k disjoint slices (automatic under torchrun)",
+    )
     c.add_argument("--out", required=True, help="result TSV")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its sidecar and summary) instead of resuming it")
+    c.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out (and its sidecar and summary) instead of resuming it",
+    )
 
 
 def _report_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("files", nargs="+", help="result TSVs (certkit's or the reference implementations')")
-    r.add_argument("--plot", default=None, help="write certified accuracy vs radius of all files to this image; "
-        "the suffix picks the format (.png, .pdf, .svg)")
-    r.add_argument("--radii", default=None, help="comma-separated radii (default: 0, 0.25, ... up to the largest radius)")
-    r.add_argument("--labels", default=None, help="comma-separated names for the files, in order (default: the file names)")
+    r.add_argument(
+        "--plot",
+        default=None,
+        help="write certified accuracy vs radius of all files to this image; "
+        "the suffix picks the format (.png, .pdf, .svg)",
+    )
+    r.add_argument(
+        "--radii", default=None, help="comma-separated radii (default: 0, 0.25, ... up to the largest radius)"
+    )
+    r.add_argument(
+        "--labels", default=None, help="comma-separated names for the files, in order (default: the file names)"
+    )
     r.add_argument("--title", default=None, help="plot title")
-    r.add_argument("--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown")
+    r.add_argument(
+        "--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown"
+    )
 
 
 def _curves_arguments(cv: argparse.ArgumentParser) -> None:
     cv.add_argument("runs", nargs="+", help="certkit run folders")
     cv.add_argument("--plot", required=True, help="image to write; the suffix picks the format (.png, .pdf, .svg)")
-    cv.add_argument("--labels", default=None, help="comma-separated names for the runs, in order (default: the folder names)")
+    cv.add_argument(
+        "--labels", default=None, help="comma-separated names for the runs, in order (default: the folder names)"
+    )
     cv.add_argument("--title", default=None, help="figure title")
 
 
@@ -228,7 +323,11 @@ def _merge_arguments(m: argparse.ArgumentParser) -> None:
 
 
 def _demo_arguments(d: argparse.ArgumentParser) -> None:
-    d.add_argument("--full", action="store_true", help="the literature's settings (90 epochs, full test set, n=100,000): hours on CPU")
+    d.add_argument(
+        "--full",
+        action="store_true",
+        help="the literature's settings (90 epochs, full test set, n=100,000): hours on CPU",
+    )
     d.add_argument("--out", default="demo-out", help="output directory")
     d.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
     d.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
@@ -247,7 +346,13 @@ def _export_arguments(e: argparse.ArgumentParser) -> None:
 
 
 def _list_arguments(ls: argparse.ArgumentParser) -> None:
-    ls.add_argument("what", nargs="?", choices=["all", "recipes"], default="all", help="recipes: one line per recipe with its source")
+    ls.add_argument(
+        "what",
+        nargs="?",
+        choices=["all", "recipes"],
+        default="all",
+        help="recipes: one line per recipe with its source",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=help, **kwargs).declare = declare
 
     add(
-        "train", _train_arguments,
+        "train",
+        _train_arguments,
         help="train a model with a robust-training method",
         description="Train a model. Optimisation defaults follow the literature's recipe for the dataset family and "
         "method (MNIST-like: 90 epochs, SGD lr 0.01, x0.1 every 30, batch 256; CIFAR-10: 150 epochs, lr 0.1, step 50; "
@@ -273,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     add(
-        "certify", _certify_arguments,
+        "certify",
+        _certify_arguments,
         help="randomized-smoothing CERTIFY (radius) over a test set",
         description="Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, one-sided "
         "Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). Writes the field's standard TSV "
@@ -283,17 +390,28 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     add(
-        "predict", _certify_arguments,
+        "predict",
+        _certify_arguments,
         help="randomized-smoothing PREDICT over a test set",
-        description="Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, abstain (-1) when p > alpha.",
+        description="Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, "
+        "abstain (-1) when p > alpha.",
         formatter_class=_Formatter,
     )
     add("report", _report_arguments, help="ACR and certified accuracy of result files, as a Markdown table and a plot")
-    add("curves", _curves_arguments, help="plot training loss and accuracy per epoch of one or more runs (from metrics.jsonl)")
-    add("merge", _merge_arguments, help="join shard result files into one TSV in index order")
-    add("demo", _demo_arguments, help="the main job: SmoothMix teacher -> CRT student vs SmoothMix student, certified and compared")
     add(
-        "reproduce", _reproduce_arguments,
+        "curves",
+        _curves_arguments,
+        help="plot training loss and accuracy per epoch of one or more runs (from metrics.jsonl)",
+    )
+    add("merge", _merge_arguments, help="join shard result files into one TSV in index order")
+    add(
+        "demo",
+        _demo_arguments,
+        help="the main job: SmoothMix teacher -> CRT student vs SmoothMix student, certified and compared",
+    )
+    add(
+        "reproduce",
+        _reproduce_arguments,
         help="train and certify a published protocol (resumable) and compare with the published result files",
         description="Runs a named protocol of the literature at its own settings, resuming every training epoch "
         "and certification row that is already done, then writes a table (ACR, paired difference and its standard "
@@ -301,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     add(
-        "export", _export_arguments, help="write a certkit run in another layout",
+        "export",
+        _export_arguments,
+        help="write a certkit run in another layout",
         description="--format reference writes {'epoch', 'arch', 'state_dict'} with the reference key names "
         "(torch.save), which the reference repos' certify.py reads "
         "(pass it the dataset name they use, e.g. mnist for Fashion-MNIST)",
@@ -336,11 +456,22 @@ def cmd_train(args: argparse.Namespace) -> None:
     arch = _factory(args.arch, "arch") if ":" in args.arch else args.arch
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     trainer = build_trainer(
-        arch=arch, method=method, sigma=args.sigma, out=args.out, teacher=args.teacher, recipe=args.recipe,
+        arch=arch,
+        method=method,
+        sigma=args.sigma,
+        out=args.out,
+        teacher=args.teacher,
+        recipe=args.recipe,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
-        data_dir=args.data_dir, train_subset=args.train_subset, test_subset=args.test_subset, device=args.device,
-        resume=args.resume, metric_logs=tuple(args.log or ()), meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
-        **data, **given,
+        data_dir=args.data_dir,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        device=args.device,
+        resume=args.resume,
+        metric_logs=tuple(args.log or ()),
+        meta={"dataset": args.dataset, "arch": args.arch} if ":" in args.dataset + args.arch else None,
+        **data,
+        **given,
     )
     trainer.run(resume=args.resume)
     if trainer.rank != 0:
@@ -355,12 +486,11 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.data import dataset_info, load_dataset
     from certkit.distributed import barrier, world
     from certkit.fileio import check_output
-    from certkit.smoothing.statistics import check_sigma
     from certkit.reference import check_fits_dataset
     from certkit.smoothing.runner import RunPlan, certify_dataset
     from certkit.smoothing.samplers import sampler_for
     from certkit.smoothing.smooth import Smooth
-    from certkit.smoothing.statistics import AdaptiveSchedule
+    from certkit.smoothing.statistics import AdaptiveSchedule, check_sigma
     from certkit.smoothing.voter import Voter
     from certkit.train import select_device
 
@@ -392,21 +522,32 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         raise CertkitError(f"{args.run}: the checkpoint records no training sigma; pass --sigma")
     check_sigma(float(sigma))
     if meta.get("sigma") is not None and abs(float(sigma) - float(meta["sigma"])) > 1e-12:
-        warnings.warn(f"certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}")
+        warnings.warn(f"certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", stacklevel=2)
     shard, out = args.shard, args.out
     rank, size = world()
     auto_shard = shard is None and size > 1
     if auto_shard:
         shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
     plan = RunPlan(
-        mode=mode, n0=getattr(args, "n0", 100), n=args.n, alpha=args.alpha, batch_size=args.batch, skip=args.skip,
-        max_idx=args.max, shard=shard, seed=args.seed,
+        mode=mode,
+        n0=getattr(args, "n0", 100),
+        n=args.n,
+        alpha=args.alpha,
+        batch_size=args.batch,
+        skip=args.skip,
+        max_idx=args.max,
+        shard=shard,
+        seed=args.seed,
         adaptive=AdaptiveSchedule() if getattr(args, "adaptive", False) else None,
     )
     voter = Voter(model, info.num_classes, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
     smoothed = Smooth.from_sampler(sampler_for(voter, float(sigma), args.shared_noise))
     certify_dataset(
-        smoothed, data, plan, out=out, progress=rank == 0,
+        smoothed,
+        data,
+        plan,
+        out=out,
+        progress=rank == 0,
         settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
         resume=not args.overwrite,
     )

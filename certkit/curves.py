@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from certkit.errors import CertkitError
-from certkit.fileio import check_output
 from certkit.figures import pyplot, save_figure
+from certkit.fileio import check_output
 
 METRICS = "metrics.jsonl"
 #: accuracy-like keys drawn on the accuracy panel, in this order, with their legend names

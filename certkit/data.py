@@ -61,12 +61,8 @@ class DatasetInfo:
 DATASETS: dict[str, DatasetInfo] = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), (0.0,), (1.0,), "mnist", FASHION_MNIST_ROOT),
     "mnist": DatasetInfo("mnist", 10, (1, 28, 28), (0.0,), (1.0,), "mnist"),
-    "cifar10": DatasetInfo(
-        "cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10"
-    ),
-    "imagenet": DatasetInfo(
-        "imagenet", 1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"
-    ),
+    "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), "cifar10"),
+    "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "imagenet"),
 }
 
 
@@ -160,9 +156,7 @@ class ArrayDataset:
             yield x, self.labels[idx]
 
 
-def epoch_order(
-    n: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1
-) -> Tensor:
+def epoch_order(n: int, shuffle: bool, generator: torch.Generator | None, rank: int = 0, world_size: int = 1) -> Tensor:
     """The indices one process reads in an epoch: one ``randperm`` when shuffling, and under DDP an equal,
     disjoint share of that same permutation per rank (the remainder is dropped, as DistributedSampler)."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
@@ -207,7 +201,9 @@ class FolderDataset:
 
         split_dir = self.root / ("train" if self.split == "train" else "val")
         if not split_dir.is_dir():
-            raise CertkitError(f"{split_dir}: missing; expected ImageNet class folders under {self.root}/train and /val")
+            raise CertkitError(
+                f"{split_dir}: missing; expected ImageNet class folders under {self.root}/train and /val"
+            )
         size = self.info.in_shape[1]
         if self.split == "train":
             tf = transforms.Compose(
@@ -277,8 +273,13 @@ class TrainingData(Protocol):
     def __getitem__(self, i: int) -> Any: ...
     def to(self, device: torch.device | str) -> Any: ...
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-        drop_last: bool = False, rank: int = 0, world_size: int = 1,
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
@@ -348,7 +349,9 @@ def check_item(item: Any, where: str = "dataset item 0") -> tuple[Tensor, int]:
         raise CertkitError(f"{where}: expected a float image tensor (C, H, W), got {shape}")
     low, high = float(x.min()), float(x.max())
     if low < 0 or high > 1:
-        cause = "0-255 pixels? divide by 255" if high > 1.5 else "normalized images? certkit normalizes inside the model"
+        cause = (
+            "0-255 pixels? divide by 255" if high > 1.5 else "normalized images? certkit normalizes inside the model"
+        )
         warnings.warn(
             f"{where}: pixel values span [{low:g}, {high:g}], outside [0, 1] ({cause}); "
             "sigma and radii are in [0, 1] pixel units",
@@ -478,13 +481,15 @@ def _reconstruct_small(
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and plain containers; refuses every other global, so no code can run."""
 
-    _ALLOWED = frozenset({
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-    })
+    _ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
+            ("_codecs", "encode"),
+        }
+    )
     _RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
 
     def find_class(self, module: str, name: str):

@@ -59,7 +59,12 @@ def build_objective(
     cls = get_objective(method)
     if cls is CRT:
         return CRT(
-            sigma, teacher, teacher_model=teacher_model, num_classes=num_classes, dataset=dataset, family=family,
+            sigma,
+            teacher,
+            teacher_model=teacher_model,
+            num_classes=num_classes,
+            dataset=dataset,
+            family=family,
             **dict(hparams or {}),
         )
     if teacher is not None or teacher_model is not None:

@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from certkit.errors import CertkitError
 

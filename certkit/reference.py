@@ -65,7 +65,8 @@ class ReferenceArch:
 #: The reference LeNet (SmoothMix/MACER ``archs/lenet.py``) names its layers ``conv1, conv2, fc1, fc2``;
 #: certkit's groups them into ``features`` and ``classifier`` Sequentials.
 _LENET = ReferenceArch(
-    "lenet", (("conv1.", "features.0."), ("conv2.", "features.3."), ("fc1.", "classifier.1."), ("fc2.", "classifier.3."))
+    "lenet",
+    (("conv1.", "features.0."), ("conv2.", "features.3."), ("fc1.", "classifier.1."), ("fc2.", "classifier.3.")),
 )
 
 #: reference architecture names (which include certkit's names of the same nets) -> how to read them.
@@ -88,14 +89,16 @@ EXPORT_NAMES = {"lenet": "lenet", "resnet20": "cifar_resnet20", "resnet110": "ci
 
 def _layout(name: str, where: str) -> ReferenceArch:
     if name not in REFERENCE_LAYOUTS:
-        raise CertkitError(f"{where}: unsupported architecture {name!r}; supported: {', '.join(sorted(REFERENCE_LAYOUTS))}")
+        raise CertkitError(
+            f"{where}: unsupported architecture {name!r}; supported: {', '.join(sorted(REFERENCE_LAYOUTS))}"
+        )
     return REFERENCE_LAYOUTS[name]
 
 
 def _rename(key: str, pairs: Sequence[tuple[str, str]]) -> str:
     for old, new in pairs:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return key
 
 
@@ -123,14 +126,18 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CertkitError(f"{path}: not a readable torch checkpoint ({first})") from None
     state = ckpt.get("state_dict", ckpt.get("net")) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise CertkitError(f"{path}: expected a dict with 'state_dict' (or MACER's 'net'), the reference checkpoint format")
+        raise CertkitError(
+            f"{path}: expected a dict with 'state_dict' (or MACER's 'net'), the reference checkpoint format"
+        )
     bad = next((k for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))), None)
     if bad is not None:
         raise CertkitError(f"{path}: the state_dict must map names (strings) to tensors; entry {bad!r} does not")
     return ckpt, state
 
 
-def _body_state(path: Path, state: dict[str, Any], layout: ReferenceArch) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
+def _body_state(
+    path: Path, state: dict[str, Any], layout: ReferenceArch
+) -> tuple[dict[str, torch.Tensor], dict[str, str], bool]:
     """Strip the wrappers and rename: (certkit body keys -> tensors, certkit key -> file key, had a first layer).
 
     Keys may be ``module.`` (DataParallel around everything), then ``1.`` (the net inside
@@ -142,7 +149,9 @@ def _body_state(path: Path, state: dict[str, Any], layout: ReferenceArch) -> tup
     for file_key, value in state.items():
         key = file_key.removeprefix("module.")
         if key.startswith("0."):
-            raise CertkitError(f"{path}: the input layer holds a tensor ({file_key!r}); the reference input layers hold none")
+            raise CertkitError(
+                f"{path}: the input layer holds a tensor ({file_key!r}); the reference input layers hold none"
+            )
         if key.startswith("1."):
             wrapped, key = True, key[2:]
         key = _rename(key.removeprefix("module."), layout.renames)
@@ -150,13 +159,22 @@ def _body_state(path: Path, state: dict[str, Any], layout: ReferenceArch) -> tup
     return body, origin, wrapped
 
 
-def _check_state(path: Path, arch: str, body: dict[str, torch.Tensor], origin: dict[str, str], model: nn.Sequential, info: DatasetInfo) -> None:
+def _check_state(
+    path: Path,
+    arch: str,
+    body: dict[str, torch.Tensor],
+    origin: dict[str, str],
+    model: nn.Sequential,
+    info: DatasetInfo,
+) -> None:
     """Name what does not fit: the class count, the input channels, another shape, or the key set."""
     want = model[1].state_dict()
     missing, unexpected = sorted(set(want) - set(body)), sorted(set(body) - set(want))
     if missing or unexpected:
         parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + (
-            [f"unexpected {', '.join(origin[k] for k in unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")] if unexpected else []
+            [f"unexpected {', '.join(origin[k] for k in unexpected[:3])}" + (" ..." if len(unexpected) > 3 else "")]
+            if unexpected
+            else []
         )
         raise CertkitError(f"{path}: state_dict does not fit certkit's {arch!r} ({'; '.join(parts)})")
     params = [name for name, _ in model[1].named_parameters()]
@@ -215,7 +233,9 @@ def import_checkpoint(
     ckpt, state = _read(path)
     file_arch = ckpt.get("arch")
     if file_arch is None and arch is None:
-        raise CertkitError(f"{path}: the checkpoint does not record its architecture (CRT's and MACER's do not); pass --arch NAME")
+        raise CertkitError(
+            f"{path}: the checkpoint does not record its architecture (CRT's and MACER's do not); pass --arch NAME"
+        )
     layout = _layout(str(file_arch if file_arch is not None else arch), str(path))
     if arch is not None and _layout(arch, "--arch").arch != layout.arch:
         raise CertkitError(f"{path}: --arch {arch} disagrees with the checkpoint's architecture {file_arch!r}")
@@ -237,7 +257,10 @@ def import_checkpoint(
             stacklevel=2,
         )
     meta = make_meta(
-        layout.arch, dataset, sigma, "imported",
+        layout.arch,
+        dataset,
+        sigma,
+        "imported",
         source={"path": str(path), "arch": file_arch if file_arch is not None else arch, "normalization": kind},
     )
     meta["normalization"] = {"mean": mean, "std": std}
@@ -257,7 +280,9 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
     arch = meta["arch"]
     if meta.get("method") == "gloro" or "gloro" in meta:
-        raise CertkitError(f"{run}: a GloRo net is certified by its Lipschitz bound; the reference layout has no place for it")
+        raise CertkitError(
+            f"{run}: a GloRo net is certified by its Lipschitz bound; the reference layout has no place for it"
+        )
     if arch not in EXPORT_NAMES:
         raise CertkitError(
             f"{run}: the reference certify.py cannot build {arch!r}; "
@@ -284,8 +309,14 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 __all__ = [
-    "EXPORT_NAMES", "NORMALIZATIONS", "REFERENCE_ARCHS", "REFERENCE_LAYOUTS", "ReferenceArch",
-    "check_fits_dataset", "export_checkpoint", "import_checkpoint",
+    "EXPORT_NAMES",
+    "NORMALIZATIONS",
+    "REFERENCE_ARCHS",
+    "REFERENCE_LAYOUTS",
+    "ReferenceArch",
+    "check_fits_dataset",
+    "export_checkpoint",
+    "import_checkpoint",
 ]
 
 
@@ -314,5 +345,7 @@ def load_any(
         imported, meta = import_checkpoint(path, dataset, arch=arch, normalization=normalization)
         return imported.to(device), meta
     if arch is not None or normalization is not None:
-        raise CertkitError(f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both")
+        raise CertkitError(
+            f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both"
+        )
     return load_with_meta(path, device, model)

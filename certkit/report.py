@@ -25,8 +25,8 @@ from typing import overload
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.fileio import check_output
 from certkit.figures import pyplot, save_figure
+from certkit.fileio import check_output
 from certkit.results import Results, read_results
 from certkit.smoothing.statistics import max_radius
 
@@ -154,7 +154,9 @@ def mean_samples(results: ResultsLike) -> float | None:
     return float(res.samples.mean())
 
 
-def _table(named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None) -> tuple[list[str], list[list[str]]]:
+def _table(
+    named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None
+) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the report table: N, ACR, mean samples per input when any file is adaptive,
     certified accuracy on the grid, abstain rate ("-" where a file has no such figure)."""
     loaded = {name: load(r) for name, r in named_results.items()}
@@ -225,7 +227,9 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
     largest = max([_largest_radius(res) for res in certify.values()] or [0.0])
     settings = {name: res.settings for name, res in certify.items()}
     bounds = {
-        name: max_radius(float(s["sigma"]), int(s["n"]), float(s["alpha"])) if all(s.get(k) for k in ("sigma", "n", "alpha")) else None
+        name: max_radius(float(s["sigma"]), int(s["n"]), float(s["alpha"]))
+        if all(s.get(k) for k in ("sigma", "n", "alpha"))
+        else None
         for name, s in settings.items()
     }
     largest = max([largest] + [b for b in bounds.values() if b is not None])
@@ -235,7 +239,11 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
     for name, res in certify.items():
         s = settings[name]
         about = [f"ACR {acr(res):.3f}"]
-        about += [f"{sym}={s[k]:,}" if k == "n" else f"{sym}={s[k]:g}" for k, sym in (("sigma", "σ"), ("n", "n"), ("alpha", "α")) if s.get(k)]
+        about += [
+            f"{sym}={s[k]:,}" if k == "n" else f"{sym}={s[k]:g}"
+            for k, sym in (("sigma", "σ"), ("n", "n"), ("alpha", "α"))
+            if s.get(k)
+        ]
         about.append(f"N={len(res):,}")
         out.append(Curve(f"{name} ({', '.join(about)})", grid, certified_accuracy(res, grid), bounds[name]))
     return out
@@ -280,9 +288,7 @@ def file_labels(files: Sequence[str | os.PathLike]) -> list[str]:
     labels = []
     for mine in parts:
         depth = 1
-        while depth < len(mine) and any(
-            other[-depth:] == mine[-depth:] and other != mine for other in parts
-        ):
+        while depth < len(mine) and any(other[-depth:] == mine[-depth:] and other != mine for other in parts):
             depth += 1
         labels.append("/".join(mine[-depth:]))
     seen: dict[str, int] = {}

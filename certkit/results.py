@@ -152,7 +152,8 @@ class ResultWriter:
     ``resume`` is true: its sidecar's settings must equal ``settings`` (otherwise :class:`CertkitError`
     names the keys that differ), any trailing partial line left by a crash is cut off, and
     :attr:`done_indices` holds the indices already written so the caller can skip them. With
-    ``resume=False`` an existing file is replaced and its summary removed. The file must be a regular file (or not exist yet), and
+    ``resume=False`` an existing file is replaced and its summary removed. The file must be a regular file (or not
+    exist yet), and
     ``<file>.lock`` (:class:`~certkit.fileio.PidLock`) keeps a second process from writing it until
     :meth:`close`.
 
@@ -278,14 +279,19 @@ class ResultWriter:
             self._deferred = False
             self._flush()
 
-    def write_certify(
-        self, idx: int, label: int, prediction: int, radius: float, seconds: float, **extra: Any
-    ) -> None:
+    def write_certify(self, idx: int, label: int, prediction: int, radius: float, seconds: float, **extra: Any) -> None:
         """One CERTIFY row; ``correct`` is derived (abstain, -1, is never correct)."""
         if self.kind != "certify":
             raise ValueError("write_certify on a predict writer")
         correct = int(prediction == label)
-        fields = [str(int(idx)), str(int(label)), str(int(prediction)), format_radius(radius), str(correct), format_time(seconds)]
+        fields = [
+            str(int(idx)),
+            str(int(label)),
+            str(int(prediction)),
+            format_radius(radius),
+            str(correct),
+            format_time(seconds),
+        ]
         self._write_row(fields, extra)
         self.done_indices.add(int(idx))
 
@@ -497,7 +503,9 @@ class _Plan:
         if (
             len(values) != 5
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-            or size < 0 or skip < 1 or not 0 <= shard[0] < shard[1]
+            or size < 0
+            or skip < 1
+            or not 0 <= shard[0] < shard[1]
         ):
             raise CertkitError(f"{sidecar_path(source)}: malformed plan settings (dataset_size, skip, max, shard)")
         return cls(size if max_idx < 0 else min(max_idx, size), skip, shard[0], shard[1])
@@ -523,7 +531,9 @@ class _Plan:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def planned_indices(dataset_size: int, skip: int = 1, max_idx: int = -1, shard: Sequence[int] | None = None) -> list[int]:
+def planned_indices(
+    dataset_size: int, skip: int = 1, max_idx: int = -1, shard: Sequence[int] | None = None
+) -> list[int]:
     """Indices a run visits: 0, skip, 2*skip, ... below ``max_idx`` (-1 = all), as the reference.
 
     With ``shard = (i, k)`` only positions p (in that list) with p % k == i: shards interleave, so each gets
@@ -574,9 +584,7 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
         have = sorted(int(s[0]) for s in shards)
         if have != list(range(k)):
             missing = sorted(set(range(k)) - set(have))
-            raise CertkitError(
-                f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {missing or 'none'})"
-            )
+            raise CertkitError(f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {missing or 'none'})")
     seen: dict[int, str] = {}
     for path, meta, table in zip(shard_paths, metas, tables):
         plan = _Plan.of(meta["settings"], path)

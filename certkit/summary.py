@@ -58,7 +58,10 @@ def write_summary(
         if alpha is not None and n_rows:
             # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
             group = max(1, int(params.get("shared_noise") or 1))
-            bounds = {f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group) for r, a in zip(grid, accuracies)}
+            bounds = {
+                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group)
+                for r, a in zip(grid, accuracies)
+            }
             summary["rho"] = rho
             if None in bounds.values():
                 summary["certified_accuracy_high_prob"] = None

@@ -41,16 +41,23 @@ from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
-from certkit.recipes import check_recipe, get_recipe
 from certkit.progress import Progress
+from certkit.recipes import check_recipe, get_recipe
 from certkit.trainlog import MetricLogs
 
 STATE = "train_state.safetensors"
 METRICS = "metrics.jsonl"
 
 
-def setting(default: Any, help: str, *, parse: Callable[[str], Any] | None = None, choices: tuple[str, ...] = (),
-            flags: tuple[str, ...] = (), cli: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    parse: Callable[[str], Any] | None = None,
+    choices: tuple[str, ...] = (),
+    flags: tuple[str, ...] = (),
+    cli: bool = True,
+) -> Any:
     """A :class:`TrainConfig` field; the command line's flags (``flags``, else ``--name``) are made from it."""
     return field(default=default, metadata=dict(help=help, parse=parse, choices=choices, flags=flags, cli=cli))
 
@@ -69,15 +76,19 @@ class TrainConfig:
     the RS literature; :meth:`for_method` gives the published recipe of a dataset family and method."""
 
     epochs: int = setting(90, "epochs")
-    batch_size: int = setting(256, "loader batch (chunked methods take one optimizer step per chunk)", flags=("--batch-size", "--batch"))
+    batch_size: int = setting(
+        256, "loader batch (chunked methods take one optimizer step per chunk)", flags=("--batch-size", "--batch")
+    )
     optimizer: str = setting("sgd", "optimizer", choices=("sgd", "adam"))
     lr: float = setting(0.01, "initial learning rate")
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(1e-4, "weight decay")
     schedule: str = setting(
-        "step", "LR schedule: step (x gamma every lr_step epochs), multistep (x gamma at milestones), cosine, "
+        "step",
+        "LR schedule: step (x gamma every lr_step epochs), multistep (x gamma at milestones), cosine, "
         "exp (to lr_final), half-exp (constant for the first half, then exponential to lr_final: GloRo's ICML "
-        "code, Leino et al. 2021), constant", choices=SCHEDULES,
+        "code, Leino et al. 2021), constant",
+        choices=SCHEDULES,
     )
     lr_step: int = setting(30, "step schedule: epochs between x gamma decays")
     milestones: tuple[int, ...] = setting((), "multistep schedule: comma-separated epochs", parse=_milestones)
@@ -88,11 +99,14 @@ class TrainConfig:
     #: stop with an error when the loss is NaN/inf (diverged run, e.g. SmoothAdv with a large epsilon)
     check_finite: bool = setting(True, "stop when the loss is NaN/inf", cli=False)
     compile: str = setting(
-        "auto", "compile the model with torch.compile (inductor; CUDA graphs on CUDA): on, off, or auto = on for "
-        "CUDA, off on CPU", choices=("auto", "on", "off"),
+        "auto",
+        "compile the model with torch.compile (inductor; CUDA graphs on CUDA): on, off, or auto = on for "
+        "CUDA, off on CPU",
+        choices=("auto", "on", "off"),
     )
     channels_last: str = setting(
-        "auto", "channels-last memory format for a model with 2-d convolutions: on, off, or auto = on",
+        "auto",
+        "channels-last memory format for a model with 2-d convolutions: on, off, or auto = on",
         choices=("auto", "on", "off"),
     )
     amp: str = setting("off", "autocast for CUDA training: off or bf16 (not on CPU)", choices=("off", "bf16"))
@@ -106,16 +120,24 @@ class TrainConfig:
             raise CertkitError(f"--lr must be a finite number > 0 (got {self.lr})")
         for name in ("momentum", "weight_decay", "gamma", "lr_final"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise CertkitError(f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})")
+                raise CertkitError(
+                    f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})"
+                )
         if not 0 <= self.seed < 2**63:  # torch.manual_seed and the derived seeds take non-negative 63-bit seeds
             raise CertkitError(f"--seed must be an integer in 0..2^63-1 (got {self.seed})")
         if self.optimizer not in ("sgd", "adam"):
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
         if self.schedule not in SCHEDULES:
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
-        for name, valid in (("compile", ("auto", "on", "off")), ("channels_last", ("auto", "on", "off")), ("amp", ("off", "bf16"))):
+        for name, valid in (
+            ("compile", ("auto", "on", "off")),
+            ("channels_last", ("auto", "on", "off")),
+            ("amp", ("off", "bf16")),
+        ):
             if getattr(self, name) not in valid:
-                raise CertkitError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; valid: {', '.join(valid)}")
+                raise CertkitError(
+                    f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; valid: {', '.join(valid)}"
+                )
 
     @classmethod
     def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
@@ -280,7 +302,9 @@ class Trainer:
         counted = objective.counted_modules()
         for module in counted.values():
             module.to(self.device)
-        self.meta["num_classes"] = check_fit(self.model, counted, image.to(self.device), label, self.meta.get("num_classes"))
+        self.meta["num_classes"] = check_fit(
+            self.model, counted, image.to(self.device), label, self.meta.get("num_classes")
+        )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress  # None: a bar on a terminal, else a log line every CERTKIT_PROGRESS_SECONDS
         self.log = log or (logging.getLogger("certkit").info if self.rank == 0 else lambda msg: None)
@@ -324,7 +348,9 @@ class Trainer:
             gamma = (c.lr_final / c.lr) ** (1.0 / max(c.epochs - 1, 1))
             return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
         if c.schedule == "half-exp":
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: half_exp_factor(epoch, c.epochs, c.lr_final / c.lr))
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda epoch: half_exp_factor(epoch, c.epochs, c.lr_final / c.lr)
+            )
         return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -374,12 +400,20 @@ class Trainer:
         chunks = max(1, int(self.objective.num_chunks))
         sums: dict[str, Tensor] = {}
         steps = 0
+
+        def running_loss() -> str:  # read off the device only when a progress line is drawn
+            return f"loss={float(sums['loss']) / max(steps, 1):.4f}"
+
         per_rank = len(self.train_data) // self.world_size
         drop_last = self.compiled and per_rank >= c.batch_size
         n_batches = per_rank // c.batch_size if drop_last else math.ceil(per_rank / c.batch_size)
         bar = Progress(
-            n_batches, f"epoch {epoch + 1}/{c.epochs}", unit="batch", enabled=self.rank == 0 and self.progress is not False,
-            terminal=self.progress or None, final=False,
+            n_batches,
+            f"epoch {epoch + 1}/{c.epochs}",
+            unit="batch",
+            enabled=self.rank == 0 and self.progress is not False,
+            terminal=self.progress or None,
+            final=False,
         )
         self._sync()
         start = time.perf_counter()
@@ -398,7 +432,7 @@ class Trainer:
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0) + v.float()
                 steps += 1
-            bar.update(1, note=lambda: f"loss={float(sums['loss']) / max(steps, 1):.4f}")
+            bar.update(1, note=running_loss)
         if c.check_finite and steps and not bool(torch.isfinite(sums["loss"])):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
@@ -488,7 +522,10 @@ class Trainer:
         optimisation setting, so what ``model.json`` records is what ran. ``epochs`` alone may grow; that
         is checked by the caller."""
         current = self.checkpoint_meta(0)
-        flag = {f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0] for f in dataclasses.fields(TrainConfig)}
+        flag = {
+            f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0]
+            for f in dataclasses.fields(TrainConfig)
+        }
         saved: dict[str, Any] = {}  # by the flag that sets it (MACER's --gamma is not the schedule's --lr-gamma)
         now: dict[str, Any] = {}
         for k in ("dataset", "train_subset", "test_subset", "arch", "method", "sigma"):
@@ -504,7 +541,8 @@ class Trainer:
         for k in saved:
             if saved[k] != now[k]:
                 raise CertkitError(
-                    f"{path}: run was started with {k} {saved[k]!r}, not {now[k]!r}; resume with the same settings or choose another --out"
+                    f"{path}: run was started with {k} {saved[k]!r}, not {now[k]!r}; "
+                    "resume with the same settings or choose another --out"
                 )
 
     def resume(self) -> bool:
@@ -525,14 +563,20 @@ class Trainer:
         saved_train = meta.get("train", {})
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
-                raise CertkitError(f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}")
-            if self.config.schedule in ("cosine", "exp", "half-exp"):  # their learning rate at every epoch depends on the total
+                raise CertkitError(
+                    f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}"
+                )
+            if self.config.schedule in (
+                "cosine",
+                "exp",
+                "half-exp",
+            ):  # their learning rate at every epoch depends on the total
                 raise CertkitError(
                     f"{path}: run was started with epochs={saved_train['epochs']} "
                     f"and a {self.config.schedule} schedule, which --epochs {self.config.epochs} would change "
                     "retroactively; use another --out"
                 )
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         self.model.load_state_dict(model_state, strict=True)
         opt_state: dict[str, Any] = {"param_groups": info["optimizer"]["param_groups"], "state": {}}
         for pid, plain in info["optimizer"]["plain_state"].items():
@@ -591,7 +635,9 @@ def _count_from_one(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return epochs
 
 
-def check_fit(model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None) -> int:
+def check_fit(
+    model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None
+) -> int:
     """One image through ``model`` (and ``others``, e.g. a teacher) in eval mode: the class count, or a
     one-line error for a model that does not fit the image, logits of the wrong width, or a bad label.
 
@@ -685,7 +731,9 @@ def build_trainer(
         if not resume and (Path(out) / STATE).exists():
             raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         if resume and not (Path(out) / STATE).is_file():
-            raise CertkitError(f"--resume {out}: holds no run to resume ({STATE} is missing); drop --resume to start one")
+            raise CertkitError(
+                f"--resume {out}: holds no run to resume ({STATE} is missing); drop --resume to start one"
+            )
     MetricLogs(out, metric_logs)  # an unknown format or a missing tensorboard package, before any data is read
     named = isinstance(dataset, str)
     info = dataset_info(dataset) if named else None
@@ -703,9 +751,14 @@ def build_trainer(
         if isinstance(method, Objective) and published.hparams:
             raise CertkitError(f"recipe {recipe!r} sets hyperparameters; pass them to the objective you built")
         if not isinstance(method, Objective):
-            hparams = {**published.hyperparameters(sigma), **{k: v for k, v in (hparams or {}).items() if v is not None}}
+            hparams = {
+                **published.hyperparameters(sigma),
+                **{k: v for k, v in (hparams or {}).items() if v is not None},
+            }
         config = {**published.train, **{k: v for k, v in config.items() if v is not None}}
-    objective = build_objective(method, sigma, family, hparams, teacher, teacher_model, classes, dataset if named else None)
+    objective = build_objective(
+        method, sigma, family, hparams, teacher, teacher_model, classes, dataset if named else None
+    )
     cfg = TrainConfig.for_method(family, type(objective), **config)
     run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}
     if recipe is not None:
@@ -729,13 +782,22 @@ def build_trainer(
         model = arch
     run_meta.update(dict(meta or {}))
     return Trainer(
-        model, objective, train_split, test_split, cfg, out_dir=out, meta=run_meta, device=device, progress=progress,
+        model,
+        objective,
+        train_split,
+        test_split,
+        cfg,
+        out_dir=out,
+        meta=run_meta,
+        device=device,
+        progress=progress,
         metric_logs=metric_logs,
     )
 
 
-def train(dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", method: str | Objective = "gaussian",
-          **kwargs: Any) -> Trainer:
+def train(
+    dataset: Any = "fashion-mnist", arch: str | nn.Module = "lenet", method: str | Objective = "gaussian", **kwargs: Any
+) -> Trainer:
     """Train a model, as ``certkit train`` does; returns the finished :class:`Trainer`.
 
     Every argument of :func:`build_trainer`: ``dataset`` a name or your own torch ``Dataset``/``DataLoader``

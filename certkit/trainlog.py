@@ -14,8 +14,9 @@ import csv
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from certkit.errors import CertkitError
 from certkit.fileio import atomic_write_text

@@ -65,7 +65,9 @@ def test_adaptive_stops_early_on_clear_abstains_and_runs_unanimous_inputs_to_n()
     far, _ = halfspace_input(1 - 1e-12, sigma, W)
     xs = torch.stack([on_plane, far])
     schedule = AdaptiveSchedule(first_stage=500)
-    abstain, unanimous = smoothed.certify_batch(xs, 100, n, 0.001, 5000, [input_generator(0, i) for i in range(2)], schedule)
+    abstain, unanimous = smoothed.certify_batch(
+        xs, 100, n, 0.001, 5000, [input_generator(0, i) for i in range(2)], schedule
+    )
     assert abstain.prediction == ABSTAIN and abstain.samples < 100 + n / 4
     assert unanimous.prediction == 1 and unanimous.samples == 100 + n
     final_alpha = schedule.alphas(0.001, len(schedule.stages(n)))[-1]
@@ -79,7 +81,10 @@ def test_adaptive_batched_equals_one_at_a_time():
     xs = torch.rand(6, 1, 4, 4)
     schedule = AdaptiveSchedule(first_stage=100, tolerance=0.1)
     together = smoothed.certify_batch(xs, 50, 2000, 0.01, 1000, [input_generator(1, i) for i in range(6)], schedule)
-    alone = [smoothed.certify_batch(xs[i : i + 1], 50, 2000, 0.01, 300, [input_generator(1, i)], schedule)[0] for i in range(6)]
+    alone = [
+        smoothed.certify_batch(xs[i : i + 1], 50, 2000, 0.01, 300, [input_generator(1, i)], schedule)[0]
+        for i in range(6)
+    ]
     assert together == alone
     assert np.mean([c.samples for c in together]) <= 2050
 

@@ -41,8 +41,18 @@ def tensors(n: int = 48, seed: int = 0) -> TensorDataset:
 def _train(out: Path, method: str, **kwargs: object) -> Trainer:
     torch.manual_seed(0)
     return certkit.train(
-        tensors(), mlp(), method, sigma=0.25, out=out, test_data=tensors(12, seed=1), epochs=1, batch_size=16,
-        lr=0.05, device="cpu", progress=False, **kwargs,
+        tensors(),
+        mlp(),
+        method,
+        sigma=0.25,
+        out=out,
+        test_data=tensors(12, seed=1),
+        epochs=1,
+        batch_size=16,
+        lr=0.05,
+        device="cpu",
+        progress=False,
+        **kwargs,
     )
 
 
@@ -84,8 +94,16 @@ def test_own_module_trains_saves_loads_and_certifies(runs: dict[str, Path], meth
 
 def test_dataloader_trains_with_its_own_batches() -> None:
     loader = DataLoader(tensors(), batch_size=12, shuffle=False)
-    trainer = Trainer(mlp(), build_objective("gaussian", 0.25), loader, None, TrainConfig(epochs=1), device="cpu",
-                      progress=False, log=lambda m: None)
+    trainer = Trainer(
+        mlp(),
+        build_objective("gaussian", 0.25),
+        loader,
+        None,
+        TrainConfig(epochs=1),
+        device="cpu",
+        progress=False,
+        log=lambda m: None,
+    )
     trainer.fit()
     assert trainer.ledger.epochs[0]["steps"] == 4 and trainer.ledger.epochs[0]["forward"] == 48
 
@@ -94,7 +112,9 @@ def test_mismatches_are_one_line_errors_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(CertkitError, match="outputs 3 logits but the dataset has 5 classes"):
         certkit.train(tensors(), mlp(), "gaussian", num_classes=5, out=tmp_path / "a", device="cpu")
     with pytest.raises(CertkitError, match=r"does not fit images of shape \(1, 8, 8\)"):
-        certkit.train(tensors(), nn.Sequential(nn.Flatten(), nn.Linear(10, 3)), "gaussian", out=tmp_path / "b", device="cpu")
+        certkit.train(
+            tensors(), nn.Sequential(nn.Flatten(), nn.Linear(10, 3)), "gaussian", out=tmp_path / "b", device="cpu"
+        )
     with pytest.raises(CertkitError, match="teacher outputs 5 logits"):
         certkit.train(tensors(), mlp(), "crt", teacher=mlp(5), out=tmp_path / "c", device="cpu")
     with pytest.raises(CertkitError, match=r"label 3, outside 0\.\.2"):
@@ -118,14 +138,17 @@ def test_cli_refuses_with_one_line_and_writes_nothing(
 ) -> None:
     root = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
     out = tmp_path / "out"
-    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(root), "--out", str(out), "--device", "cpu", *args])
+    code = main(
+        ["train", "--dataset", "fashion-mnist", "--data-dir", str(root), "--out", str(out), "--device", "cpu", *args]
+    )
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1 and message in err and err.startswith("certkit: error: ")
     assert not out.exists()
 
 
 def test_cli_factories_for_model_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "my_byo_pkg.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_byo_pkg.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         from torch.utils.data import TensorDataset
@@ -138,11 +161,27 @@ def test_cli_factories_for_model_and_data(tmp_path: Path, monkeypatch: pytest.Mo
             x = torch.rand(20, 1, 8, 8, generator=torch.Generator().manual_seed(0))
             y = torch.arange(20) % 3
             return TensorDataset(x, y), TensorDataset(x[:6], y[:6]), 3
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "run"
-    code = main(["train", "--arch", "my_byo_pkg:model", "--dataset", "my_byo_pkg:data", "--epochs", "1",
-                 "--batch-size", "10", "--out", str(out), "--device", "cpu"])
+    code = main(
+        [
+            "train",
+            "--arch",
+            "my_byo_pkg:model",
+            "--dataset",
+            "my_byo_pkg:data",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "10",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     meta = json.loads((out / "model.json").read_text())
     assert meta["arch"] == "my_byo_pkg:model" and meta["dataset"] == "my_byo_pkg:data" and meta["num_classes"] == 3
@@ -160,8 +199,16 @@ def test_objective_with_only_a_loss_trains_on_the_declared_defaults() -> None:
 
     obj = Plain(0.25)
     assert obj.counted_modules() == {} and obj.cost_ancestors() == [] and obj.checkpoint_meta() == {}
-    trainer = Trainer(mlp(), obj, tensors(), tensors(6), TrainConfig(epochs=1, batch_size=16), device="cpu",
-                      progress=False, log=lambda m: None)
+    trainer = Trainer(
+        mlp(),
+        obj,
+        tensors(),
+        tensors(6),
+        TrainConfig(epochs=1, batch_size=16),
+        device="cpu",
+        progress=False,
+        log=lambda m: None,
+    )
     assert trainer.fit()[0]["ce"] > 0 and trainer.meta["num_classes"] == 3
 
 

@@ -123,7 +123,9 @@ def test_reference_checkpoint_maps_onto_certkit(tmp_path: Path) -> None:
         assert torch.allclose(model(x), expected)
     assert meta["arch"] == "resnet20" and meta["source"]["arch"] == "cifar_resnet20"
     # MACER-style bare keys (no normalization layer in their model)
-    torch.save({"arch": "resnet20", "state_dict": {k[2:]: v for k, v in ref.state_dict().items() if k.startswith("1.")}}, path)
+    torch.save(
+        {"arch": "resnet20", "state_dict": {k[2:]: v for k, v in ref.state_dict().items() if k.startswith("1.")}}, path
+    )
     assert reference.load_any(path, dataset="cifar10")[1]["arch"] == "resnet20"
 
 

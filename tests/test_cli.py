@@ -30,8 +30,27 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A LeNet trained for one short epoch on a Fashion-MNIST subset (enough to have a real checkpoint)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    code = main(["train", "--arch", "lenet", "--epochs", "1", "--train-subset", "512", "--test-subset", "100",
-                 "--batch-size", "64", "--lr", "0.05", "--sigma", "0.25", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--arch",
+            "lenet",
+            "--epochs",
+            "1",
+            "--train-subset",
+            "512",
+            "--test-subset",
+            "100",
+            "--batch-size",
+            "64",
+            "--lr",
+            "0.05",
+            "--sigma",
+            "0.25",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -55,7 +74,9 @@ def test_certify_predict_report_merge(trained: Path, tmp_path: Path, capsys: pyt
     assert ((res.predict == -1) <= (res.radius == 0)).all()  # abstain rows carry radius 0
 
     # a different sigma than the training one is allowed and said on stderr
-    code, _, err = run(capsys, "certify", str(trained), "--sigma", "0.5", "--n", "100", "--max", "2", "--out", str(tmp_path / "s.tsv"))
+    code, _, err = run(
+        capsys, "certify", str(trained), "--sigma", "0.5", "--n", "100", "--max", "2", "--out", str(tmp_path / "s.tsv")
+    )
     assert code == 0 and "sigma=0.5" in err and "trained at sigma=0.25" in err
 
     ptsv = tmp_path / "p.tsv"
@@ -66,8 +87,21 @@ def test_certify_predict_report_merge(trained: Path, tmp_path: Path, capsys: pyt
     shards = []
     for i in range(2):
         shards.append(tmp_path / f"shard{i}.tsv")
-        code, _, err = run(capsys, "certify", str(trained), "--n0", "20", "--n", "200", "--max", "12",
-                           "--shard", f"{i}/2", "--out", str(shards[-1]))
+        code, _, err = run(
+            capsys,
+            "certify",
+            str(trained),
+            "--n0",
+            "20",
+            "--n",
+            "200",
+            "--max",
+            "12",
+            "--shard",
+            f"{i}/2",
+            "--out",
+            str(shards[-1]),
+        )
         assert code == 0, err
     merged = tmp_path / "merged.tsv"
     code, _, err = run(capsys, "merge", *map(str, shards), "--out", str(merged))
@@ -85,7 +119,9 @@ def test_certify_predict_report_merge(trained: Path, tmp_path: Path, capsys: pyt
     assert png.stat().st_size > 0
 
 
-def test_certify_resumes_and_refuses_other_settings(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_certify_resumes_and_refuses_other_settings(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tsv = tmp_path / "r.tsv"
     base = ["certify", str(trained), "--n0", "20", "--n", "200", "--max", "8", "--out", str(tsv)]
     assert run(capsys, *base)[0] == 0
@@ -158,7 +194,6 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
-
 @pytest.mark.slow  # three CLI runs, each with its vote-agreement check
 def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tsv = tmp_path / "shared.tsv"
@@ -194,4 +229,6 @@ def test_written_files_take_the_mode_the_umask_gives(
         os.umask(old)
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["c.png", "r.summary.json", "r.tsv", "r.tsv.json"]
-    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {n: oct(0o666 & ~umask) for n in written}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        n: oct(0o666 & ~umask) for n in written
+    }

@@ -14,7 +14,7 @@ from certkit.data import ArrayDataset, dataset_info
 from certkit.errors import CertkitError
 from certkit.methods import build_objective, list_objectives
 from certkit.models import create_model
-from certkit.train import Trainer, TrainConfig
+from certkit.train import TrainConfig, Trainer
 
 SHAPE = (1, 28, 28)
 
@@ -97,8 +97,17 @@ def test_a_nan_loss_stops_the_epoch_before_anything_is_saved(tmp_path: Any) -> N
     with torch.no_grad():
         model[3].bias[0] = float("nan")
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05)
-    t = Trainer(model, objective("gaussian"), data(32), None, cfg, out_dir=tmp_path / "run", device="cpu",
-                progress=False, log=lambda m: None)
+    t = Trainer(
+        model,
+        objective("gaussian"),
+        data(32),
+        None,
+        cfg,
+        out_dir=tmp_path / "run",
+        device="cpu",
+        progress=False,
+        log=lambda m: None,
+    )
     with pytest.raises(CertkitError, match="training diverged at epoch 1"):
         t.fit()
     assert not (tmp_path / "run" / "model.json").exists()

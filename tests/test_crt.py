@@ -104,7 +104,16 @@ def test_student_learns_the_teacher_and_ledger_counts_teacher() -> None:
     Trainer(teacher, Gaussian(0.25), tiny_data(), None, cfg, device="cpu", progress=False, log=lambda m: None).fit()
     student = create_model("smallcnn", 10, (1, 28, 28))  # a different architecture
     obj = CRT(0.25, teacher=teacher)
-    t = Trainer(student, obj, tiny_data(), None, TrainConfig(epochs=15, batch_size=16, optimizer="adam", lr=1e-3, weight_decay=0), device="cpu", progress=False, log=lambda m: None)
+    t = Trainer(
+        student,
+        obj,
+        tiny_data(),
+        None,
+        TrainConfig(epochs=15, batch_size=16, optimizer="adam", lr=1e-3, weight_decay=0),
+        device="cpu",
+        progress=False,
+        log=lambda m: None,
+    )
     t.fit()
     first, last = t.history[0], t.history[-1]
     assert last["transfer"] < 0.25 * first["transfer"] and last["agree"] > 0.9
@@ -125,8 +134,18 @@ def test_class_count_mismatch_refused() -> None:
 
 def _run(out: Path, root: Path, method: str = "gaussian", teacher: Path | None = None, arch: str = "smallcnn"):
     return train(
-        "mnist", arch, method, sigma=0.25, out=out, data_dir=str(root), teacher=teacher, epochs=1,
-        batch_size=8, lr=0.01, device="cpu", progress=False,
+        "mnist",
+        arch,
+        method,
+        sigma=0.25,
+        out=out,
+        data_dir=str(root),
+        teacher=teacher,
+        epochs=1,
+        batch_size=8,
+        lr=0.01,
+        device="cpu",
+        progress=False,
     )
 
 
@@ -148,7 +167,10 @@ def test_teacher_from_reference_pth_tar(tmp_path: Path) -> None:
     root = make_idx_dataset(tmp_path / "data", n_train=16, n_test=8)
     ref = create_model("lenet", 10, (1, 28, 28))
     path = tmp_path / "teacher.pth.tar"
-    torch.save({"arch": "lenet", "state_dict": {k: v for k, v in ref.state_dict().items() if k.startswith("1.")}, "epoch": 90}, path)
+    torch.save(
+        {"arch": "lenet", "state_dict": {k: v for k, v in ref.state_dict().items() if k.startswith("1.")}, "epoch": 90},
+        path,
+    )
     _run(tmp_path / "s", root, "crt", path)
     meta = json.loads((tmp_path / "s" / "model.json").read_text())
     assert meta["teacher"]["path"] == str(path) and meta["teacher"]["arch"] == "lenet"

@@ -15,8 +15,15 @@ from certkit.errors import CertkitError
 def _run(folder: Path, first_epoch: int, epochs: int = 3) -> Path:
     folder.mkdir(parents=True)
     lines = [
-        {"epoch": first_epoch + e, "lr": 0.01, "seconds": 1.0, "loss": 1.0 / (e + 1), "acc": 0.5 + 0.1 * e,
-         "test_clean_acc": 0.6, "test_noisy_acc": 0.55}
+        {
+            "epoch": first_epoch + e,
+            "lr": 0.01,
+            "seconds": 1.0,
+            "loss": 1.0 / (e + 1),
+            "acc": 0.5 + 0.1 * e,
+            "test_clean_acc": 0.6,
+            "test_noisy_acc": 0.55,
+        }
         for e in range(epochs)
     ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -37,9 +44,18 @@ def test_curves_cli_plots_several_runs(tmp_path: Path, capsys: pytest.CaptureFix
     assert f"plot: {out}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, message", [(None, "no metrics.jsonl"), ("", "no completed epoch"),
-                                              ("{oops\n", ":1: not a JSON line"), ('{"loss": 1}\n', "integer 'epoch'")])
-def test_bad_runs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str) -> None:
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no metrics.jsonl"),
+        ("", "no completed epoch"),
+        ("{oops\n", ":1: not a JSON line"),
+        ('{"loss": 1}\n', "integer 'epoch'"),
+    ],
+)
+def test_bad_runs_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     if content is not None:

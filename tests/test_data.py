@@ -162,7 +162,14 @@ def test_batches_cover_each_image_once_and_shard_disjointly() -> None:
     seen = torch.cat([y for _, y in ds.batches(3, shuffle=True, generator=torch.Generator().manual_seed(0))])
     assert sorted(seen.tolist()) == list(range(10))
     parts = [
-        torch.cat([y for _, y in ds.batches(2, shuffle=True, generator=torch.Generator().manual_seed(5), rank=r, world_size=2)])
+        torch.cat(
+            [
+                y
+                for _, y in ds.batches(
+                    2, shuffle=True, generator=torch.Generator().manual_seed(5), rank=r, world_size=2
+                )
+            ]
+        )
         for r in range(2)
     ]
     assert len(parts[0]) == len(parts[1]) == 5 and not set(parts[0].tolist()) & set(parts[1].tolist())

@@ -15,8 +15,18 @@ pytestmark = pytest.mark.slow  # the demo pipeline
 
 def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path) -> None:
     cfg = dataclasses.replace(
-        CompareConfig(), train_subset=256, test_subset=50, teacher_epochs=1, student_epochs=1, batch_size=64,
-        certify_images=6, n0=20, n=100, cert_batch=200, crt_batch_size=32, crt_alpha=0.5,
+        CompareConfig(),
+        train_subset=256,
+        test_subset=50,
+        teacher_epochs=1,
+        student_epochs=1,
+        batch_size=64,
+        certify_images=6,
+        n0=20,
+        n=100,
+        cert_batch=200,
+        crt_batch_size=32,
+        crt_alpha=0.5,
     )
     figures = compare(cfg, tmp_path, log=lambda m: None)
     for name in ("teacher", "crt", "direct"):

@@ -64,20 +64,35 @@ def _train_worker(rank: int, init_file: str, data_dir: str, run_dir: str, dump_d
             torch.manual_seed(100 + rank)
             model = create_model("lenet", info.num_classes, info.in_shape, info.mean, info.std)
             meta = checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian")
-            return Trainer(model, Gaussian(0.25), train, None, cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
+            return Trainer(
+                model,
+                Gaussian(0.25),
+                train,
+                None,
+                cfg,
+                out_dir=out,
+                meta=meta,
+                device="cpu",
+                progress=False,
+                log=lambda m: None,
+            )
 
         ddp = trainer(run_dir)
         assert ddp.world_size == WORLD
         save_file({k: v.contiguous() for k, v in ddp.model.state_dict().items()}, f"{dump_dir}/ddp{rank}.safetensors")
         ddp.fit()
-        save_file({k: v.contiguous() for k, v in ddp.model.state_dict().items()}, f"{dump_dir}/trained{rank}.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in ddp.model.state_dict().items()}, f"{dump_dir}/trained{rank}.safetensors"
+        )
 
         # control: the same ranks with DDP's gradient all-reduce bypassed must drift apart, which shows that
         # the equality above is DDP's doing and that the comparison below can fail
         control = trainer(None)
         control.net = control.model
         control.fit()
-        save_file({k: v.contiguous() for k, v in control.model.state_dict().items()}, f"{dump_dir}/control{rank}.safetensors")
+        save_file(
+            {k: v.contiguous() for k, v in control.model.state_dict().items()}, f"{dump_dir}/control{rank}.safetensors"
+        )
     finally:
         dist.destroy_process_group()
 
@@ -148,11 +163,26 @@ def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unshard
     out = tmp_path / "auto.tsv"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={WORLD}",
         # after "--" torchrun passes every flag on untouched, so certkit's own spellings --n and --max work too
-        "-m", "certkit", "--", "certify", str(ddp_run["run"]), "--dataset", "mnist", "--data-dir", str(ddp_run["data"]),
-        "--device", "cpu", *[a.lower() if a in ("--N", "--N0") else "--max" if a == "--max-index" else a for a in CERTIFY],
-        "--out", str(out),
+        "-m",
+        "certkit",
+        "--",
+        "certify",
+        str(ddp_run["run"]),
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(ddp_run["data"]),
+        "--device",
+        "cpu",
+        *[a.lower() if a in ("--N", "--N0") else "--max" if a == "--max-index" else a for a in CERTIFY],
+        "--out",
+        str(out),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -163,12 +193,15 @@ def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unshard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.summary.json", "auto.tsv", "auto.tsv.json"]
 
 
-@pytest.mark.parametrize("device, cuda, gpus, expect", [
-    ("cpu", True, 1, "gloo"),
-    ("auto", False, 0, "gloo"),
-    ("auto", True, 2, "nccl"),
-    ("cuda", True, 1, "refused"),
-])
+@pytest.mark.parametrize(
+    "device, cuda, gpus, expect",
+    [
+        ("cpu", True, 1, "gloo"),
+        ("auto", False, 0, "gloo"),
+        ("auto", True, 2, "nccl"),
+        ("cuda", True, 1, "refused"),
+    ],
+)
 def test_backend_follows_the_device_and_ranks_must_fit_the_gpus(monkeypatch, device, cuda, gpus, expect):
     """gloo for CPU ranks even where CUDA exists; local rank 1 on a one-GPU machine is one line, not a crash."""
     from certkit import distributed

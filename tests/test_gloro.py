@@ -143,7 +143,9 @@ def test_conv_bound_matches_the_unrolled_operator(c_in, c_out, k, stride, paddin
     assert (lb.apply(v, w) * u).sum().item() == pytest.approx((v * lb.adjoint(u, w)).sum().item(), rel=1e-9)
 
 
-@pytest.mark.parametrize("c_in, c_out, k, stride, padding, size", [(3, 5, 3, 1, 1, 12), (3, 5, 4, 2, 1, 16), (3, 6, 5, 3, 2, 17)])
+@pytest.mark.parametrize(
+    "c_in, c_out, k, stride, padding, size", [(3, 5, 3, 1, 1, 12), (3, 5, 4, 2, 1, 16), (3, 6, 5, 3, 2, 17)]
+)
 def test_fft_bound_of_larger_convs_is_sound_and_tight(c_in, c_out, k, stride, padding, size) -> None:
     torch.manual_seed(2)
     conv = nn.Conv2d(c_in, c_out, k, stride, padding, bias=False).double()
@@ -392,7 +394,13 @@ def test_defaults_and_recipe_are_the_published_ones() -> None:
     assert d["epsilon"] == 0.3 and d["train_eps_factor"] == 1.5 and d["power_iterations"] == 10
     assert Gloro.defaults("cifar10", 0.25)["epsilon"] == pytest.approx(36 / 255)
     r = recipe("mnist", "gloro")
-    assert (r["optimizer"], r["lr"], r["schedule"], r["lr_final"], r["weight_decay"]) == ("adam", 1e-3, "exp", 1e-6, 0.0)
+    assert (r["optimizer"], r["lr"], r["schedule"], r["lr_final"], r["weight_decay"]) == (
+        "adam",
+        1e-3,
+        "exp",
+        1e-6,
+        0.0,
+    )
 
 
 def test_training_epsilon_ramps_above_the_evaluation_epsilon() -> None:
@@ -457,7 +465,9 @@ def test_resumed_training_is_exact_and_saving_does_not_perturb_it(tmp_path: Path
     def trainer(out: Path | None) -> Trainer:
         obj = Gloro(epsilon=0.3, power_iterations=2)
         meta = {"arch": "tiny", "num_classes": 3, "in_shape": [1, 8, 8], "normalization": {"mean": [0.0], "std": [1.0]}}
-        return Trainer(tiny_gloro(), obj, data, None, cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
+        return Trainer(
+            tiny_gloro(), obj, data, None, cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None
+        )
 
     full = trainer(None)  # never saves, so never freezes
     full.fit()
@@ -488,11 +498,33 @@ def test_evaluate_reports_sums(trained_tiny: GloroNet) -> None:
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     run = tmp_path_factory.mktemp("gloro") / "run"
-    code = main([
-        "train", "--dataset", "fashion-mnist", "--data-dir", str(fmnist_root), "--arch", "gloro-2c2f",
-        "--method", "gloro", "--epsilon", "0.5", "--train-subset", "512", "--test-subset", "0", "--epochs", "1",
-        "--lr-final", "1e-3", "--device", "cpu", "--out", str(run),
-    ])
+    code = main(
+        [
+            "train",
+            "--dataset",
+            "fashion-mnist",
+            "--data-dir",
+            str(fmnist_root),
+            "--arch",
+            "gloro-2c2f",
+            "--method",
+            "gloro",
+            "--epsilon",
+            "0.5",
+            "--train-subset",
+            "512",
+            "--test-subset",
+            "0",
+            "--epochs",
+            "1",
+            "--lr-final",
+            "1e-3",
+            "--device",
+            "cpu",
+            "--out",
+            str(run),
+        ]
+    )
     assert code == 0
     return run
 
@@ -500,8 +532,17 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path
 @pytest.mark.slow  # trains on the real dataset
 def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Path) -> None:
     trainer = train(
-        "fashion-mnist", "gloro-2c2f", "gloro", hparams={"epsilon": 0.5}, data_dir=str(fmnist_root),
-        out=tmp_path / "run", train_subset=256, test_subset=100, epochs=1, device="cpu", progress=False,
+        "fashion-mnist",
+        "gloro-2c2f",
+        "gloro",
+        hparams={"epsilon": 0.5},
+        data_dir=str(fmnist_root),
+        out=tmp_path / "run",
+        train_subset=256,
+        test_subset=100,
+        epochs=1,
+        device="cpu",
+        progress=False,
     )
     record = trainer.history[-1]
     assert 0 <= record["test_vra"] <= record["test_clean_acc"] and "test_rejection" in record
@@ -526,7 +567,18 @@ def test_checkpoint_keeps_certificates_identical(tmp_path: Path, fmnist_root: Pa
 @pytest.mark.slow  # trains on the real dataset (cli_run)
 def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root: Path, capsys) -> None:
     out = cli_run.parent / "gloro.tsv"
-    args = ["certify", str(cli_run), "--data-dir", str(fmnist_root), "--max", "300", "--batch", "128", "--out", str(out)]
+    args = [
+        "certify",
+        str(cli_run),
+        "--data-dir",
+        str(fmnist_root),
+        "--max",
+        "300",
+        "--batch",
+        "128",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "clean accuracy" in printed and "VRA" in printed and "rejection rate" in printed

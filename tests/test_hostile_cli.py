@@ -15,8 +15,8 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -41,8 +41,21 @@ MEASURE = (
 def run_dir(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A resumable LeNet run: one short epoch on a Fashion-MNIST subset."""
     out = tmp_path_factory.mktemp("hostile-cli") / "run"
-    argv = ["train", "--epochs", "1", "--train-subset", "256", "--test-subset", "0", "--batch-size", "64",
-            "--data-dir", str(fmnist_root), "--out", str(out)]
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--train-subset",
+        "256",
+        "--test-subset",
+        "0",
+        "--batch-size",
+        "64",
+        "--data-dir",
+        str(fmnist_root),
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     return out
 
@@ -109,8 +122,23 @@ TRAIN = ["train", "--epochs", "1", "--train-subset", "64", "--test-subset", "0",
 
 def resume(*extra: str, subset: str = "256") -> list[str]:
     """The command that trained ``run_dir``, resumed, with ``extra`` flags."""
-    return ["train", "--epochs", "1", "--train-subset", subset, "--test-subset", "0", "--batch-size", "64",
-            "--data-dir", "FMNIST", "--out", "RUN", "--resume", *extra]
+    return [
+        "train",
+        "--epochs",
+        "1",
+        "--train-subset",
+        subset,
+        "--test-subset",
+        "0",
+        "--batch-size",
+        "64",
+        "--data-dir",
+        "FMNIST",
+        "--out",
+        "RUN",
+        "--resume",
+        *extra,
+    ]
 
 
 # id: (argv, words the one line must hold, setup or None, run as a measured process)
@@ -142,42 +170,96 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
     "lr-inf": ([*TRAIN, "--lr", "inf", "--out", "TMP/t"], ["--lr", "finite"], None, False),
     "train-seed-negative": ([*TRAIN, "--seed", "-1", "--out", "TMP/t"], ["--seed", "0..2^63-1"], None, False),
     # wrong combinations that used to reach conv2d
-    "resnet50-on-fashion-mnist": ([*TRAIN, "--arch", "resnet50", "--out", "TMP/t"], ["does not fit images"], None, False),
+    "resnet50-on-fashion-mnist": (
+        [*TRAIN, "--arch", "resnet50", "--out", "TMP/t"],
+        ["does not fit images"],
+        None,
+        False,
+    ),
     "fmnist-model-on-cifar": ([*CERTIFY, "--dataset", "cifar10"], ["cifar10"], None, False),
     # argparse: one line starting certkit: error:, no internal names
     "n-not-a-number": ([*CERTIFY, "--n", "abc"], ["--n", "expected an integer"], None, False),
     "skip-not-a-number": ([*CERTIFY, "--skip", "x"], ["--skip", "expected an integer >= 1"], None, False),
     "skip-zero": ([*CERTIFY, "--skip", "0"], ["--skip", ">= 1"], None, False),
     "train-subset-word": ([*TRAIN, "--train-subset", "many", "--out", "TMP/t"], ["--train-subset"], None, False),
-    "milestones-words": ([*TRAIN, "--milestones", "a,b", "--out", "TMP/t"], ["--milestones", "comma-separated"], None, False),
+    "milestones-words": (
+        [*TRAIN, "--milestones", "a,b", "--out", "TMP/t"],
+        ["--milestones", "comma-separated"],
+        None,
+        False,
+    ),
     "hyperparameter-word": ([*TRAIN, "--num-noise-vec", "x", "--out", "TMP/t"], ["--num-noise-vec"], None, False),
     "unknown-flag": ([*TRAIN, "--bogus", "--out", "TMP/t"], ["--bogus"], None, False),
     # a warning (certifying at another sigma) must not add a line to the error that follows
     "warning-then-error": ([*CERTIFY, "--sigma", "0.5", "--n", "5"], ["CERTIFY needs n >= "], None, False),
     # crafted model.json
-    "meta-classes-huge": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "num_classes"],
-                          crafted_meta(lambda m: m.update(num_classes=10**12)), True),
-    "meta-in-shape-huge": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "in_shape"],
-                           crafted_meta(lambda m: m.update(in_shape=[3, 10**6, 10**6])), True),
-    "meta-classes-string": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "num_classes"],
-                            crafted_meta(lambda m: m.update(num_classes="10")), False),
-    "meta-in-shape-2": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "in_shape"],
-                        crafted_meta(lambda m: m.update(in_shape=[28, 28])), False),
-    "meta-sigma-string": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "sigma"],
-                          crafted_meta(lambda m: m.update(sigma="0.25")), False),
-    "meta-std-zero": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "std"],
-                      crafted_meta(lambda m: m["normalization"].update(std=[0.0])), False),
-    "meta-weights-string": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "'weights'"],
-                            crafted_meta(lambda m: m.update(weights="model.safetensors")), False),
-    "meta-no-sha256": ([*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]], ["model.json", "sha256", "re-save"],
-                       crafted_meta(lambda m: m["weights"].pop("sha256")), False),
+    "meta-classes-huge": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "num_classes"],
+        crafted_meta(lambda m: m.update(num_classes=10**12)),
+        True,
+    ),
+    "meta-in-shape-huge": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "in_shape"],
+        crafted_meta(lambda m: m.update(in_shape=[3, 10**6, 10**6])),
+        True,
+    ),
+    "meta-classes-string": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "num_classes"],
+        crafted_meta(lambda m: m.update(num_classes="10")),
+        False,
+    ),
+    "meta-in-shape-2": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "in_shape"],
+        crafted_meta(lambda m: m.update(in_shape=[28, 28])),
+        False,
+    ),
+    "meta-sigma-string": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "sigma"],
+        crafted_meta(lambda m: m.update(sigma="0.25")),
+        False,
+    ),
+    "meta-std-zero": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "std"],
+        crafted_meta(lambda m: m["normalization"].update(std=[0.0])),
+        False,
+    ),
+    "meta-weights-string": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "'weights'"],
+        crafted_meta(lambda m: m.update(weights="model.safetensors")),
+        False,
+    ),
+    "meta-no-sha256": (
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["model.json", "sha256", "re-save"],
+        crafted_meta(lambda m: m["weights"].pop("sha256")),
+        False,
+    ),
     # reference checkpoints
-    "reference-state-dict-list": ([*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
-                                  ["ref.pth.tar", "state_dict"], reference_file({"state_dict": [torch.zeros(2)]}), False),
-    "reference-int-keys": ([*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
-                           ["ref.pth.tar", "strings"], reference_file({"state_dict": {0: torch.zeros(2)}}), False),
-    "reference-pickle-payload": ([*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
-                                 ["ref.pth.tar", "refused"], reference_file(pickle.dumps({"state_dict": _Payload()})), False),
+    "reference-state-dict-list": (
+        [*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
+        ["ref.pth.tar", "state_dict"],
+        reference_file({"state_dict": [torch.zeros(2)]}),
+        False,
+    ),
+    "reference-int-keys": (
+        [*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
+        ["ref.pth.tar", "strings"],
+        reference_file({"state_dict": {0: torch.zeros(2)}}),
+        False,
+    ),
+    "reference-pickle-payload": (
+        [*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:]],
+        ["ref.pth.tar", "refused"],
+        reference_file(pickle.dumps({"state_dict": _Payload()})),
+        False,
+    ),
     # output paths, checked before any work
     "certify-out-empty": ([*CERTIFY[:-1], ""], ["--out is empty"], None, False),
     "certify-out-directory": ([*CERTIFY[:-1], "TMP/d"], ["TMP/d", "directory"], made("d", directory=True), False),
@@ -188,25 +270,54 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
     "train-out-file": ([*TRAIN, "--out", "TMP/f"], ["TMP/f", "not a directory"], made("f"), False),
     "train-out-empty": ([*TRAIN, "--out", ""], ["--out is empty"], None, False),
     "train-out-proc": ([*TRAIN, "--out", "/proc/certkit-run"], ["/proc"], None, False),
-    "train-model-json-directory": ([*TRAIN, "--out", "TMP/t"], ["model.json", "directory"],
-                                   made("t/model.json", directory=True), False),
+    "train-model-json-directory": (
+        [*TRAIN, "--out", "TMP/t"],
+        ["model.json", "directory"],
+        made("t/model.json", directory=True),
+        False,
+    ),
     "demo-out-file": (["demo", "--out", "TMP/f"], ["TMP/f", "not a directory"], made("f"), False),
     "demo-out-sys": (["demo", "--out", "/sys/certkit-demo"], ["/sys"], None, False),
     "demo-device-meta": (["demo", "--out", "TMP/demo", "--device", "meta"], ["--device meta"], None, False),
-    "merge-out-directory": (["merge", "TMP/a.tsv", "--out", "TMP/d"], ["TMP/d", "directory"],
-                            made("d", directory=True), False),
+    "merge-out-directory": (
+        ["merge", "TMP/a.tsv", "--out", "TMP/d"],
+        ["TMP/d", "directory"],
+        made("d", directory=True),
+        False,
+    ),
     "merge-out-empty": (["merge", "TMP/a.tsv", "--out", ""], ["--out is empty"], None, False),
-    "export-out-directory": (["export", "RUN", "--format", "reference", "--out", "TMP/d"], ["TMP/d", "directory"],
-                             made("d", directory=True), False),
-    "export-out-no-folder": (["export", "RUN", "--format", "reference", "--out", "TMP/no/x.pth"], ["does not exist"],
-                             None, False),
-    "report-plot-directory": (["report", "TMP/a.tsv", "--plot", "TMP/d"], ["--plot", "directory"],
-                              made("d", directory=True), False),
+    "export-out-directory": (
+        ["export", "RUN", "--format", "reference", "--out", "TMP/d"],
+        ["TMP/d", "directory"],
+        made("d", directory=True),
+        False,
+    ),
+    "export-out-no-folder": (
+        ["export", "RUN", "--format", "reference", "--out", "TMP/no/x.pth"],
+        ["does not exist"],
+        None,
+        False,
+    ),
+    "report-plot-directory": (
+        ["report", "TMP/a.tsv", "--plot", "TMP/d"],
+        ["--plot", "directory"],
+        made("d", directory=True),
+        False,
+    ),
     "report-plot-proc": (["report", "TMP/a.tsv", "--plot", "/proc/curves.png"], ["/proc"], None, False),
-    "curves-plot-directory": (["curves", "RUN", "--plot", "TMP/d"], ["--plot", "directory"],
-                              made("d", directory=True), False),
+    "curves-plot-directory": (
+        ["curves", "RUN", "--plot", "TMP/d"],
+        ["--plot", "directory"],
+        made("d", directory=True),
+        False,
+    ),
     # resume: no run, or a run that differs in what defines its result
-    "resume-no-run": ([*TRAIN, "--out", "TMP/empty", "--resume"], ["holds no run"], made("empty", directory=True), False),
+    "resume-no-run": (
+        [*TRAIN, "--out", "TMP/empty", "--resume"],
+        ["holds no run"],
+        made("empty", directory=True),
+        False,
+    ),
     "resume-other-lr-momentum": (resume("--lr", "0.5", "--momentum", "0"), ["--lr 0.01", "0.5"], None, False),
     "resume-other-momentum": (resume("--momentum", "0"), ["--momentum 0.9", "not 0.0"], None, False),
     "resume-other-lr-gamma": (resume("--lr-gamma", "0.5"), ["--lr-gamma 0.1", "0.5"], None, False),
@@ -250,8 +361,9 @@ def test_hostile_command_line_is_refused_in_one_line(
     words, measured = CASES[name][1], CASES[name][3]
     before = snapshot(tmp_path, run_dir)
     if measured:
-        proc = subprocess.run([sys.executable, "-c", MEASURE, *argv], env=ENV, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURE, *argv], env=ENV, capture_output=True, text=True, timeout=300
+        )
         assert_one_line_refusal(proc.returncode, proc.stderr, words, tmp_path)
         peak = int(proc.stdout.strip().splitlines()[-1])
         assert peak < PEAK_BOUND, f"peak resident memory {peak >> 20} MiB"
@@ -267,7 +379,10 @@ def test_hostile_command_line_is_refused_in_one_line(
 
 
 def test_an_unexpected_failure_is_one_line_naming_the_version_and_debug(
-    run_dir: Path, fmnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    run_dir: Path,
+    fmnist_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A failure no check foresaw (here inside your own --arch factory): exit 1, one line, no traceback; with
@@ -292,11 +407,14 @@ def test_the_catch_all_through_a_real_process(fmnist_root: Path, tmp_path: Path)
     argv = [*TRAIN, "--arch", "hostile_arch:broken", "--out", str(tmp_path / "t")]
     argv = [str(fmnist_root) if a == "FMNIST" else a for a in argv]
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), ENV.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "certkit", *argv], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "certkit", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "--debug" in lines[0], proc.stderr
-    debug = subprocess.run([sys.executable, "-m", "certkit", "--debug", *argv], env=env, capture_output=True, text=True,
-                           timeout=300)
+    debug = subprocess.run(
+        [sys.executable, "-m", "certkit", "--debug", *argv], env=env, capture_output=True, text=True, timeout=300
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "KeyError" in debug.stderr
 
 

@@ -31,7 +31,6 @@ from certkit.errors import CertkitError
 from certkit.report import report_files
 from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
 from certkit.train import train
-
 from helpers import make_idx_dataset
 from test_certify_runner import run
 
@@ -387,13 +386,38 @@ def test_training_into_a_locked_run_directory_is_refused(tmp_path: Path, live_pi
     run = tmp_path / "run"
     Path(f"{run}.lock").write_text(f"{live_pid}\n")
     refused(
-        lambda: train("mnist", "lenet", "gaussian", out=run, data_dir=str(data), epochs=1, batch_size=4,
-                      device="cpu", progress=False),
-        str(run), f"in use by process {live_pid}",
+        lambda: train(
+            "mnist",
+            "lenet",
+            "gaussian",
+            out=run,
+            data_dir=str(data),
+            epochs=1,
+            batch_size=4,
+            device="cpu",
+            progress=False,
+        ),
+        str(run),
+        f"in use by process {live_pid}",
     )
     assert not run.exists()
-    proc = cli("train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet", "--epochs", "1",
-               "--batch-size", "4", "--device", "cpu", "--out", str(run))
+    proc = cli(
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "lenet",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(run),
+    )
     assert_cli_refusal(proc, f"in use by process {live_pid}")
     assert not run.exists()
 
@@ -469,6 +493,7 @@ def test_nan_logits_stop_the_run_naming_the_first_input(tmp_path: Path, mode: st
     out = tmp_path / "b.tsv"
     refused(
         lambda: run(NaNOnBright(), TinyDataset(ones=5), out=out, mode=mode, inputs_per_batch=4, **COMMON),
-        "NaN or inf logits", "input 5",
+        "NaN or inf logits",
+        "input 5",
     )
     assert read_results(out).idx.tolist() == [0, 1, 2, 3]

@@ -391,8 +391,18 @@ def test_resolved_hyperparameters_land_in_model_json(tmp_path: Path) -> None:
 
     data = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
     trainer = train(
-        "mnist", "smallcnn", "smoothmix", sigma=0.5, out=tmp_path / "run", hparams={"num_noise_vec": 2, "mix_step": 1},
-        data_dir=str(data), test_subset=0, device="cpu", progress=False, epochs=1, batch_size=8,
+        "mnist",
+        "smallcnn",
+        "smoothmix",
+        sigma=0.5,
+        out=tmp_path / "run",
+        hparams={"num_noise_vec": 2, "mix_step": 1},
+        data_dir=str(data),
+        test_subset=0,
+        device="cpu",
+        progress=False,
+        epochs=1,
+        batch_size=8,
     )
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["method"] == "smoothmix" and meta["sigma"] == 0.5
@@ -423,7 +433,9 @@ def test_parts_and_modes_restored(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, extra", [(name, {}) for name in MINE] + [("stability", {"detach_target": False})], ids=[*MINE, "stability-reference"]
+    "name, extra",
+    [(name, {}) for name in MINE] + [("stability", {"detach_target": False})],
+    ids=[*MINE, "stability-reference"],
 )
 def test_learns_on_a_tiny_batch(name: str, extra: dict) -> None:
     x, y = separable()
@@ -492,7 +504,9 @@ def test_fashion_mnist_one_epoch_beats_chance(name: str, fmnist) -> None:
     cfg = TrainConfig(epochs=1, batch_size=batch, optimizer="adam", lr=3e-3, schedule="constant", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. a MACER deferral that would switch the regulariser off
-        history = Trainer(model, obj, train, test, cfg, out_dir=None, device="cpu", progress=False, log=lambda m: None).fit()
+        history = Trainer(
+            model, obj, train, test, cfg, out_dir=None, device="cpu", progress=False, log=lambda m: None
+        ).fit()
     rec = history[-1]
     assert math.isfinite(rec["loss"])
     assert rec["test_noisy_acc"] > 0.3, rec

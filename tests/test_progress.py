@@ -42,8 +42,9 @@ def test_interval_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             interval_from_env()
 
 
-def test_certify_with_redirected_output_logs_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_certify_with_redirected_output_logs_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """What a SLURM user sees in the job's log: progress lines on stderr (not only 'wrote' at the end)."""
     import torch
 
@@ -55,10 +56,26 @@ def test_certify_with_redirected_output_logs_progress(tmp_path: Path, monkeypatc
     data = make_idx_dataset(tmp_path / "data", n_train=4, n_test=6)
     torch.manual_seed(0)
     run = tmp_path / "run"
-    checkpoint.save(create_model("lenet", 10, (1, 28, 28)), run, checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian"))
+    checkpoint.save(
+        create_model("lenet", 10, (1, 28, 28)), run, checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian")
+    )
     monkeypatch.setenv("CERTKIT_PROGRESS_SECONDS", "0")
-    code = main(["certify", str(run), "--data-dir", str(data), "--n0", "10", "--n", "100", "--batch", "100",
-                 "--out", str(tmp_path / "r.tsv")])
+    code = main(
+        [
+            "certify",
+            str(run),
+            "--data-dir",
+            str(data),
+            "--n0",
+            "10",
+            "--n",
+            "100",
+            "--batch",
+            "100",
+            "--out",
+            str(tmp_path / "r.tsv"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     lines = [line for line in err.splitlines() if line.startswith("certkit: certify r.tsv: ")]

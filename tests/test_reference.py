@@ -176,14 +176,19 @@ def test_crt_checkpoint_without_arch_needs_arch(tmp_path: Path) -> None:
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100, 150])
     path = tmp_path / "checkpoint.pth.tar"
-    torch.save({"epoch": 199, "state_dict": ref.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
+    torch.save(
+        {"epoch": 199, "state_dict": ref.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        path,
+    )
     with pytest.raises(CertkitError, match=r"does not record its architecture.*pass --arch"):
         import_checkpoint(path, "cifar10")
     model, meta = _import_quietly(path, "cifar10", arch="resnet20", normalization="standard")
     assert _logits_match(ref, model, (3, 32, 32))
     assert meta["source"]["arch"] == "resnet20"
     # a reference name works too; an --arch that contradicts a recorded one is refused
-    assert _logits_match(ref, _import_quietly(path, "cifar10", arch="cifar_resnet20", normalization="standard")[0], (3, 32, 32))
+    assert _logits_match(
+        ref, _import_quietly(path, "cifar10", arch="cifar_resnet20", normalization="standard")[0], (3, 32, 32)
+    )
     torch.save({"arch": "cifar_resnet20", "state_dict": ref.state_dict()}, path)
     with pytest.raises(CertkitError, match="--arch resnet110 disagrees"):
         import_checkpoint(path, "cifar10", arch="resnet110", normalization="standard")
@@ -238,11 +243,21 @@ def test_normalize_expresses_center_exactly() -> None:
 @pytest.mark.parametrize(
     "ref, arch, dataset, message",
     [
-        (RefLeNet(num_classes=100), "lenet", "fashion-mnist", "checkpoint has 100 classes \\(1.fc2.bias\\), dataset fashion-mnist has 10"),
+        (
+            RefLeNet(num_classes=100),
+            "lenet",
+            "fashion-mnist",
+            "checkpoint has 100 classes \\(1.fc2.bias\\), dataset fashion-mnist has 10",
+        ),
         (RefLeNet(in_channels=3), "lenet", "fashion-mnist", "checkpoint takes 3-channel inputs \\(1.conv1.weight\\)"),
         (RefLeNet(side=32), "lenet", "fashion-mnist", "1.fc1.weight has shape \\(500, 1250\\).*another input shape"),
         (RefResNet(20), "cifar_resnet20", "fashion-mnist", "CIFAR network for 32x32 inputs"),
-        (RefResNet(20, num_classes=100), "cifar_resnet20", "cifar10", "checkpoint has 100 classes \\(1.fc.bias\\), dataset cifar10 has 10"),
+        (
+            RefResNet(20, num_classes=100),
+            "cifar_resnet20",
+            "cifar10",
+            "checkpoint has 100 classes \\(1.fc.bias\\), dataset cifar10 has 10",
+        ),
     ],
 )
 def test_misfit_is_one_line(tmp_path: Path, ref: nn.Module, arch: str, dataset: str, message: str) -> None:
@@ -255,9 +270,15 @@ def test_misfit_is_one_line(tmp_path: Path, ref: nn.Module, arch: str, dataset: 
 
 def test_misfit_certkit_run_refused_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    checkpoint.save(create_model("lenet", 10, (1, 28, 28)), run_dir, checkpoint.make_meta("lenet", "fashion-mnist", 0.25, "gaussian"))
+    checkpoint.save(
+        create_model("lenet", 10, (1, 28, 28)),
+        run_dir,
+        checkpoint.make_meta("lenet", "fashion-mnist", 0.25, "gaussian"),
+    )
     out = tmp_path / "r.tsv"
-    code = main(["certify", str(run_dir), "--dataset", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(out)])
+    code = main(
+        ["certify", str(run_dir), "--dataset", "cifar10", "--data-dir", str(tmp_path / "absent"), "--out", str(out)]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "model takes inputs of shape (1, 28, 28), dataset cifar10 has (3, 32, 32)" in err and not out.exists()
@@ -280,7 +301,12 @@ def _certkit_run(tmp_path: Path, arch: str, dataset: str, seed: int = 0) -> tupl
     "arch, dataset, ref, name",
     [
         ("lenet", "fashion-mnist", lambda: nn.Sequential(nn.Identity(), RefLeNet()), "lenet"),
-        ("resnet20", "cifar10", lambda: nn.Sequential(RefNormalizeLayer(CIFAR.mean, CIFAR.std), RefResNet(20)), "cifar_resnet20"),
+        (
+            "resnet20",
+            "cifar10",
+            lambda: nn.Sequential(RefNormalizeLayer(CIFAR.mean, CIFAR.std), RefResNet(20)),
+            "cifar_resnet20",
+        ),
     ],
 )
 def test_export_round_trip(tmp_path: Path, arch: str, dataset: str, ref: Callable[[], nn.Module], name: str) -> None:
@@ -304,8 +330,11 @@ def test_export_resnet50_keeps_the_inner_dataparallel(tmp_path: Path) -> None:
     from torchvision.models import resnet50
 
     run_dir = tmp_path / "run"
-    checkpoint.save(create_model("resnet50", 1000, (3, 224, 224), dataset_info("imagenet").mean, dataset_info("imagenet").std),
-                    run_dir, checkpoint.make_meta("resnet50", "imagenet", 0.5, "gaussian"))
+    checkpoint.save(
+        create_model("resnet50", 1000, (3, 224, 224), dataset_info("imagenet").mean, dataset_info("imagenet").std),
+        run_dir,
+        checkpoint.make_meta("resnet50", "imagenet", 0.5, "gaussian"),
+    )
     saved = torch.load(export_checkpoint(run_dir, tmp_path / "r50.pth.tar"), weights_only=True)
     assert saved["arch"] == "resnet50"
     want = nn.Sequential(nn.Identity(), nn.DataParallel(resnet50(num_classes=1000))).state_dict()
@@ -325,17 +354,24 @@ def test_export_refusals(tmp_path: Path) -> None:
 
 
 # --- the command line ------------------------------------------------------------------------------------
-def test_cli_certify_reference_lenet_and_export(tmp_path: Path, fmnist_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_certify_reference_lenet_and_export(
+    tmp_path: Path, fmnist_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A CRT-style LeNet file certifies exactly as the same weights saved as a certkit run, and exports back."""
     run_dir, model = _certkit_run(tmp_path, "lenet", "fashion-mnist", seed=3)
     ref = nn.Sequential(nn.Identity(), RefLeNet()).eval()
-    ref.load_state_dict(torch.load(export_checkpoint(run_dir, tmp_path / "ref.pth.tar"), weights_only=True)["state_dict"])
+    ref.load_state_dict(
+        torch.load(export_checkpoint(run_dir, tmp_path / "ref.pth.tar"), weights_only=True)["state_dict"]
+    )
     crt = tmp_path / "crt.pth.tar"
     torch.save({"epoch": 90, "state_dict": ref.state_dict()}, crt)
     common = ["--dataset", "fashion-mnist", "--n0", "20", "--n", "200", "--max", "4", "--seed", "5"]
     assert main(["certify", str(crt), *common, "--out", str(tmp_path / "r.tsv")]) == 2
     assert "pass --arch NAME" in capsys.readouterr().err
-    assert main(["certify", str(crt), "--arch", "lenet", "--sigma", "0.25", *common, "--out", str(tmp_path / "r.tsv")]) == 0
+    assert (
+        main(["certify", str(crt), "--arch", "lenet", "--sigma", "0.25", *common, "--out", str(tmp_path / "r.tsv")])
+        == 0
+    )
     assert main(["certify", str(run_dir), *common, "--out", str(tmp_path / "c.tsv")]) == 0
     got, want = read_results(tmp_path / "r.tsv"), read_results(tmp_path / "c.tsv")
     assert list(got.idx) == [0, 1, 2, 3]

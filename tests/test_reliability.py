@@ -49,8 +49,27 @@ def kill_when(proc: subprocess.Popen[bytes], ready, timeout: float = 120.0) -> N
 
 def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=600, n_test=50)
-    args = ["train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet", "--epochs", "6",
-            "--batch-size", "32", "--lr", "0.05", "--schedule", "cosine", "--seed", "3", "--device", "cpu"]
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "lenet",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--lr",
+        "0.05",
+        "--schedule",
+        "cosine",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ]
     ref = certkit(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr.decode()
 
@@ -75,8 +94,23 @@ def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) ->
 
 def test_training_killed_before_first_epoch_starts_over(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=200, n_test=20)
-    args = ["train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "smallcnn", "--epochs", "1",
-            "--batch-size", "50", "--device", "cpu", "--out", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "smallcnn",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     proc = certkit(*args, wait=False)
     kill_when(proc, lambda: True)  # at once: nothing complete on disk
     resumed = certkit(*args, "--resume")  # nothing to resume: refused, not a silent fresh start
@@ -91,16 +125,47 @@ def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cert")
     data = make_idx_dataset(root / "data", n_train=200, n_test=60)
     out = root / "run"
-    r = certkit("train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet", "--epochs", "1",
-                "--batch-size", "50", "--device", "cpu", "--out", str(out))
+    r = certkit(
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "lenet",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr.decode()
     return out, data
 
 
-def test_certification_killed_mid_run_resumes_without_loss_or_duplicates(lenet_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_certification_killed_mid_run_resumes_without_loss_or_duplicates(
+    lenet_run: tuple[Path, Path], tmp_path: Path
+) -> None:
     run, data = lenet_run
-    args = ["certify", str(run), "--data-dir", str(data), "--n0", "50", "--n", "2000", "--batch", "100",
-            "--max", "20", "--device", "cpu"]
+    args = [
+        "certify",
+        str(run),
+        "--data-dir",
+        str(data),
+        "--n0",
+        "50",
+        "--n",
+        "2000",
+        "--batch",
+        "100",
+        "--max",
+        "20",
+        "--device",
+        "cpu",
+    ]
     ref = certkit(*args, "--out", str(tmp_path / "ref.tsv"))
     assert ref.returncode == 0, ref.stderr.decode()
 
@@ -123,8 +188,23 @@ def test_certify_refuses_a_file_from_another_model(lenet_run: tuple[Path, Path],
     base = ["certify", "--data-dir", str(data), "--n0", "20", "--n", "100", "--max", "3", "--out", str(tsv)]
     assert certkit(base[0], str(run), *base[1:]).returncode == 0
     other = tmp_path / "other"
-    r = certkit("train", "--dataset", "mnist", "--data-dir", str(data), "--arch", "lenet", "--epochs", "1",
-                "--batch-size", "50", "--seed", "1", "--out", str(other))
+    r = certkit(
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(data),
+        "--arch",
+        "lenet",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--seed",
+        "1",
+        "--out",
+        str(other),
+    )
     assert r.returncode == 0
     before = tsv.read_bytes()
     r = certkit(base[0], str(other), *base[1:])

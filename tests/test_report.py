@@ -61,8 +61,16 @@ def test_high_probability_bound_is_clipped_and_omitted_when_vacuous():
 
 @pytest.mark.parametrize(
     "sigma,method,published",
-    [("0.25", "cohen", 0.670), ("0.25", "salman", 0.756), ("0.25", "macer", 0.727), ("0.25", "cat-rs", 0.757),
-     ("0.5", "cohen", 1.056), ("0.5", "consistency", 1.212), ("1.0", "cohen", 1.316), ("1.0", "smoothmix", 1.534)],
+    [
+        ("0.25", "cohen", 0.670),
+        ("0.25", "salman", 0.756),
+        ("0.25", "macer", 0.727),
+        ("0.25", "cat-rs", 0.757),
+        ("0.5", "cohen", 1.056),
+        ("0.5", "consistency", 1.212),
+        ("1.0", "cohen", 1.316),
+        ("1.0", "smoothmix", 1.534),
+    ],
 )
 def test_peer_results_give_the_published_acr(sigma, method, published):
     path = PEER / f"sigma_{sigma}" / f"{method}.tsv"
@@ -135,7 +143,15 @@ def test_report_files_on_reference_files_with_a_plot(tmp_path: Path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("content", [b"epoch\ttime\tlr\n0\t2.0\t0.01\n", b"\x1f\x8b\x08\x00binary", b"", b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tx\t1\t0:00:01\n"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"epoch\ttime\tlr\n0\t2.0\t0.01\n",
+        b"\x1f\x8b\x08\x00binary",
+        b"",
+        b"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\tx\t1\t0:00:01\n",
+    ],
+)
 def test_report_files_refuses_a_non_result_file_in_one_line(tmp_path: Path, hand_built: Path, content: bytes):
     bad = tmp_path / "bad.tsv"
     bad.write_bytes(content)
@@ -192,7 +208,9 @@ def test_curves_mark_the_largest_radius_n_allows_and_name_their_settings(tmp_pat
 
 def test_one_absurd_radius_does_not_make_the_grid_huge(tmp_path: Path):
     path = tmp_path / "huge.tsv"
-    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t90000\t1\t0:00:01\n1\t1\t1\t0.5\t1\t0:00:01\n")
+    path.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t90000\t1\t0:00:01\n1\t1\t1\t0.5\t1\t0:00:01\n"
+    )
     (curve,) = report.curves({"huge": path})
     assert len(curve.radii) <= report.MAX_PLOT_POINTS + 2
 

@@ -32,8 +32,15 @@ def _plan(tmp_path: Path, data: Path, methods: tuple[str, ...] = ("gaussian",)) 
         rp.PROTOCOLS["fmnist-rs"], train_args=("--epochs", "1", "--batch-size", "16"), test_subset=0
     )
     return rp.Plan(
-        protocol=protocol, out=tmp_path / "out", methods=methods, sigmas=(0.25,), n=200, skip=4,
-        device="cpu", data_dir=str(data), certify_flags=("--batch", "200"),
+        protocol=protocol,
+        out=tmp_path / "out",
+        methods=methods,
+        sigmas=(0.25,),
+        n=200,
+        skip=4,
+        device="cpu",
+        data_dir=str(data),
+        certify_flags=("--batch", "200"),
     )
 
 

@@ -28,7 +28,14 @@ SETTINGS = {"sigma": 0.25, "n0": 100, "n": 100_000, "alpha": 0.001, "skip": 1, "
 def test_radius_is_floored_to_six_digits_and_time_printed_like_the_reference():
     # 3.8114 as a float is 3.81139999...: the floor of its exact value keeps the last digit below
     assert [format_radius(r) for r in [0.9533, 1.9066, 3.8114, 1.0, 0.0, 0.0277, 2.7e-05, 0.95311119]] == [
-        "0.9533", "1.9066", "3.81139", "1.0", "0.0", "0.0276999", "2.69999e-05", "0.953111"
+        "0.9533",
+        "1.9066",
+        "3.81139",
+        "1.0",
+        "0.0",
+        "0.0276999",
+        "2.69999e-05",
+        "0.953111",
     ]
     assert format_time(0.694666) == "0:00:00.694666"
     assert format_time(2.0) == "0:00:02"
@@ -48,7 +55,9 @@ def test_published_radius_never_exceeds_the_proved_one():
         shown = format_radius(proved)
         assert float(shown) <= proved and proved - float(shown) < 1e-5 * proved and float(shown) != round(proved, 1)
     rng = np.random.default_rng(0)
-    radii = np.concatenate([rng.uniform(0, 4, 20_000), 10.0 ** rng.uniform(-8, 2, 20_000), rng.integers(0, 5, 100) + 0.0])
+    radii = np.concatenate(
+        [rng.uniform(0, 4, 20_000), 10.0 ** rng.uniform(-8, 2, 20_000), rng.integers(0, 5, 100) + 0.0]
+    )
     for r in radii.tolist():
         assert float(format_radius(r)) <= r
         assert float(format_radius(r)) >= r * (1 - 1e-5)
@@ -75,9 +84,15 @@ def test_predict_file_and_extra_columns(tmp_path: Path):
     with ResultWriter(path, "predict", {"n": 1000}) as out:
         out.write_predict(0, 3, 3, 0.25)
         out.write_predict(5, 4, -1, 0.5)
-    assert path.read_text().splitlines() == ["idx\tlabel\tpredict\tcorrect\ttime", "0\t3\t3\t1\t0:00:00.250000", "5\t4\t-1\t0\t0:00:00.500000"]
+    assert path.read_text().splitlines() == [
+        "idx\tlabel\tpredict\tcorrect\ttime",
+        "0\t3\t3\t1\t0:00:00.250000",
+        "5\t4\t-1\t0\t0:00:00.500000",
+    ]
     res = read_results(path)
-    assert res.kind == "predict" and res.radius is None and res.idx.tolist() == [0, 5] and res.correct.tolist() == [1, 0]
+    assert (
+        res.kind == "predict" and res.radius is None and res.idx.tolist() == [0, 5] and res.correct.tolist() == [1, 0]
+    )
 
     extra = tmp_path / "a.tsv"
     with ResultWriter(extra, "certify", {}, extra_columns=("samples",)) as out:
@@ -187,7 +202,9 @@ def test_merge_of_shards_equals_the_unsharded_rows(tmp_path: Path):
         shards.append(p)
     merged = merge_results(shards, tmp_path / "merged.tsv")
     assert merged.read_text() == whole.read_text()
-    assert json.loads(sidecar_path(merged).read_text())["settings"] == {k: v for k, v in settings.items() if k != "shard"}
+    assert json.loads(sidecar_path(merged).read_text())["settings"] == {
+        k: v for k, v in settings.items() if k != "shard"
+    }
 
 
 def test_merge_refusals(tmp_path: Path):

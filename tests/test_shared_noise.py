@@ -68,7 +68,9 @@ def test_stem_split_of_an_mlp_and_what_cannot_be_split():
     with torch.no_grad():
         torch.testing.assert_close(
             stem.rest(stem.pair_sum(stem.image_part(xs), stem.noise_part(eps, 0.5))),
-            torch.cat([model(x + 0.5 * eps) for x in xs]), atol=1e-5, rtol=1e-5,
+            torch.cat([model(x + 0.5 * eps) for x in xs]),
+            atol=1e-5,
+            rtol=1e-5,
         )
     assert split_stem(nn.Sequential(nn.Flatten(), nn.Linear(64, 3))) is None  # no Normalize in front
     assert split_stem(Untraceable()) is None
@@ -172,7 +174,9 @@ def test_a_group_votes_on_one_stream_and_batching_does_not_matter(split):
 def test_shared_noise_argument_checks():
     smoothed = Smooth(mlp(), 3, 0.5, shared_noise=2)
     with pytest.raises(CertkitError, match="one generator"):
-        smoothed.certify_batch(torch.rand(2, 1, 8, 8), 10, 100, 0.01, 100, [input_generator(0, 0), input_generator(0, 1)])
+        smoothed.certify_batch(
+            torch.rand(2, 1, 8, 8), 10, 100, 0.01, 100, [input_generator(0, 0), input_generator(0, 1)]
+        )
     with pytest.raises(CertkitError, match="at most"):
         smoothed.certify_batch(torch.rand(3, 1, 8, 8), 10, 100, 0.01, 100, [shared_generator(0, 0)])
     with pytest.raises(CertkitError, match="shared_noise must be"):
@@ -227,7 +231,9 @@ def test_a_hooked_affine_model_is_certified_soundly_with_shared_noise():
     limit = binom.ppf(1 - 1e-4, groups, alpha)
     for member in range(4):
         member_certs = [group[member] for group in certs]
-        false = sum(1 for c in member_certs if c.prediction != ABSTAIN and (c.prediction != 1 or c.radius > true_radius))
+        false = sum(
+            1 for c in member_certs if c.prediction != ABSTAIN and (c.prediction != 1 or c.radius > true_radius)
+        )
         assert false <= limit
         assert sum(c.prediction == 1 for c in member_certs) > groups / 2  # not vacuous
 
@@ -249,7 +255,9 @@ def test_dataset_runs_with_shared_noise(tmp_path: Path):
     model, data = create_model("lenet", 10, (1, 28, 28)), Images()
     common = dict(num_classes=10, sigma=0.25, n0=20, n=200, alpha=0.01, batch_size=200, shared_noise=4)
     summary = run(model, data, out=tmp_path / "whole.tsv", **common)
-    assert summary is not None and summary["parameters"]["shared_noise"] == 4 and summary["high_prob_effective_n"] == 2.5
+    assert (
+        summary is not None and summary["parameters"]["shared_noise"] == 4 and summary["high_prob_effective_n"] == 2.5
+    )
     assert summary["speed_check"]["options"] == {"stem_split": True}
     assert summary["speed_check"]["vote_agreement"] >= 0.99
     whole = read_results(tmp_path / "whole.tsv")

@@ -45,7 +45,9 @@ class Constant(nn.Module):
 # --- statistics --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_a,n,alpha", [(1, 10, 0.1), (7, 10, 0.001), (60, 100, 0.05), (950, 1000, 0.001), (12345, 20000, 0.01)])
+@pytest.mark.parametrize(
+    "n_a,n,alpha", [(1, 10, 0.1), (7, 10, 0.001), (60, 100, 0.05), (950, 1000, 0.001), (12345, 20000, 0.01)]
+)
 def test_clopper_pearson_is_the_beta_quantile_and_the_references_two_sided_interval(n_a, n, alpha):
     expected = beta.ppf(alpha, n_a, n - n_a + 1)
     assert lower_confidence_bound(n_a, n, alpha) == pytest.approx(expected, rel=1e-10)
@@ -63,8 +65,16 @@ def test_clopper_pearson_edges():
 
 @pytest.mark.parametrize(
     "n_a,p_lower,r_over_sigma",
-    [(50_000, 0.49511, None), (50_500, 0.50011, 0.0003), (60_000, 0.59520, 0.241), (75_000, 0.74575, 0.661),
-     (90_000, 0.89704, 1.265), (99_000, 0.98899, 2.290), (99_900, 0.99865, 3.000), (100_000, 0.99993, 3.811)],
+    [
+        (50_000, 0.49511, None),
+        (50_500, 0.50011, 0.0003),
+        (60_000, 0.59520, 0.241),
+        (75_000, 0.74575, 0.661),
+        (90_000, 0.89704, 1.265),
+        (99_000, 0.98899, 2.290),
+        (99_900, 0.99865, 3.000),
+        (100_000, 0.99993, 3.811),
+    ],
 )
 def test_worked_values_of_the_reference(n_a, p_lower, r_over_sigma):
     bound = lower_confidence_bound(n_a, 100_000, 0.001)
@@ -85,8 +95,14 @@ def test_radius_formula():
 
 
 @pytest.mark.parametrize(
-    "n,row", [(100, [2.000, 1.695, 1.500, 1.353]), (1000, [2.834, 2.605, 2.463, 2.359]), (10_000, [3.503, 3.314, 3.199, 3.115]),
-              (100_000, [4.075, 3.911, 3.811, 3.740]), (1_000_000, [4.582, 4.435, 4.347, 4.283])],
+    "n,row",
+    [
+        (100, [2.000, 1.695, 1.500, 1.353]),
+        (1000, [2.834, 2.605, 2.463, 2.359]),
+        (10_000, [3.503, 3.314, 3.199, 3.115]),
+        (100_000, [4.075, 3.911, 3.811, 3.740]),
+        (1_000_000, [4.582, 4.435, 4.347, 4.283]),
+    ],
 )
 def test_max_radius_table(n, row):
     for alpha, expected in zip([0.1, 0.01, 0.001, 0.0001], row):
@@ -269,7 +285,12 @@ def test_amp_is_refused_on_cpu_with_a_clear_message():
     with pytest.raises(CertkitError, match="amp must be"):
         Smooth(model, 3, 0.5, amp="int8")
     plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
-    assert plain.voter.amp is None and plain.speed_options == {"channels_last": False, "amp": None, "compile": False, "stem_split": False}
+    assert plain.voter.amp is None and plain.speed_options == {
+        "channels_last": False,
+        "amp": None,
+        "compile": False,
+        "stem_split": False,
+    }
     assert (plain.sampler.vote_agreement(torch.rand(2, 1, 2, 2), num=300, batch_size=128) == 1.0).all()
 
 
@@ -281,7 +302,9 @@ def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
     model.train()
     fast = Smooth(model, 10, 0.25, channels_last=True)
     conv = model[1].features[3].weight  # 20 input channels: the two layouts differ
-    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last)  # caller's model untouched
+    assert conv.is_contiguous() and not conv.is_contiguous(
+        memory_format=torch.channels_last
+    )  # caller's model untouched
     xs = torch.rand(3, 1, 28, 28)
     assert fast.sampler.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
     gens = lambda: [input_generator(0, i) for i in range(3)]  # noqa: E731

@@ -29,9 +29,22 @@ def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
 def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step") -> Trainer:
     torch.manual_seed(123)
     model = create_model("smallcnn", 10, (1, 28, 28))
-    cfg = TrainConfig(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32, schedule=schedule)
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32, schedule=schedule
+    )
     meta = checkpoint.make_meta("smallcnn", "mnist", 0.25, "gaussian")
-    return Trainer(model, Gaussian(0.25), tiny_data(), tiny_data(32, seed=1), cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None)
+    return Trainer(
+        model,
+        Gaussian(0.25),
+        tiny_data(),
+        tiny_data(32, seed=1),
+        cfg,
+        out_dir=out,
+        meta=meta,
+        device="cpu",
+        progress=False,
+        log=lambda m: None,
+    )
 
 
 def test_ledger_counts_passes_and_time(tmp_path: Path) -> None:
@@ -76,7 +89,7 @@ def test_resume_refuses_another_sigma_or_method_setting(tmp_path: Path) -> None:
     t.fit()
     other = _trainer(tmp_path / "run", epochs=3)
     other.objective = Gaussian(0.5)
-    with pytest.raises(CertkitError, match="--sigma 0.25, not 0.5"):
+    with pytest.raises(CertkitError, match=r"--sigma 0\.25, not 0\.5"):
         other.resume()
     other.objective = Gaussian(0.25)
     other.objective.hparams["extra"] = 1  # a method setting the saved run did not have
@@ -101,8 +114,18 @@ def test_recipes() -> None:
 @pytest.mark.slow  # trains on the real dataset
 def test_real_fashion_mnist_beats_chance(fmnist_root: Path, tmp_path: Path) -> None:
     trainer = train(
-        "fashion-mnist", "lenet", "gaussian", sigma=0.25, out=tmp_path / "g", train_subset=6000, test_subset=1000,
-        epochs=2, lr=0.05, batch_size=64, device="cpu", progress=False,
+        "fashion-mnist",
+        "lenet",
+        "gaussian",
+        sigma=0.25,
+        out=tmp_path / "g",
+        train_subset=6000,
+        test_subset=1000,
+        epochs=2,
+        lr=0.05,
+        batch_size=64,
+        device="cpu",
+        progress=False,
     )
     last = trainer.history[-1]
     assert last["test_clean_acc"] > 0.6 and last["test_noisy_acc"] > 0.6  # chance is 0.1

@@ -7,6 +7,7 @@ SmoothAdv, lists of noise batches for Consistency, Keras probabilities for GloRo
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -42,8 +43,9 @@ def batch(n: int = 6, num_classes: int = 3, seed: int = 1) -> tuple[Tensor, Tens
 # --------------------------------------------------------------------------------------------------
 # SmoothAdv with DDN
 # --------------------------------------------------------------------------------------------------
-def official_ddn(model: nn.Module, inputs: Tensor, labels: Tensor, noise: Tensor, m: int, steps: int,
-                 max_norm: float, gamma: float) -> Tensor:
+def official_ddn(
+    model: nn.Module, inputs: Tensor, labels: Tensor, noise: Tensor, m: int, steps: int, max_norm: float, gamma: float
+) -> Tensor:
     """Salman et al.'s multi-noise DDN, image-major layout (each image repeated m times in a row)."""
     b = labels.shape[0]
     reps = inputs.repeat((1, m, 1, 1)).reshape(-1, *inputs.shape[1:])
@@ -110,8 +112,16 @@ def test_smoothadv_default_attack_is_still_pgd() -> None:
 # --------------------------------------------------------------------------------------------------
 # SmoothAdv + Consistency
 # --------------------------------------------------------------------------------------------------
-def official_consistency_adv(model: nn.Module, inputs: Tensor, labels: Tensor, noises: list[Tensor],
-                             steps: int, max_norm: float, lbd: float, eta: float) -> Tensor:
+def official_consistency_adv(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    noises: list[Tensor],
+    steps: int,
+    max_norm: float,
+    lbd: float,
+    eta: float,
+) -> Tensor:
     """Jeong & Shin's --adv-training step: their SmoothAdv PGD, then CE + consistency on the result."""
     adv = inputs.detach()
     alpha = max_norm / steps * 2
@@ -126,7 +136,9 @@ def official_consistency_adv(model: nn.Module, inputs: Tensor, labels: Tensor, n
     xent = F.cross_entropy(logits, labels.repeat(len(noises)))
     probs = [F.softmax(z, 1) for z in torch.chunk(logits, len(noises))]
     avg = sum(probs) / len(probs)
-    kl = sum(F.kl_div(F.log_softmax(z, 1), avg, reduction="none").sum(1) for z in torch.chunk(logits, len(noises))) / len(noises)
+    kl = sum(
+        F.kl_div(F.log_softmax(z, 1), avg, reduction="none").sum(1) for z in torch.chunk(logits, len(noises))
+    ) / len(noises)
     ent = -(avg * torch.log(avg.clamp(min=1e-20))).sum(1)
     return xent + (lbd * kl + eta * ent).mean()
 
@@ -182,7 +194,7 @@ def test_gloro_trades_ce_with_lambda_schedule_matches_the_library() -> None:
     for epoch, lam in [(0, 0.5), (2, 1.5), (4, 2.5)]:
         obj.start_epoch(epoch, 5)
         assert obj.trades_lambda() == pytest.approx(lam)
-        loss, parts = obj(net, x, y)
+        loss, _ = obj(net, x, y)
         logits = net(x)
         bottom = net.bottom_logit(logits, obj.train_epsilon(), net.lipschitz_constant(0))
         expected = F.cross_entropy(logits, y) + lam * keras_trades_ce(logits, bottom)
@@ -196,12 +208,14 @@ def test_gloro_trades_ce_with_lambda_schedule_matches_the_library() -> None:
 
 
 def test_gloro_all_max_tie_mask_is_the_library_formula_and_training_only() -> None:
-    obj, net = gloro_net()
+    _, net = gloro_net()
     logits = torch.tensor([[2.0, 2.0, 0.0, -1.0], [3.0, 1.0, 0.0, 0.0]])
     k = net.lipschitz_constant(0).detach()
     kj = net.margin_constants(k)[logits.argmax(1)]
     # the library: mask every entry equal to the row maximum, then take the max of y_i + eps*K_ji
-    masked = torch.where(logits == logits.max(1, keepdim=True).values, torch.full_like(logits, -float("inf")), logits + 0.3 * kj)
+    masked = torch.where(
+        logits == logits.max(1, keepdim=True).values, torch.full_like(logits, -float("inf")), logits + 0.3 * kj
+    )
     assert torch.equal(all_max_bottom(net, logits, 0.3, k), masked.max(1).values)
     # with a tie both tied classes are masked (the unsound library behaviour); argmax masking keeps one
     assert all_max_bottom(net, logits, 0.3, k)[0] < net.bottom_logit(logits, 0.3, k)[0]
@@ -227,7 +241,7 @@ def test_half_exp_schedule_is_constant_then_geometric() -> None:
     factors = [half_exp_factor(e, 10, 1e-3) for e in range(10)]
     assert factors[:6] == [1.0] * 6
     assert factors[-1] == pytest.approx(1e-3)
-    ratios = [b / a for a, b in zip(factors[5:], factors[6:])]
+    ratios = [b / a for a, b in itertools.pairwise(factors[5:])]
     assert all(r == pytest.approx(ratios[0]) for r in ratios)
 
 
@@ -236,8 +250,17 @@ def test_half_exp_schedule_is_constant_then_geometric() -> None:
 # --------------------------------------------------------------------------------------------------
 def test_recipe_sets_settings_and_hyperparameters_and_flags_override(fmnist_root) -> None:
     trainer = build_trainer(
-        "fashion-mnist", "lenet", "consistency", sigma=0.25, recipe="consistency-adv-mnist", data_dir=str(fmnist_root),
-        train_subset=8, test_subset=0, hparams={"lbd": 2.0}, epochs=3, device="cpu",
+        "fashion-mnist",
+        "lenet",
+        "consistency",
+        sigma=0.25,
+        recipe="consistency-adv-mnist",
+        data_dir=str(fmnist_root),
+        train_subset=8,
+        test_subset=0,
+        hparams={"lbd": 2.0},
+        epochs=3,
+        device="cpu",
     )
     hp = trainer.objective.hparams
     assert hp["adv_training"] is True and hp["num_noise_vec"] == 4 and hp["epsilon"] == 255 / 256
@@ -265,7 +288,9 @@ def test_recipe_values_and_mismatches() -> None:
 
 
 def test_list_recipes_cli() -> None:
-    out = subprocess.run([sys.executable, "-m", "certkit", "list", "recipes"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "certkit", "list", "recipes"], capture_output=True, text=True, check=True
+    )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == len(RECIPES)
     assert all("source:" in line for line in lines)
@@ -275,14 +300,36 @@ def test_list_recipes_cli() -> None:
 def test_train_cli_recipe_picks_the_method_and_records_resolved_values(fmnist_root, tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "certkit", "train", "--recipe", "consistency-adv-mnist", "--data-dir", str(fmnist_root),
-        "--train-subset", "8", "--test-subset", "0", "--epochs", "1", "--num-steps", "2", "--out", str(out),
-        "--device", "cpu",
+        sys.executable,
+        "-m",
+        "certkit",
+        "train",
+        "--recipe",
+        "consistency-adv-mnist",
+        "--data-dir",
+        str(fmnist_root),
+        "--train-subset",
+        "8",
+        "--test-subset",
+        "0",
+        "--epochs",
+        "1",
+        "--num-steps",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
     ]
     subprocess.run(cmd, capture_output=True, text=True, check=True)
     meta = json.loads((out / "model.json").read_text())
     assert meta["method"] == "consistency" and meta["recipe"] == "consistency-adv-mnist"
     assert meta["hparams"]["adv_training"] is True and meta["hparams"]["num_noise_vec"] == 4
     assert meta["hparams"]["num_steps"] == 2 and meta["train"]["epochs"] == 1  # explicit flags win
-    wrong = subprocess.run([*cmd[:-4], "--method", "gaussian", "--out", str(tmp_path / "x")], capture_output=True, text=True)
-    assert wrong.returncode == 2 and "certkit: error: recipe 'consistency-adv-mnist' is for --method consistency" in wrong.stderr
+    wrong = subprocess.run(
+        [*cmd[:-4], "--method", "gaussian", "--out", str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert (
+        wrong.returncode == 2
+        and "certkit: error: recipe 'consistency-adv-mnist' is for --method consistency" in wrong.stderr
+    )

@@ -83,8 +83,28 @@ def test_official_log_parser_reads_the_time_column(vs: ModuleType, tmp_path: Pat
 def test_certkit_parser_reads_each_epochs_seconds_from_a_real_run(vs: ModuleType, tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=16, n_test=4)
     out = tmp_path / "run"
-    assert main(["train", "--data-dir", str(data), "--arch", "lenet", "--epochs", "2", "--batch-size", "8",
-                 "--test-subset", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(data),
+                "--arch",
+                "lenet",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--test-subset",
+                "0",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     seconds = vs.certkit_epoch_seconds(out / "metrics.jsonl")
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
     assert vs.timed(seconds, 2, "run") == seconds[1:]

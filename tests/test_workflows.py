@@ -19,7 +19,7 @@ from certkit.data import load_dataset
 from certkit.models import create_model
 from certkit.objectives import Gaussian
 from certkit.results import read_results, read_sidecar
-from certkit.train import STATE, Trainer, TrainConfig
+from certkit.train import STATE, TrainConfig, Trainer
 from test_cli import run  # exit status, stdout and stderr of one in-process command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_version_and_help_do_not_import_torch(flag: str) -> None:
     """-X importtime lists every module the process imports, on stderr."""
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "certkit", flag], cwd=ROOT, capture_output=True, text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120,
+        [sys.executable, "-X", "importtime", "-m", "certkit", flag],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
     )
     assert done.returncode == 0 and "certkit" in done.stdout
     modules = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
@@ -49,7 +53,7 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--lr-gamma LR_GAMMA" in train and "--gamma GAMMA" in train  # the LR decay is not MACER's gamma
     certify = " ".join(help_of("certify").split())
     assert "(default: None)" not in certify and "(default: the one the checkpoint names)" in certify
-    shared = certify[certify.index("--shared-noise G groups"):certify.index("--shard SHARD i/k")]
+    shared = certify[certify.index("--shared-noise G groups") : certify.index("--shard SHARD i/k")]
     assert shared.count("default") == 1 and shared.endswith("0: off (default: 0) ")
     assert "--overwrite replace an existing --out" in certify
     demo = " ".join(help_of("demo").split())
@@ -59,12 +63,32 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     out = tmp_path_factory.mktemp("wf") / "run"
-    assert main(["train", "--epochs", "1", "--train-subset", "256", "--test-subset", "0", "--batch-size", "64",
-                 "--data-dir", str(fmnist_root), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--epochs",
+                "1",
+                "--train-subset",
+                "256",
+                "--test-subset",
+                "0",
+                "--batch-size",
+                "64",
+                "--data-dir",
+                str(fmnist_root),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
-def test_certify_overwrite_replaces_instead_of_resuming(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_certify_overwrite_replaces_instead_of_resuming(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tsv = tmp_path / "r.tsv"
     base = ["certify", str(run_dir), "--n0", "10", "--n", "50", "--max", "3", "--out", str(tsv)]
     assert run(capsys, *base)[0] == 0
@@ -86,8 +110,22 @@ def test_compile_on_cpu_hides_the_cuda_runtime_note(
 
     monkeypatch.setattr(torch, "compile", compile_like_torch)
     monkeypatch.setattr(logging.getLogger("torch.utils.cpp_extension"), "level", logging.NOTSET)
-    code, _, err = run(capsys, "certify", str(run_dir), "--n0", "10", "--n", "50", "--max", "1", "--compile",
-                       "--device", "cpu", "--out", str(tmp_path / "c.tsv"))
+    code, _, err = run(
+        capsys,
+        "certify",
+        str(run_dir),
+        "--n0",
+        "10",
+        "--n",
+        "50",
+        "--max",
+        "1",
+        "--compile",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "c.tsv"),
+    )
     assert code == 0 and "No CUDA runtime" not in err
 
 
@@ -96,8 +134,24 @@ def test_training_logs_progress_and_counts_epochs_from_one(
 ) -> None:
     monkeypatch.setenv("CERTKIT_PROGRESS_SECONDS", "0")  # a line at every batch
     out = tmp_path / "run"
-    code, stdout, err = run(capsys, "train", "--epochs", "2", "--train-subset", "192", "--test-subset", "50",
-                            "--batch-size", "64", "--data-dir", str(fmnist_root), "--log", "csv", "--out", str(out))
+    code, stdout, err = run(
+        capsys,
+        "train",
+        "--epochs",
+        "2",
+        "--train-subset",
+        "192",
+        "--test-subset",
+        "50",
+        "--batch-size",
+        "64",
+        "--data-dir",
+        str(fmnist_root),
+        "--log",
+        "csv",
+        "--out",
+        str(out),
+    )
     assert code == 0 and stdout.startswith("trained lenet with gaussian")
     lines = err.splitlines()  # stderr is not a terminal here: plain lines, no bar
     batch_lines = [line for line in lines if line.startswith("certkit: epoch 2/2: ")]
@@ -121,7 +175,9 @@ def test_resume_renumbers_a_run_that_counted_from_zero(fmnist_root: Path, tmp_pa
         model = create_model("lenet", 10, (1, 28, 28), [0.0], [1.0])
         cfg = TrainConfig(epochs=epochs, batch_size=64)
         meta = {"arch": "lenet", "normalization": {"mean": [0.0], "std": [1.0]}}
-        return Trainer(model, Gaussian(0.25), data, None, cfg, out_dir=tmp_path, meta=meta, device="cpu", progress=False)
+        return Trainer(
+            model, Gaussian(0.25), data, None, cfg, out_dir=tmp_path, meta=meta, device="cpu", progress=False
+        )
 
     trainer(1).run()
     # rewrite the resume state as a run from before the numbering was unified: epochs counted from 0
@@ -144,7 +200,11 @@ def test_log_tensorboard_without_the_package_is_one_line(
 ) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it raises ImportError
     code, _, err = run(capsys, "train", "--epochs", "1", "--log", "tensorboard", "--out", str(tmp_path / "run"))
-    assert code == 2 and err == "certkit: error: --log tensorboard needs the tensorboard package: pip install 'certkit[tensorboard]'\n"
+    assert (
+        code == 2
+        and err
+        == "certkit: error: --log tensorboard needs the tensorboard package: pip install 'certkit[tensorboard]'\n"
+    )
     assert not (tmp_path / "run").exists()  # refused before any data was read or any file written
 
 
@@ -171,8 +231,27 @@ def test_log_tensorboard_writes_one_scalar_per_metric_and_epoch(
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
     out = tmp_path / "run"
-    assert run(capsys, "train", "--epochs", "2", "--train-subset", "128", "--test-subset", "0", "--batch-size", "64",
-               "--data-dir", str(fmnist_root), "--log", "tensorboard", "--out", str(out))[0] == 0
+    assert (
+        run(
+            capsys,
+            "train",
+            "--epochs",
+            "2",
+            "--train-subset",
+            "128",
+            "--test-subset",
+            "0",
+            "--batch-size",
+            "64",
+            "--data-dir",
+            str(fmnist_root),
+            "--log",
+            "tensorboard",
+            "--out",
+            str(out),
+        )[0]
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert dirs == [str(out)]
     assert [(tag, step) for tag, _, step in calls if tag == "loss"] == [("loss", 1), ("loss", 2)]

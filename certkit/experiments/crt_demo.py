@@ -4,7 +4,8 @@ Trains a cheap teacher with SmoothMix once, transfers it to a LeNet student with
 with SmoothMix directly for comparison, certifies all three on the same test subset, and prints one table:
 training seconds and speedup, forward+backward image passes and their ratio (the same figures on a busy
 machine as on an idle one, where seconds are not), clean accuracy, ACR and certified accuracy at radii,
-plus the cumulative cost of model generations (teacher once + one CRT student per generation against SmoothMix for every generation).
+plus the cumulative cost of model generations (teacher once + one CRT student per generation against SmoothMix
+for every generation).
 
 The default is sized for about ten minutes on two CPU cores (a training subset, a few epochs, a test
 subset, n = 2,000); ``full=True`` uses the literature's settings (90 epochs, full data, full test set,
@@ -62,31 +63,60 @@ class CompareConfig:
     def full(cls) -> CompareConfig:
         """The literature's settings: 90 epochs, lr 0.01 ×0.1 every 30, all data, full test set, n = 100,000."""
         return cls(
-            train_subset=None, test_subset=10_000, teacher_epochs=90, student_epochs=90, batch_size=256,
-            lr=0.01, schedule="step", certify_images=10_000, n=100_000, crt_alpha=1.0, crt_batch_size=None,
+            train_subset=None,
+            test_subset=10_000,
+            teacher_epochs=90,
+            student_epochs=90,
+            batch_size=256,
+            lr=0.01,
+            schedule="step",
+            certify_images=10_000,
+            n=100_000,
+            crt_alpha=1.0,
+            crt_batch_size=None,
         )
 
 
 def _train_kwargs(cfg: CompareConfig, epochs: int, batch_size: int | None = None) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
-        epochs=epochs, batch_size=batch_size or cfg.batch_size, lr=cfg.lr, schedule=cfg.schedule, seed=cfg.seed,
-        train_subset=cfg.train_subset, test_subset=cfg.test_subset,
+        epochs=epochs,
+        batch_size=batch_size or cfg.batch_size,
+        lr=cfg.lr,
+        schedule=cfg.schedule,
+        seed=cfg.seed,
+        train_subset=cfg.train_subset,
+        test_subset=cfg.test_subset,
     )
     if cfg.schedule == "step":
         kwargs["lr_step"] = max(1, epochs // 3)
     return kwargs
 
 
-def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, device: str = "auto",
-            log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+def compare(
+    cfg: CompareConfig,
+    out: str | Path,
+    data_dir: str | None = None,
+    device: str = "auto",
+    log=lambda msg: print(msg, file=sys.stderr),
+) -> dict[str, Any]:
     """Train teacher, CRT student and SmoothMix student; certify all three; return the figures."""
     out = Path(out)
     dev = select_device(device)
     runs: dict[str, dict[str, Any]] = {
-        "teacher": dict(arch=cfg.teacher_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.teacher_epochs),
-        "crt": dict(arch=cfg.student_arch, method="crt", teacher=out / "teacher", epochs=cfg.student_epochs,
-                    hparams={"alpha": cfg.crt_alpha}, batch_size=cfg.crt_batch_size),
-        "direct": dict(arch=cfg.student_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.student_epochs),
+        "teacher": dict(
+            arch=cfg.teacher_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.teacher_epochs
+        ),
+        "crt": dict(
+            arch=cfg.student_arch,
+            method="crt",
+            teacher=out / "teacher",
+            epochs=cfg.student_epochs,
+            hparams={"alpha": cfg.crt_alpha},
+            batch_size=cfg.crt_batch_size,
+        ),
+        "direct": dict(
+            arch=cfg.student_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.student_epochs
+        ),
     }
     test = load_dataset(cfg.dataset, "test", data_dir)
     info = dataset_info(cfg.dataset)
@@ -94,8 +124,16 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
     for name, spec in runs.items():
         log(f"== {name}: {spec['arch']} with {spec['method']} ({spec['epochs']} epochs)")
         train(
-            cfg.dataset, spec["arch"], spec["method"], sigma=cfg.sigma, out=out / name, hparams=spec.get("hparams"),
-            teacher=spec.get("teacher"), data_dir=data_dir, device=str(dev), resume=(out / name / STATE).is_file(),
+            cfg.dataset,
+            spec["arch"],
+            spec["method"],
+            sigma=cfg.sigma,
+            out=out / name,
+            hparams=spec.get("hparams"),
+            teacher=spec.get("teacher"),
+            data_dir=data_dir,
+            device=str(dev),
+            resume=(out / name / STATE).is_file(),
             **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size")),
         )
         model, meta = checkpoint.load_with_meta(out / name, device=dev)
@@ -118,7 +156,9 @@ def compare(cfg: CompareConfig, out: str | Path, data_dir: str | None = None, de
     direct, crt, teacher = figures["direct"]["seconds"], figures["crt"]["seconds"], figures["teacher"]["seconds"]
     figures["speedup"] = direct / crt
     figures["pass_ratio"] = figures["direct"]["passes"] / figures["crt"]["passes"]
-    figures["acr_ratio"] = figures["crt"]["acr"] / figures["direct"]["acr"] if figures["direct"]["acr"] else float("nan")
+    figures["acr_ratio"] = (
+        figures["crt"]["acr"] / figures["direct"]["acr"] if figures["direct"]["acr"] else float("nan")
+    )
     g = cfg.generations
     figures["chain"] = {
         "generations": g,
@@ -152,7 +192,8 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         f"{cfg.teacher_method}: batch {cfg.batch_size}",
         "",
         "| model | train s | speedup vs direct | image passes | pass ratio vs direct | clean acc | ACR | "
-        + " | ".join(f"r={r:g}" for r in radii) + " |",
+        + " | ".join(f"r={r:g}" for r in radii)
+        + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(radii),
     ]
     for label, key in zip(named, ("teacher", "crt", "direct")):
@@ -161,7 +202,9 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         lines.append(
             f"| {label} | {f['seconds']:.1f} | {direct_s / f['seconds']:.2f}x | {f['passes']:,} | "
             f"{direct_passes / f['passes']:.2f}x | "
-            f"{(f['clean_acc'] or 0) * 100:.1f}% | {f['acr']:.3f} | " + " | ".join(f"{a * 100:.1f}%" for a in acc) + " |"
+            f"{(f['clean_acc'] or 0) * 100:.1f}% | {f['acr']:.3f} | "
+            + " | ".join(f"{a * 100:.1f}%" for a in acc)
+            + " |"
         )
     ch = figures["chain"]
     lines += [
@@ -180,7 +223,9 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "demo-out", full: bool = False, data_dir: str | None = None, device: str = "auto") -> str:
+def run_demo(
+    out: str | Path = "demo-out", full: bool = False, data_dir: str | None = None, device: str = "auto"
+) -> str:
     check_output(out, "--out", directory=True)  # before an hour of training, not after it
     select_device(device)
     cfg = CompareConfig.full() if full else CompareConfig()

@@ -166,9 +166,22 @@ def train_step(plan: Plan, method: str, sigma: float) -> bool:
     if training_complete(run):
         return True
     args = [
-        "train", "--dataset", plan.protocol.dataset, "--arch", plan.protocol.arch, "--method", method,
-        "--sigma", str(sigma), "--out", str(run), "--device", plan.device,
-        "--test-subset", str(plan.protocol.test_subset), *plan.protocol.train_args,
+        "train",
+        "--dataset",
+        plan.protocol.dataset,
+        "--arch",
+        plan.protocol.arch,
+        "--method",
+        method,
+        "--sigma",
+        str(sigma),
+        "--out",
+        str(run),
+        "--device",
+        plan.device,
+        "--test-subset",
+        str(plan.protocol.test_subset),
+        *plan.protocol.train_args,
     ]
     if plan.data_dir:
         args += ["--data-dir", plan.data_dir]
@@ -197,8 +210,21 @@ def certify_step(plan: Plan, method: str, sigma: float) -> bool:
         return True
     p = plan.protocol
     args = [
-        "certify", str(run), "--n0", str(p.n0), "--N", str(plan.n), "--alpha", str(p.alpha),
-        "--skip", str(plan.skip), "--device", plan.device, "--out", str(out), *plan.certify_flags,
+        "certify",
+        str(run),
+        "--n0",
+        str(p.n0),
+        "--N",
+        str(plan.n),
+        "--alpha",
+        str(p.alpha),
+        "--skip",
+        str(plan.skip),
+        "--device",
+        plan.device,
+        "--out",
+        str(out),
+        *plan.certify_flags,
     ]
     if plan.data_dir:
         args += ["--data-dir", plan.data_dir]
@@ -255,8 +281,14 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
     seconds = _run_meta(run_dir(plan.out, method, sigma)).get("cost", {}).get("total", {}).get("seconds")
     return Row(
-        method=method, sigma=sigma, images=len(mine), acr=acr(mine), published_acr=acr(theirs),
-        published_acr_same_images=float(np.mean(b)), diff=float(np.mean(d)), diff_se=se,
+        method=method,
+        sigma=sigma,
+        images=len(mine),
+        acr=acr(mine),
+        published_acr=acr(theirs),
+        published_acr_same_images=float(np.mean(b)),
+        diff=float(np.mean(d)),
+        diff_se=se,
         accuracy=np.asarray(certified_accuracy(mine, RADII)),
         published_accuracy=np.asarray(certified_accuracy(theirs, RADII)),
         train_seconds=float(seconds) if seconds is not None else None,
@@ -333,23 +365,41 @@ def _choose(given: str | None, allowed: Sequence[str], what: str) -> tuple[str, 
     chosen = tuple(v.strip() for v in given.split(",") if v.strip())
     unknown = [v for v in chosen if v not in allowed]
     if unknown or not chosen:
-        raise CertkitError(f"--{what}: {', '.join(unknown) or 'none given'} not in this protocol ({', '.join(allowed)})")
+        raise CertkitError(
+            f"--{what}: {', '.join(unknown) or 'none given'} not in this protocol ({', '.join(allowed)})"
+        )
     return chosen
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``certkit reproduce`` flags."""
-    p.add_argument("protocol", choices=sorted(PROTOCOLS), help="; ".join(f"{k}: {v.description}" for k, v in PROTOCOLS.items()))
-    p.add_argument("--out", default="reproduce-out", help="folder for runs, certifications, table and plot (resumes what is there)")
+    p.add_argument(
+        "protocol", choices=sorted(PROTOCOLS), help="; ".join(f"{k}: {v.description}" for k, v in PROTOCOLS.items())
+    )
+    p.add_argument(
+        "--out", default="reproduce-out", help="folder for runs, certifications, table and plot (resumes what is there)"
+    )
     p.add_argument("--methods", default=None, help="comma-separated subset of the protocol's methods (default: all)")
     p.add_argument("--sigmas", default=None, help="comma-separated subset of the protocol's sigmas (default: all)")
-    p.add_argument("--certify-skip", type=int, default=None, help="certify every K-th test image (default: 10, i.e. 1,000 images)")
-    p.add_argument("--N", "--n", dest="n", type=int, default=None, help="estimation samples (default: the protocol's 100,000)")
+    p.add_argument(
+        "--certify-skip", type=int, default=None, help="certify every K-th test image (default: 10, i.e. 1,000 images)"
+    )
+    p.add_argument(
+        "--N", "--n", dest="n", type=int, default=None, help="estimation samples (default: the protocol's 100,000)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default)")
-    p.add_argument("--published", default=None, help="folder of the published result files (<dir>/sigma_<s>/<method>.tsv)")
-    p.add_argument("--certify-flags", default="", help="extra flags for certkit certify, written with '=', "
-        "e.g. --certify-flags='--shared-noise 10 --channels-last'")
+    p.add_argument(
+        "--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default)"
+    )
+    p.add_argument(
+        "--published", default=None, help="folder of the published result files (<dir>/sigma_<s>/<method>.tsv)"
+    )
+    p.add_argument(
+        "--certify-flags",
+        default="",
+        help="extra flags for certkit certify, written with '=', "
+        "e.g. --certify-flags='--shared-noise 10 --channels-last'",
+    )
     p.add_argument("--train-only", action="store_true", help="train (and resume) only; certify later")
     p.add_argument("--report-only", action="store_true", help="only compare what is already certified")
 
@@ -362,9 +412,17 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if skip < 1 or n < 1:
         raise CertkitError(f"--certify-skip and --N must be >= 1 (got {skip} and {n})")
     return Plan(
-        protocol=protocol, out=Path(args.out), methods=_choose(args.methods, protocol.methods, "methods"),
-        sigmas=sigmas, n=n, skip=skip, device=args.device, data_dir=args.data_dir,
-        certify_flags=tuple(args.certify_flags.split()), train_only=args.train_only, report_only=args.report_only,
+        protocol=protocol,
+        out=Path(args.out),
+        methods=_choose(args.methods, protocol.methods, "methods"),
+        sigmas=sigmas,
+        n=n,
+        skip=skip,
+        device=args.device,
+        data_dir=args.data_dir,
+        certify_flags=tuple(args.certify_flags.split()),
+        train_only=args.train_only,
+        report_only=args.report_only,
     )
 
 

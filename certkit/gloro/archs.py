@@ -21,7 +21,12 @@ from certkit.models.registry import register_model, register_wrapper
 
 # (channels, kernel, stride) per conv, then widths of the hidden dense layers
 _ARCHS: dict[str, tuple[list[tuple[int, int, int]], list[int], str, str]] = {
-    "gloro-2c2f": ([(16, 4, 2), (32, 4, 2)], [100], "any", "GloRo 2C2F: conv16 4x4/2, conv32 4x4/2, dense100 (MNIST eps 0.3)"),
+    "gloro-2c2f": (
+        [(16, 4, 2), (32, 4, 2)],
+        [100],
+        "any",
+        "GloRo 2C2F: conv16 4x4/2, conv32 4x4/2, dense100 (MNIST eps 0.3)",
+    ),
     "gloro-4c3f": (
         [(32, 3, 1), (32, 4, 2), (64, 3, 1), (64, 4, 2)],
         [512, 512],

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet
 from certkit.results import ResultWriter, planned_indices, read_results
+from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.summary import write_summary
 
 #: extra TSV column after the standard six: 1 when the row is certified at epsilon, else 0
@@ -53,7 +53,11 @@ def checked_constant(net: GloroNet) -> tuple[float, dict[str, Any]]:
     began = time.perf_counter()
     if net.is_frozen:
         raw = net.verify_frozen()
-        info = {"lipschitz_bound": net.certification_constant(), "lipschitz_guaranteed": raw, "source": "checkpoint (verified)"}
+        info = {
+            "lipschitz_bound": net.certification_constant(),
+            "lipschitz_guaranteed": raw,
+            "source": "checkpoint (verified)",
+        }
     else:
         info = net.freeze()
         info.pop("layers", None)
@@ -83,7 +87,9 @@ def certify_gloro_dataset(
     ``certify_seconds`` (forward passes of this session only, bound verification excluded).
     """
     if not isinstance(net, GloroNet):
-        raise CertkitError(f"GloRo certification needs a GloroNet, not a {type(net).__name__} (is this a gloro checkpoint?)")
+        raise CertkitError(
+            f"GloRo certification needs a GloroNet, not a {type(net).__name__} (is this a gloro checkpoint?)"
+        )
     eps = net.eval_epsilon if epsilon is None else float(epsilon)
     if not eps >= 0:
         raise CertkitError(f"--epsilon must be >= 0 (got {eps})")
@@ -114,15 +120,25 @@ def certify_gloro_dataset(
         cap = math.sqrt(xs[0].numel())
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
             for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
-                writer.write_certify(idx, label, j, min(max(r, 0.0), cap), elapsed / len(group), **{EPS_COLUMN: int(ok)})
+                writer.write_certify(
+                    idx, label, j, min(max(r, 0.0), cap), elapsed / len(group), **{EPS_COLUMN: int(ok)}
+                )
                 tally[0] += 1
                 tally[1] += j == label
                 tally[2] += ok and j == label
         return f"acc={tally[1] / tally[0]:.3f} vra={tally[2] / tally[0]:.3f}"
 
     complete = run_planned(
-        out, "certify", settings, dataset, indices, batch_size, process,
-        resume=resume, progress=progress, extra_columns=(EPS_COLUMN,),
+        out,
+        "certify",
+        settings,
+        dataset,
+        indices,
+        batch_size,
+        process,
+        resume=resume,
+        progress=progress,
+        extra_columns=(EPS_COLUMN,),
     )
     if not complete:
         return None
@@ -166,13 +182,22 @@ def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: arg
         raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
     sampling = [flag for flag, on in (("--adaptive", args.adaptive), ("--shared-noise", args.shared_noise)) if on]
     if sampling:
-        raise CertkitError(f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling")
+        raise CertkitError(
+            f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling"
+        )
     rank, size = world()
     if rank == 0 or args.shard is not None:
         dataset = args.dataset or meta.get("dataset")
         summary = certify_gloro_dataset(
-            model, data, out=args.out, epsilon=args.epsilon, batch_size=args.batch, skip=args.skip,
-            max_idx=args.max, shard=args.shard, progress=True,
+            model,
+            data,
+            out=args.out,
+            epsilon=args.epsilon,
+            batch_size=args.batch,
+            skip=args.skip,
+            max_idx=args.max,
+            shard=args.shard,
+            progress=True,
             settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
             resume=not args.overwrite,
         )

@@ -166,7 +166,9 @@ class NormalizeBound(LayerBound):
     def constant(self) -> float:
         std = self.module.std.detach().double()
         if not bool((std > 0).all()):
-            raise CertkitError(f"layer {self.name!r}: Normalize has a non-positive std; its Lipschitz bound is infinite")
+            raise CertkitError(
+                f"layer {self.name!r}: Normalize has a non-positive std; its Lipschitz bound is infinite"
+            )
         return float(1.0 / std.min())
 
 
@@ -361,7 +363,9 @@ def conv_fft_bound(kernel: Tensor, stride: tuple[int, int], padded: tuple[int, i
     return best
 
 
-def _pool_window(name: str, module: nn.MaxPool2d | nn.AvgPool2d) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+def _pool_window(
+    name: str, module: nn.MaxPool2d | nn.AvgPool2d
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     k = _pair(module.kernel_size)
     s = _pair(module.stride if module.stride is not None else module.kernel_size)
     p = _pair(module.padding)
@@ -405,7 +409,9 @@ def _adaptive_avgpool_bound(name: str, module: nn.AdaptiveAvgPool2d, in_shape: S
     _, h, w = in_shape
     oh, ow = _pair(tuple(o if o is not None else n for o, n in zip(_pair_or_none(module.output_size), (h, w))))
     if h % oh or w % ow:
-        raise CertkitError(f"layer {name!r}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} has uneven windows; not supported")
+        raise CertkitError(
+            f"layer {name!r}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} has uneven windows; not supported"
+        )
     kh, kw = h // oh, w // ow
     return ConstantBound(name, module, 1.0 / math.sqrt(kh * kw), "disjoint windows")
 
@@ -532,7 +538,9 @@ class LipschitzBound:
     def iterate_shapes(self) -> dict[str, Shape]:
         return {b.name: b.iterate_shape for b in self.layers() if b.iterate_shape is not None}
 
-    def init_iterates(self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    def init_iterates(
+        self, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+    ) -> dict[str, Tensor]:
         """Fresh random unit iterates, one per weighted layer."""
         return {k: _unit(torch.randn(s, generator=generator, dtype=dtype)) for k, s in self.iterate_shapes().items()}
 
@@ -608,7 +616,11 @@ def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int,
     try:
         module.eval()
         with torch.no_grad():
-            module(torch.zeros(1, *in_shape, dtype=ref.dtype if ref.is_floating_point() else torch.float32, device=ref.device))
+            module(
+                torch.zeros(
+                    1, *in_shape, dtype=ref.dtype if ref.is_floating_point() else torch.float32, device=ref.device
+                )
+            )
     finally:
         module.train(was_training)
         for h in handles:

@@ -152,7 +152,9 @@ class GloroNet(nn.Sequential):
         m: nn.Module = self
         while isinstance(m, nn.Sequential):
             if len(m) == 0:
-                raise CertkitError("GloroNet: the model ends with an empty Sequential; its last layer must be nn.Linear")
+                raise CertkitError(
+                    "GloroNet: the model ends with an empty Sequential; its last layer must be nn.Linear"
+                )
             name = list(m._modules)[-1]
             path.append(name)
             m = m._modules[name]
@@ -219,7 +221,9 @@ class GloroNet(nn.Sequential):
         if not math.isfinite(raw) or raw < 0:
             raise CertkitError(f"the Lipschitz bound is not finite ({raw}); the weights are corrupt")
         if estimate > raw * (1 + 1e-6):
-            raise RuntimeError(f"internal error: power-iteration estimate {estimate} exceeds the guaranteed bound {raw}")
+            raise RuntimeError(
+                f"internal error: power-iteration estimate {estimate} exceeds the guaranteed bound {raw}"
+            )
         frozen = _round_up_to_float32(raw * safety)
         self.lipschitz_frozen.fill_(frozen)
         self._frozen_key = self._weights_key()
@@ -341,7 +345,9 @@ class GloroNet(nn.Sequential):
         ratio = torch.where(d > 0, d / kj, torch.zeros_like(d)).scatter(1, j, float("inf"))
         radius = ratio.min(1).values
         bottom = (logits + eps * kj).scatter(1, j, float("-inf")).max(1).values
-        certified = (logits.gather(1, j)[:, 0] - allowance[:, 0] > bottom) & (radius > eps) & torch.isfinite(logits).all(1)
+        certified = (
+            (logits.gather(1, j)[:, 0] - allowance[:, 0] > bottom) & (radius > eps) & torch.isfinite(logits).all(1)
+        )
         return j[:, 0], radius, certified
 
     @torch.no_grad()

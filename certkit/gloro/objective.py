@@ -66,26 +66,40 @@ class GloroHypers(Hypers):
     TABLE = _DEFAULTS
 
     epsilon: float = hyper(float, "evaluation radius epsilon, L2 in [0,1] pixel units", minimum=0.0)
-    train_eps_factor: float = hyper(float, "training epsilon = this x epsilon after the ramp (overcompensation)", minimum=0.0)
-    eps_ramp: float = hyper(float, "fraction of the epochs over which the training epsilon ramps up (log-concave)", minimum=0.0, maximum=1.0)
+    train_eps_factor: float = hyper(
+        float, "training epsilon = this x epsilon after the ramp (overcompensation)", minimum=0.0
+    )
+    eps_ramp: float = hyper(
+        float, "fraction of the epochs over which the training epsilon ramps up (log-concave)", minimum=0.0, maximum=1.0
+    )
     lbd: float = hyper(float, "TRADES weight lambda (0 = the GloRo cross-entropy over C+1 logits)", minimum=0.0)
     power_iterations: int = hyper(int, "power-iteration steps per optimizer step (warm-started iterates)", minimum=1)
     robust_loss: str = hyper(
-        str, "TRADES robust term: kl (KL to the C+1 softmax) or trades_ce (KL plus the entropy of softmax(y): "
-        "the ICML code's trades_ce, Leino et al. 2021)", default="kl", choices=("kl", "trades_ce"),
+        str,
+        "TRADES robust term: kl (KL to the C+1 softmax) or trades_ce (KL plus the entropy of softmax(y): "
+        "the ICML code's trades_ce, Leino et al. 2021)",
+        default="kl",
+        choices=("kl", "trades_ce"),
     )
     lbd_start: float = hyper(
-        float, "TRADES lambda at the start, rising linearly to --lbd at the last epoch (the ICML schedules, "
-        "e.g. MNIST 0.3: 0 -> 2); none: --lbd throughout", optional=True, minimum=0.0,
+        float,
+        "TRADES lambda at the start, rising linearly to --lbd at the last epoch (the ICML schedules, "
+        "e.g. MNIST 0.3: 0 -> 2); none: --lbd throughout",
+        optional=True,
+        minimum=0.0,
     )
     tie_mask: str = hyper(
-        str, "training bottom logit: argmax masks the predicted index only; all masks every logit equal to the "
+        str,
+        "training bottom logit: argmax masks the predicted index only; all masks every logit equal to the "
         "maximum, as the GloRo library does (klasleino/gloro issue #9; certification always uses argmax)",
-        default="argmax", choices=("argmax", "all"),
+        default="argmax",
+        choices=("argmax", "all"),
     )
     normalize: bool = hyper(
-        bool, "keep the per-channel Normalize input layer; false makes it the identity, as the ICML CIFAR nets "
-        "(its 1/std multiplies the Lipschitz bound by about 5 on CIFAR-10)", default=True,
+        bool,
+        "keep the per-channel Normalize input layer; false makes it the identity, as the ICML CIFAR nets "
+        "(its 1/std multiplies the Lipschitz bound by about 5 on CIFAR-10)",
+        default=True,
     )
 
     def check(self, method: str) -> None:
@@ -102,7 +116,9 @@ def drop_normalization(model: nn.Sequential) -> None:
     """
     first = model[0] if len(model) else None
     if not isinstance(first, Normalize):
-        raise CertkitError("--normalize false needs a model whose first layer is certkit's Normalize (the registry's gloro-* nets)")
+        raise CertkitError(
+            "--normalize false needs a model whose first layer is certkit's Normalize (the registry's gloro-* nets)"
+        )
     first.mean.zero_()
     first.std.fill_(1.0)
 
@@ -166,7 +182,9 @@ class Gloro(Objective):
         ending in ``nn.Linear``) as the GloroNet this objective trains."""
         if not isinstance(model, GloroNet):
             if not isinstance(model, nn.Sequential):
-                raise CertkitError(f"method 'gloro' wraps an nn.Sequential ending in nn.Linear, not a {type(model).__name__}")
+                raise CertkitError(
+                    f"method 'gloro' wraps an nn.Sequential ending in nn.Linear, not a {type(model).__name__}"
+                )
             if not self.hp.normalize:
                 drop_normalization(model)
             model = GloroNet(model, in_shape, self.hp.epsilon, self.hp.power_iterations)
@@ -211,7 +229,11 @@ class Gloro(Objective):
         logits = model(x)
         k_sub = net.lipschitz_constant(self.hp.power_iterations)
         eps = self.train_epsilon()
-        bottom = net.bottom_logit(logits, eps, k_sub) if self.hp.tie_mask == "argmax" else all_max_bottom(net, logits, eps, k_sub)
+        bottom = (
+            net.bottom_logit(logits, eps, k_sub)
+            if self.hp.tie_mask == "argmax"
+            else all_max_bottom(net, logits, eps, k_sub)
+        )
         full = torch.cat([logits, bottom[:, None]], 1)
         lbd = self.trades_lambda()
         parts: dict[str, Tensor] = {}

@@ -26,6 +26,12 @@ from certkit.models.registry import (
 )
 
 __all__ = [
-    "ModelSpec", "Normalize", "create_model", "list_models", "model_spec", "register_model", "register_wrapper",
+    "ModelSpec",
+    "Normalize",
+    "create_model",
+    "list_models",
+    "model_spec",
+    "register_model",
+    "register_wrapper",
     "wrapper",
 ]

@@ -23,8 +23,12 @@ class LeNet(nn.Module):
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], 20, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_shape[0], 20, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 500), nn.ReLU(), nn.Linear(500, num_classes)
@@ -44,8 +48,12 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_shape[0], 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 128), nn.ReLU(), nn.Linear(128, num_classes)

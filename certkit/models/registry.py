@@ -77,4 +77,6 @@ def create_model(
     spec = model_spec(arch)
     c, h, w = (int(v) for v in in_shape)
     body = spec.factory(int(num_classes), (c, h, w))
-    return nn.Sequential(Normalize(mean if mean is not None else [0.0] * c, std if std is not None else [1.0] * c), body)
+    return nn.Sequential(
+        Normalize(mean if mean is not None else [0.0] * c, std if std is not None else [1.0] * c), body
+    )

@@ -15,6 +15,16 @@ from certkit.objectives.smoothmix import SmoothMix
 from certkit.objectives.stability import Stability
 
 __all__ = [
-    "CRT", "Consistency", "Gaussian", "Hypers", "Macer", "Objective", "SmoothAdv", "SmoothMix", "Stability",
-    "eval_mode", "hyper", "unwrap",
+    "CRT",
+    "Consistency",
+    "Gaussian",
+    "Hypers",
+    "Macer",
+    "Objective",
+    "SmoothAdv",
+    "SmoothMix",
+    "Stability",
+    "eval_mode",
+    "hyper",
+    "unwrap",
 ]

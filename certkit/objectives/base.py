@@ -108,8 +108,14 @@ def hyper(
     ``official`` is the flag the reference code spells differently, quoted back when someone uses it.
     """
     meta = dict(
-        kind=kind, help=help, minimum=minimum, maximum=maximum, choices=tuple(choices), optional=optional,
-        official=official, why=why,
+        kind=kind,
+        help=help,
+        minimum=minimum,
+        maximum=maximum,
+        choices=tuple(choices),
+        optional=optional,
+        official=official,
+        why=why,
     )
     return dataclasses.field(default=default, metadata=meta)
 

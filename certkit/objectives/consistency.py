@@ -29,7 +29,6 @@ from certkit.objectives._smoothing import (
 )
 from certkit.objectives.base import Hypers, Objective, eval_mode, hyper
 
-
 _E1 = 255 / 256  # the reference CLI's "255" (1/256 units)
 
 
@@ -52,18 +51,24 @@ class ConsistencyHypers(Hypers):
     TABLE = _DEFAULTS
 
     num_noise_vec: int = hyper(
-        int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=2,
+        int,
+        "m: noise draws per image, also chunks per batch (one optimizer step each)",
+        minimum=2,
         why="with one draw the KL term is identically 0",
     )
     lbd: float = hyper(float, "lambda: weight of the KL term pulling each noisy prediction to their mean", minimum=0.0)
     eta: float = hyper(float, "eta: weight of the entropy of the mean prediction", minimum=0.0)
     adv_training: bool = hyper(
-        bool, "train on SmoothAdv's L2 attack of each chunk with the same m draws (Jeong & Shin 2020's "
-        "--adv-training; recipes consistency-adv-* set the published m, lambda, epsilon)", default=False,
+        bool,
+        "train on SmoothAdv's L2 attack of each chunk with the same m draws (Jeong & Shin 2020's "
+        "--adv-training; recipes consistency-adv-* set the published m, lambda, epsilon)",
+        default=False,
     )
     epsilon: float = hyper(float, "adv-training: L2 attack radius in [0,1] pixel units", minimum=0.0)
     num_steps: int = hyper(int, "adv-training: T, attack steps (the published runs' 10)", default=10, minimum=1)
-    warmup: int = hyper(int, "adv-training: epochs over which the attack radius ramps up linearly", default=10, minimum=1)
+    warmup: int = hyper(
+        int, "adv-training: epochs over which the attack radius ramps up linearly", default=10, minimum=1
+    )
 
 
 def consistency_terms(logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -41,9 +41,15 @@ class CRTHypers(Hypers):
     """CRT's hyperparameters (see :class:`CRT`); the official configurations use the defaults."""
 
     alpha: float = hyper(
-        float, "weight of the teacher-matching term; 1-alpha weighs cross-entropy", default=1.0, minimum=0.0, maximum=1.0
+        float,
+        "weight of the teacher-matching term; 1-alpha weighs cross-entropy",
+        default=1.0,
+        minimum=0.0,
+        maximum=1.0,
     )
-    match: str = hyper(str, "compare 'logits' (official code) or 'softmax' outputs", default="logits", choices=("logits", "softmax"))
+    match: str = hyper(
+        str, "compare 'logits' (official code) or 'softmax' outputs", default="logits", choices=("logits", "softmax")
+    )
 
 
 def transfer_distance(student: Tensor, teacher: Tensor) -> Tensor:
@@ -111,7 +117,9 @@ class CRT(Objective):
         self.teacher = self._freeze(teacher)
         self.teacher_info = info
         if num_classes is not None and info.get("num_classes") is not None and int(info["num_classes"]) != num_classes:
-            raise CertkitError(f"{info.get('path')}: teacher has {info['num_classes']} classes, the dataset has {num_classes}")
+            raise CertkitError(
+                f"{info.get('path')}: teacher has {info['num_classes']} classes, the dataset has {num_classes}"
+            )
         t_sigma = info.get("sigma")
         if t_sigma is not None and abs(float(t_sigma) - float(self.sigma or 0)) > 1e-12:
             warnings.warn(
@@ -125,8 +133,13 @@ class CRT(Objective):
         if "cost" in info:
             total = info["cost"].get("total", {})
             self.ancestors.append(
-                {"path": self.record["path"], "method": info.get("method"), "arch": info.get("arch"),
-                 "seconds": total.get("seconds", 0.0), "total": total}
+                {
+                    "path": self.record["path"],
+                    "method": info.get("method"),
+                    "arch": info.get("arch"),
+                    "seconds": total.get("seconds", 0.0),
+                    "total": total,
+                }
             )
 
     @staticmethod

@@ -42,7 +42,9 @@ class MacerHypers(Hypers):
 
     gauss_num: int = hyper(int, "k: Gaussian noise copies per image", minimum=1)
     beta: float = hyper(float, "inverse temperature of the soft votes softmax(beta*z)", minimum=0.0)
-    gamma: float = hyper(float, "hinge: margins xi = PhiInv(p1) - PhiInv(p2) above gamma are not pushed further", minimum=0.0)
+    gamma: float = hyper(
+        float, "hinge: margins xi = PhiInv(p1) - PhiInv(p2) above gamma are not pushed further", minimum=0.0
+    )
     lbd: float = hyper(float, "lambda: weight of the robustness loss", minimum=0.0)
     deferred_epochs: int = hyper(int, "lambda is 0 for the first this-many epochs (0 = no deferral)", minimum=0)
 

@@ -34,9 +34,7 @@ _E1 = 255 / 256  # the reference CLI's "255" (1/256 units), i.e. ≈ 1.0 in pixe
 
 #: Salman et al.'s published PGD configurations (MNIST-like rows: the SmoothMix re-implementation's LeNet runs)
 _DEFAULTS: dict[str, dict[float, dict[str, Any]]] = {
-    "mnist": {
-        s: {"epsilon": _E1, "num_steps": 10, "num_noise_vec": 4, "warmup": 10} for s in (0.25, 0.5, 1.0)
-    },
+    "mnist": {s: {"epsilon": _E1, "num_steps": 10, "num_noise_vec": 4, "warmup": 10} for s in (0.25, 0.5, 1.0)},
     "cifar10": {
         0.25: {"epsilon": 1.0, "num_steps": 10, "num_noise_vec": 4, "warmup": 10},
         0.5: {"epsilon": 1.0, "num_steps": 10, "num_noise_vec": 8, "warmup": 10},
@@ -55,14 +53,24 @@ class SmoothAdvHypers(Hypers):
         float, "L2 attack radius in [0,1] pixel units (255/256 ≈ 1.0; the reference CLI takes 1/256 units)", minimum=0.0
     )
     num_steps: int = hyper(int, "T: PGD steps", minimum=1)
-    num_noise_vec: int = hyper(int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1)
+    num_noise_vec: int = hyper(
+        int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1
+    )
     warmup: int = hyper(int, "epochs over which the attack radius ramps up linearly", minimum=1)
     attack: str = hyper(
-        str, "pgd (every published run) or ddn (the reference script's default attack: Rony et al.'s decoupled "
-        "direction and norm, Salman et al. 2019)", default="pgd", choices=("pgd", "ddn"),
+        str,
+        "pgd (every published run) or ddn (the reference script's default attack: Rony et al.'s decoupled "
+        "direction and norm, Salman et al. 2019)",
+        default="pgd",
+        choices=("pgd", "ddn"),
     )
-    ddn_gamma: float = hyper(float, "DDN: factor by which the attack norm shrinks or grows per step (Salman et al.'s 0.05)",
-                             default=0.05, minimum=0.0, maximum=1.0)
+    ddn_gamma: float = hyper(
+        float,
+        "DDN: factor by which the attack norm shrinks or grows per step (Salman et al.'s 0.05)",
+        default=0.05,
+        minimum=0.0,
+        maximum=1.0,
+    )
 
 
 #: DDN rounds x + δ to this many grey levels, as the reference attack does by default
@@ -194,7 +202,10 @@ class SmoothAdv(Objective):
         logits = noisy_logits(model, x_adv, noises)
         loss = mean_noisy_ce(logits, y)
         check_finite(
-            loss, "smoothadv", self.epoch, f"lower --epsilon (now {self.hp.epsilon:g}) or the learning rate, or lengthen --warmup"
+            loss,
+            "smoothadv",
+            self.epoch,
+            f"lower --epsilon (now {self.hp.epsilon:g}) or the learning rate, or lengthen --warmup",
         )
         parts = {
             "ce": loss.detach(),

@@ -60,12 +60,18 @@ class SmoothMixHypers(Hypers):
 
     TABLE = _DEFAULTS
 
-    num_noise_vec: int = hyper(int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1)
+    num_noise_vec: int = hyper(
+        int, "m: noise draws per image, also chunks per batch (one optimizer step each)", minimum=1
+    )
     step_size: float = hyper(float, "alpha: L2 length of one attack step, pixel units", minimum=0.0, official="--alpha")
     num_steps: int = hyper(int, "T: attack steps", minimum=1)
     eta: float = hyper(float, "eta: weight of the mix loss", minimum=0.0)
-    mix_step: int = hyper(int, "attack step whose point is the clean side of the mixup (0 = the clean image)", minimum=0)
-    maxnorm: float | None = hyper(float, "L2 cap on the adversarial perturbation (none = unbounded)", minimum=0.0, optional=True)
+    mix_step: int = hyper(
+        int, "attack step whose point is the clean side of the mixup (0 = the clean image)", minimum=0
+    )
+    maxnorm: float | None = hyper(
+        float, "L2 cap on the adversarial perturbation (none = unbounded)", minimum=0.0, optional=True
+    )
     maxnorm_s: float | None = hyper(
         float, "L2 cap on the clean-side perturbation (none = step_size x mix_step)", minimum=0.0, optional=True
     )
@@ -210,14 +216,24 @@ class SmoothMix(Objective):
         correct = p_bar_clean.detach().argmax(1) == y
         mix = (kl * correct.to(kl.dtype)).mean()
         return MixBatch(
-            x_clean=x_clean, x_adv=x_adv, lam=lam, x_mix=x_mix, y_mix=y_mix, p_bar_clean=p_bar_clean,
-            correct=correct, logits_clean=logits_clean, ce=ce, mix=mix,
+            x_clean=x_clean,
+            x_adv=x_adv,
+            lam=lam,
+            x_mix=x_mix,
+            y_mix=y_mix,
+            p_bar_clean=p_bar_clean,
+            correct=correct,
+            logits_clean=logits_clean,
+            ce=ce,
+            mix=mix,
         )
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         mb = self.mix_batch(model, x, y, draw_noises(x, self.hp.num_noise_vec, self.sigma))
         loss = mb.ce + self.hp.eta * self.weight() * mb.mix
-        check_finite(loss, "smoothmix", self.epoch, "lower --step-size/--num-steps or the learning rate, or set --maxnorm")
+        check_finite(
+            loss, "smoothmix", self.epoch, "lower --step-size/--num-steps or the learning rate, or set --maxnorm"
+        )
         parts = {
             "ce": mb.ce.detach(),
             "mix": mb.mix.detach(),

@@ -28,8 +28,8 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -50,7 +50,6 @@ from certkit.smoothing.statistics import (
 )
 from certkit.smoothing.voter import MIN_VOTE_AGREEMENT, NonFiniteLogits
 from certkit.summary import write_summary
-
 
 #: most noisy copies per forward pass: a million 224x224 colour copies are already 600 GB of float32
 MAX_BATCH = 10**6
@@ -240,8 +239,16 @@ def certify_dataset(
         return score.describe(plan.mode)
 
     complete = run_planned(
-        out, plan.mode, settings, dataset, indices, plan.group_size(shared_noise), process,
-        resume=resume, progress=progress, extra_columns=("samples",) if plan.adaptive is not None else (),
+        out,
+        plan.mode,
+        settings,
+        dataset,
+        indices,
+        plan.group_size(shared_noise),
+        process,
+        resume=resume,
+        progress=progress,
+        extra_columns=("samples",) if plan.adaptive is not None else (),
     )
     if not complete:
         return None

@@ -19,7 +19,7 @@ How the network itself is run (eval mode, speed options, the logit-shape check) 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from certkit.smoothing.voter import Voter
 NOISE_BLOCK = 100
 
 Generators = Sequence[torch.Generator | None]
+
 
 def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator for the noise of dataset index ``idx`` under run seed ``seed``.
@@ -70,8 +71,6 @@ def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str)
     return gen
 
 
-
-
 class Sampler:
     """Draws noise around inputs and has the :class:`Voter` vote on it (base of the two samplers).
 
@@ -94,7 +93,9 @@ class Sampler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.voter!r}, sigma={self.sigma}, group={self.group})"
 
-    def counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, generators: Generators | None = None) -> np.ndarray:
+    def counts(
+        self, xs: Tensor, nums: Sequence[int], batch_size: int, generators: Generators | None = None
+    ) -> np.ndarray:
         """Hard-vote counts (B, K): ``nums[i]`` noisy copies of ``xs[i]`` (B, C, H, W), at most ``batch_size``
         per forward pass. Per-input noise takes one generator per input, shared noise one for them all (None:
         torch's global generator)."""
@@ -131,7 +132,9 @@ class Sampler:
     def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
         raise NotImplementedError
 
-    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+    def _counts(
+        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
+    ) -> np.ndarray:
         raise NotImplementedError
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
@@ -158,7 +161,9 @@ class PerInputNoise(Sampler):
             raise CertkitError(f"{count} inputs but {len(gens)} generators")
         return gens
 
-    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+    def _counts(
+        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
+    ) -> np.ndarray:
         """Each input's copies are cut into blocks (the last one shorter); forward batches are filled with
         whole blocks, so memory is bounded by ``batch_size`` whatever the ``nums`` are, and an input's noise
         never depends on which other inputs share its batches."""
@@ -244,7 +249,9 @@ class SharedNoise(Sampler):
             raise CertkitError(f"shared_noise={self.group} allows at most that many inputs per call, got {count}")
         return gens
 
-    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]) -> np.ndarray:
+    def _counts(
+        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
+    ) -> np.ndarray:
         """Every input votes on the same ``nums[0]`` draws, taken in the same blocks of
         ``min(NOISE_BLOCK, batch_size)`` as an unshared input's, so an input's noise is the stream's first
         draws whatever the group. A forward pass holds several blocks for a few inputs, or one block for as

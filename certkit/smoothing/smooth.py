@@ -32,8 +32,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from certkit.smoothing.statistics import (
     predict_from_counts,
 )
 from certkit.smoothing.voter import Voter
+
 
 @dataclass(frozen=True)
 class Certificate:
@@ -145,7 +146,9 @@ class Smooth:
         """SAMPLEUNDERNOISE: hard-vote counts (K,) of f(x + eta) over ``num`` noisy copies of x."""
         return self.sampler.counts(x.unsqueeze(0), [num], batch_size, [generator])[0]
 
-    def predict(self, x: Tensor, n: int, alpha: float, batch_size: int, generator: torch.Generator | None = None) -> int:
+    def predict(
+        self, x: Tensor, n: int, alpha: float, batch_size: int, generator: torch.Generator | None = None
+    ) -> int:
         """PREDICT: the smoothed class of ``x`` ((C, H, W) or (1, C, H, W)), or ABSTAIN.
 
         With probability >= 1 - alpha it returns g(x) or abstains.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy.stats import beta, binomtest, norm
@@ -132,7 +132,9 @@ def check_sigma(sigma: float | None) -> float:
 def check_alpha(alpha: float) -> None:
     """alpha a normal float in (0, 1/2]: a denormal (e.g. 1e-320) overflows the bounds' 1/alpha terms."""
     if not (sys.float_info.min <= alpha <= MAX_ALPHA):
-        raise CertkitError(f"--alpha must be a number in (0, {MAX_ALPHA}], at least {sys.float_info.min:.3g} (got {alpha})")
+        raise CertkitError(
+            f"--alpha must be a number in (0, {MAX_ALPHA}], at least {sys.float_info.min:.3g} (got {alpha})"
+        )
 
 
 def check_sample_count(name: str, value: int) -> None:
@@ -151,9 +153,7 @@ def check_certify_args(n0: int, n: int, alpha: float) -> None:
     check_sample_count("n0", n0)
     check_sample_count("n", n)
     if n < min_n_certify(alpha):
-        raise CertkitError(
-            f"n = {n} can never certify at alpha = {alpha}: CERTIFY needs n >= {min_n_certify(alpha)}"
-        )
+        raise CertkitError(f"n = {n} can never certify at alpha = {alpha}: CERTIFY needs n >= {min_n_certify(alpha)}")
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -165,9 +165,7 @@ def check_predict_args(n: int, alpha: float) -> None:
     check_alpha(alpha)
     check_sample_count("n", n)
     if n < min_n_predict(alpha):
-        raise CertkitError(
-            f"n = {n} always abstains at alpha = {alpha}: PREDICT needs n >= {min_n_predict(alpha)}"
-        )
+        raise CertkitError(f"n = {n} always abstains at alpha = {alpha}: PREDICT needs n >= {min_n_predict(alpha)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -257,5 +255,5 @@ class AdaptiveSchedule:
 
 def _projected_radius(p: float, n: int, alpha: float, sigma: float) -> float:
     """The radius fixed-n CERTIFY would report if exactly a fraction p of its n votes went to the class."""
-    p_lower = lower_confidence_bound(int(round(p * n)), n, alpha)
+    p_lower = lower_confidence_bound(int(round(p * n)), n, alpha)  # noqa: RUF046 (a numpy float's round() is a float)
     return radius(sigma, p_lower) if p_lower >= 0.5 else 0.0

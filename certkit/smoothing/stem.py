@@ -102,7 +102,8 @@ def structure_key(model: nn.Module) -> Hashable:
     """What a stem split depends on besides the weights: every module's identity, class and hooks, and the
     global hooks. Cheap to compute, so a caller can re-split whenever it changes."""
     modules = tuple(
-        (name, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()
+        (name, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        for name, m in model.named_modules()
     )
     return modules, tuple(module_hooks._global_forward_hooks), tuple(module_hooks._global_forward_pre_hooks)
 

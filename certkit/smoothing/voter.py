@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 import torch
