@@ -526,14 +526,18 @@ class Trainer:
             f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0]
             for f in dataclasses.fields(TrainConfig)
         }
+        # declared defaults: a setting a run started under an older certkit could not record
+        added = {("train", f.name): f.default for f in dataclasses.fields(TrainConfig)}
+        added.update({("hparams", f.name): f.default for f in dataclasses.fields(self.objective.Params)})
         saved: dict[str, Any] = {}  # by the flag that sets it (MACER's --gamma is not the schedule's --lr-gamma)
         now: dict[str, Any] = {}
         for k in ("dataset", "train_subset", "test_subset", "arch", "method", "sigma"):
             saved["--" + k.replace("_", "-")], now["--" + k.replace("_", "-")] = saved_meta.get(k), current.get(k)
         for group in ("hparams", "train"):
             old, new = dict(saved_meta.get(group, {})), dict(current.get(group, {}))
-            # a setting the run never recorded was added by a later certkit: the run resumes under its value now
-            for k in old:
+            for k in dict.fromkeys([*old, *new]):
+                if k not in old and new.get(k) == added.get((group, k), object()):
+                    continue  # added by a later certkit, at the value that computes what the run computed
                 if (group, k) != ("train", "epochs"):
                     name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
                     saved[name], now[name] = old.get(k), new.get(k)

@@ -255,7 +255,7 @@ def test_a_plain_torch_dataset_is_certified_like_certkits_own(tmp_path: Path):
         ({"mode": "attack"}, "mode must be"),
         ({"mode": "predict", "adaptive": AdaptiveSchedule()}, "certify only"),
         ({"n": 5, "alpha": 0.001}, "needs n >= 10"),
-        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 0}, "--batch must be in 1"),
         ({"inputs_per_batch": 0}, "inputs per batch"),
         ({"skip": 0}, "skip"),
         ({"shard": (2, 2)}, "shard"),

@@ -130,6 +130,9 @@ def test_report_files_on_reference_files_with_a_plot(tmp_path: Path):
     if not all(f.exists() for f in files):
         pytest.skip("peer results not available")
     png = tmp_path / "plots" / "curves.png"
+    with pytest.raises(CertkitError, match="does not exist"):  # checked before any file is read
+        report.report_files([str(f) for f in files], radii=None, plot=str(png))
+    png.parent.mkdir()
     text = report.report_files([str(f) for f in files], radii=None, plot=str(png))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:5]}
     # same stem in two folders: the folder tells them apart

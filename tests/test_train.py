@@ -141,3 +141,29 @@ def test_existing_run_needs_resume(tmp_path: Path) -> None:
     t.fit()
     with pytest.raises(CertkitError, match="--resume"):
         train("mnist", "smallcnn", "gaussian", out=tmp_path / "run", data_dir="/nonexistent")
+
+
+@pytest.mark.parametrize("now, resumes", [("auto", True), ("on", False)])
+def test_a_setting_added_after_a_run_started_is_compared_with_its_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: str, resumes: bool
+) -> None:
+    """A run started by an older certkit has no record of a setting added since (here --channels-last): it
+    resumes when the setting is at its declared default, the value that computes what the run computed,
+    and is refused under any other value."""
+    t = _trainer(tmp_path / "run", epochs=1)
+    recorded = t.checkpoint_meta
+
+    def older(epoch: int) -> dict:
+        meta = recorded(epoch)
+        meta["train"] = {k: v for k, v in meta["train"].items() if k != "channels_last"}
+        return meta
+
+    monkeypatch.setattr(t, "checkpoint_meta", older)
+    t.fit()
+    later = _trainer(tmp_path / "run", epochs=2)
+    later.config.channels_last = now
+    if resumes:
+        assert later.resume()
+    else:
+        with pytest.raises(CertkitError, match="--channels-last None, not 'on'"):
+            later.resume()
