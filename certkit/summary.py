@@ -6,6 +6,7 @@ It sits above both :mod:`certkit.results` (the file format: rows, sidecar, resum
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -16,8 +17,16 @@ import numpy as np
 
 from certkit import report
 from certkit.fileio import atomic_write_json
-from certkit.results import normalise_settings, read_results, summary_path
+from certkit.results import Results, normalise_settings, read_results, summary_path
 from certkit.smoothing.statistics import max_radius
+
+
+def with_exact_radii(res: Results, exact: Mapping[int, float]) -> Results:
+    """``res`` with the radius of every row whose index is in ``exact`` replaced by that value."""
+    if res.radius is None or not exact:
+        return res
+    radius = np.array([exact.get(int(i), r) for i, r in zip(res.idx, res.radius)], dtype=np.float64)
+    return dataclasses.replace(res, radius=radius)
 
 
 def write_summary(
@@ -27,6 +36,7 @@ def write_summary(
     rho: float = 0.001,
     path: str | os.PathLike | None = None,
     extra: Mapping[str, Any] | None = None,
+    exact_radii: Mapping[int, float] | None = None,
 ) -> dict[str, Any]:
     """Write ``<file>.summary.json`` beside a result file and return its content.
 
@@ -35,8 +45,12 @@ def write_summary(
     abstain rate, cost (total and per-image time, mean samples if known) and the
     run's parameters (``settings``, else the sidecar's), and any ``extra`` entries. A radius above
     sigma*Phi^-1(alpha^(1/n)) is impossible and is flagged as ``radius_bound_violated``.
+
+    ``exact_radii`` (index -> radius) are the radii a run proved before the file floored them to six
+    significant digits; rows certified in this session are summarised from them, rows from an earlier
+    session (a resumed run) from the file. Both are sound: the floor only ever lowers a radius.
     """
-    res = read_results(results_path)
+    res = with_exact_radii(read_results(results_path), exact_radii or {})
     params = normalise_settings(settings) if settings is not None else res.settings
     n_rows = len(res)
     summary: dict[str, Any] = {

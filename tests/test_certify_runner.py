@@ -274,3 +274,23 @@ def test_run_plan_settings_and_group_size():
     assert plan.settings()["noise_block"] == 100 and RunPlan(batch_size=30).settings()["noise_block"] == 30
     assert "n0" not in RunPlan(mode="predict").settings()
     assert plan.indices(10) == list(range(10)) and RunPlan(skip=3, shard=(1, 2)).indices(10) == [3, 9]
+
+
+def test_the_summary_uses_the_radii_proved_before_the_file_floored_them(tmp_path: Path) -> None:
+    """Every vote unanimous: each row proves max_radius exactly; the TSV holds it floored to six significant
+    digits, and the summary of the run that proved it reports the proved value, not the floored one."""
+    from torch.utils.data import TensorDataset
+
+    from certkit import report
+    from certkit.smoothing.statistics import max_radius
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([10.0, -10.0]))
+    data = TensorDataset(torch.rand(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    out = tmp_path / "r.tsv"
+    summary = run(model, data, out=out, num_classes=2, sigma=0.25, n0=10, n=10_000, alpha=0.001, batch_size=1000)
+    proved = max_radius(0.25, 10_000, 0.001)
+    assert summary is not None and summary["acr"] == pytest.approx(proved, abs=1e-12)
+    assert report.acr(out) < proved and report.acr(out) == pytest.approx(proved, rel=1e-5)  # the file: floored

@@ -65,6 +65,9 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     row = rp.compare(plan, "gaussian", 0.25, published)
     assert row is not None and row.diff == pytest.approx(expected)
     assert row.published_acr == pytest.approx(np.mean(theirs.correct * theirs.radius))
+    # certified accuracy is compared on the same images too
+    same = theirs.correct[mine.idx].astype(bool), theirs.radius[mine.idx]
+    assert row.published_accuracy.tolist() == pytest.approx([np.mean(same[0] & (same[1] >= r)) for r in rp.RADII])
     assert not row.partial
 
     # a second call trains nothing and certifies nothing again

@@ -207,6 +207,9 @@ def certify_dataset(
                 return idx
         return group[0]
 
+    # the radii proved in this session, before the file floors them: the summary computes from these
+    proved: dict[int, float] = {}
+
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
         try:
             return sample_and_write(writer, group, xs, labels)
@@ -229,6 +232,7 @@ def certify_dataset(
                     seconds = elapsed * cert.samples / total_samples
                     extra = {"samples": cert.samples} if plan.adaptive is not None else {}
                     writer.write_certify(idx, label, cert.prediction, cert.radius, seconds, **extra)
+                    proved[idx] = cert.radius
                     score.add(cert.prediction == label, cert.radius)
             else:
                 predictions = sample(xs[positions], generators)
@@ -252,7 +256,7 @@ def certify_dataset(
     )
     if not complete:
         return None
-    return write_summary(out, settings, extra={"speed_check": speed_check} if speed_check else None)
+    return write_summary(out, settings, extra={"speed_check": speed_check} if speed_check else None, exact_radii=proved)
 
 
 #: inputs and noisy copies per input of the speed-option vote check (see :func:`_speed_check`)
