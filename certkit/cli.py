@@ -513,9 +513,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     data = load_dataset(dataset, args.split, args.data_dir)
     certifier = getattr(args, "method", None) or ("gloro" if meta.get("method") == "gloro" else "smoothing")
     if certifier == "gloro":
-        from certkit.gloro.certify import gloro_certify_run
-
-        gloro_certify_run(model, meta, data, args)
+        _certify_gloro(model, meta, data, args, mode)
         return
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
@@ -574,6 +572,49 @@ def _merge_own_shards(shards: list[str], out: str) -> None:
     for shard in shards:
         for path in (Path(shard), sidecar_path(shard), summary_path(shard)):
             path.unlink(missing_ok=True)
+
+
+def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.Namespace, mode: str) -> None:
+    """``certkit certify RUN`` for a GloRo checkpoint: certify, print the three metrics, write the TSV.
+
+    Under torchrun without ``--shard`` rank 0 does the (one-pass, fast) work alone and the others wait.
+    """
+    from certkit.distributed import barrier, world
+    from certkit.gloro.certify import certify_gloro_dataset
+
+    if mode != "certify":
+        raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
+    sampling = [flag for flag, on in (("--adaptive", args.adaptive), ("--shared-noise", args.shared_noise)) if on]
+    if sampling:
+        raise CertkitError(
+            f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling"
+        )
+    rank, size = world()
+    if rank == 0 or args.shard is not None:
+        dataset = args.dataset or meta.get("dataset")
+        summary = certify_gloro_dataset(
+            model,
+            data,
+            out=args.out,
+            epsilon=args.epsilon,
+            batch_size=args.batch,
+            skip=args.skip,
+            max_idx=args.max,
+            shard=args.shard,
+            progress=True,
+            settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+            resume=not args.overwrite,
+        )
+        if summary is not None:
+            g = summary["gloro"]
+            print(
+                f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
+                f"VRA {g['vra']:.4f}, rejection rate {g['rejection_rate']:.4f} "
+                f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
+            )
+        print(f"wrote {args.out}")
+    if size > 1 and args.shard is None:
+        barrier()
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -25,7 +25,6 @@ settings sidecar, resume (refused if ε, the bound or the weights differ), ``--s
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -169,45 +168,3 @@ def file_metrics(path: str | Path) -> dict[str, float]:
         "vra": int(vra.sum()) / n,
         "rejection_rate": int((~certified).sum()) / n,
     }
-
-
-def gloro_certify_run(model: Any, meta: dict[str, Any], data: Dataset, args: argparse.Namespace) -> None:
-    """``certkit certify RUN`` for a GloRo checkpoint: certify, print the three metrics, write the TSV.
-
-    Under torchrun without ``--shard`` rank 0 does the (one-pass, fast) work alone and the others wait.
-    """
-    from certkit.distributed import barrier, world
-
-    if not hasattr(args, "epsilon"):
-        raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
-    sampling = [flag for flag, on in (("--adaptive", args.adaptive), ("--shared-noise", args.shared_noise)) if on]
-    if sampling:
-        raise CertkitError(
-            f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling"
-        )
-    rank, size = world()
-    if rank == 0 or args.shard is not None:
-        dataset = args.dataset or meta.get("dataset")
-        summary = certify_gloro_dataset(
-            model,
-            data,
-            out=args.out,
-            epsilon=args.epsilon,
-            batch_size=args.batch,
-            skip=args.skip,
-            max_idx=args.max,
-            shard=args.shard,
-            progress=True,
-            settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
-            resume=not args.overwrite,
-        )
-        if summary is not None:
-            g = summary["gloro"]
-            print(
-                f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
-                f"VRA {g['vra']:.4f}, rejection rate {g['rejection_rate']:.4f} "
-                f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
-            )
-        print(f"wrote {args.out}")
-    if size > 1 and args.shard is None:
-        barrier()
