@@ -113,6 +113,12 @@ def normalise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         raise CertkitError(f"result settings must be JSON-serialisable: {e}") from None
 
 
+#: Settings that older certkit versions did not record, each with the recorded settings that still vouch for
+#: the rows without it. A file that lacks such a key resumes when those match, and its sidecar then gains the
+#: key, so later resumes check it in full. (``dataset_sha256``: the test set's name, split and size.)
+_RECORDED_LATER: dict[str, tuple[str, ...]] = {"dataset_sha256": ("dataset", "split", "dataset_size")}
+
+
 def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
     skip = set(ignore)
     return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k, "<missing>") != b.get(k, "<missing>"))
@@ -213,6 +219,14 @@ class ResultWriter:
         if meta.get("kind") != self.kind or list(meta.get("columns", [])) != list(self.columns):
             raise CertkitError(f"{self.path} was written as a different kind of result file; cannot resume it")
         differing = _differing_keys(meta["settings"], self.settings)
+        recorded_later = [
+            k
+            for k in differing
+            if k in _RECORDED_LATER
+            and k not in meta["settings"]
+            and all(v in meta["settings"] for v in _RECORDED_LATER[k])
+        ]
+        differing = [k for k in differing if k not in recorded_later]
         if differing and differing != ["max"]:
             raise CertkitError(
                 f"cannot resume {self.path}: settings differ in {', '.join(differing)} "
@@ -221,7 +235,7 @@ class ResultWriter:
         complete = data[: data.rfind(b"\n") + 1]
         table = _load_table(self.path, keep_partial=False)
         done = {int(fields[0]) for _, fields in table.rows}
-        if differing:
+        if differing or recorded_later:
             self._extend(meta, done)
         plan = _Plan.of(self.settings, self.path)
         if plan is not None:
@@ -235,7 +249,8 @@ class ResultWriter:
         return True
 
     def _extend(self, meta: dict[str, Any], done: set[int]) -> None:
-        """Accept a new ``--max`` when the rows already written are all inside the new plan.
+        """Accept a new ``--max`` when the rows already written are all inside the new plan, and record the
+        current settings (a new ``max``, keys an older version did not record) in the sidecar.
 
         Indices are certified in plan order and a plan with a larger ``max`` (same skip, same shard) starts
         with every index of the smaller one, so the file stays a prefix of the new plan and growing a run

@@ -470,6 +470,34 @@ def test_resume_on_another_test_set_of_the_same_size_is_refused(tmp_path: Path, 
     assert read_results(out).idx.tolist() == list(range(len(first)))
 
 
+def test_a_file_from_before_the_dataset_hash_resumes_on_the_same_named_test_set_and_then_records_it(
+    tmp_path: Path,
+) -> None:
+    """Files written before certkit recorded ``dataset_sha256`` resume when the dataset's name, split and size
+    match; the sidecar then gains the hash, so a later resume on other images of that size is refused."""
+    import json
+
+    torch.manual_seed(0)
+    model, first, other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), mnist_like(0), mnist_like(1)
+    options = {**COMMON, "num_classes": 10}
+    out = tmp_path / "r.tsv"
+    run(model, first, out=out, max_idx=3, **options)
+    side = sidecar_path(out)
+    meta = json.loads(side.read_text())
+    recorded = meta["settings"].pop("dataset_sha256")
+    side.write_text(json.dumps(meta))
+    bare = json.loads(side.read_text())
+    bare["settings"].pop("split")
+    # without all of the vouching keys (here: no split) the older file is still refused
+    side.write_text(json.dumps(bare))
+    refused(lambda: run(model, first, out=out, max_idx=4, **options), "dataset_sha256")
+    side.write_text(json.dumps(meta))
+    assert run(model, first, out=out, max_idx=4, **options) is not None
+    assert json.loads(side.read_text())["settings"]["dataset_sha256"] == recorded
+    assert read_results(out).idx.tolist() == [0, 1, 2, 3]
+    refused(lambda: run(model, other, out=out, max_idx=4, **options), "dataset_sha256")
+
+
 class NaNOnBright(nn.Module):
     """A linear classifier whose output is NaN on inputs brighter than any but an all-ones image's copies."""
 

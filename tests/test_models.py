@@ -47,3 +47,32 @@ def test_normalization_is_applied() -> None:
 def test_unknown_arch_lists_valid() -> None:
     with pytest.raises(CertkitError, match=r"valid architectures: .*lenet"):
         create_model("vgg99", 10, (1, 28, 28))
+
+
+@pytest.mark.parametrize("arch", ["lenet", "smallcnn"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_pool_before_relu_is_the_papers_relu_before_pool_in_value_and_gradient(
+    arch: str, memory_format: torch.memory_format
+) -> None:
+    """certkit's nets pool before the ReLU (cheaper); the papers' order, built from the same weights, gives
+    bit-identical logits, input gradients and weight gradients."""
+    torch.manual_seed(0)
+    ours = create_model(arch, 10, (1, 28, 28)).to(memory_format=memory_format)
+    body = ours[1]
+    convs = [m for m in body.features if isinstance(m, torch.nn.Conv2d)]
+    theirs_features = torch.nn.Sequential(
+        *(layer for conv in convs for layer in (conv, torch.nn.ReLU(), torch.nn.MaxPool2d(2)))
+    )
+
+    def papers(x: torch.Tensor) -> torch.Tensor:
+        return body.classifier(theirs_features(ours[0](x)))
+
+    x = torch.rand(16, 1, 28, 28) * 4 - 2  # wide inputs leave many pooling windows with no positive value
+    grads = []
+    for forward in (ours, papers):
+        xi = x.clone().to(memory_format=memory_format).requires_grad_()
+        out = forward(xi)
+        g = torch.autograd.grad(out.square().sum(), [xi, *ours.parameters()])
+        grads.append((out.detach(), *g))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

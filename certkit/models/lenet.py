@@ -13,23 +13,28 @@ def _flat_size(features: nn.Module, in_shape: tuple[int, int, int]) -> int:
         return int(features(torch.zeros(1, *in_shape)).numel())
 
 
+def _conv_pool_relu(in_channels: int, out_channels: int, kernel: int, padding: int = 0) -> list[nn.Module]:
+    """conv → 2×2 max-pool → ReLU: the same function and gradients as the papers' conv → ReLU → max-pool.
+
+    ReLU is monotone, so it commutes with max exactly (in floating point too), and the gradient reaches the
+    same element either way (a window with no positive value passes none in both orders). Pooling first
+    runs the ReLU and its backward on a quarter of the elements, which on a CPU is a sizeable share of a
+    small network's step. The parameter names (``features.0``, ``features.3``) are those of either order.
+    """
+    return [nn.Conv2d(in_channels, out_channels, kernel, padding=padding), nn.MaxPool2d(2), nn.ReLU()]
+
+
 class LeNet(nn.Module):
     """conv 20@5x5 → ReLU → maxpool 2 → conv 50@5x5 → ReLU → maxpool 2 → fc 500 → ReLU → fc.
 
     The MNIST/Fashion-MNIST network of Cohen et al.'s successors (SmoothAdv, MACER, Consistency, SmoothMix,
-    CAT-RS); on 28×28 inputs the first fully-connected layer is 800 → 500 as in those code bases.
+    CAT-RS); on 28×28 inputs the first fully-connected layer is 800 → 500 as in those code bases. Each ReLU
+    runs after its max-pool (:func:`_conv_pool_relu`: the same function, cheaper).
     """
 
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int]) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], 20, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
+        self.features = nn.Sequential(*_conv_pool_relu(in_shape[0], 20, 5), *_conv_pool_relu(20, 50, 5))
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 500), nn.ReLU(), nn.Linear(500, num_classes)
         )
@@ -48,12 +53,7 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int, in_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], 16, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
+            *_conv_pool_relu(in_shape[0], 16, 3, padding=1), *_conv_pool_relu(16, 32, 3, padding=1)
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 128), nn.ReLU(), nn.Linear(128, num_classes)
