@@ -93,6 +93,36 @@ except ImportError:  # no tensorboard package: the scripts only log per-epoch sc
 '''
 
 
+#: ``--floor``: the least time any trainer can take for Gaussian training with these kernels — a bare loop of
+#: the same arithmetic (LeNet in channels-last, as certkit runs it, the K batches held as one tensor, no
+#: loader, logging, checks or progress), so the gap between it and certkit is certkit's own overhead and the
+#: gap between it and the official code is what kernels alone give. Prints one line of per-epoch seconds.
+FLOOR_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch, torch.nn.functional as F
+from certkit.models import create_model
+raw, epochs, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def idx(name, offset):
+    return np.fromfile(f"{raw}/{name}", dtype=np.uint8)[offset:]
+x = torch.from_numpy(idx("train-images-idx3-ubyte", 16).copy()).float().div(255).view(-1, 1, 28, 28)
+y = torch.from_numpy(idx("train-labels-idx1-ubyte", 8).astype(np.int64))
+torch.manual_seed(0)
+model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last).train()
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+seconds = []
+for _ in range(epochs):
+    start = time.perf_counter()
+    for i in torch.randperm(len(x)).split(batch):
+        xb = x[i]
+        loss = F.cross_entropy(model(xb + 0.25 * torch.randn_like(xb)), y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    seconds.append(time.perf_counter() - start)
+print(json.dumps(seconds))
+"""
+
+
 @dataclass(frozen=True)
 class Method:
     """One training method: the official script and the same hyperparameters in each side's flags."""
@@ -275,6 +305,15 @@ def run_certkit(method: str, data: Path, out: Path, epochs: int, device: str, en
     return certkit_epoch_seconds(out / "metrics.jsonl")
 
 
+def run_floor(raw: Path, epochs: int, env: dict[str, str]) -> list[float]:
+    done = subprocess.run(
+        [sys.executable, "-c", FLOOR_SCRIPT, str(raw), str(epochs), str(BATCH)], env=env, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise CertkitError(f"bare Gaussian loop exited with status {done.returncode}: {done.stderr.strip()[-500:]}")
+    return [float(s) for s in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
 def timed(seconds: list[float], epochs: int, what: str) -> list[float]:
     """The epochs after the first (warm-up), checking the run logged every epoch."""
     if len(seconds) != epochs:
@@ -302,6 +341,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
     p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
     p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time a bare Gaussian loop of the same arithmetic (the least any trainer can take with these "
+        "kernels) in the same rounds, and print floor_ratio_gaussian",
+    )
     a = p.parse_args(argv)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = [m for m in a.methods if m not in METHODS]
@@ -312,8 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, float]]:
-    """Seconds per image ``(official, certkit)`` of each method."""
+def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]:
+    """Seconds per image of each method on each side that ran (``official``, ``certkit``, ``floor``)."""
     if not (a.peer_code / "code" / "train.py").is_file():
         raise CertkitError(f"{a.peer_code}: missing the official code (code/train.py); pass --peer-code")
     if a.device == "cuda":
@@ -335,13 +380,17 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, floa
     runs = scratch / "certkit"
     runs.mkdir()
 
-    times: dict[str, dict[str, list[float]]] = {m: {"official": [], "certkit": []} for m in a.methods}
+    times: dict[str, dict[str, list[float]]] = {m: {"official": [], "certkit": [], "floor": []} for m in a.methods}
     for r in range(a.rounds):
         for i, method in enumerate(a.methods):
             run_id = r * len(METHODS) + i
             sides = ("official", "certkit") if r % 2 == 0 else ("certkit", "official")
+            if a.floor and method == "gaussian":
+                sides += ("floor",)
             for side in sides:
-                if side == "official":
+                if side == "floor":
+                    secs = run_floor(raw, a.epochs, certkit_env)
+                elif side == "official":
                     secs = run_official(method, code, run_id, a.epochs, official_env)
                 else:
                     secs = run_certkit(method, raw, runs / f"{method}-{r}", a.epochs, a.device, certkit_env)
@@ -351,10 +400,7 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, tuple[float, floa
                     file=sys.stderr,
                     flush=True,
                 )
-    return {
-        m: (sum(t["official"]) / len(t["official"]) / images, sum(t["certkit"]) / len(t["certkit"]) / images)
-        for m, t in times.items()
-    }
+    return {m: {side: sum(v) / len(v) / images for side, v in t.items() if v} for m, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -374,12 +420,17 @@ def main(argv: list[str] | None = None) -> None:
     except (CertkitError, FileExistsError) as e:
         print(f"vs_official: error: {e}", file=sys.stderr)
         sys.exit(2)
-    ratios = {m: ours / theirs for m, (theirs, ours) in rates.items()}
-    for m, (theirs, ours) in rates.items():
+    ratios = {m: r["certkit"] / r["official"] for m, r in rates.items()}
+    for m, r in rates.items():
         print(
-            f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {ours * 1e3:.3f} ms/image, "
-            f"official {theirs * 1e3:.3f} ms/image)"
+            f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {r['certkit'] * 1e3:.3f} ms/image, "
+            f"official {r['official'] * 1e3:.3f} ms/image)"
         )
+        if "floor" in r:
+            print(
+                f"floor_ratio_{m}: {r['floor'] / r['official']:.3f}  (bare loop {r['floor'] * 1e3:.3f} ms/image; "
+                f"certkit / bare loop {r['certkit'] / r['floor']:.3f})"
+            )
     worst = max(ratios, key=ratios.__getitem__)
     print(
         f"vs_official: {ratios[worst]:.3f} (worst train_ratio, {worst}; certkit s/image / official s/image, "

@@ -116,3 +116,18 @@ def test_certkit_parser_reads_each_epochs_seconds_from_a_real_run(vs: ModuleType
 def test_certkit_flags_of_each_method_are_certkit_options(vs: ModuleType, method: str) -> None:
     args = build_parser().parse_args(["train", "--out", "x", "--method", method, *vs.METHODS[method].certkit])
     assert args.method == method
+
+
+def test_bare_floor_loop_trains_on_the_subset_and_reports_each_epoch(vs: ModuleType, tmp_path: Path) -> None:
+    """``--floor`` runs a real Gaussian loop over the same truncated files: one time per epoch, and a bad
+    folder is an error naming the loop rather than a number."""
+    import os
+
+    source = make_idx_dataset(tmp_path / "src", n_train=300, n_test=10)
+    raw = tmp_path / "raw"
+    vs.write_subset(source, raw, train=300, test=3)
+    env = vs.child_env(1, "cpu", os.pathsep.join(sys.path))
+    seconds = vs.run_floor(raw, 2, env)
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    with pytest.raises(CertkitError, match="bare Gaussian loop"):
+        vs.run_floor(tmp_path / "missing", 2, env)
