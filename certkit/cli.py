@@ -288,6 +288,15 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
     )
 
 
+def _labels_argument(p: argparse.ArgumentParser, what: str, default: str) -> None:
+    p.add_argument("--labels", default=None, help=f"comma-separated names for the {what}, in order (default: {default})")
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    """``--labels`` as a list; its count is checked by the library function it goes to, which knows the files."""
+    return [v.strip() for v in args.labels.split(",")] if args.labels else None
+
+
 def _report_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("files", nargs="+", help="result TSVs (certkit's or the reference implementations')")
     r.add_argument(
@@ -299,9 +308,7 @@ def _report_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--radii", default=None, help="comma-separated radii (default: 0, 0.25, ... up to the largest radius)"
     )
-    r.add_argument(
-        "--labels", default=None, help="comma-separated names for the files, in order (default: the file names)"
-    )
+    _labels_argument(r, "files", "the file names")
     r.add_argument("--title", default=None, help="plot title")
     r.add_argument(
         "--latex", action="store_true", help="print the table as a LaTeX tabular (booktabs) instead of Markdown"
@@ -311,9 +318,7 @@ def _report_arguments(r: argparse.ArgumentParser) -> None:
 def _curves_arguments(cv: argparse.ArgumentParser) -> None:
     cv.add_argument("runs", nargs="+", help="certkit run folders")
     cv.add_argument("--plot", required=True, help="image to write; the suffix picks the format (.png, .pdf, .svg)")
-    cv.add_argument(
-        "--labels", default=None, help="comma-separated names for the runs, in order (default: the folder names)"
-    )
+    _labels_argument(cv, "runs", "the folder names")
     cv.add_argument("--title", default=None, help="figure title")
 
 
@@ -624,15 +629,13 @@ def cmd_report(args: argparse.Namespace) -> None:
         radii = [float(r) for r in args.radii.split(",")] if args.radii else None
     except ValueError:
         raise CertkitError(f"--radii must be comma-separated numbers, e.g. 0,0.25,0.5 (got {args.radii!r})") from None
-    labels = [v.strip() for v in args.labels.split(",")] if args.labels else None
-    print(report_files(args.files, radii=radii, plot=args.plot, labels=labels, title=args.title, latex=args.latex))
+    print(report_files(args.files, radii=radii, plot=args.plot, labels=_labels(args), title=args.title, latex=args.latex))
 
 
 def cmd_curves(args: argparse.Namespace) -> None:
     from certkit.curves import plot_training_curves
 
-    labels = [v.strip() for v in args.labels.split(",")] if args.labels else None
-    print(f"plot: {plot_training_curves(args.runs, args.plot, labels=labels, title=args.title)}")
+    print(f"plot: {plot_training_curves(args.runs, args.plot, labels=_labels(args), title=args.title)}")
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -194,6 +194,22 @@ def test_bad_input_is_one_line_and_leaves_nothing(
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (["report", "a.tsv", "b.tsv"], "--labels gives 3 names for 2 files"),
+        (["curves", "a", "b", "--plot", "OUT/c.png"], "--labels gives 3 names for 2 runs"),
+    ],
+)
+def test_labels_of_another_count_are_one_line(
+    command: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The count is checked before any file is read, so the files need not exist."""
+    argv = [a.replace("OUT", str(tmp_path)) for a in command]
+    code, out, err = run(capsys, *argv, "--labels", "x,y,z")
+    assert (code, out, err) == (2, "", f"certkit: error: {message}\n")
+
+
 @pytest.mark.slow  # three CLI runs, each with its vote-agreement check
 def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tsv = tmp_path / "shared.tsv"
