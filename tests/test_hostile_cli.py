@@ -223,6 +223,12 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
         crafted_meta(lambda m: m.update(sigma="0.25")),
         False,
     ),
+    "meta-sigma-huge": (  # a positive number passes the checkpoint's checks; the sampler refuses it
+        [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
+        ["sigma", "(0, 100]", "got 1000"],
+        crafted_meta(lambda m: m.update(sigma=1000)),
+        False,
+    ),
     "meta-std-zero": (
         [*CERTIFY[:1], "CRAFTED", *CERTIFY[2:]],
         ["model.json", "std"],
