@@ -289,7 +289,9 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
 
 
 def _labels_argument(p: argparse.ArgumentParser, what: str, default: str) -> None:
-    p.add_argument("--labels", default=None, help=f"comma-separated names for the {what}, in order (default: {default})")
+    p.add_argument(
+        "--labels", default=None, help=f"comma-separated names for the {what}, in order (default: {default})"
+    )
 
 
 def _labels(args: argparse.Namespace) -> list[str] | None:
@@ -628,7 +630,9 @@ def cmd_report(args: argparse.Namespace) -> None:
         radii = [float(r) for r in args.radii.split(",")] if args.radii else None
     except ValueError:
         raise CertkitError(f"--radii must be comma-separated numbers, e.g. 0,0.25,0.5 (got {args.radii!r})") from None
-    print(report_files(args.files, radii=radii, plot=args.plot, labels=_labels(args), title=args.title, latex=args.latex))
+    print(
+        report_files(args.files, radii=radii, plot=args.plot, labels=_labels(args), title=args.title, latex=args.latex)
+    )
 
 
 def cmd_curves(args: argparse.Namespace) -> None:

@@ -52,6 +52,19 @@ def make_cifar_dataset(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
     return root
 
 
+# --- command lines -------------------------------------------------------------------------------------------
+
+
+def train_argv(data_dir: str | Path, *switches: str, epochs: int = 1, **flags: object) -> list[str]:
+    """``certkit train`` arguments for a short run on the test data in ``data_dir``: one epoch unless told,
+    each keyword as ``--its-name value`` in the order given, then ``switches`` as they are, so that a test
+    spells only what sets its run apart."""
+    argv = ["train", "--data-dir", str(data_dir), "--epochs", str(epochs)]
+    for name, value in flags.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    return [*argv, *switches]
+
+
 # --- a closed-form smoothed classifier -----------------------------------------------------------------------
 
 

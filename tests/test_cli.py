@@ -14,6 +14,7 @@ import pytest
 
 from certkit.cli import main
 from certkit.results import read_results
+from helpers import train_argv
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -30,27 +31,10 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def trained(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A LeNet trained for one short epoch on a Fashion-MNIST subset (enough to have a real checkpoint)."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    code = main(
-        [
-            "train",
-            "--arch",
-            "lenet",
-            "--epochs",
-            "1",
-            "--train-subset",
-            "512",
-            "--test-subset",
-            "100",
-            "--batch-size",
-            "64",
-            "--lr",
-            "0.05",
-            "--sigma",
-            "0.25",
-            "--out",
-            str(out),
-        ]
+    argv = train_argv(
+        fmnist_root, arch="lenet", train_subset=512, test_subset=100, batch_size=64, lr=0.05, sigma=0.25, out=out
     )
+    code = main(argv)
     assert code == 0
     return out
 

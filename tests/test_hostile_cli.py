@@ -23,6 +23,7 @@ import torch
 
 from certkit import __version__
 from certkit.cli import main
+from helpers import train_argv
 
 PEAK_BOUND = 1536 << 20  # bytes; torch, a LeNet and Fashion-MNIST need well under this
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -37,26 +38,16 @@ MEASURE = (
 )
 
 
+def run_dir_argv(data_dir: str | Path, out: str | Path, subset: str = "256") -> list[str]:
+    """The command that trains ``run_dir``."""
+    return train_argv(data_dir, train_subset=subset, test_subset=0, batch_size=64, out=out)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     """A resumable LeNet run: one short epoch on a Fashion-MNIST subset."""
     out = tmp_path_factory.mktemp("hostile-cli") / "run"
-    argv = [
-        "train",
-        "--epochs",
-        "1",
-        "--train-subset",
-        "256",
-        "--test-subset",
-        "0",
-        "--batch-size",
-        "64",
-        "--data-dir",
-        str(fmnist_root),
-        "--out",
-        str(out),
-    ]
-    assert main(argv) == 0
+    assert main(run_dir_argv(fmnist_root, out)) == 0
     return out
 
 
@@ -117,28 +108,12 @@ class _Payload:
 
 
 CERTIFY = ["certify", "RUN", "--max", "2", "--out", "TMP/c.tsv"]
-TRAIN = ["train", "--epochs", "1", "--train-subset", "64", "--test-subset", "0", "--data-dir", "FMNIST"]
+TRAIN = train_argv("FMNIST", train_subset=64, test_subset=0)
 
 
 def resume(*extra: str, subset: str = "256") -> list[str]:
     """The command that trained ``run_dir``, resumed, with ``extra`` flags."""
-    return [
-        "train",
-        "--epochs",
-        "1",
-        "--train-subset",
-        subset,
-        "--test-subset",
-        "0",
-        "--batch-size",
-        "64",
-        "--data-dir",
-        "FMNIST",
-        "--out",
-        "RUN",
-        "--resume",
-        *extra,
-    ]
+    return [*run_dir_argv("FMNIST", "RUN", subset), "--resume", *extra]
 
 
 # id: (argv, words the one line must hold, setup or None, run as a measured process)

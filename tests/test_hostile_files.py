@@ -31,7 +31,7 @@ from certkit.errors import CertkitError
 from certkit.report import report_files
 from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
 from certkit.train import train
-from helpers import make_idx_dataset
+from helpers import make_idx_dataset, train_argv
 from test_certify_runner import run
 
 MiB = 1 << 20
@@ -401,23 +401,7 @@ def test_training_into_a_locked_run_directory_is_refused(tmp_path: Path, live_pi
         f"in use by process {live_pid}",
     )
     assert not run.exists()
-    proc = cli(
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(data),
-        "--arch",
-        "lenet",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--out",
-        str(run),
-    )
+    proc = cli(*train_argv(data, dataset="mnist", arch="lenet", batch_size=4, device="cpu", out=run))
     assert_cli_refusal(proc, f"in use by process {live_pid}")
     assert not run.exists()
 

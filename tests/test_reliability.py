@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from certkit.errors import CertkitError
 from certkit.results import read_results
-from helpers import make_idx_dataset
+from helpers import make_idx_dataset, train_argv
 
 pytestmark = pytest.mark.slow  # every test runs certkit in subprocesses, killing some mid-run
 
@@ -49,27 +49,9 @@ def kill_when(proc: subprocess.Popen[bytes], ready, timeout: float = 120.0) -> N
 
 def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=600, n_test=50)
-    args = [
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(data),
-        "--arch",
-        "lenet",
-        "--epochs",
-        "6",
-        "--batch-size",
-        "32",
-        "--lr",
-        "0.05",
-        "--schedule",
-        "cosine",
-        "--seed",
-        "3",
-        "--device",
-        "cpu",
-    ]
+    args = train_argv(
+        data, epochs=6, dataset="mnist", arch="lenet", batch_size=32, lr=0.05, schedule="cosine", seed=3, device="cpu"
+    )
     ref = certkit(*args, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr.decode()
 
@@ -94,23 +76,7 @@ def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) ->
 
 def test_training_killed_before_first_epoch_starts_over(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=200, n_test=20)
-    args = [
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(data),
-        "--arch",
-        "smallcnn",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "50",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    args = train_argv(data, dataset="mnist", arch="smallcnn", batch_size=50, device="cpu", out=tmp_path / "run")
     proc = certkit(*args, wait=False)
     kill_when(proc, lambda: True)  # at once: nothing complete on disk
     resumed = certkit(*args, "--resume")  # nothing to resume: refused, not a silent fresh start
@@ -125,23 +91,7 @@ def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cert")
     data = make_idx_dataset(root / "data", n_train=200, n_test=60)
     out = root / "run"
-    r = certkit(
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(data),
-        "--arch",
-        "lenet",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "50",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    )
+    r = certkit(*train_argv(data, dataset="mnist", arch="lenet", batch_size=50, device="cpu", out=out))
     assert r.returncode == 0, r.stderr.decode()
     return out, data
 
@@ -188,23 +138,7 @@ def test_certify_refuses_a_file_from_another_model(lenet_run: tuple[Path, Path],
     base = ["certify", "--data-dir", str(data), "--n0", "20", "--n", "100", "--max", "3", "--out", str(tsv)]
     assert certkit(base[0], str(run), *base[1:]).returncode == 0
     other = tmp_path / "other"
-    r = certkit(
-        "train",
-        "--dataset",
-        "mnist",
-        "--data-dir",
-        str(data),
-        "--arch",
-        "lenet",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "50",
-        "--seed",
-        "1",
-        "--out",
-        str(other),
-    )
+    r = certkit(*train_argv(data, dataset="mnist", arch="lenet", batch_size=50, seed=1, out=other))
     assert r.returncode == 0
     before = tsv.read_bytes()
     r = certkit(base[0], str(other), *base[1:])

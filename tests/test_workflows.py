@@ -20,6 +20,7 @@ from certkit.models import create_model
 from certkit.objectives import Gaussian
 from certkit.results import read_results, read_sidecar
 from certkit.train import STATE, TrainConfig, Trainer
+from helpers import train_argv
 from test_cli import run  # exit status, stdout and stderr of one in-process command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,26 +64,7 @@ def test_help_texts(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
     out = tmp_path_factory.mktemp("wf") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--epochs",
-                "1",
-                "--train-subset",
-                "256",
-                "--test-subset",
-                "0",
-                "--batch-size",
-                "64",
-                "--data-dir",
-                str(fmnist_root),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(train_argv(fmnist_root, train_subset=256, test_subset=0, batch_size=64, out=out)) == 0
     return out
 
 
@@ -134,24 +116,8 @@ def test_training_logs_progress_and_counts_epochs_from_one(
 ) -> None:
     monkeypatch.setenv("CERTKIT_PROGRESS_SECONDS", "0")  # a line at every batch
     out = tmp_path / "run"
-    code, stdout, err = run(
-        capsys,
-        "train",
-        "--epochs",
-        "2",
-        "--train-subset",
-        "192",
-        "--test-subset",
-        "50",
-        "--batch-size",
-        "64",
-        "--data-dir",
-        str(fmnist_root),
-        "--log",
-        "csv",
-        "--out",
-        str(out),
-    )
+    argv = train_argv(fmnist_root, epochs=2, train_subset=192, test_subset=50, batch_size=64, log="csv", out=out)
+    code, stdout, err = run(capsys, *argv)
     assert code == 0 and stdout.startswith("trained lenet with gaussian")
     lines = err.splitlines()  # stderr is not a terminal here: plain lines, no bar
     batch_lines = [line for line in lines if line.startswith("certkit: epoch 2/2: ")]
@@ -234,21 +200,9 @@ def test_log_tensorboard_writes_one_scalar_per_metric_and_epoch(
     assert (
         run(
             capsys,
-            "train",
-            "--epochs",
-            "2",
-            "--train-subset",
-            "128",
-            "--test-subset",
-            "0",
-            "--batch-size",
-            "64",
-            "--data-dir",
-            str(fmnist_root),
-            "--log",
-            "tensorboard",
-            "--out",
-            str(out),
+            *train_argv(
+                fmnist_root, epochs=2, train_subset=128, test_subset=0, batch_size=64, log="tensorboard", out=out
+            ),
         )[0]
         == 0
     )
