@@ -161,9 +161,7 @@ def test_certify_with_auto_writes_the_rows_of_the_batch_it_chose(
     assert rows(partial) == rows(tmp_path / "explicit.tsv")
 
 
-def test_predict_takes_auto(
-    lenet_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_predict_takes_auto(lenet_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, data = lenet_run
     args = [str(run_dir), "--data-dir", str(data), "--n", "200", "--alpha", "0.01", "--max", "2"]
     code, err = run(capsys, "predict", *args, "--batch", "auto", "--out", str(tmp_path / "auto.tsv"))
