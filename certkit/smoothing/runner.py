@@ -73,10 +73,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+#: the most inputs sampled together by default (:func:`default_inputs_per_batch`)
+MAX_INPUTS_PER_BATCH = 64
+
+
 def default_inputs_per_batch(batch_size: int, n0: int) -> int:
-    """Enough inputs that their n0 selection copies fill a forward batch (at most 64): with the usual
-    n = 100,000 the estimation batches are full anyway, with small n this is where the speed comes from."""
-    return max(1, min(64, batch_size // max(1, n0)))
+    """Enough inputs that their n0 selection copies fill a forward batch (at most MAX_INPUTS_PER_BATCH): with
+    the usual n = 100,000 the estimation batches are full anyway, with small n this is where the speed comes
+    from."""
+    return max(1, min(MAX_INPUTS_PER_BATCH, batch_size // max(1, n0)))
 
 
 @dataclass(frozen=True)

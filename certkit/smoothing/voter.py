@@ -112,12 +112,13 @@ class Voter:
             for m, mode in zip(modules, modes):
                 m.train(mode)
 
-    def logits(self, batch: Tensor) -> Tensor:
-        """The voting network's logits on ``batch``, with every speed option applied."""
+    def logits(self, batch: Tensor, *, eager: bool = False) -> Tensor:
+        """The voting network's logits on ``batch``, with every speed option applied; ``eager`` runs it
+        uncompiled (the batch-size probe, which tries shapes that a compiled graph would each compile for)."""
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            return self._net(batch)
+            return (self.network if eager else self._net)(batch)
 
     def votes(self, batch: Tensor, used: int) -> Tensor:
         """The class of each of the first ``used`` rows of ``batch``.
