@@ -47,13 +47,12 @@ import importlib.util
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from vs_official import PEER_CODE, child_env, run, write_subset
+from vs_official import PEER_CODE, child_env, in_scratch, run, write_subset
 
 from certkit.checkpoint import read_meta
 from certkit.data import dataset_info
@@ -248,16 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    try:
-        if a.keep is not None:
-            a.keep.mkdir(parents=True, exist_ok=False)
-            c = measure(a, a.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="official_certify-") as tmp:
-                c = measure(a, Path(tmp))
-    except (CertkitError, FileExistsError) as e:
-        print(f"official_certify: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    c = in_scratch(a.keep, "official_certify", lambda scratch: measure(a, scratch))
     print(
         f"abstain: official {c.abstain_official}, certkit {c.abstain_certkit} of {c.rows}; "
         f"same class on {c.same_class} rows"
