@@ -60,8 +60,10 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from certkit.data import dataset_info
 from certkit.errors import CertkitError
@@ -75,6 +77,7 @@ IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+T = TypeVar("T")
 TENSORBOARDX_STUB = '''\
 """Stand-in for the tensorboardX package, for running the official training scripts."""
 try:
@@ -330,6 +333,23 @@ def child_env(threads: int, device: str, pythonpath: str | None) -> dict[str, st
     return env
 
 
+def in_scratch(keep: Path | None, program: str, work: Callable[[Path], T]) -> T:
+    """``work(folder)`` in ``keep`` (created; it must not exist yet) or in a temporary folder removed after.
+
+    A :class:`CertkitError` (or an existing ``keep``) ends the program with one ``<program>: error:`` line
+    and status 2.
+    """
+    try:
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=False)
+            return work(keep)
+        with tempfile.TemporaryDirectory(prefix=f"{program}-") as tmp:
+            return work(Path(tmp))
+    except (CertkitError, FileExistsError) as e:
+        print(f"{program}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
@@ -410,16 +430,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)",
         flush=True,
     )
-    try:
-        if a.keep is not None:
-            a.keep.mkdir(parents=True, exist_ok=False)
-            rates = measure(a, a.keep)
-        else:
-            with tempfile.TemporaryDirectory(prefix="vs_official-") as tmp:
-                rates = measure(a, Path(tmp))
-    except (CertkitError, FileExistsError) as e:
-        print(f"vs_official: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    rates = in_scratch(a.keep, "vs_official", lambda scratch: measure(a, scratch))
     ratios = {m: r["certkit"] / r["official"] for m, r in rates.items()}
     for m, r in rates.items():
         print(
