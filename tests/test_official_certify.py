@@ -154,6 +154,8 @@ def test_official_certify_reads_an_export(
     """A LeNet that always answers class 7: both certifiers give every image class 7 at the largest radius
     N samples allow, so the files agree up to the official three-digit rounding."""
     pytest.importorskip("statsmodels", reason="the official certify.py imports statsmodels")
+    if not (oc.PEER_CODE / "code" / "certify.py").is_file():
+        pytest.skip(f"the official code is not at {oc.PEER_CODE} (a checkout beside the project's shared folder)")
     info = dataset_info("fashion-mnist")
     model = create_model("lenet", info.num_classes, info.in_shape, info.mean, info.std)
     last = model[1].classifier[3]
