@@ -5,8 +5,8 @@ trained with CRT from a SmoothMix teacher. Both are certified on the same test s
 trained once; its cost is printed on its own line, with the cumulative cost of a three-generation chain
 (teacher + three CRT students) against three SmoothMix trainings.
 
-    python benchmarks/crt_speedup.py        # teacher 16 epochs, students 15: about 20 minutes on 2 CPU cores
-    python benchmarks/crt_speedup.py --epochs 6 --teacher-epochs 8 --out demo-out/quick  # re-reports `make demo`
+    python benchmarks/crt_speedup.py        # the demo's sizes: re-reports `make demo` from demo-out/quick
+    python benchmarks/crt_speedup.py --out bench-out/long --epochs 15 --teacher-epochs 16
     python benchmarks/crt_speedup.py --epochs 30 --teacher-epochs 30 --train-subset 0 --certify-images 1000 --n 10000
 
 Last line: ``crt_speedup: <SmoothMix seconds / CRT seconds>x  acr_ratio: <CRT ACR / SmoothMix ACR>``.
@@ -20,17 +20,13 @@ import dataclasses
 
 from certkit.experiments.crt_demo import CompareConfig, compare, render
 
-#: longer than the demo (6 and 8 epochs): at 6 epochs the CRT student has not converged (ACR ratio ~0.97),
-#: at 15 it has (measured: 0.99), while SmoothMix's cost grows with the epochs just the same
-EPOCHS, TEACHER_EPOCHS = 15, 16
-
 
 def main() -> None:
-    d = dataclasses.replace(CompareConfig(), student_epochs=EPOCHS, teacher_epochs=TEACHER_EPOCHS)
+    d = CompareConfig()
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--out", default="bench-out/crt_speedup", help="run folder (re-running resumes)")
+    p.add_argument("--out", default="demo-out/quick", help="run folder (re-running resumes)")
     p.add_argument("--epochs", type=int, default=d.student_epochs, help="student epochs, both students")
     p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="teacher epochs (paid once)")
     p.add_argument("--teacher-arch", default=d.teacher_arch)
