@@ -126,6 +126,7 @@ def rows(path: Path) -> list[tuple]:
     return list(zip(r.idx.tolist(), r.label.tolist(), r.predict.tolist(), r.radius.tolist(), r.correct.tolist()))
 
 
+@pytest.mark.slow  # a real timing probe of every batch size, then two certifications
 def test_certify_with_auto_writes_the_rows_of_the_batch_it_chose(
     lenet_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

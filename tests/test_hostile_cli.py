@@ -383,6 +383,7 @@ def test_an_unexpected_failure_is_one_line_naming_the_version_and_debug(
         main(["--debug", *argv])
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_catch_all_through_a_real_process(fmnist_root: Path, tmp_path: Path) -> None:
     custom_arch_module(tmp_path, tmp_path)
     argv = [*TRAIN, "--arch", "hostile_arch:broken", "--out", str(tmp_path / "t")]

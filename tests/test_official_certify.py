@@ -116,6 +116,7 @@ print(binom_test(7, 10, p=0.5))
 """
 
 
+@pytest.mark.slow  # subprocesses with and without the shim
 def test_shim_runs_cuda_code_on_cpu(oc: ModuleType, tmp_path: Path) -> None:
     """CUDA-only code (``.cuda()``, ``randn_like(device='cuda')``, ``scipy.stats.binom_test``) runs on CPU
     under the shim and fails without it; ``torch.load`` refuses pickled objects unless asked explicitly."""

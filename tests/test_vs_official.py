@@ -118,6 +118,7 @@ def test_certkit_flags_of_each_method_are_certkit_options(vs: ModuleType, method
     assert args.method == method
 
 
+@pytest.mark.slow  # two subprocesses training a LeNet
 def test_bare_floor_loop_trains_on_the_subset_and_reports_each_epoch(vs: ModuleType, tmp_path: Path) -> None:
     """``--floor`` runs a real Gaussian loop over the same truncated files: one time per epoch, and a bad
     folder is an error naming the loop rather than a number."""
