@@ -3,10 +3,15 @@ smoothed version is known in closed form. Fixtures stay in ``conftest.py``, whic
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import importlib.util
 import pickle
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -95,3 +100,24 @@ def halfspace_input(p_class1: float, sigma: float, w: list[float]) -> tuple[torc
 
 def false_certificates(certs, true_class: int, true_radius: float) -> int:
     return sum(1 for c in certs if c.prediction != ABSTAIN and (c.prediction != true_class or c.radius > true_radius))
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` imported as a module, with ``benchmarks/`` on ``sys.path`` as when the script
+    runs (so it can import its sibling scripts); the path and the scripts' modules are removed afterwards
+    (certkit's own modules stay: re-importing them would make a second ``CertkitError`` class)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # a dataclass in it looks its module up while being built
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(folder))
+        for key, module in list(sys.modules.items()):
+            if Path(getattr(module, "__file__", None) or "/").parent == folder or key == name:
+                del sys.modules[key]

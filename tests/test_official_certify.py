@@ -24,30 +24,16 @@ from certkit.data import dataset_info
 from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.results import read_results
-from helpers import make_idx_dataset
+from helpers import benchmark_module, make_idx_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def oc() -> Iterator[ModuleType]:
     """The script as a module; it imports ``vs_official`` from its own folder, as it does when run."""
-    added = str(BENCHMARKS) not in sys.path
-    if added:
-        sys.path.insert(0, str(BENCHMARKS))
-    had_vs = "vs_official" in sys.modules
-    spec = importlib.util.spec_from_file_location("official_certify", BENCHMARKS / "official_certify.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being built
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
-    if not had_vs:
-        sys.modules.pop("vs_official", None)
-    if added:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_module("official_certify") as module:
+        yield module
 
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"

@@ -6,7 +6,6 @@ each side's per-epoch seconds are read from the right place.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +17,13 @@ import pytest
 from certkit.cli import build_parser, main
 from certkit.data import load_dataset, read_idx
 from certkit.errors import CertkitError
-from helpers import make_idx_dataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_official.py"
+from helpers import benchmark_module, make_idx_dataset
 
 
 @pytest.fixture(scope="module")
 def vs() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("vs_official", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being built
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    with benchmark_module("vs_official") as module:
+        yield module
 
 
 def test_subset_is_the_first_images_for_certkit_and_torchvision(vs: ModuleType, tmp_path: Path) -> None:
