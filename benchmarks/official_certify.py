@@ -45,17 +45,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from vs_official import PEER_CODE, child_env, in_scratch, run, write_subset
+from vs_official import PEER_CODE, child_env, in_scratch, official_copy, run
 
 from certkit.checkpoint import read_meta
-from certkit.data import dataset_info
 from certkit.errors import CertkitError
 from certkit.results import Results, read_results
 
@@ -196,17 +194,11 @@ def export(run_dir: Path, out: Path, env: dict[str, str]) -> None:
 
 def measure(a: argparse.Namespace, scratch: Path) -> Comparison:
     require_statsmodels()
-    if not (a.peer_code / "code" / "certify.py").is_file():
-        raise CertkitError(f"{a.peer_code}: missing the official code (code/certify.py); pass --peer-code")
     meta = read_meta(a.run)
     if meta.get("dataset") != "fashion-mnist":
         raise CertkitError(f"{a.run}: a {meta.get('dataset')} run; this check reads Fashion-MNIST only")
     sigma = float(meta["sigma"])
-    code = scratch / "official"
-    shutil.copytree(a.peer_code / "code", code)
-    raw = code / "dataset_cache" / "MNIST" / "raw"
-    source = a.source if a.source is not None else Path(dataset_info("fashion-mnist").default_root or "")
-    write_subset(source, raw, 1, a.images)
+    code, raw = official_copy(a.peer_code, "certify.py", scratch, a.source, 1, a.images)
     shim = scratch / "shim"
     write_shim(shim)
     certkit_env = child_env(a.threads, "cpu", None)

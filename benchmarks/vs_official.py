@@ -102,13 +102,13 @@ except ImportError:  # no tensorboard package: the scripts only log per-epoch sc
 #: gap between it and the official code is what kernels alone give. Prints one line of per-epoch seconds.
 FLOOR_SCRIPT = r"""
 import json, sys, time
-import numpy as np, torch, torch.nn.functional as F
+from pathlib import Path
+import torch, torch.nn.functional as F
+from certkit.data import read_idx_pair
 from certkit.models import create_model
-raw, epochs, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def idx(name, offset):
-    return np.fromfile(f"{raw}/{name}", dtype=np.uint8)[offset:]
-x = torch.from_numpy(idx("train-images-idx3-ubyte", 16).copy()).float().div(255).view(-1, 1, 28, 28)
-y = torch.from_numpy(idx("train-labels-idx1-ubyte", 8).astype(np.int64))
+raw, epochs, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+x, y = read_idx_pair(raw, "train")
+x = x.float().div(255)
 torch.manual_seed(0)
 model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last).train()
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -215,6 +215,21 @@ def write_subset(source: Path, raw_dir: Path, train: int, test: int) -> None:
             if src is None:
                 raise CertkitError(f"{source / stem}.gz: missing; expected the Fashion-MNIST IDX files there")
             truncate_idx(src, raw_dir / stem, count)
+
+
+def official_copy(
+    peer_code: Path, script: str, scratch: Path, source: Path | None, train: int, test: int
+) -> tuple[Path, Path]:
+    """A scratch copy of the official ``code/`` folder (which must hold ``script``) with the first ``train``
+    and ``test`` Fashion-MNIST images where its torchvision MNIST class reads them (``source``: the IDX
+    folder, default certkit's). Returns ``(code folder, raw data folder)``; certkit reads the same folder."""
+    if not (peer_code / "code" / script).is_file():
+        raise CertkitError(f"{peer_code}: missing the official code (code/{script}); pass --peer-code")
+    code = scratch / "official"
+    shutil.copytree(peer_code / "code", code)
+    raw = code / "dataset_cache" / "MNIST" / "raw"
+    write_subset(source or Path(dataset_info("fashion-mnist").default_root or ""), raw, train, test)
+    return code, raw
 
 
 def official_epoch_seconds(log: Path) -> list[float]:
@@ -379,19 +394,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]:
     """Seconds per image of each method on each side that ran (``official``, ``certkit``, ``floor``)."""
-    if not (a.peer_code / "code" / "train.py").is_file():
-        raise CertkitError(f"{a.peer_code}: missing the official code (code/train.py); pass --peer-code")
     if a.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise CertkitError("--device cuda: no CUDA device is visible")
-    code = scratch / "official"
-    shutil.copytree(a.peer_code / "code", code)
-    raw = code / "dataset_cache" / "MNIST" / "raw"
-    source = a.source if a.source is not None else Path(dataset_info("fashion-mnist").default_root or "")
     images = a.batches * BATCH
-    write_subset(source, raw, images, TEST_IMAGES)
+    code, raw = official_copy(a.peer_code, "train.py", scratch, a.source, images, TEST_IMAGES)
     stub = scratch / "stub"
     stub.mkdir()
     (stub / "tensorboardX.py").write_text(TENSORBOARDX_STUB)

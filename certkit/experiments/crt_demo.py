@@ -42,9 +42,8 @@ class CompareConfig:
     teacher_epochs: int = 10
     student_epochs: int = 10
     batch_size: int = 128
-    #: the CRT student's own settings: batch 64 and α = 0.5 (half transfer, half cross-entropy). On the demo's
-    #: budget the student learns from its teacher in fewer images than SmoothMix needs, and more, smaller
-    #: steps reach the teacher's ACR within the budget (the measurements are in the README); at the
+    #: the CRT student's own settings: batch 64 and α = 0.5 (half transfer, half cross-entropy), the best of
+    #: the settings tried on the demo's budget (README, "Choosing the CRT student's settings"); at the
     #: literature's length the official values.
     crt_alpha: float = 0.5
     crt_batch_size: int | None = 64

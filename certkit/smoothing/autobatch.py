@@ -39,7 +39,7 @@ from certkit.smoothing.smooth import Smooth
 #: the smallest automatic batch: the first power of two that holds a whole noise block, so an automatic run
 #: draws its noise in the same blocks as any explicit batch of at least NOISE_BLOCK
 MIN_AUTO_BATCH = 1 << (NOISE_BLOCK - 1).bit_length()
-#: the largest automatic batch (the issue's bound: past it a forward pass gains nothing measurable)
+#: the largest automatic batch: a bound on what the probe allocates and how long it runs
 MAX_AUTO_BATCH = 2**17
 #: the first size the CUDA probe tries; its half is MIN_AUTO_BATCH
 CUDA_START = 2 * MIN_AUTO_BATCH
