@@ -48,7 +48,6 @@ from torch import Tensor, nn
 from certkit import RunPlan, Smooth
 from certkit.errors import CertkitError
 from certkit.models import create_model
-from certkit.smoothing.samplers import input_generator, shared_generator
 
 SHAPES = {"lenet": (1, 28, 28), "smallcnn": (1, 28, 28), "resnet20": (3, 32, 32), "resnet110": (3, 32, 32)}
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
@@ -139,10 +138,11 @@ def time_certkit(
     start = time.perf_counter()
     for g in range(0, len(xs), group):
         chunk = xs[g : g + group]
+        sampler = smoothed.sampler
         if args.shared_noise:
-            gens = [shared_generator(args.seed, (first_idx + g) // group, smoothed.device)]
+            gens = [sampler.group_stream(args.seed, (first_idx + g) // group)]
         else:
-            gens = [input_generator(args.seed, first_idx + g + i, smoothed.device) for i in range(len(chunk))]
+            gens = [sampler.input_stream(args.seed, first_idx + g + i) for i in range(len(chunk))]
         certs = smoothed.certify_batch(chunk, args.n0, args.n, args.alpha, args.batch, gens)
         out += [(c.prediction, c.radius) for c in certs]
     sync(smoothed.device)
@@ -195,6 +195,12 @@ def main() -> None:
         help="certkit: groups of G inputs vote on the same noise draws "
         "(the first layer runs once per input and once per draw)",
     )
+    p.add_argument(
+        "--rng",
+        choices=["torch", "philox"],
+        default="torch",
+        help="certkit's noise generator: per-block torch.randn, or counter-based Philox (one computation per batch)",
+    )
     p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -214,13 +220,14 @@ def main() -> None:
         amp=args.amp,
         compile=args.compile,
         shared_noise=args.shared_noise,
+        rng=args.rng,
     )
     reference = ReferenceLoop(model, 10, args.sigma, device)
     noisy = (xs[:1].to(device) + args.sigma * torch.randn((args.batch, *xs.shape[1:]), device=device)).contiguous()
     options = {k: v for k, v in smoothed.speed_options.items() if v}
     print(
         f"{args.arch} on {device} ({torch.get_num_threads()} threads), n0={args.n0} n={args.n} batch={args.batch} "
-        f"sigma={args.sigma}; certkit options: {options or 'none'}; torch {torch.__version__}; "
+        f"sigma={args.sigma}; certkit options: {options or 'none'}, rng {args.rng}; torch {torch.__version__}; "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     if options:

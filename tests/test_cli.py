@@ -212,6 +212,17 @@ def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest
     assert code == 2 and "at least 2" in err
 
 
+def test_certify_with_counter_based_noise(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["certify", str(trained), "--n0", "20", "--n", "200", "--max", "4"]
+    code, _, err = run(capsys, *args, "--rng", "philox", "--out", str(tmp_path / "p.tsv"))
+    assert code == 0, err
+    res = read_results(tmp_path / "p.tsv")
+    assert list(res.idx) == list(range(4)) and res.settings["rng"] == "philox"
+    # the same file cannot be continued with the other generator
+    code, _, err = run(capsys, *args, "--out", str(tmp_path / "p.tsv"))
+    assert code == 2 and "rng" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_take_the_mode_the_umask_gives(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], umask: int

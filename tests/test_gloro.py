@@ -613,6 +613,8 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     capsys.readouterr()
     assert main([*args, "--shared-noise", "4"]) == 2
     assert "apply to randomized smoothing" in capsys.readouterr().err
+    assert main([*args, "--rng", "philox"]) == 2
+    assert "--rng apply to randomized smoothing" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # trains on the real dataset (cli_run)

@@ -39,7 +39,7 @@ from certkit.errors import CertkitError
 from certkit.fileio import check_output
 from certkit.progress import Progress
 from certkit.results import ResultWriter, planned_indices
-from certkit.smoothing.samplers import NOISE_BLOCK, input_generator, shared_generator
+from certkit.smoothing.samplers import NOISE_BLOCK, Generators
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import (
     AdaptiveSchedule,
@@ -184,20 +184,24 @@ def certify_dataset(
     }
     if shared_noise:
         settings["shared_noise"] = shared_noise
+    if smoothed.sampler.rng != "torch":  # recorded only when not the default, so older files still resume
+        settings["rng"] = smoothed.sampler.rng
     settings.update(dict(settings_extra or {}))
     speed_check = _speed_check(smoothed, dataset, indices, plan.batch_size, plan.seed)
     score = _RunningScore()
 
-    def noise_groups(group: list[int]) -> list[tuple[list[int], list[torch.Generator]]]:
-        """(positions in ``group``, their generators): one per input, or one per shared-noise group."""
+    sampler = smoothed.sampler
+
+    def noise_groups(group: list[int]) -> list[tuple[list[int], Generators]]:
+        """(positions in ``group``, their noise streams): one per input, or one per shared-noise group."""
         if not shared_noise:
-            return [(list(range(len(group))), [input_generator(plan.seed, idx, smoothed.device) for idx in group])]
+            return [(list(range(len(group))), [sampler.input_stream(plan.seed, idx) for idx in group])]
         keys: dict[int, list[int]] = {}
         for pos, idx in enumerate(group):
             keys.setdefault(idx // plan.skip // shared_noise, []).append(pos)
-        return [(pos, [shared_generator(plan.seed, key, smoothed.device)]) for key, pos in keys.items()]
+        return [(pos, [sampler.group_stream(plan.seed, key)]) for key, pos in keys.items()]
 
-    def sample(xs: Tensor, generators: list[torch.Generator]) -> list[Any]:
+    def sample(xs: Tensor, generators: Generators) -> list[Any]:
         if plan.mode == "certify":
             return smoothed.certify_batch(xs, plan.n0, plan.n, plan.alpha, plan.batch_size, generators, plan.adaptive)
         return smoothed.predict_batch(xs, plan.n, plan.alpha, plan.batch_size, generators)

@@ -14,18 +14,26 @@ hard-vote counts (B, K) of ``nums[i]`` noisy copies ``xs[i] + sigma * eps`` for 
   gain: the first layer is affine, so it runs once per input and once per draw instead of once per pair
   (:mod:`certkit.smoothing.stem`).
 
+Either sampler draws from one of two generators (``rng``): ``"torch"`` (default), a ``torch.Generator`` per
+stream with one ``randn`` call per block of copies, or ``"philox"``, a counter-based
+:class:`~certkit.smoothing.philox.PhiloxStream` per stream, with which a whole forward batch's noise, whatever
+inputs and stream positions it mixes, is one elementwise computation (one fused kernel when compiled). The
+two give different draws of the same distribution, so a result file records which one it used.
+
 How the network itself is run (eval mode, speed options, the logit-shape check) is the :class:`Voter`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from certkit.errors import CertkitError
+from certkit.smoothing.philox import PhiloxStream, standard_normal
 from certkit.smoothing.statistics import check_batch_size, check_sigma
 from certkit.smoothing.stem import StemSplit, outer_sum, split_stem, structure_key
 from certkit.smoothing.voter import Voter
@@ -33,26 +41,40 @@ from certkit.smoothing.voter import Voter
 #: noise is drawn per input in blocks of this many copies; 100 divides the usual n0 and n exactly
 NOISE_BLOCK = 100
 
-Generators = Sequence[torch.Generator | None]
+#: the noise generators a sampler can draw from (see the module docstring)
+RNGS = ("torch", "philox")
+
+NoiseStream = torch.Generator | PhiloxStream | None
+Generators = Sequence[NoiseStream]
 
 
-def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator for the noise of dataset index ``idx`` under run seed ``seed``.
+def input_seeds(seed: int, idx: int) -> np.random.SeedSequence:
+    """The seeds of the noise of dataset index ``idx`` under run seed ``seed``.
 
     Seeding per input, rather than one stream for the run, is what makes a result independent of batch
     size, shard count and resume point. ``(seed, idx)`` goes through NumPy's SeedSequence so neighbouring
     indices get unrelated streams (``seed + idx`` would make run 1's input 0 equal run 0's input 1).
     """
-    return _seeded_generator(np.random.SeedSequence([int(seed), int(idx)]), device)
+    return np.random.SeedSequence([int(seed), int(idx)])
+
+
+def group_seeds(seed: int, group: int) -> np.random.SeedSequence:
+    """The seeds of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``).
+
+    A separate family from :func:`input_seeds` (its own spawn key), so a group's stream is never the
+    stream of some single input.
+    """
+    return np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,))
+
+
+def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The torch generator of dataset index ``idx`` under run seed ``seed`` (:func:`input_seeds`)."""
+    return _seeded_generator(input_seeds(seed, idx), device)
 
 
 def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The one generator of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``).
-
-    A separate family from :func:`input_generator` (its own spawn key), so a group's stream is never the
-    stream of some single input.
-    """
-    return _seeded_generator(np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,)), device)
+    """The torch generator of shared-noise group ``group`` under run seed ``seed`` (:func:`group_seeds`)."""
+    return _seeded_generator(group_seeds(seed, group), device)
 
 
 def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -80,10 +102,29 @@ class Sampler:
 
     group = 0
 
-    def __init__(self, voter: Voter, sigma: float) -> None:
+    def __init__(self, voter: Voter, sigma: float, rng: str = "torch") -> None:
+        if rng not in RNGS:
+            raise CertkitError(f"unknown noise generator {rng!r}; choose one of {', '.join(RNGS)}")
         self.voter = voter
         self.sigma = check_sigma(sigma)
+        self.rng = rng
         self._buffer: Tensor | None = None
+        # counter-based noise for a whole forward batch (with x + sigma * eps), compiled as one graph each
+        self._philox_copies = voter.compile_fn(_philox_copies)
+        self._philox_normal = voter.compile_fn(standard_normal)
+
+    def input_stream(self, seed: int, idx: int) -> torch.Generator | PhiloxStream:
+        """The noise stream of dataset index ``idx`` under run seed ``seed``, from this sampler's ``rng``."""
+        return self._stream(input_seeds(seed, idx))
+
+    def group_stream(self, seed: int, group: int) -> torch.Generator | PhiloxStream:
+        """The one noise stream of shared-noise group ``group`` under run seed ``seed``."""
+        return self._stream(group_seeds(seed, group))
+
+    def _stream(self, seeds: np.random.SeedSequence) -> torch.Generator | PhiloxStream:
+        if self.rng == "philox":
+            return PhiloxStream.from_seeds(seeds)
+        return _seeded_generator(seeds, self.voter.device)
 
     @property
     def speed_options(self) -> dict[str, object]:
@@ -91,7 +132,7 @@ class Sampler:
         return {**self.voter.speed_options, "stem_split": False}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.voter!r}, sigma={self.sigma}, group={self.group})"
+        return f"{type(self).__name__}({self.voter!r}, sigma={self.sigma}, group={self.group}, rng={self.rng!r})"
 
     def counts(
         self, xs: Tensor, nums: Sequence[int], batch_size: int, generators: Generators | None = None
@@ -105,13 +146,20 @@ class Sampler:
             raise CertkitError(f"{len(xs)} inputs but {len(nums)} sample counts")
         return self._counts(xs, nums, batch_size, gens)
 
-    def prepare(self, xs: Tensor, generators: Generators | None) -> tuple[Tensor, list[torch.Generator | None]]:
+    def prepare(self, xs: Tensor, generators: Generators | None) -> tuple[Tensor, list[NoiseStream]]:
         """Check a batch of inputs and their generators; return them on the voter's device as float32."""
         if xs.dim() != 4:
             raise CertkitError(f"expected a batch of images (B, C, H, W), got shape {tuple(xs.shape)}")
         if not torch.isfinite(xs).all():
             raise CertkitError("input contains NaN or inf values")
         gens = self._generators(len(xs), generators)
+        if self.rng == "philox":
+            # no stream given: a fresh key from torch's global generator, as a torch sampler would draw from it
+            gens = [PhiloxStream.from_global_rng() if g is None else g for g in gens]
+        kind = PhiloxStream if self.rng == "philox" else (torch.Generator, type(None))
+        if not all(isinstance(g, kind) for g in gens):
+            wanted = "PhiloxStream" if self.rng == "philox" else "torch.Generator (or None)"
+            raise CertkitError(f"a sampler with rng={self.rng!r} draws from {wanted} streams")
         return xs.to(self.voter.device, torch.float32), gens
 
     def vote_agreement(self, xs: Tensor, num: int = 1000, seed: int = 0, batch_size: int | None = None) -> np.ndarray:
@@ -129,12 +177,10 @@ class Sampler:
 
     # --- what each sampler does its own way ----------------------------------------------------------------
 
-    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
+    def _generators(self, count: int, generators: Generators | None) -> list[NoiseStream]:
         raise NotImplementedError
 
-    def _counts(
-        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
-    ) -> np.ndarray:
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[NoiseStream]) -> np.ndarray:
         raise NotImplementedError
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
@@ -155,15 +201,13 @@ class Sampler:
 class PerInputNoise(Sampler):
     """Every input draws its noise from its own generator, in blocks of ``min(NOISE_BLOCK, batch_size)``."""
 
-    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
-        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None] * count
+    def _generators(self, count: int, generators: Generators | None) -> list[NoiseStream]:
+        gens: list[NoiseStream] = list(generators) if generators is not None else [None] * count
         if len(gens) != count:
             raise CertkitError(f"{count} inputs but {len(gens)} generators")
         return gens
 
-    def _counts(
-        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
-    ) -> np.ndarray:
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[NoiseStream]) -> np.ndarray:
         """Each input's copies are cut into blocks (the last one shorter); forward batches are filled with
         whole blocks, so memory is bounded by ``batch_size`` whatever the ``nums`` are, and an input's noise
         never depends on which other inputs share its batches."""
@@ -173,6 +217,13 @@ class PerInputNoise(Sampler):
         blocks = [(i, size) for i, num in enumerate(nums) for size in block_sizes(num, block)]
         counts = torch.zeros(num_inputs * k, dtype=torch.int64, device=voter.device)
         with voter.eval_mode(), torch.inference_mode():
+            if self.rng == "philox":
+                streams = cast(list[PhiloxStream], gens)  # prepare() checked the kind
+                for batch_blocks in _pack(blocks, batch_size):
+                    owners, noisy, used = self._philox_batch(xs, batch_blocks, streams, batch_size)
+                    counts += torch.bincount(owners * k + voter.votes(noisy, used), minlength=num_inputs * k)
+                return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+            generators = cast(list[torch.Generator | None], gens)
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
             for batch_blocks in _pack(blocks, batch_size):
                 # standard normal noise, block by block from each input's own generator; an input's blocks
@@ -180,7 +231,7 @@ class PerInputNoise(Sampler):
                 used = 0
                 runs: list[list[int]] = []  # [input, first row, end row]
                 for i, size in batch_blocks:
-                    torch.randn((size, *xs.shape[1:]), generator=gens[i], out=buffer[used : used + size])
+                    torch.randn((size, *xs.shape[1:]), generator=generators[i], out=buffer[used : used + size])
                     if runs and runs[-1][0] == i:
                         runs[-1][2] = used + size
                     else:
@@ -197,6 +248,29 @@ class PerInputNoise(Sampler):
                 votes = voter.votes(buffer, used)
                 counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _philox_batch(
+        self, xs: Tensor, batch_blocks: list[tuple[int, int]], streams: list[PhiloxStream], batch_size: int
+    ) -> tuple[Tensor, Tensor, int]:
+        """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's key and
+        draw number are laid out on the host, and the noise of all rows is made in one computation. Compiled,
+        the rows are padded to ``batch_size`` (one shape per graph; the padding rows are never counted)."""
+        owners, keys0, keys1, draws = [], [], [], []
+        for i, size in batch_blocks:
+            stream = streams[i]
+            first = stream.take(size)
+            owners.append(np.full(size, i))
+            keys0.append(np.full(size, stream.key[0]))
+            keys1.append(np.full(size, stream.key[1]))
+            draws.append(np.arange(first, first + size))
+        used = sum(size for _, size in batch_blocks)
+        rows = batch_size if self.voter.compiled else used
+        columns = [np.concatenate(part) for part in (owners, keys0, keys1, draws)]
+        table = torch.from_numpy(np.stack([np.pad(c, (0, rows - used)) for c in columns]).astype(np.int64))
+        owner, key0, key1, draw = table.to(self.voter.device)
+        # the gather stays outside the compiled graph, whose shapes then do not depend on how many inputs
+        noisy = self._philox_copies(xs[owner], key0, key1, draw, self.sigma)
+        return owner[:used], noisy, used
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
         """Input by input, ``num`` copies in blocks of ``batch_size`` from the one check stream."""
@@ -225,8 +299,8 @@ class SharedNoise(Sampler):
     counts as a speed option for :meth:`vote_agreement`.
     """
 
-    def __init__(self, voter: Voter, sigma: float, group: int) -> None:
-        super().__init__(voter, sigma)
+    def __init__(self, voter: Voter, sigma: float, group: int, rng: str = "torch") -> None:
+        super().__init__(voter, sigma, rng)
         if group < 2:
             raise CertkitError(f"shared_noise must be 0 (off) or a group of at least 2 inputs (got {group})")
         self.group = int(group)
@@ -241,17 +315,15 @@ class SharedNoise(Sampler):
         self._refresh_stem()
         return {**self.voter.speed_options, "stem_split": self._stem is not None}
 
-    def _generators(self, count: int, generators: Generators | None) -> list[torch.Generator | None]:
-        gens: list[torch.Generator | None] = list(generators) if generators is not None else [None]
+    def _generators(self, count: int, generators: Generators | None) -> list[NoiseStream]:
+        gens: list[NoiseStream] = list(generators) if generators is not None else [None]
         if len(gens) != 1:
             raise CertkitError(f"with shared noise, pass one generator for all inputs (got {len(gens)})")
         if count > self.group:
             raise CertkitError(f"shared_noise={self.group} allows at most that many inputs per call, got {count}")
         return gens
 
-    def _counts(
-        self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[torch.Generator | None]
-    ) -> np.ndarray:
+    def _counts(self, xs: Tensor, nums: Sequence[int], batch_size: int, gens: list[NoiseStream]) -> np.ndarray:
         """Every input votes on the same ``nums[0]`` draws, taken in the same blocks of
         ``min(NOISE_BLOCK, batch_size)`` as an unshared input's, so an input's noise is the stream's first
         draws whatever the group. A forward pass holds several blocks for a few inputs, or one block for as
@@ -269,10 +341,20 @@ class SharedNoise(Sampler):
             images = self._image_part(xs)
             eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
             for start in range(0, len(sizes), per_pass):
-                used = 0
-                for size in sizes[start : start + per_pass]:
-                    torch.randn((size, *xs.shape[1:]), generator=gens[0], out=eps[used : used + size])
-                    used += size
+                used = sum(sizes[start : start + per_pass])
+                stream = gens[0]
+                if isinstance(stream, PhiloxStream):  # the pass's draws in one computation
+                    rows = len(eps) if voter.compiled else used  # compiled: one shape, the tail never counted
+                    first = stream.take(used)
+                    draws = torch.arange(first, first + rows, device=voter.device)
+                    eps[:rows] = self._philox_normal(*stream.key_tensors(voter.device), draws, eps[0].numel()).view(
+                        rows, *eps.shape[1:]
+                    )
+                else:
+                    filled = 0
+                    for size in sizes[start : start + per_pass]:
+                        torch.randn((size, *xs.shape[1:]), generator=stream, out=eps[filled : filled + size])
+                        filled += size
                 votes = self._votes(images, eps, used, members)
                 counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
@@ -341,11 +423,19 @@ class SharedNoise(Sampler):
             return self._stem.rest(self._stem.pair_sum(images, noise, channels_last))
 
 
-def sampler_for(voter: Voter, sigma: float, shared_noise: int = 0) -> Sampler:
-    """:class:`PerInputNoise` for ``shared_noise`` 0, else :class:`SharedNoise` with groups of that size."""
+def sampler_for(voter: Voter, sigma: float, shared_noise: int = 0, rng: str = "torch") -> Sampler:
+    """:class:`PerInputNoise` for ``shared_noise`` 0, else :class:`SharedNoise` with groups of that size; both
+    drawing from ``rng`` (:data:`RNGS`)."""
     if shared_noise == 0:
-        return PerInputNoise(voter, sigma)
-    return SharedNoise(voter, sigma, shared_noise)
+        return PerInputNoise(voter, sigma, rng)
+    return SharedNoise(voter, sigma, shared_noise, rng)
+
+
+def _philox_copies(images: Tensor, key0: Tensor, key1: Tensor, draw: Tensor, sigma: float) -> Tensor:
+    """Row r: ``images[r] + sigma * eps`` with eps draw ``draw[r]`` of the Philox stream keyed
+    ``(key0[r], key1[r])``; the scaling and the shift round as the torch path's do."""
+    eps = standard_normal(key0, key1, draw, images[0].numel()).view(images.shape)
+    return images + eps * sigma
 
 
 def block_sizes(num: int, block: int) -> list[int]:

@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.smoothing.samplers import Generators, Sampler, sampler_for
+from certkit.smoothing.samplers import Generators, NoiseStream, Sampler, sampler_for
 from certkit.smoothing.statistics import (
     AdaptiveSchedule,
     certify_from_counts,
@@ -82,6 +81,10 @@ class Smooth:
             on the same draws from one generator (:class:`~certkit.smoothing.samplers.SharedNoise`): every
             certificate keeps its (1 - alpha) guarantee, but certificates of one group are not independent of
             each other.
+        rng: ``"torch"`` (default) draws each stream from a ``torch.Generator``, one ``randn`` per block of
+            copies; ``"philox"`` from a counter-based :class:`~certkit.smoothing.philox.PhiloxStream`, a whole
+            forward batch's noise in one computation (fused with the network's input when compiled). Streams
+            passed to the methods below must be of that kind.
 
     This is the convenience constructor for the common case; :meth:`from_sampler` takes the parts.
     """
@@ -96,9 +99,10 @@ class Smooth:
         amp: str | None = None,
         compile: bool = False,
         shared_noise: int = 0,
+        rng: str = "torch",
     ) -> None:
         voter = Voter(model, num_classes, channels_last=channels_last, amp=amp, compile=compile)
-        self.sampler = sampler_for(voter, sigma, shared_noise)
+        self.sampler = sampler_for(voter, sigma, shared_noise, rng)
 
     @classmethod
     def from_sampler(cls, sampler: Sampler) -> Smooth:
@@ -142,13 +146,11 @@ class Smooth:
 
     # --- Cohen et al.'s three procedures, one input at a time --------------------------------------------
 
-    def _sample_noise(self, x: Tensor, num: int, batch_size: int, generator: torch.Generator | None) -> np.ndarray:
+    def _sample_noise(self, x: Tensor, num: int, batch_size: int, generator: NoiseStream) -> np.ndarray:
         """SAMPLEUNDERNOISE: hard-vote counts (K,) of f(x + eta) over ``num`` noisy copies of x."""
         return self.sampler.counts(x.unsqueeze(0), [num], batch_size, [generator])[0]
 
-    def predict(
-        self, x: Tensor, n: int, alpha: float, batch_size: int, generator: torch.Generator | None = None
-    ) -> int:
+    def predict(self, x: Tensor, n: int, alpha: float, batch_size: int, generator: NoiseStream = None) -> int:
         """PREDICT: the smoothed class of ``x`` ((C, H, W) or (1, C, H, W)), or ABSTAIN.
 
         With probability >= 1 - alpha it returns g(x) or abstains.
@@ -158,7 +160,7 @@ class Smooth:
         return predict_from_counts(counts, alpha)
 
     def certify(
-        self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int, generator: torch.Generator | None = None
+        self, x: Tensor, n0: int, n: int, alpha: float, batch_size: int, generator: NoiseStream = None
     ) -> tuple[int, float]:
         """CERTIFY: (class, radius) or (ABSTAIN, 0.0) for one input ``x`` ((C, H, W) or (1, C, H, W)) in [0, 1].
 
@@ -232,7 +234,7 @@ class Smooth:
         n: int,
         alpha: float,
         batch_size: int,
-        generators: Sequence[torch.Generator | None],
+        generators: Generators,
         schedule: AdaptiveSchedule,
     ) -> list[Certificate]:
         """Estimation in stages; see :class:`AdaptiveSchedule` for the method and its proof."""
