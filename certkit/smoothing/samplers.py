@@ -220,12 +220,14 @@ class PerInputNoise(Sampler):
             if self.rng == "philox":
                 streams = cast(list[PhiloxStream], gens)  # prepare() checked the kind
                 for batch_blocks in _pack(blocks, batch_size):
+                    voter.new_step()
                     owners, noisy, used = self._philox_batch(xs, batch_blocks, streams, batch_size)
                     counts += torch.bincount(owners * k + voter.votes(noisy, used), minlength=num_inputs * k)
                 return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
             generators = cast(list[torch.Generator | None], gens)
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
             for batch_blocks in _pack(blocks, batch_size):
+                voter.new_step()
                 # standard normal noise, block by block from each input's own generator; an input's blocks
                 # are consecutive in the batch, so it owns one run of rows
                 used = 0
@@ -279,6 +281,7 @@ class PerInputNoise(Sampler):
         eps = torch.zeros((batch_size, *shape), device=self.voter.device)
 
         def fast_votes(x: Tensor, draws: Tensor) -> Tensor:
+            self.voter.new_step()
             torch.add(draws * self.sigma, x[0], out=noisy[: len(draws)])
             return self.voter.votes(noisy, len(draws)).unsqueeze(0)
 
@@ -343,6 +346,7 @@ class SharedNoise(Sampler):
             for start in range(0, len(sizes), per_pass):
                 used = sum(sizes[start : start + per_pass])
                 stream = gens[0]
+                voter.new_step()
                 if isinstance(stream, PhiloxStream):  # the pass's draws in one computation
                     rows = len(eps) if voter.compiled else used  # compiled: one shape, the tail never counted
                     first = stream.take(used)
@@ -366,6 +370,7 @@ class SharedNoise(Sampler):
         eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
 
         def fast_votes(group: Tensor, draws: Tensor) -> Tensor:
+            self.voter.new_step()
             return self._votes(self._image_part(group), eps, len(draws), members)
 
         return np.concatenate(

@@ -90,8 +90,19 @@ class Voter:
         return f"Voter(model={type(self.model).__name__}, num_classes={self.num_classes}, {options})"
 
     def compile_fn(self, fn: F) -> F:
-        """``fn`` compiled for fixed shapes when ``compile`` is on, else ``fn`` itself."""
-        return torch.compile(fn, dynamic=False) if self.compiled else fn  # type: ignore[return-value]
+        """``fn`` compiled for fixed shapes when ``compile`` is on, else ``fn`` itself; on CUDA captured as a
+        CUDA graph (``reduce-overhead``), so a forward batch of a small network is one replay instead of a
+        launch per kernel (its batch shape is fixed, which is what a graph needs)."""
+        if not self.compiled:
+            return fn
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        return torch.compile(fn, mode=mode, dynamic=False)  # type: ignore[return-value]
+
+    def new_step(self) -> None:
+        """Mark the start of a forward batch for CUDA graphs: the previous batch's graph outputs (noise,
+        logits) may be overwritten from here on, and are never read again. A no-op unless compiled on CUDA."""
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp is None:
