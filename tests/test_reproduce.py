@@ -56,7 +56,8 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     mine_path = rp.certify_path(plan.out, "gaussian", 0.25, 200, 4)
     assert rp.training_complete(run) and summary_path(mine_path).exists()
     assert "| gaussian | 0.25 | 5 |" in text
-    assert (plan.out / "reproduction.md").read_text() in text and (plan.out / "reproduction.png").stat().st_size > 0
+    table, plot = plan.out / "reproduction-fmnist-rs.md", plan.out / "reproduction-fmnist-rs.png"
+    assert table.read_text() in text and plot.stat().st_size > 0
 
     # the difference is paired on the certified images (0, 4, 8, 12, 16) against the same published rows
     mine, theirs = read_results(mine_path), read_results(theirs_path)
@@ -120,3 +121,16 @@ def test_selection_flags_are_checked() -> None:
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "crt"]))
     with pytest.raises(CertkitError, match=r"0\.3"):
         rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "0.3"]))
+
+
+def test_a_crt_rows_cost_is_set_against_its_teachers() -> None:
+    student = {"seconds": 100.0, "forward": 600.0, "backward": 600.0, "teacher_forward": 600.0, "steps": 5}
+    teacher = {"arch": "lenet", "method": "smoothmix", "seconds": 1000.0}
+    teacher["total"] = {"seconds": 1000.0, "forward": 9600.0, "backward": 9600.0, "steps": 40}
+    line = rp.cost_ledger("crt", 0.25, {"total": student, "ancestors": [teacher]})
+    assert line == (
+        "crt sigma=0.25: 100 s, 1,800 image passes (teacher forwards included); its teacher lenet smoothmix "
+        "1,000 s, 19,200 image passes: 10.0x less by the clock, 10.7x by image passes"
+    )
+    # runs without a teacher have no ledger line
+    assert rp.cost_ledger("gaussian", 0.25, {"total": student}) is None and rp.cost_ledger("crt", 0.25, {}) is None

@@ -13,8 +13,8 @@ Output layout under ``--out``::
 
     <method>-<sigma>/                  the training run (model.safetensors, model.json, metrics.jsonl)
     <method>-<sigma>/certify-n<N>-skip<K>.tsv   its certification (+ .json sidecar, .summary.json)
-    reproduction.md                    the comparison table
-    reproduction.png                   certkit's curves (solid) over the published ones (dashed)
+    reproduction-<protocol>.md         the comparison table (per protocol: fmnist-crt shares fmnist-rs's folder)
+    reproduction-<protocol>.png        certkit's curves (solid) over the published ones (dashed)
 
 The comparison is paired: certkit's certified subset (every ``skip``-th test image) is compared with the
 published rows of the same images, so the difference's standard error reflects only how the two models
@@ -251,6 +251,7 @@ class Row:
     published_accuracy: np.ndarray
     train_seconds: float | None
     partial: bool
+    ledger: str | None = None
 
 
 def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row | None:
@@ -280,7 +281,8 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     b = b_correct * b_radius
     d = a - b
     se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    seconds = _run_meta(run_dir(plan.out, method, sigma)).get("cost", {}).get("total", {}).get("seconds")
+    meta = _run_meta(run_dir(plan.out, method, sigma))
+    seconds = meta.get("cost", {}).get("total", {}).get("seconds")
     return Row(
         method=method,
         sigma=sigma,
@@ -294,6 +296,31 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
         published_accuracy=np.array([np.mean(b_correct & (b_radius >= r)) for r in RADII]),
         train_seconds=float(seconds) if seconds is not None else None,
         partial=not summary_path(mine_path).exists(),
+        ledger=cost_ledger(method, sigma, meta.get("cost", {})),
+    )
+
+
+def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
+    """For a run trained from a teacher (CRT), its training cost against the teacher's, by the clock and by
+    image passes (which, unlike seconds, do not depend on what else the machine ran); None for other runs."""
+    from certkit.experiments.crt_demo import image_passes
+
+    student = cost.get("total")
+    if not cost.get("ancestors") or not student:
+        return None
+    seconds, passes = float(student.get("seconds", 0.0)), image_passes(student)
+    parts = []
+    for teacher in cost["ancestors"]:
+        total = teacher.get("total", {})
+        t_seconds, t_passes = float(total.get("seconds", teacher.get("seconds", 0.0))), image_passes(total)
+        by_clock = f"{t_seconds / seconds:.1f}x" if seconds > 0 else "–"
+        by_passes = f"{t_passes / passes:.1f}x" if passes > 0 else "–"
+        parts.append(
+            f"its teacher {teacher.get('arch', '?')} {teacher.get('method', '?')} {t_seconds:,.0f} s, "
+            f"{t_passes:,} image passes: {by_clock} less by the clock, {by_passes} by image passes"
+        )
+    return f"{method} sigma={sigma:g}: {seconds:,.0f} s, {passes:,} image passes (teacher forwards included); " + (
+        "; ".join(parts)
     )
 
 
@@ -321,6 +348,9 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
             f"| {r.method}{mark} | {r.sigma:g} | {r.images} | {r.acr:.3f} | {r.published_acr:.3f} / "
             f"{r.published_acr_same_images:.3f} | {r.diff:+.3f} ± {r.diff_se:.3f} | {acc} | {secs} |"
         )
+    ledgers = [r.ledger for r in rows if r.ledger]
+    if ledgers:
+        lines += ["", "Training cost against the teacher:", ""] + [f"- {line}" for line in ledgers]
     return "\n".join(lines) + "\n"
 
 
@@ -355,9 +385,10 @@ def run(plan: Plan, published_dir: Path | None) -> str:
     if not rows:
         return "no certification finished yet; nothing to compare\n"
     text = table(rows, plan)
-    (plan.out / "reproduction.md").write_text(text)
-    plot(rows, plan, published_dir, plan.out / "reproduction.png")
-    return text + f"\ntable: {plan.out / 'reproduction.md'}\nplot: {plan.out / 'reproduction.png'}\n"
+    table_path, plot_path = (plan.out / f"reproduction-{plan.protocol.name}.{ext}" for ext in ("md", "png"))
+    table_path.write_text(text)
+    plot(rows, plan, published_dir, plot_path)
+    return text + f"\ntable: {table_path}\nplot: {plot_path}\n"
 
 
 def _choose(given: str | None, allowed: Sequence[str], what: str) -> tuple[str, ...]:
