@@ -136,9 +136,9 @@ def time_certkit(
     out: list[tuple[int, float]] = []
     sync(smoothed.device)
     start = time.perf_counter()
+    sampler = smoothed.sampler
     for g in range(0, len(xs), group):
         chunk = xs[g : g + group]
-        sampler = smoothed.sampler
         if args.shared_noise:
             gens = [sampler.group_stream(args.seed, (first_idx + g) // group)]
         else:

@@ -109,9 +109,6 @@ class Sampler:
         self.sigma = check_sigma(sigma)
         self.rng = rng
         self._buffer: Tensor | None = None
-        # counter-based noise for a whole forward batch (with x + sigma * eps), compiled as one graph each
-        self._philox_copies = voter.compile_fn(_philox_copies)
-        self._philox_normal = voter.compile_fn(standard_normal)
 
     def input_stream(self, seed: int, idx: int) -> torch.Generator | PhiloxStream:
         """The noise stream of dataset index ``idx`` under run seed ``seed``, from this sampler's ``rng``."""
@@ -201,6 +198,11 @@ class Sampler:
 class PerInputNoise(Sampler):
     """Every input draws its noise from its own generator, in blocks of ``min(NOISE_BLOCK, batch_size)``."""
 
+    def __init__(self, voter: Voter, sigma: float, rng: str = "torch") -> None:
+        super().__init__(voter, sigma, rng)
+        # x + sigma * eps for a whole forward batch of counter-based noise, compiled as one graph
+        self._philox_copies = voter.compile_fn(_philox_copies)
+
     def _generators(self, count: int, generators: Generators | None) -> list[NoiseStream]:
         gens: list[NoiseStream] = list(generators) if generators is not None else [None] * count
         if len(gens) != count:
@@ -254,24 +256,22 @@ class PerInputNoise(Sampler):
     def _philox_batch(
         self, xs: Tensor, batch_blocks: list[tuple[int, int]], streams: list[PhiloxStream], batch_size: int
     ) -> tuple[Tensor, Tensor, int]:
-        """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's key and
-        draw number are laid out on the host, and the noise of all rows is made in one computation. Compiled,
+        """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's owner and
+        draw number are laid out on the host, its key is its owner's, and the noise of all rows is made in one
+        computation. Compiled,
         the rows are padded to ``batch_size`` (one shape per graph; the padding rows are never counted)."""
-        owners, keys0, keys1, draws = [], [], [], []
+        owners, draws = [], []
         for i, size in batch_blocks:
-            stream = streams[i]
-            first = stream.take(size)
+            first = streams[i].take(size)
             owners.append(np.full(size, i))
-            keys0.append(np.full(size, stream.key[0]))
-            keys1.append(np.full(size, stream.key[1]))
             draws.append(np.arange(first, first + size))
         used = sum(size for _, size in batch_blocks)
         rows = batch_size if self.voter.compiled else used
-        columns = [np.concatenate(part) for part in (owners, keys0, keys1, draws)]
-        table = torch.from_numpy(np.stack([np.pad(c, (0, rows - used)) for c in columns]).astype(np.int64))
-        owner, key0, key1, draw = table.to(self.voter.device)
-        # the gather stays outside the compiled graph, whose shapes then do not depend on how many inputs
-        noisy = self._philox_copies(xs[owner], key0, key1, draw, self.sigma)
+        table = np.stack([np.pad(np.concatenate(c), (0, rows - used)) for c in (owners, draws)]).astype(np.int64)
+        owner, draw = torch.from_numpy(table).to(self.voter.device)
+        keys = torch.tensor([s.key for s in streams], dtype=torch.int64, device=self.voter.device)[owner]
+        # the gathers stay outside the compiled graph, whose shapes then do not depend on how many inputs
+        noisy = self._philox_copies(xs[owner], keys[:, 0], keys[:, 1], draw, self.sigma)
         return owner[:used], noisy, used
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
@@ -310,8 +310,10 @@ class SharedNoise(Sampler):
         self._stem: StemSplit | None = None
         self._stem_key: object = None
         self._refresh_stem()
-        # the votes come from _combine(image part, noise part), compiled as one graph
+        # the votes come from _combine(image part, noise part), compiled as one graph; a pass's counter-based
+        # draws from one more
         self._combine_fn = voter.compile_fn(self._combine)
+        self._philox_normal = voter.compile_fn(standard_normal)
 
     @property
     def speed_options(self) -> dict[str, object]:
