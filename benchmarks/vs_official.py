@@ -281,7 +281,9 @@ def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[st
     return official_epoch_seconds(logs[0])
 
 
-def run_certkit(method: str, data: Path, out: Path, epochs: int, device: str, env: dict[str, str]) -> list[float]:
+def run_certkit(
+    method: str, data: Path, out: Path, epochs: int, device: str, compile_mode: str, env: dict[str, str]
+) -> list[float]:
     cmd = [
         sys.executable,
         "-m",
@@ -317,6 +319,8 @@ def run_certkit(method: str, data: Path, out: Path, epochs: int, device: str, en
         "0",
         "--device",
         device,
+        "--compile",
+        compile_mode,
         *METHODS[method].certkit,
     ]
     run(cmd, out.parent, env, f"certkit train --method {method}")
@@ -373,6 +377,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up (at least 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of each side")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "graph", "on", "off"),
+        default="auto",
+        help="certkit's --compile: how its training step runs (auto: a captured CUDA graph where the method "
+        "allows, eager on CPU)",
+    )
     p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
     p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
     p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
@@ -422,7 +433,8 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
                 elif side == "official":
                     secs = run_official(method, code, run_id, a.epochs, official_env)
                 else:
-                    secs = run_certkit(method, raw, runs / f"{method}-{r}", a.epochs, a.device, certkit_env)
+                    out = runs / f"{method}-{r}"
+                    secs = run_certkit(method, raw, out, a.epochs, a.device, a.compile, certkit_env)
                 times[method][side] += timed(secs, a.epochs, f"{side} {method}")
                 print(
                     f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs) + " s",
@@ -435,7 +447,8 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     print(
-        f"device {a.device}, {a.threads} thread(s) each side, {a.batches} batches of {BATCH} per epoch, "
+        f"device {a.device}, certkit --compile {a.compile}, {a.threads} thread(s) each side, "
+        f"{a.batches} batches of {BATCH} per epoch, "
         f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)",
         flush=True,
     )

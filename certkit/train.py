@@ -43,6 +43,7 @@ from certkit.models import create_model, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
 from certkit.progress import Progress
 from certkit.recipes import check_recipe, get_recipe
+from certkit.stepgraph import PassCounter, StepRunner, cuda_graph
 from certkit.trainlog import MetricLogs
 
 STATE = "train_state.safetensors"
@@ -64,6 +65,7 @@ def setting(
 
 #: learning-rate schedules; cosine, exp and half-exp depend on the total number of epochs
 SCHEDULES = ("step", "multistep", "cosine", "exp", "half-exp", "constant")
+COMPILE_MODES = ("auto", "graph", "on", "off")
 
 
 def _milestones(text: str) -> tuple[int, ...]:
@@ -100,9 +102,11 @@ class TrainConfig:
     check_finite: bool = setting(True, "stop when the loss is NaN/inf", cli=False)
     compile: str = setting(
         "auto",
-        "compile the model with torch.compile (inductor; CUDA graphs on CUDA): on, off, or auto = on for "
-        "CUDA, off on CPU",
-        choices=("auto", "on", "off"),
+        "how a training step runs: graph = the whole step (noise, attack, forward, backward, optimizer) "
+        "captured as a CUDA graph and replayed; on = the model under torch.compile (inductor, CUDA graphs of "
+        "the model alone on CUDA); off = eager; auto = graph on CUDA where the method allows it (else on), "
+        "off on CPU",
+        choices=COMPILE_MODES,
     )
     channels_last: str = setting(
         "auto",
@@ -130,7 +134,7 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         for name, valid in (
-            ("compile", ("auto", "on", "off")),
+            ("compile", COMPILE_MODES),
             ("channels_last", ("auto", "on", "off")),
             ("amp", ("off", "bf16")),
         ):
@@ -225,33 +229,6 @@ class CostLedger:
         return cls(device=d.get("device", ""), epochs=list(d.get("epochs", [])), ancestors=list(d.get("ancestors", [])))
 
 
-class PassCounter:
-    """Counts images through forward passes of a module, and images whose outputs receive a gradient."""
-
-    def __init__(self, module: nn.Module, prefix: str = "") -> None:
-        self.prefix = prefix
-        self.forward = 0
-        self.backward = 0
-        self._handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        n = int(inputs[0].shape[0])
-        self.forward += n
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(lambda grad, n=n: self._count_backward(n))
-
-    def _count_backward(self, n: int) -> None:
-        self.backward += n
-
-    def take(self) -> dict[str, int]:
-        out = {f"{self.prefix}forward": self.forward, f"{self.prefix}backward": self.backward}
-        self.forward = self.backward = 0
-        return out
-
-    def remove(self) -> None:
-        self._handle.remove()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------------------
@@ -309,6 +286,7 @@ class Trainer:
         self.progress = progress  # None: a bar on a terminal, else a log line every CERTKIT_PROGRESS_SECONDS
         self.log = log or (logging.getLogger("certkit").info if self.rank == 0 else lambda msg: None)
         self.metric_logs = MetricLogs(self.out_dir if self.rank == 0 else None, metric_logs if self.rank == 0 else ())
+        self.step_mode = step_mode(self.config.compile, self.device, objective, self.world_size)
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.ledger = CostLedger(device=checkpoint.environment()["device"], ancestors=objective.cost_ancestors())
@@ -318,7 +296,7 @@ class Trainer:
         if use_channels_last(self.config.channels_last, self.model):
             for module in (self.model, *counted.values()):
                 module.to(memory_format=torch.channels_last)
-        self.compiled = self.config.compile == "on" or (self.config.compile == "auto" and self.device.type == "cuda")
+        self.compiled = self.step_mode == "on"
         step_model = compiled_model(self.model, self.device) if self.compiled else self.model
         self.net: nn.Module = step_model
         if self.world_size > 1:
@@ -327,13 +305,17 @@ class Trainer:
         # the compiled wrapper's hooks run outside the compiled graph, so it is the one that counts passes
         modules = {"": step_model, **{f"{k}_": m for k, m in counted.items()}}
         self.counters = [PassCounter(m, prefix) for prefix, m in modules.items()]
+        graphed = self.step_mode == "graph"
+        self.runner = StepRunner(self._step, self.counters, self.device, capture=cuda_graph if graphed else None)
 
     # --- optimisation -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
         if c.optimizer == "adam":
-            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+            # a captured step keeps Adam's step counts on the device
+            capturable = self.step_mode == "graph"
+            return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, capturable=capturable)
         return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
 
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
@@ -390,22 +372,23 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch of optimizer steps without a host synchronisation: the loss and its parts are summed on
         the device and read once at the end, where a non-finite sum (any step's loss NaN/inf) stops the run
-        before anything is saved. A compiled step keeps its shapes fixed by dropping the last, partial batch
-        (when there is at least one full batch), so the graph is never re-traced for a smaller one."""
+        before anything is saved. A compiled or captured step keeps its shapes fixed by dropping the last,
+        partial batch (when there is at least one full batch), so its graph is never made again for a
+        smaller one."""
         c = self.config
         torch.manual_seed(derive_seed(c.seed, "noise", epoch, self.rank))
         order = torch.Generator().manual_seed(derive_seed(c.seed, "order", epoch))
         self.objective.start_epoch(epoch, c.epochs)
         self.net.train()
         chunks = max(1, int(self.objective.num_chunks))
-        sums: dict[str, Tensor] = {}
-        steps = 0
+        steps = self.runner
+        steps.begin_epoch()
 
         def running_loss() -> str:  # read off the device only when a progress line is drawn
-            return f"loss={float(sums['loss']) / max(steps, 1):.4f}"
+            return f"loss={float(steps.totals['loss']) / max(steps.steps, 1):.4f}"
 
         per_rank = len(self.train_data) // self.world_size
-        drop_last = self.compiled and per_rank >= c.batch_size
+        drop_last = self.step_mode in ("on", "graph") and per_rank >= c.batch_size
         n_batches = per_rank // c.batch_size if drop_last else math.ceil(per_rank / c.batch_size)
         bar = Progress(
             n_batches,
@@ -421,19 +404,9 @@ class Trainer:
             c.batch_size, shuffle=True, generator=order, drop_last=drop_last, rank=self.rank, world_size=self.world_size
         ):
             for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.compiled and self.device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()
-                with torch.autocast(self.device.type, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None):
-                    loss, parts = self.objective(self.net, xc, yc)
-                loss.backward()
-                self.optimizer.step()
-                sums["loss"] = sums.get("loss", 0) + loss.detach().float()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0) + v.float()
-                steps += 1
+                steps(xc, yc)
             bar.update(1, note=running_loss)
-        if c.check_finite and steps and not bool(torch.isfinite(sums["loss"])):
+        if c.check_finite and steps.steps and not bool(torch.isfinite(steps.totals["loss"])):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
                 "(lower the learning rate or the method's attack strength)"
@@ -444,13 +417,30 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         # epochs count from 1 in metrics.jsonl and the ledger, as on the console
-        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps}
+        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps.steps}
         for counter in self.counters:
             cost.update(counter.take())
         self.ledger.epochs.append(cost)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
-        record.update({k: float(v) / max(steps, 1) for k, v in sums.items()})
+        record.update({k: float(v) / max(steps.steps, 1) for k, v in steps.totals.items()})
         return record
+
+    def _step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """One optimizer step on one chunk: the detached loss and its parts."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # autocast's weight-cast cache would hand a captured graph tensors freed after its capture
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp or torch.bfloat16,
+            enabled=self.amp is not None,
+            cache_enabled=self.step_mode != "graph",
+        ):
+            loss, parts = self.objective(self.net, x, y)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach().float(), **{k: v.float() for k, v in parts.items()}}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -621,6 +611,25 @@ def use_channels_last(choice: str, model: nn.Module) -> bool:
     if choice == "auto":
         return any(isinstance(m, nn.Conv2d) for m in model.modules())
     return choice == "on"
+
+
+def step_mode(choice: str, device: torch.device, objective: Objective, world_size: int) -> str:
+    """How the trainer runs a step (``TrainConfig.compile``): "graph", "on" (torch.compile) or "off".
+
+    "auto" captures on CUDA when it can: one process (a captured step would hold DistributedDataParallel's
+    collectives) and an objective without host synchronisation or data-dependent shapes in its step."""
+    why_not = None
+    if device.type != "cuda":
+        why_not = f"CUDA graphs need a CUDA device (this run is on {device.type})"
+    elif world_size > 1:
+        why_not = "a captured step is for one process (under torchrun use --compile on)"
+    elif not objective.graph_safe:
+        why_not = f"the {objective.name} step {objective.graph_unsafe_because}"
+    if choice == "graph" and why_not:
+        raise CertkitError(f"--compile graph: {why_not}; use --compile on or off")
+    if choice == "auto":
+        return "off" if device.type != "cuda" else ("on" if why_not else "graph")
+    return choice
 
 
 def compiled_model(model: nn.Module, device: torch.device) -> nn.Module:

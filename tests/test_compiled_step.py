@@ -3,6 +3,7 @@ same weights as the plain eager step; bf16 autocast is refused on CPU."""
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -12,9 +13,10 @@ from torch import nn
 
 from certkit.data import ArrayDataset, dataset_info
 from certkit.errors import CertkitError
-from certkit.methods import build_objective, list_objectives
+from certkit.methods import build_objective, get_objective, list_objectives
 from certkit.models import create_model
-from certkit.train import TrainConfig, Trainer
+from certkit.stepgraph import StepRunner
+from certkit.train import TrainConfig, Trainer, step_mode
 
 SHAPE = (1, 28, 28)
 
@@ -31,13 +33,15 @@ def mlp() -> nn.Module:
 
 
 def objective(method: str) -> Any:
+    """``method`` with its published defaults; MACER's robustness term on from the first epoch."""
     teacher = mlp() if method == "crt" else None
-    return build_objective(method, None if method == "gloro" else 0.25, "mnist", None, teacher, None, 10)
+    hparams = {"deferred_epochs": 0} if method == "macer" else None
+    return build_objective(method, None if method == "gloro" else 0.25, "mnist", hparams, teacher, None, 10)
 
 
-def trainer(method: str, model: nn.Module, n: int = 32, **settings: Any) -> Trainer:
-    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, seed=3, **settings)
-    return Trainer(model, objective(method), data(n), None, cfg, device="cpu", progress=False, log=lambda m: None)
+def trainer(method: str, model: nn.Module, n: int = 32, device: str = "cpu", **settings: Any) -> Trainer:
+    cfg = TrainConfig(**{"epochs": 1, "batch_size": 16, "lr": 0.05, "seed": 3, **settings})
+    return Trainer(model, objective(method), data(n), None, cfg, device=device, progress=False, log=lambda m: None)
 
 
 def weights(t: Trainer) -> dict[str, torch.Tensor]:
@@ -111,3 +115,109 @@ def test_a_nan_loss_stops_the_epoch_before_anything_is_saved(tmp_path: Any) -> N
     with pytest.raises(CertkitError, match="training diverged at epoch 1"):
         t.fit()
     assert not (tmp_path / "run" / "model.json").exists()
+
+
+# --- captured steps (certkit.stepgraph) ------------------------------------------------------------------
+GRAPH_SAFE = [m for m in list_objectives() if get_objective(m).graph_safe]
+
+
+class RollbackCapture:
+    """A CPU stand-in for ``cuda_graph`` with a real capture's semantics: capturing runs the step's Python
+    (its hooks count once) but changes no state -- weights, optimizer state, sums and RNG are put back --
+    and a replay does the step's work without running its hooks."""
+
+    def __init__(self, t: Trainer) -> None:
+        self.t = t
+        self.captures = 0
+
+    def __call__(self, fn: Any) -> Any:
+        t = self.t
+        saved = (
+            copy.deepcopy(t.model.state_dict()),
+            copy.deepcopy(t.optimizer.state_dict()),
+            {k: v.clone() for k, v in t.runner.totals.items()},
+            torch.get_rng_state(),
+        )
+        fn()
+        t.model.load_state_dict(saved[0])
+        t.optimizer.load_state_dict(saved[1])
+        for k, v in saved[2].items():
+            t.runner.totals[k].copy_(v)
+        torch.set_rng_state(saved[3])
+        self.captures += 1
+
+        def replay() -> None:
+            counted = [c.pop() for c in t.counters]
+            fn()
+            for c, n in zip(t.counters, counted):
+                c.pop()
+                c.add(n)
+
+        return replay
+
+
+def captured(method: str, n: int = 64, **settings: Any) -> tuple[Trainer, RollbackCapture]:
+    t = trainer(method, mlp(), n=n, compile="off", **settings)
+    capture = RollbackCapture(t)
+    t.runner = StepRunner(t._step, t.counters, t.device, capture=capture)
+    return t, capture
+
+
+@pytest.mark.parametrize("method", GRAPH_SAFE)
+def test_a_captured_step_trains_the_eager_weights_and_counts_every_pass(method: str) -> None:
+    """Warm-up steps, one capture per epoch and shape, replays: the same weights, sums and ledger as eager."""
+    eager = trainer(method, mlp(), n=64, compile="off", epochs=2)
+    graph, capture = captured(method, epochs=2)
+    for epoch in range(2):
+        first, second = eager.train_epoch(epoch), graph.train_epoch(epoch)
+        assert second == pytest.approx({**first, "seconds": second["seconds"]}, rel=1e-5, abs=1e-7)
+        assert eager.ledger.epochs[epoch] == {
+            **graph.ledger.epochs[epoch],
+            "seconds": eager.ledger.epochs[epoch]["seconds"],
+        }
+    chunks = get_objective(method)(0.25).num_chunks if method != "crt" else 1
+    assert capture.captures == 2  # one per epoch: every chunk has the same shape
+    assert graph.runner.steps == eager.ledger.epochs[1]["steps"] == 4 * chunks
+    for (k, a), b in zip(weights(eager).items(), weights(graph).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), k
+
+
+def test_each_batch_shape_gets_its_own_capture() -> None:
+    """40 images in batches of 16 without dropping the last: shapes 16 and 8, two captures an epoch."""
+    graph, capture = captured("gaussian", n=40)
+    eager = trainer("gaussian", mlp(), n=40, compile="off")
+    graph.runner.warmup = 1
+    first, second = eager.train_epoch(0), graph.train_epoch(0)
+    assert capture.captures == 2 and graph.ledger.epochs[0]["forward"] == 40
+    assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_step_mode_captures_on_cuda_only_what_it_can() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert step_mode("auto", cuda, objective("smoothmix"), 1) == "graph"
+    assert step_mode("auto", cuda, objective("smoothadv"), 1) == "on"  # decides on the host
+    assert step_mode("auto", cuda, objective("gaussian"), 2) == "on"  # torchrun: DDP's collectives
+    assert step_mode("auto", cpu, objective("gaussian"), 1) == "off"
+    assert step_mode("off", cuda, objective("gaussian"), 1) == "off"
+    with pytest.raises(CertkitError, match="--compile graph: the smoothadv step decides on the host"):
+        step_mode("graph", cuda, objective("smoothadv"), 1)
+    with pytest.raises(CertkitError, match="--compile graph: CUDA graphs need a CUDA device"):
+        trainer("gaussian", mlp(), compile="graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("method", GRAPH_SAFE)
+def test_a_cuda_graph_step_trains_the_eager_weights(method: str) -> None:
+    """The real capture on a GPU: the same data order and RNG stream (graph-safe Philox offsets), so the
+    same weights as the eager step, up to the order of floating-point sums."""
+
+    def run(mode: str) -> Trainer:
+        t = trainer(method, mlp(), n=96, device="cuda", compile=mode, epochs=2)
+        t.fit()
+        return t
+
+    eager, graph = run("off"), run("graph")
+    assert graph.step_mode == "graph"
+    assert graph.history[-1]["loss"] == pytest.approx(eager.history[-1]["loss"], rel=1e-3)
+    for (k, a), b in zip(weights(eager).items(), weights(graph).values()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), k

@@ -40,6 +40,8 @@ def check_finite(loss: Tensor, method: str, epoch: int, hint: str) -> None:
     a NaN step would silently destroy the weights and every later checkpoint, so failing loudly is cheaper
     than the sync.
     """
+    if loss.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a captured step cannot stop halfway; the trainer checks the epoch's summed loss instead
     if not bool(torch.isfinite(loss.detach())):
         raise DivergenceError(f"{method} loss became non-finite in epoch {epoch}: training diverged; {hint}")
 

@@ -27,6 +27,8 @@ Conventions every objective follows:
   on the unwrapped ``net`` (eval mode, parameter gradients off), restored afterwards.
 * The loss's named parts are returned as detached 0-d tensors (no ``.item()`` per step, which would
   synchronise the GPU); the trainer averages them over the epoch.
+* ``graph_safe``: a method whose step has no host synchronisation and no data-dependent shapes declares
+  it, and the trainer may then capture the whole step as a CUDA graph (:mod:`certkit.stepgraph`).
 * ``num_chunks``: methods published with chunking (SmoothAdv, Consistency, SmoothMix) split each loader
   batch of B images into ``m`` chunks of ``B/m`` images and take one optimizer step per chunk; the trainer
   does the splitting, the objective only sees one chunk.
@@ -262,6 +264,12 @@ class Objective:
     recipe: ClassVar[dict[str, Any]] = {}
     #: optimizer steps per loader batch (the batch is split into this many chunks)
     num_chunks: int = 1
+    #: whether a step can be captured as a CUDA graph (:mod:`certkit.stepgraph`): no host synchronisation
+    #: and no data-dependent shapes inside :meth:`loss`; off unless a method declares it, so that a user's
+    #: own objective is never captured unchecked
+    graph_safe: ClassVar[bool] = False
+    #: why not, for the error of ``--compile graph``
+    graph_unsafe_because: ClassVar[str] = "is not declared capturable (Objective.graph_safe)"
 
     def __init__(self, sigma: float | None = None, *, family: str = DEFAULT_FAMILY, **hparams: Any) -> None:
         self.sigma: float | None = check_sigma(sigma) if self.uses_sigma else None

@@ -119,6 +119,7 @@ class Consistency(Objective):
     """
 
     name = "consistency"
+    graph_safe = True
     Params = ConsistencyHypers
     hp: ConsistencyHypers
     sigma: float

@@ -90,6 +90,7 @@ class CRT(Objective):
     """
 
     name = "crt"
+    graph_safe = True
     Params = CRTHypers
     hp: CRTHypers
 

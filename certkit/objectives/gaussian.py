@@ -23,6 +23,7 @@ class Gaussian(Objective):
     """
 
     name = "gaussian"
+    graph_safe = True
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = model(x + self.noise(x))

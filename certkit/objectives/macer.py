@@ -98,6 +98,7 @@ class Macer(Objective):
     """
 
     name = "macer"
+    graph_safe = True
     Params = MacerHypers
     hp: MacerHypers
     sigma: float
@@ -127,9 +128,12 @@ class Macer(Objective):
             xi = ndtri(top[:, 0]) - ndtri(top[:, 1])
             kept = (idx[:, 0] == y) & torch.isfinite(xi) & (xi <= self.hp.gamma)
         # Φ⁻¹ is evaluated with gradients only on the kept points: at p1 = 1 or p2 = 0 its derivative is
-        # infinite, and even a masked-out inf turns into NaN (0·inf) in the backward pass.
-        xi_kept = ndtri(top[kept, 0]) - ndtri(top[kept, 1])
-        rl = (self.sigma / 2.0) * (self.hp.gamma - xi_kept).sum()
+        # infinite, and even a masked-out inf turns into NaN (0·inf) in the backward pass. The others read
+        # Φ⁻¹(1/2) = 0, whose derivative is finite, and are masked out: the same sum and gradient as
+        # indexing the kept points, with shapes that do not depend on the data (a capturable step).
+        safe = torch.where(kept.unsqueeze(1), top, torch.full_like(top, 0.5))
+        xi_kept = ndtri(safe[:, 0]) - ndtri(safe[:, 1])
+        rl = (self.sigma / 2.0) * torch.where(kept, self.hp.gamma - xi_kept, 0.0).sum()
         return MacerTerms(cl=cl, rl=rl, xi=xi, kept=kept)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -142,7 +146,7 @@ class Macer(Objective):
             "cl": t.cl.detach() / b,
             "rl": t.rl.detach() / b,
             "kept": t.kept.float().mean(),
-            "lbd": torch.tensor(lbd, device=x.device),
+            "lbd": torch.full((), lbd, device=x.device),
             "acc": noisy_accuracy(logits, y),
         }
         return loss, parts

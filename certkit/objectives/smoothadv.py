@@ -125,6 +125,7 @@ class SmoothAdv(Objective):
     """
 
     name = "smoothadv"
+    graph_unsafe_because = "decides on the host where an attack gradient is zero (a random direction replaces it)"
     Params = SmoothAdvHypers
     hp: SmoothAdvHypers
     sigma: float
@@ -210,6 +211,6 @@ class SmoothAdv(Objective):
         parts = {
             "ce": loss.detach(),
             "acc": noisy_accuracy(logits, y),
-            "epsilon": torch.tensor(epsilon, device=x.device),
+            "epsilon": torch.full((), epsilon, device=x.device),
         }
         return loss, parts

@@ -163,6 +163,7 @@ class SmoothMix(Objective):
     """
 
     name = "smoothmix"
+    graph_safe = True
     Params = SmoothMixHypers
     hp: SmoothMixHypers
     sigma: float

@@ -74,6 +74,7 @@ class Stability(Objective):
     """
 
     name = "stability"
+    graph_safe = True
     Params = StabilityHypers
     hp: StabilityHypers
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU checks of the speed work, as one prepared call of a few minutes on a lent GPU machine.
+#
+#   bash benchmarks/gpu.sh [STAGE ...]        # default: every stage, in this order
+#
+# Stages, most important first (each under its own time limit, all under BUDGET seconds in total, so
+# that a late stage running out of time still leaves the earlier figures):
+#   env          the GPU and torch
+#   graphtest    the CUDA-graph training step against the eager one (tests/test_compiled_step.py)
+#   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto
+#   crt          benchmarks/crt_speedup.py at the GPU sizes
+#   certlenet    benchmarks/certify_throughput.py, LeNet, n = 100,000, bf16 + channels-last + compile, Philox
+#   tests        the test suite with CUDA visible (xdist), CUDA-only tests included
+#   certresnet   the same for ResNet-110 (CIFAR shape, random images), n = 10,000
+#   trainon      vs_official with --compile on (the network alone compiled), for comparison
+#   trainother   vs_official: smoothadv, macer, consistency
+#
+# Needs, beside the checkout (the machine has no network): $CARRY/fashion-mnist/*.gz (the four IDX files)
+# and $CARRY/smoothmix (the official code). Output: $OUT/log.txt (everything) and $OUT/summary.txt (each
+# stage's status and last lines).
+set -u
+CARRY=${CARRY:-.gpu}
+OUT=${OUT:-gpu-out}
+BUDGET=${BUDGET:-420}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+SUMMARY=$OUT/summary.txt
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+
+# the tests and the benchmarks read Fashion-MNIST where the Debian package puts it
+mkdir -p /usr/share/datasets/fashion-mnist
+cp -n "$CARRY"/fashion-mnist/*.gz /usr/share/datasets/fashion-mnist/ 2>>"$LOG"
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || echo "pip install failed" >>"$LOG"
+SCRATCH=$(mktemp -d)
+
+stage() {  # stage NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - ($(date +%s) - START)))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (budget spent)" | tee -a "$SUMMARY"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s): $*" >>"$LOG"
+    local t0 rc
+    t0=$(date +%s)
+    timeout "$limit" "$@" >"$SCRATCH/$name.out" 2>&1
+    rc=$?
+    cat "$SCRATCH/$name.out" >>"$LOG"
+    {
+        echo "== $name: rc $rc, $(($(date +%s) - t0)) s"
+        grep -E "^(train_ratio|floor_ratio|vs_official|crt_speedup|certify_throughput|teacher|chain|[0-9]+ (passed|failed)|FAILED|ERROR)|passed|failed" "$SCRATCH/$name.out" | tail -n 25
+        tail -n 4 "$SCRATCH/$name.out"
+    } >>"$SUMMARY"
+}
+
+VS="python3 benchmarks/vs_official.py --device cuda --batches 40 --rounds 1 --epochs 3 --threads 4 --peer-code $CARRY/smoothmix --source $CARRY/fashion-mnist"
+run_stage() {
+    case $1 in
+    env) stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"' ;;
+    graphtest) stage graphtest 120 python3 -m pytest -q -p no:cacheprovider tests/test_compiled_step.py -k "cuda or captured" ;;
+    train) stage train 150 $VS --methods gaussian,smoothmix ;;
+    crt) stage crt 200 python3 benchmarks/crt_speedup.py --train-subset 20000 --teacher-epochs 3 --epochs 3 \
+        --certify-images 300 --n 10000 --device cuda --out "$SCRATCH/crt" ;;
+    certlenet) stage certlenet 120 python3 benchmarks/certify_throughput.py --device cuda --n 100000 --batch 4000 \
+        --amp bf16 --channels-last --compile --rng philox --rounds 3 ;;
+    tests) stage tests 180 python3 -m pytest -q -p no:cacheprovider -n 12 -x tests ;;
+    certresnet) stage certresnet 150 python3 benchmarks/certify_throughput.py --arch resnet110 --device cuda \
+        --n 10000 --batch 1000 --amp bf16 --channels-last --compile --rng philox --inputs 4 --ref-inputs 2 --rounds 2 ;;
+    trainon) stage trainon 120 $VS --methods gaussian,smoothmix --compile on ;;
+    trainother) stage trainother 200 $VS --methods smoothadv,macer,consistency ;;
+    *) echo "unknown stage $1" | tee -a "$SUMMARY" ;;
+    esac
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(env graphtest train crt certlenet tests certresnet trainon trainother)
+for s in "${stages[@]}"; do
+    run_stage "$s"
+done
+cat "$SUMMARY"
