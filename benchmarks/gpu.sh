@@ -10,8 +10,9 @@
 #   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto
 #   crt          benchmarks/crt_speedup.py at the GPU sizes
 #   certlenet    benchmarks/certify_throughput.py, LeNet, n = 100,000, bf16 + channels-last + compile, Philox
+#   certlenettorch  the same with torch's generator (a randn per block of 100 copies)
 #   tests        the test suite with CUDA visible (xdist), CUDA-only tests included
-#   certresnet   the same for ResNet-110 (CIFAR shape, random images), n = 10,000
+#   certresnet   the same for ResNet-110 (CIFAR shape, random images), n = 10,000, batch 4,000, cuDNN autotuning
 #   trainon      vs_official with --compile on (the network alone compiled), for comparison
 #   trainother   vs_official: smoothadv, macer, consistency
 #
@@ -60,6 +61,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 }
 
 VS="python3 benchmarks/vs_official.py --device cuda --batches 40 --rounds 1 --epochs 3 --threads 4 --peer-code $CARRY/smoothmix --source $CARRY/fashion-mnist"
+CT="python3 benchmarks/certify_throughput.py --device cuda --n 100000 --batch 4000 --amp bf16 --channels-last --compile --rounds 3"
 run_stage() {
     case $1 in
     env) stage env 30 bash -c 'nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"' ;;
@@ -72,11 +74,12 @@ run_stage() {
     train) stage train 150 $VS --methods gaussian,smoothmix ;;
     crt) [ "$GRAPH_OK" -eq 0 ] && stage crt 200 python3 benchmarks/crt_speedup.py --train-subset 20000 --teacher-epochs 3 --epochs 3 \
         --certify-images 300 --n 10000 --device cuda --out "$SCRATCH/crt" ;;
-    certlenet) stage certlenet 120 python3 benchmarks/certify_throughput.py --device cuda --n 100000 --batch 4000 \
-        --amp bf16 --channels-last --compile --rng philox --rounds 3 ;;
-    tests) stage tests 180 python3 -m pytest -q -p no:cacheprovider -n 12 -x tests ;;
+    certlenet) stage certlenet 120 $CT --rng philox ;;
+    certlenettorch) stage certlenettorch 120 $CT --rng torch ;;
+    tests) stage tests 180 python3 -m pytest -q -p no:cacheprovider -n 12 tests ;;
     certresnet) stage certresnet 150 python3 benchmarks/certify_throughput.py --arch resnet110 --device cuda \
-        --n 10000 --batch 1000 --amp bf16 --channels-last --compile --rng philox --inputs 4 --ref-inputs 2 --rounds 2 ;;
+        --n 10000 --batch 4000 --amp bf16 --channels-last --compile --cudnn-benchmark --rng philox --inputs 4 \
+        --ref-inputs 2 --rounds 2 ;;
     trainon) stage trainon 120 $VS --methods gaussian,smoothmix --compile on ;;
     trainother) stage trainother 200 $VS --methods smoothadv,macer,consistency ;;
     *) echo "unknown stage $1" | tee -a "$SUMMARY" ;;
@@ -84,7 +87,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env graphtest train crt certlenet tests certresnet trainon trainother)
+[ ${#stages[@]} -eq 0 ] && stages=(env graphtest train crt certlenet tests certresnet trainon trainother certlenettorch)
 for s in "${stages[@]}"; do
     run_stage "$s"
 done

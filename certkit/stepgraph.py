@@ -8,8 +8,9 @@ backward pass, the optimizer), each from Python. A captured step is one replay. 
 
 What a capture records: the objective's whole step (noise, attack, forward passes, backward pass, optimizer
 step) and the running sums of the loss parts, kernel by kernel, with every Python number the step reads baked
-in: the learning rate, and the warm-up weights of the epoch (SmoothMix's eta*w_e, Consistency's epsilon_e,
-MACER's deferred lambda). So each epoch captures its steps anew, one graph per chunk shape. What an objective
+in: the learning rates, and the weights of the epoch's schedules (SmoothMix's eta*w_e, Consistency's
+epsilon_e, MACER's deferred lambda: ``Objective.step_constants``). So a step is captured once per batch shape
+and per value of those numbers, and replayed while they stay the same. What an objective
 must not do inside a step (``Objective.graph_safe``): synchronise with the host (``.item()``, ``bool()`` of a
 tensor) or make a shape that depends on the data (boolean indexing). A capture cannot stop halfway, so a
 non-finite loss is caught by the trainer's end-of-epoch check on the summed loss, before anything is saved.
@@ -21,7 +22,7 @@ noise each time, and the trainer's per-epoch re-seeding still applies.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,10 +39,21 @@ Capture = Callable[[Callable[[], None]], Callable[[], None]]
 
 
 def cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
-    """Capture ``fn``'s kernels into a CUDA graph (on torch's capture stream) and return its replay."""
+    """Capture ``fn``'s kernels into a CUDA graph on a side stream and return its replay.
+
+    ``torch.cuda.graph`` would also collect garbage and empty the allocator's cache first, which on a short
+    run costs as much as its steps."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    current = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            fn()
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
     return graph.replay
 
 
@@ -97,9 +109,10 @@ class PassCounter:
 class StepRunner:
     """Runs ``step`` on each batch and sums its outputs on the device, without a host synchronisation.
 
-    With ``capture`` (``cuda_graph``), the first ``warmup`` steps run eagerly on a side stream, then each
-    epoch captures one graph per batch shape and replays it: a batch is copied into the graph's static inputs
-    and the whole step runs as one replay. :meth:`begin_epoch` drops the graphs (see the module docstring).
+    With ``capture`` (``cuda_graph``), the first ``warmup`` steps run eagerly on a side stream, then one graph
+    is captured per batch shape and per value of ``constants()`` (the numbers a capture bakes in: see the
+    module docstring) and replayed: a batch is copied into the graph's static inputs and the whole step runs
+    as one replay.
     """
 
     def __init__(
@@ -108,9 +121,11 @@ class StepRunner:
         counters: Sequence[PassCounter],
         device: torch.device,
         capture: Capture | None = None,
+        constants: Callable[[], Hashable] = tuple,
         warmup: int = WARMUP_STEPS,
     ) -> None:
         self.step = step
+        self.constants = constants
         self.counters = list(counters)
         self.device = device
         self.capture = capture
@@ -118,11 +133,10 @@ class StepRunner:
         self.eager_steps = 0
         self.totals: dict[str, Tensor] = {}
         self.steps = 0
-        self._graphs: dict[tuple[tuple[int, ...], tuple[int, ...]], _Captured] = {}
+        self._graphs: dict[tuple[Hashable, tuple[int, ...], tuple[int, ...]], _Captured] = {}
 
     def begin_epoch(self) -> None:
-        """Zero the sums and drop last epoch's graphs: they hold its learning rate and warm-up weights."""
-        self._graphs.clear()
+        """Zero the sums (in place: captured steps add to these very tensors)."""
         for total in self.totals.values():
             total.zero_()
         self.steps = 0
@@ -133,7 +147,7 @@ class StepRunner:
                 self._add(self.step(x, y))
             self.eager_steps += 1
         else:
-            key = (tuple(x.shape), tuple(y.shape))
+            key = (self.constants(), tuple(x.shape), tuple(y.shape))
             captured = self._graphs.get(key) or self._capture(x, y, key)
             captured.x.copy_(x)
             captured.y.copy_(y)
@@ -149,8 +163,10 @@ class StepRunner:
                 self.totals[k] = torch.zeros((), dtype=torch.float32, device=self.device)
             self.totals[k].add_(v)
 
-    def _capture(self, x: Tensor, y: Tensor, key: tuple[tuple[int, ...], tuple[int, ...]]) -> _Captured:
+    def _capture(self, x: Tensor, y: Tensor, key: tuple[Hashable, tuple[int, ...], tuple[int, ...]]) -> _Captured:
         assert self.capture is not None
+        # steps captured with other numbers are never replayed again (schedules do not go back): free them
+        self._graphs = {k: g for k, g in self._graphs.items() if k[0] == key[0]}
         static_x, static_y = x.clone(), y.clone()
         before = [c.pop() for c in self.counters]  # the hooks run once while capturing: that is one replay's
         names = set(self.totals)

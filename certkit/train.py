@@ -306,7 +306,9 @@ class Trainer:
         modules = {"": step_model, **{f"{k}_": m for k, m in counted.items()}}
         self.counters = [PassCounter(m, prefix) for prefix, m in modules.items()]
         graphed = self.step_mode == "graph"
-        self.runner = StepRunner(self._step, self.counters, self.device, capture=cuda_graph if graphed else None)
+        self.runner = StepRunner(
+            self._step, self.counters, self.device, capture=cuda_graph if graphed else None, constants=self._constants
+        )
 
     # --- optimisation -------------------------------------------------------------------------------
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -424,6 +426,10 @@ class Trainer:
         record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
         record.update({k: float(v) / max(steps.steps, 1) for k, v in steps.totals.items()})
         return record
+
+    def _constants(self) -> tuple[object, ...]:
+        """The numbers a captured step bakes in: the learning rates and the objective's schedule weights."""
+        return tuple(g["lr"] for g in self.optimizer.param_groups), self.objective.step_constants()
 
     def _step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """One optimizer step on one chunk: the detached loss and its parts."""

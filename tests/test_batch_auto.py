@@ -131,7 +131,9 @@ def test_certify_with_auto_writes_the_rows_of_the_batch_it_chose(
     lenet_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir, data = lenet_run
+    # on the CPU, whose probe this test reads, also where a GPU is visible
     common = [str(run_dir), "--data-dir", str(data), "--n0", "10", "--n", "300", "--alpha", "0.01", "--seed", "4"]
+    common += ["--device", "cpu"]
     probes = []
     probe = autobatch.auto_batch_size
 

@@ -15,7 +15,6 @@ from certkit.data import ArrayDataset, dataset_info
 from certkit.errors import CertkitError
 from certkit.methods import build_objective, get_objective, list_objectives
 from certkit.models import create_model
-from certkit.stepgraph import StepRunner
 from certkit.train import TrainConfig, Trainer, step_mode
 
 SHAPE = (1, 28, 28)
@@ -159,7 +158,7 @@ class RollbackCapture:
 def captured(method: str, n: int = 64, **settings: Any) -> tuple[Trainer, RollbackCapture]:
     t = trainer(method, mlp(), n=n, compile="off", **settings)
     capture = RollbackCapture(t)
-    t.runner = StepRunner(t._step, t.counters, t.device, capture=capture)
+    t.runner.capture = capture  # the runner of --compile graph, with the stand-in for the CUDA capture
     return t, capture
 
 
@@ -176,8 +175,11 @@ def test_a_captured_step_trains_the_eager_weights_and_counts_every_pass(method: 
             "seconds": eager.ledger.epochs[epoch]["seconds"],
         }
     chunks = get_objective(method)(0.25).num_chunks if method != "crt" else 1
-    assert capture.captures == 2  # one per epoch: every chunk has the same shape
     assert graph.runner.steps == eager.ledger.epochs[1]["steps"] == 4 * chunks
+    # every chunk has one shape: one capture, and one more per change of the numbers a step bakes in (the
+    # warm-up weights of SmoothMix and Consistency change between the two epochs; nothing else does)
+    assert capture.captures == (2 if method in ("smoothmix", "consistency") else 1)
+    assert graph.step_mode == "off" and graph.runner.eager_steps == 3  # then replays only
     for (k, a), b in zip(weights(eager).items(), weights(graph).values()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), k
 
@@ -190,6 +192,16 @@ def test_each_batch_shape_gets_its_own_capture() -> None:
     first, second = eager.train_epoch(0), graph.train_epoch(0)
     assert capture.captures == 2 and graph.ledger.epochs[0]["forward"] == 40
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
+
+
+def test_a_new_learning_rate_is_a_new_capture() -> None:
+    eager = trainer("gaussian", mlp(), n=64, compile="off", epochs=3, lr_step=2)
+    graph, capture = captured("gaussian", epochs=3, lr_step=2)
+    for epoch in range(3):
+        eager.train_epoch(epoch), graph.train_epoch(epoch)
+    assert capture.captures == 2  # lr 0.05 for two epochs, then 0.005
+    for (k, a), b in zip(weights(eager).items(), weights(graph).values()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), k
 
 
 def test_step_mode_captures_on_cuda_only_what_it_can() -> None:

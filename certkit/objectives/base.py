@@ -302,6 +302,12 @@ class Objective:
         """Cost of the runs this one builds on (a CRT teacher chain), kept apart in the ledger."""
         return []
 
+    def step_constants(self) -> tuple[object, ...]:
+        """The Python numbers a step of the current epoch reads beyond the hyperparameters (warm-up and
+        deferral weights). A step captured as a CUDA graph bakes them in, and is replayed while they stay the
+        same. By default the epoch itself: a method that says nothing is captured anew every epoch."""
+        return (self.epoch,)
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """Entries this method adds to ``model.json`` (a CRT lineage, a GloRo bound)."""
         return {}

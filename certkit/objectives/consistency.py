@@ -128,6 +128,9 @@ class Consistency(Objective):
     def num_chunks(self) -> int:  # type: ignore[override]
         return self.hp.num_noise_vec
 
+    def step_constants(self) -> tuple[object, ...]:
+        return (warmup_factor(self.epoch, self.hp.warmup),)  # the attack's epsilon ramp
+
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> Tensor:
         """``x_adv`` of the consistency code's SmoothAdv attack: T steps of ``2ε_e/T`` along the per-example
         unit gradient (``‖∇‖ + 1e-8``) of the smoothed NLL over ``noises``, projected to ``‖δ‖ ≤ ε_e``, then

@@ -91,6 +91,10 @@ class CRT(Objective):
 
     name = "crt"
     graph_safe = True
+
+    def step_constants(self) -> tuple[object, ...]:
+        return ()  # no schedule
+
     Params = CRTHypers
     hp: CRTHypers
 

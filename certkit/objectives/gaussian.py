@@ -25,6 +25,9 @@ class Gaussian(Objective):
     name = "gaussian"
     graph_safe = True
 
+    def step_constants(self) -> tuple[object, ...]:
+        return ()  # no schedule
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits = model(x + self.noise(x))
         loss = F.cross_entropy(logits, y)

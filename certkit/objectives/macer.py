@@ -116,6 +116,9 @@ class Macer(Objective):
         """λ of the current epoch: 0 while deferred."""
         return 0.0 if self.epoch < self.hp.deferred_epochs else self.hp.lbd
 
+    def step_constants(self) -> tuple[object, ...]:
+        return (self.current_lbd(),)
+
     def terms(self, logits: Tensor, y: Tensor) -> MacerTerms:
         """CL, RL and the hinge mask from the ``(k, B, K)`` logits of the noisy copies."""
         p_bar = smoothed_probs(logits)

@@ -176,6 +176,9 @@ class SmoothMix(Objective):
         """``w_e``: the warm-up factor of the current epoch (scales η and maxnorm_s)."""
         return warmup_factor(self.epoch, self.hp.warmup)
 
+    def step_constants(self) -> tuple[object, ...]:
+        return (self.weight(),)
+
     def attack(self, model: nn.Module, x: Tensor, y: Tensor, noises: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_c, x_adv)`` of the SmoothMix adversary (both detached, in [0, 1]); eval mode, restored after."""
         x = x.detach()

@@ -75,6 +75,10 @@ class Stability(Objective):
 
     name = "stability"
     graph_safe = True
+
+    def step_constants(self) -> tuple[object, ...]:
+        return ()  # no schedule
+
     Params = StabilityHypers
     hp: StabilityHypers
 

@@ -154,6 +154,7 @@ def _forward_pass(smoothed: Smooth, shape: tuple[int, ...]) -> ForwardPass:
         with voter.eval_mode(), torch.inference_mode():
             batch = torch.randn((rows, *shape), generator=gen, device=voter.device).mul_(sigma).add_(0.5)
             voter.class_votes(voter.logits(batch, eager=True), rows)
+            voter.check_finite()
         if voter.device.type == "cuda":
             torch.cuda.synchronize(voter.device)
 

@@ -7,7 +7,7 @@ hard-vote counts (B, K) of ``nums[i]`` noisy copies ``xs[i] + sigma * eps`` for 
   ``(seed, idx)``) in fixed blocks of :data:`NOISE_BLOCK` copies, in the same order whether it is sampled
   alone or together with others. Counts therefore do not depend on how many inputs share a forward batch, on
   sharding or on the resume point, nor on ``batch_size`` as long as it is at least ``NOISE_BLOCK``. Noise is
-  written into one preallocated buffer and votes are counted with one ``bincount`` per forward batch.
+  written into one preallocated buffer and votes are added to the counts on the device, per forward batch.
 * :class:`SharedNoise`: up to G inputs vote on the *same* draws from one generator
   (:func:`shared_generator`). Each input's draws are still i.i.d. N(0, sigma^2 I), so every certificate keeps
   its (1 - alpha) guarantee; what is given up is independence *between* the certificates of one group. The
@@ -141,7 +141,9 @@ class Sampler:
         xs, gens = self.prepare(xs, generators)
         if len(nums) != len(xs):
             raise CertkitError(f"{len(xs)} inputs but {len(nums)} sample counts")
-        return self._counts(xs, nums, batch_size, gens)
+        counts = self._counts(xs, nums, batch_size, gens)
+        self.voter.check_finite()
+        return counts
 
     def prepare(self, xs: Tensor, generators: Generators | None) -> tuple[Tensor, list[NoiseStream]]:
         """Check a batch of inputs and their generators; return them on the voter's device as float32."""
@@ -170,7 +172,9 @@ class Sampler:
         xs = torch.cat([self.prepare(part, None)[0] for part in xs.split(self.group or max(1, len(xs)))])
         if batch_size is None:
             batch_size = len(self._buffer) if self._buffer is not None else min(num, 1000)
-        return self._vote_agreement(xs, num, batch_size, check_generator(seed, self.voter.device))
+        agreement = self._vote_agreement(xs, num, batch_size, check_generator(seed, self.voter.device))
+        self.voter.check_finite()
+        return agreement
 
     # --- what each sampler does its own way ----------------------------------------------------------------
 
@@ -221,10 +225,11 @@ class PerInputNoise(Sampler):
         with voter.eval_mode(), torch.inference_mode():
             if self.rng == "philox":
                 streams = cast(list[PhiloxStream], gens)  # prepare() checked the kind
+                keys = to_device(torch.tensor([s.key for s in streams], dtype=torch.int64), voter.device)
                 for batch_blocks in _pack(blocks, batch_size):
                     voter.new_step()
-                    owners, noisy, used = self._philox_batch(xs, batch_blocks, streams, batch_size)
-                    counts += torch.bincount(owners * k + voter.votes(noisy, used), minlength=num_inputs * k)
+                    owners, noisy, used = self._philox_batch(xs, batch_blocks, streams, keys, batch_size)
+                    add_votes(counts, owners * k + voter.votes(noisy, used))
                 return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
             generators = cast(list[torch.Generator | None], gens)
             buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
@@ -246,15 +251,23 @@ class PerInputNoise(Sampler):
                 buffer[:used].mul_(self.sigma)
                 for i, start, end in runs:
                     buffer[start:end].add_(xs[i])
-                owners = torch.repeat_interleave(
-                    torch.tensor([i for i, _, _ in runs]), torch.tensor([end - start for _, start, end in runs])
-                ).to(voter.device)
+                owners = to_device(
+                    torch.repeat_interleave(
+                        torch.tensor([i for i, _, _ in runs]), torch.tensor([end - start for _, start, end in runs])
+                    ),
+                    voter.device,
+                )
                 votes = voter.votes(buffer, used)
-                counts += torch.bincount(owners * k + votes, minlength=num_inputs * k)
+                add_votes(counts, owners * k + votes)
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
 
     def _philox_batch(
-        self, xs: Tensor, batch_blocks: list[tuple[int, int]], streams: list[PhiloxStream], batch_size: int
+        self,
+        xs: Tensor,
+        batch_blocks: list[tuple[int, int]],
+        streams: list[PhiloxStream],
+        keys: Tensor,
+        batch_size: int,
     ) -> tuple[Tensor, Tensor, int]:
         """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's owner and
         draw number are laid out on the host, its key is its owner's, and the noise of all rows is made in one
@@ -268,10 +281,10 @@ class PerInputNoise(Sampler):
         used = sum(size for _, size in batch_blocks)
         rows = batch_size if self.voter.compiled else used
         table = np.stack([np.pad(np.concatenate(c), (0, rows - used)) for c in (owners, draws)]).astype(np.int64)
-        owner, draw = torch.from_numpy(table).to(self.voter.device)
-        keys = torch.tensor([s.key for s in streams], dtype=torch.int64, device=self.voter.device)[owner]
+        owner, draw = to_device(torch.from_numpy(table), self.voter.device)
+        row_keys = keys[owner]
         # the gathers stay outside the compiled graph, whose shapes then do not depend on how many inputs
-        noisy = self._philox_copies(xs[owner], keys[:, 0], keys[:, 1], draw, self.sigma)
+        noisy = self._philox_copies(xs[owner], row_keys[:, 0], row_keys[:, 1], draw, self.sigma)
         return owner[:used], noisy, used
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
@@ -345,24 +358,24 @@ class SharedNoise(Sampler):
         with voter.eval_mode(), torch.inference_mode():
             images = self._image_part(xs)
             eps = self._noise_buffer(per_pass * block, tuple(xs.shape[1:]))
+            stream = gens[0]
+            if isinstance(stream, PhiloxStream):  # copied to the device once, not per pass
+                key0, key1 = stream.key_tensors(voter.device)
             for start in range(0, len(sizes), per_pass):
                 used = sum(sizes[start : start + per_pass])
-                stream = gens[0]
                 voter.new_step()
                 if isinstance(stream, PhiloxStream):  # the pass's draws in one computation
                     rows = len(eps) if voter.compiled else used  # compiled: one shape, the tail never counted
                     first = stream.take(used)
                     draws = torch.arange(first, first + rows, device=voter.device)
-                    eps[:rows] = self._philox_normal(*stream.key_tensors(voter.device), draws, eps[0].numel()).view(
-                        rows, *eps.shape[1:]
-                    )
+                    eps[:rows] = self._philox_normal(key0, key1, draws, eps[0].numel()).view(rows, *eps.shape[1:])
                 else:
                     filled = 0
                     for size in sizes[start : start + per_pass]:
                         torch.randn((size, *xs.shape[1:]), generator=stream, out=eps[filled : filled + size])
                         filled += size
                 votes = self._votes(images, eps, used, members)
-                counts += torch.bincount((owners + votes).flatten(), minlength=num_inputs * k)
+                add_votes(counts, (owners + votes).flatten())
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
 
     def _vote_agreement(self, xs: Tensor, num: int, batch_size: int, gen: torch.Generator) -> np.ndarray:
@@ -443,6 +456,20 @@ def _philox_copies(images: Tensor, key0: Tensor, key1: Tensor, draw: Tensor, sig
     ``(key0[r], key1[r])``; the scaling and the shift round as the torch path's do."""
     eps = standard_normal(key0, key1, draw, images[0].numel()).view(images.shape)
     return images + eps * sigma
+
+
+def add_votes(counts: Tensor, index: Tensor) -> None:
+    """``counts[index[j]] += 1`` for every j, on the device (``bincount`` would read the largest index back to
+    the host first: on CUDA a synchronisation per forward batch)."""
+    counts.scatter_add_(0, index, torch.ones_like(index))
+
+
+def to_device(table: Tensor, device: torch.device) -> Tensor:
+    """A host-made table on ``device``; to a GPU from pinned memory and asynchronously, so that the host lays
+    out the next forward batch while this one runs."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def block_sizes(num: int, block: int) -> list[int]:

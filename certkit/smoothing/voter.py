@@ -74,6 +74,7 @@ class Voter:
                 "(on CPU certkit votes in fp32)"
             )
         self.amp = amp
+        self._finite: Tensor | None = None  # all logits finite since the last check_finite (on the device)
         self.channels_last = channels_last
         self.compiled = compile
         # the network that votes; self.model stays untouched as the fp32 reference of vote_agreement
@@ -147,15 +148,25 @@ class Voter:
         return torch.cat([part, part.new_zeros((rows - len(part), *part.shape[1:]))])
 
     def class_votes(self, logits: Tensor, rows: int) -> Tensor:
-        """argmax class of each row, once the logits are known to be (rows, K) and finite: a wrong shape
-        would spill votes into another input's counts, and argmax counts a NaN row as a vote for class 0."""
+        """argmax class of each row of logits known to be (rows, K): a wrong shape would spill votes into
+        another input's counts. Whether they are finite (argmax counts a NaN row as a vote for class 0) is
+        recorded on the device for :meth:`check_finite`, which every sampler call ends with."""
         if logits.shape != (rows, self.num_classes):
             raise CertkitError(
                 f"the model returned logits of shape {tuple(logits.shape)}, expected ({rows}, {self.num_classes})"
             )
-        if not torch.isfinite(logits).all():
-            raise NonFiniteLogits("the model returned NaN or inf logits; certify only a network with finite outputs")
+        finite = torch.isfinite(logits).all()
+        self._finite = finite if self._finite is None else self._finite & finite
         return logits.argmax(1)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLogits` if a batch voted on since the last check had a NaN or inf logit.
+
+        The check is read once per sampler call, not per forward batch: each read waits for the device, and
+        on CUDA the host could then not prepare the next batch while the network runs."""
+        finite, self._finite = self._finite, None
+        if finite is not None and not bool(finite):
+            raise NonFiniteLogits("the model returned NaN or inf logits; certify only a network with finite outputs")
 
     def vote_agreement(
         self, xs: Tensor, sigma: float, draws: Iterable[Tensor], fast_votes: Callable[[Tensor, Tensor], Tensor]
