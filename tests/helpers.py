@@ -62,9 +62,10 @@ def make_cifar_dataset(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
 
 def train_argv(data_dir: str | Path, *switches: str, epochs: int = 1, **flags: object) -> list[str]:
     """``certkit train`` arguments for a short run on the test data in ``data_dir``: one epoch unless told,
-    each keyword as ``--its-name value`` in the order given, then ``switches`` as they are, so that a test
-    spells only what sets its run apart."""
-    argv = ["train", "--data-dir", str(data_dir), "--epochs", str(epochs)]
+    on the CPU unless told (the expectations, bit-for-bit resumption among them, are the CPU's, also where a
+    GPU is visible), each keyword as ``--its-name value`` in the order given, then ``switches`` as they are,
+    so that a test spells only what sets its run apart."""
+    argv = ["train", "--data-dir", str(data_dir), "--epochs", str(epochs), "--device", "cpu"]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     return [*argv, *switches]

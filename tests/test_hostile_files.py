@@ -401,7 +401,7 @@ def test_training_into_a_locked_run_directory_is_refused(tmp_path: Path, live_pi
         f"in use by process {live_pid}",
     )
     assert not run.exists()
-    proc = cli(*train_argv(data, dataset="mnist", arch="lenet", batch_size=4, device="cpu", out=run))
+    proc = cli(*train_argv(data, dataset="mnist", arch="lenet", batch_size=4, out=run))
     assert_cli_refusal(proc, f"in use by process {live_pid}")
     assert not run.exists()
 

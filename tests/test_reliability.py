@@ -76,7 +76,7 @@ def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) ->
 
 def test_training_killed_before_first_epoch_starts_over(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=200, n_test=20)
-    args = train_argv(data, dataset="mnist", arch="smallcnn", batch_size=50, device="cpu", out=tmp_path / "run")
+    args = train_argv(data, dataset="mnist", arch="smallcnn", batch_size=50, out=tmp_path / "run")
     proc = certkit(*args, wait=False)
     kill_when(proc, lambda: True)  # at once: nothing complete on disk
     resumed = certkit(*args, "--resume")  # nothing to resume: refused, not a silent fresh start
@@ -91,7 +91,7 @@ def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("cert")
     data = make_idx_dataset(root / "data", n_train=200, n_test=60)
     out = root / "run"
-    r = certkit(*train_argv(data, dataset="mnist", arch="lenet", batch_size=50, device="cpu", out=out))
+    r = certkit(*train_argv(data, dataset="mnist", arch="lenet", batch_size=50, out=out))
     assert r.returncode == 0, r.stderr.decode()
     return out, data
 
