@@ -39,7 +39,7 @@ from certkit.data import as_training_data, check_item, dataset_info, load_datase
 from certkit.errors import CertkitError
 from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
-from certkit.models import create_model, model_spec
+from certkit.models import create_model, list_models, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
 from certkit.progress import Progress
 from certkit.recipes import check_recipe, get_recipe
@@ -104,8 +104,8 @@ class TrainConfig:
         "auto",
         "how a training step runs: graph = the whole step (noise, attack, forward, backward, optimizer) "
         "captured as a CUDA graph and replayed; on = the model under torch.compile (inductor, CUDA graphs of "
-        "the model alone on CUDA); off = eager; auto = graph on CUDA where the method allows it (else on), "
-        "off on CPU",
+        "the model alone on CUDA); off = eager; auto = graph on CUDA where the method allows it and the "
+        "networks are certkit's (else on), off on CPU",
         choices=COMPILE_MODES,
     )
     channels_last: str = setting(
@@ -286,7 +286,9 @@ class Trainer:
         self.progress = progress  # None: a bar on a terminal, else a log line every CERTKIT_PROGRESS_SECONDS
         self.log = log or (logging.getLogger("certkit").info if self.rank == 0 else lambda msg: None)
         self.metric_logs = MetricLogs(self.out_dir if self.rank == 0 else None, metric_logs if self.rank == 0 else ())
-        self.step_mode = step_mode(self.config.compile, self.device, objective, self.world_size)
+        self.step_mode = step_mode(
+            self.config.compile, self.device, objective, self.world_size, own_networks(self.meta, objective)
+        )
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.ledger = CostLedger(device=checkpoint.environment()["device"], ancestors=objective.cost_ancestors())
@@ -619,11 +621,24 @@ def use_channels_last(choice: str, model: nn.Module) -> bool:
     return choice == "on"
 
 
-def step_mode(choice: str, device: torch.device, objective: Objective, world_size: int) -> str:
+def own_networks(meta: Mapping[str, Any], objective: Objective) -> bool:
+    """Whether every network a step runs (the model, a CRT teacher) is one of certkit's architectures, whose
+    forward passes are known to capture; a user's module may synchronise with the host in its forward."""
+    archs = [meta.get("arch")]
+    if objective.graph_safe:  # a CRT teacher's architecture, as its checkpoint records it
+        archs.append(objective.checkpoint_meta().get("teacher", {}).get("arch", archs[0]))
+    return all(isinstance(a, str) and a in list_models() for a in archs)
+
+
+def step_mode(
+    choice: str, device: torch.device, objective: Objective, world_size: int, known_networks: bool = True
+) -> str:
     """How the trainer runs a step (``TrainConfig.compile``): "graph", "on" (torch.compile) or "off".
 
     "auto" captures on CUDA when it can: one process (a captured step would hold DistributedDataParallel's
-    collectives) and an objective without host synchronisation or data-dependent shapes in its step."""
+    collectives), an objective without host synchronisation or data-dependent shapes in its step, and
+    certkit's own networks (``known_networks``, see :func:`own_networks`); a user's network is captured when
+    ``--compile graph`` says so."""
     why_not = None
     if device.type != "cuda":
         why_not = f"CUDA graphs need a CUDA device (this run is on {device.type})"
@@ -634,7 +649,7 @@ def step_mode(choice: str, device: torch.device, objective: Objective, world_siz
     if choice == "graph" and why_not:
         raise CertkitError(f"--compile graph: {why_not}; use --compile on or off")
     if choice == "auto":
-        return "off" if device.type != "cuda" else ("on" if why_not else "graph")
+        return "off" if device.type != "cuda" else ("on" if why_not or not known_networks else "graph")
     return choice
 
 

@@ -15,7 +15,7 @@ from certkit.data import ArrayDataset, dataset_info
 from certkit.errors import CertkitError
 from certkit.methods import build_objective, get_objective, list_objectives
 from certkit.models import create_model
-from certkit.train import TrainConfig, Trainer, step_mode
+from certkit.train import TrainConfig, Trainer, own_networks, step_mode
 
 SHAPE = (1, 28, 28)
 
@@ -194,6 +194,14 @@ def test_each_batch_shape_gets_its_own_capture() -> None:
     assert second["loss"] == pytest.approx(first["loss"], rel=1e-5)
 
 
+def test_auto_captures_only_certkit_architectures() -> None:
+    lenet = create_model("lenet", 10, SHAPE)
+    assert own_networks({"arch": "lenet"}, objective("gaussian"))
+    assert not own_networks({"arch": "custom:Sequential"}, objective("gaussian"))
+    crt = build_objective("crt", 0.25, "mnist", None, lenet, None, 10)  # its teacher: a module, not a run
+    assert not own_networks({"arch": "lenet"}, crt)
+
+
 def test_a_new_learning_rate_is_a_new_capture() -> None:
     eager = trainer("gaussian", mlp(), n=64, compile="off", epochs=3, lr_step=2)
     graph, capture = captured("gaussian", epochs=3, lr_step=2)
@@ -211,6 +219,8 @@ def test_step_mode_captures_on_cuda_only_what_it_can() -> None:
     assert step_mode("auto", cuda, objective("gaussian"), 2) == "on"  # torchrun: DDP's collectives
     assert step_mode("auto", cpu, objective("gaussian"), 1) == "off"
     assert step_mode("off", cuda, objective("gaussian"), 1) == "off"
+    assert step_mode("auto", cuda, objective("gaussian"), 1, known_networks=False) == "on"  # a user's module
+    assert step_mode("graph", cuda, objective("gaussian"), 1, known_networks=False) == "graph"  # when asked
     with pytest.raises(CertkitError, match="--compile graph: the smoothadv step decides on the host"):
         step_mode("graph", cuda, objective("smoothadv"), 1)
     with pytest.raises(CertkitError, match="--compile graph: CUDA graphs need a CUDA device"):
