@@ -141,6 +141,11 @@ class StepRunner:
             total.zero_()
         self.steps = 0
 
+    def release(self) -> None:
+        """Drop the captured steps: a capture holds the addresses of the weights and optimizer state, so one
+        must not be replayed after they move (a change of memory format, a load)."""
+        self._graphs.clear()
+
     def __call__(self, x: Tensor, y: Tensor) -> None:
         if self.capture is None or self.eager_steps < self.warmup:
             with self._side_stream():

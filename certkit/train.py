@@ -368,7 +368,9 @@ class Trainer:
                 self.metric_logs.write(self.history)
             if self.world_size > 1:
                 dist.barrier()
-        # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does
+        # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does;
+        # that moves the weights, so captured steps (which hold their old addresses) are dropped first
+        self.runner.release()
         for module in (self.model, *self.objective.counted_modules().values()):
             module.to(memory_format=torch.contiguous_format)
         return self.history
@@ -385,11 +387,11 @@ class Trainer:
         self.objective.start_epoch(epoch, c.epochs)
         self.net.train()
         chunks = max(1, int(self.objective.num_chunks))
-        steps = self.runner
-        steps.begin_epoch()
+        runner = self.runner
+        runner.begin_epoch()
 
         def running_loss() -> str:  # read off the device only when a progress line is drawn
-            return f"loss={float(steps.totals['loss']) / max(steps.steps, 1):.4f}"
+            return f"loss={float(runner.totals['loss']) / max(runner.steps, 1):.4f}"
 
         per_rank = len(self.train_data) // self.world_size
         drop_last = self.step_mode in ("on", "graph") and per_rank >= c.batch_size
@@ -408,9 +410,9 @@ class Trainer:
             c.batch_size, shuffle=True, generator=order, drop_last=drop_last, rank=self.rank, world_size=self.world_size
         ):
             for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
-                steps(xc, yc)
+                runner(xc, yc)
             bar.update(1, note=running_loss)
-        if c.check_finite and steps.steps and not bool(torch.isfinite(steps.totals["loss"])):
+        if c.check_finite and runner.steps and not bool(torch.isfinite(runner.totals["loss"])):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
                 "(lower the learning rate or the method's attack strength)"
@@ -421,12 +423,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         # epochs count from 1 in metrics.jsonl and the ledger, as on the console
-        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps.steps}
+        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": runner.steps}
         for counter in self.counters:
             cost.update(counter.take())
         self.ledger.epochs.append(cost)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
-        record.update({k: float(v) / max(steps.steps, 1) for k, v in steps.totals.items()})
+        record.update({k: float(v) / max(runner.steps, 1) for k, v in runner.totals.items()})
         return record
 
     def _constants(self) -> tuple[object, ...]:

@@ -212,6 +212,16 @@ def test_a_new_learning_rate_is_a_new_capture() -> None:
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), k
 
 
+def test_fit_drops_its_captures_before_moving_the_weights() -> None:
+    """fit() ends by putting the weights back in the contiguous layout: new tensors, so a capture of the old
+    ones must never be replayed again."""
+    graph, capture = captured("gaussian", epochs=1)
+    graph.fit()
+    assert capture.captures == 1
+    graph.train_epoch(1)
+    assert capture.captures == 2
+
+
 def test_step_mode_captures_on_cuda_only_what_it_can() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert step_mode("auto", cuda, objective("smoothmix"), 1) == "graph"
