@@ -31,6 +31,12 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=d.teacher_epochs, help="teacher epochs (paid once)")
     p.add_argument("--teacher-arch", default=d.teacher_arch)
     p.add_argument("--student-arch", default=d.student_arch)
+    p.add_argument(
+        "--teacher-seed",
+        type=int,
+        default=d.teacher_seed,
+        help="the teacher's seed (another than the students' when it has their architecture)",
+    )
     p.add_argument("--train-subset", type=int, default=d.train_subset, help="training images (0: all 60,000)")
     p.add_argument("--certify-images", type=int, default=d.certify_images)
     p.add_argument("--n", type=int, default=d.n, help="certification samples per image")
@@ -47,6 +53,7 @@ def main() -> None:
         d,
         teacher_arch=a.teacher_arch,
         student_arch=a.student_arch,
+        teacher_seed=a.teacher_seed,
         teacher_epochs=a.teacher_epochs,
         student_epochs=a.epochs,
         train_subset=a.train_subset or None,

@@ -27,8 +27,11 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
         cert_batch=200,
         crt_batch_size=32,
         crt_alpha=0.5,
+        teacher_seed=7,
     )
     figures = compare(cfg, tmp_path, log=lambda m: None)
+    assert json.loads((tmp_path / "teacher" / "model.json").read_text())["train"]["seed"] == 7
+    assert json.loads((tmp_path / "direct" / "model.json").read_text())["train"]["seed"] == 0
     for name in ("teacher", "crt", "direct"):
         assert (tmp_path / name / "model.safetensors").exists()
         assert len((tmp_path / f"{name}.tsv").read_text().splitlines()) == 1 + 6

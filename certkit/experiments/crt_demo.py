@@ -59,6 +59,9 @@ class CompareConfig:
     #: ``certkit.smoothing.runner``), for a faster forward pass of the convolutional nets on CPU and GPU
     cert_channels_last: bool = True
     seed: int = 0
+    #: the teacher's seed: give it another one than ``seed`` when the teacher has the students' architecture,
+    #: or it is the directly trained student itself, weight for weight
+    teacher_seed: int = 0
     generations: int = 3
     teacher_hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -80,13 +83,15 @@ class CompareConfig:
         )
 
 
-def _train_kwargs(cfg: CompareConfig, epochs: int, batch_size: int | None = None) -> dict[str, Any]:
+def _train_kwargs(
+    cfg: CompareConfig, epochs: int, batch_size: int | None = None, seed: int | None = None
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         epochs=epochs,
         batch_size=batch_size or cfg.batch_size,
         lr=cfg.lr,
         schedule=cfg.schedule,
-        seed=cfg.seed,
+        seed=cfg.seed if seed is None else seed,
         train_subset=cfg.train_subset,
         test_subset=cfg.test_subset,
     )
@@ -107,7 +112,11 @@ def compare(
     dev = select_device(device)
     runs: dict[str, dict[str, Any]] = {
         "teacher": dict(
-            arch=cfg.teacher_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.teacher_epochs
+            arch=cfg.teacher_arch,
+            method=cfg.teacher_method,
+            hparams=cfg.teacher_hparams,
+            epochs=cfg.teacher_epochs,
+            seed=cfg.teacher_seed,
         ),
         "crt": dict(
             arch=cfg.student_arch,
@@ -137,7 +146,7 @@ def compare(
             data_dir=data_dir,
             device=str(dev),
             resume=(out / name / STATE).is_file(),
-            **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size")),
+            **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size"), spec.get("seed")),
         )
         model, meta = checkpoint.load_with_meta(out / name, device=dev)
         log(f"== certifying {name} on {cfg.certify_images} test images (n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha})")
