@@ -3,16 +3,18 @@
 #
 #   bash benchmarks/gpu.sh [STAGE ...]        # default: every stage, in this order
 #
-# Stages, most important first (each under its own time limit, all under BUDGET seconds in total, so
-# that a late stage running out of time still leaves the earlier figures):
+# Stages (each under its own time limit, all under BUDGET seconds in total, so that a late stage running
+# out of time still leaves the earlier figures); the default order puts first what 2026-11-28 left open:
 #   env          the GPU and torch
 #   graphtest    the CUDA-graph training step against the eager one (tests/test_compiled_step.py)
 #   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto
 #   crt          benchmarks/crt_speedup.py at the GPU sizes
 #   certlenet    benchmarks/certify_throughput.py, LeNet, n = 100,000, bf16 + channels-last + compile, Philox
 #   certlenettorch  the same with torch's generator (a randn per block of 100 copies)
-#   tests        the test suite with CUDA visible (xdist), CUDA-only tests included
-#   certresnet   the same for ResNet-110 (CIFAR shape, random images), n = 10,000, batch 4,000, cuDNN autotuning
+#   certresnet   certlenet for ResNet-110 (CIFAR shape, random images), n = 10,000, batch 4,000, cuDNN autotuning
+#   tests        the test suite with CUDA visible (xdist, -v: a failure's name is printed when it happens)
+#   profile      benchmarks/profile_gpu.py: host and device time of a certification batch; a short captured
+#                training run's first epoch split into warm-up steps, captures and the rest
 #   trainon      vs_official with --compile on (the network alone compiled), for comparison
 #   trainother   vs_official: smoothadv, macer, consistency
 #
@@ -55,7 +57,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
     cat "$SCRATCH/$name.out" >>"$LOG"
     {
         echo "== $name: rc $rc, $(($(date +%s) - t0)) s"
-        grep -E "^(train_ratio|floor_ratio|vs_official|crt_speedup|certify_throughput|teacher|chain|[0-9]+ (passed|failed)|FAILED|ERROR)|passed|failed" "$SCRATCH/$name.out" | tail -n 25
+        grep -E "^(train_ratio|floor_ratio|vs_official|crt_speedup|certify_throughput|profile_gpu|teacher|chain|[0-9]+ (passed|failed)|FAILED|ERROR)|passed|failed" "$SCRATCH/$name.out" | tail -n 25
         tail -n 4 "$SCRATCH/$name.out"
     } >>"$SUMMARY"
 }
@@ -76,7 +78,8 @@ run_stage() {
         --certify-images 300 --n 10000 --device cuda --out "$SCRATCH/crt" ;;
     certlenet) stage certlenet 120 $CT --rng philox ;;
     certlenettorch) stage certlenettorch 120 $CT --rng torch ;;
-    tests) stage tests 180 python3 -m pytest -q -p no:cacheprovider -n 12 tests ;;
+    tests) stage tests 240 python3 -m pytest -v -p no:cacheprovider -n 14 tests ;;
+    profile) stage profile 120 python3 benchmarks/profile_gpu.py --device cuda ;;
     certresnet) stage certresnet 150 python3 benchmarks/certify_throughput.py --arch resnet110 --device cuda \
         --n 10000 --batch 4000 --amp bf16 --channels-last --compile --cudnn-benchmark --rng philox --inputs 4 \
         --ref-inputs 2 --rounds 2 ;;
@@ -87,7 +90,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env graphtest train crt certlenet tests certresnet trainon trainother certlenettorch)
+[ ${#stages[@]} -eq 0 ] && stages=(env graphtest tests profile certlenet certlenettorch crt train certresnet trainon trainother)
 for s in "${stages[@]}"; do
     run_stage "$s"
 done
