@@ -1,10 +1,10 @@
 """The trainer's optimizer steps, run eagerly or as replays of a captured CUDA graph.
 
-Why graphs: the networks of the randomized-smoothing literature are small (a LeNet forward of a 256-image
-batch is a few microseconds of GPU arithmetic), so an eager step's cost is its kernel launches and the Python
-between them: a SmoothMix step issues several hundred kernels (noise, attack steps, two forward passes, a
-backward pass, the optimizer), each from Python. A captured step is one replay. Compiling only the network
-(``torch.compile``) leaves the noise, the attack loop, the backward pass and the optimizer in Python.
+Why graphs: the networks of the randomized-smoothing literature are small, so on a GPU an eager step's cost
+is its kernel launches and the Python between them, not its arithmetic: a SmoothMix step issues hundreds of
+small kernels (noise, attack steps, two forward passes, a backward pass, the optimizer), each from Python. A
+captured step is one replay. Compiling only the network (``torch.compile``) leaves the noise, the attack
+loop, the backward pass and the optimizer in Python. (Figures: docs/benchmarks.md, "On a GPU".)
 
 What a capture records: the objective's whole step (noise, attack, forward passes, backward pass, optimizer
 step) and the running sums of the loss parts, kernel by kernel, with every Python number the step reads baked
@@ -41,8 +41,9 @@ Capture = Callable[[Callable[[], None]], Callable[[], None]]
 def cuda_graph(fn: Callable[[], None]) -> Callable[[], None]:
     """Capture ``fn``'s kernels into a CUDA graph on a side stream and return its replay.
 
-    ``torch.cuda.graph`` would also collect garbage and empty the allocator's cache first, which on a short
-    run costs as much as its steps."""
+    Unlike ``torch.cuda.graph``, it neither collects garbage nor empties the allocator's cache before the
+    capture: a trainer that captures again whenever a learning rate or a schedule weight changes has no use
+    for either."""
     graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
