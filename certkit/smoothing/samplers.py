@@ -230,36 +230,39 @@ class PerInputNoise(Sampler):
                     voter.new_step()
                     owners, noisy, used = self._philox_batch(xs, batch_blocks, streams, keys, batch_size)
                     add_votes(counts, owners * k + voter.votes(noisy, used))
-                return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
-            generators = cast(list[torch.Generator | None], gens)
-            buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
-            for batch_blocks in _pack(blocks, batch_size):
-                voter.new_step()
-                # standard normal noise, block by block from each input's own generator; an input's blocks
-                # are consecutive in the batch, so it owns one run of rows
-                used = 0
-                runs: list[list[int]] = []  # [input, first row, end row]
-                for i, size in batch_blocks:
-                    torch.randn((size, *xs.shape[1:]), generator=generators[i], out=buffer[used : used + size])
-                    if runs and runs[-1][0] == i:
-                        runs[-1][2] = used + size
-                    else:
-                        runs.append([i, used, used + size])
-                    used += size
-                # x + sigma * noise with one scaling for the whole batch and one shift per input: few, large
-                # operations (each small one costs a kernel launch, or a thread hand-off on CPU)
-                buffer[:used].mul_(self.sigma)
-                for i, start, end in runs:
-                    buffer[start:end].add_(xs[i])
-                owners = to_device(
-                    torch.repeat_interleave(
-                        torch.tensor([i for i, _, _ in runs]), torch.tensor([end - start for _, start, end in runs])
-                    ),
-                    voter.device,
-                )
-                votes = voter.votes(buffer, used)
-                add_votes(counts, owners * k + votes)
+            else:
+                generators = cast(list[torch.Generator | None], gens)
+                buffer = self._noise_buffer(batch_size, tuple(xs.shape[1:]))
+                for batch_blocks in _pack(blocks, batch_size):
+                    voter.new_step()
+                    owners, used = self._torch_batch(xs, batch_blocks, generators, buffer)
+                    add_votes(counts, owners * k + voter.votes(buffer, used))
         return counts.view(num_inputs, k).cpu().numpy().astype(np.int64)
+
+    def _torch_batch(
+        self, xs: Tensor, batch_blocks: list[tuple[int, int]], generators: list[torch.Generator | None], buffer: Tensor
+    ) -> tuple[Tensor, int]:
+        """(owner of each used row, rows used) of one forward batch written into ``buffer``: standard normal
+        noise block by block from each input's own generator, then scaled and shifted. An input's blocks are
+        consecutive in the batch, so it owns one run of rows."""
+        used = 0
+        runs: list[list[int]] = []  # [input, first row, end row]
+        for i, size in batch_blocks:
+            torch.randn((size, *xs.shape[1:]), generator=generators[i], out=buffer[used : used + size])
+            if runs and runs[-1][0] == i:
+                runs[-1][2] = used + size
+            else:
+                runs.append([i, used, used + size])
+            used += size
+        # x + sigma * noise with one scaling for the whole batch and one shift per input: few, large
+        # operations (each small one costs a kernel launch, or a thread hand-off on CPU)
+        buffer[:used].mul_(self.sigma)
+        for i, start, end in runs:
+            buffer[start:end].add_(xs[i])
+        owners = torch.repeat_interleave(
+            torch.tensor([i for i, _, _ in runs]), torch.tensor([end - start for _, start, end in runs])
+        )
+        return to_device(owners, self.voter.device), used
 
     def _philox_batch(
         self,
@@ -271,8 +274,8 @@ class PerInputNoise(Sampler):
     ) -> tuple[Tensor, Tensor, int]:
         """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's owner and
         draw number are laid out on the host, its key is its owner's, and the noise of all rows is made in one
-        computation. Compiled,
-        the rows are padded to ``batch_size`` (one shape per graph; the padding rows are never counted)."""
+        computation. Compiled, the rows are padded to ``batch_size`` (one shape per graph; the padding rows are
+        never counted)."""
         owners, draws = [], []
         for i, size in batch_blocks:
             first = streams[i].take(size)
