@@ -20,7 +20,6 @@ Last line: ``profile_gpu: certify <wall> ms/batch wall, <busy> ms/batch device; 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,13 +60,21 @@ def profile_certification(args: argparse.Namespace, device: torch.device) -> tup
 
     certify(1)  # warm-up: compilation, CUDA-graph recording, allocator
     sync(device)
+    voter, marks = smoothed.sampler.voter, []
+    new_step = voter.new_step
+
+    def counted_step() -> None:  # the samplers mark the start of every forward batch
+        marks.append(1)
+        new_step()
+
+    voter.new_step = counted_step  # type: ignore[method-assign]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         certify(2)
         sync(device)
         wall = time.perf_counter() - start
-    batches = args.inputs * math.ceil((args.n + 100) / args.batch)  # about: n0 and n of each input in blocks
+    batches = len(marks)
     busy = device_busy_ms(prof) if device.type == "cuda" else float("nan")
     print(
         f"certification: {batches} forward batches of {args.batch}, wall {wall * 1e3 / batches:.3f} ms/batch, "
