@@ -42,10 +42,14 @@ is installed and otherwise supplies a writer that drops the per-epoch scalars (t
 ``statsmodels`` is needed only by their certifier, which is not run.
 
     python benchmarks/vs_official.py [--methods gaussian,smoothmix] [--batches 4] [--rounds 2]
-                                     [--threads 1] [--device cpu] [--keep DIR]
+                                     [--threads 1] [--device cpu] [--amp bf16] [--keep DIR]
 
-One line per method, ``train_ratio_<method>: <ratio>  (certkit <ms> ms/image, official <ms> ms/image)``, and a
-last line ``vs_official: <worst ratio> (<method>; certkit s/image / official s/image, lower is better)``.
+``--amp bf16`` times certkit (and the ``--floor`` loop) under bf16 autocast against the official code in
+fp32: a speed option that changes the arithmetic, whose effect on the trained models is measured apart
+(docs/benchmarks.md).
+
+One line per method and ``--amp`` setting, ``train_ratio_<method>[_bf16]: <ratio>  (certkit <ms> ms/image,
+official <ms> ms/image)``, and a last line ``vs_official: <worst ratio> --amp <setting> (<method>), ...``.
 """
 
 from __future__ import annotations
@@ -99,14 +103,15 @@ except ImportError:  # no tensorboard package: the scripts only log per-epoch sc
 #: ``--floor``: the least time any trainer can take for Gaussian training with these kernels — a bare loop of
 #: the same arithmetic (LeNet in channels-last, as certkit runs it, the K batches held as one tensor, no
 #: loader, logging, checks or progress), so the gap between it and certkit is certkit's own overhead and the
-#: gap between it and the official code is what kernels alone give. Prints one line of per-epoch seconds.
+#: gap between it and the official code is what kernels alone give. With ``--amp bf16`` it runs under the same
+#: bf16 autocast as certkit. Prints one line of per-epoch seconds.
 FLOOR_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import torch, torch.nn.functional as F
 from certkit.data import read_idx_pair
 from certkit.models import create_model
-raw, epochs, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+raw, epochs, batch, amp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "bf16"
 x, y = read_idx_pair(raw, "train")
 x = x.float().div(255)
 torch.manual_seed(0)
@@ -117,7 +122,8 @@ for _ in range(epochs):
     start = time.perf_counter()
     for i in torch.randperm(len(x)).split(batch):
         xb = x[i]
-        loss = F.cross_entropy(model(xb + 0.25 * torch.randn_like(xb)), y[i])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(xb + 0.25 * torch.randn_like(xb)), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -282,7 +288,7 @@ def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[st
 
 
 def run_certkit(
-    method: str, data: Path, out: Path, epochs: int, device: str, compile_mode: str, env: dict[str, str]
+    method: str, data: Path, out: Path, epochs: int, amp: str, a: argparse.Namespace, env: dict[str, str]
 ) -> list[float]:
     cmd = [
         sys.executable,
@@ -318,18 +324,23 @@ def run_certkit(
         "--test-subset",
         "0",
         "--device",
-        device,
+        a.device,
         "--compile",
-        compile_mode,
+        a.compile,
+        "--amp",
+        amp,
         *METHODS[method].certkit,
     ]
     run(cmd, out.parent, env, f"certkit train --method {method}")
     return certkit_epoch_seconds(out / "metrics.jsonl")
 
 
-def run_floor(raw: Path, epochs: int, env: dict[str, str]) -> list[float]:
+def run_floor(raw: Path, epochs: int, amp: str, env: dict[str, str]) -> list[float]:
     done = subprocess.run(
-        [sys.executable, "-c", FLOOR_SCRIPT, str(raw), str(epochs), str(BATCH)], env=env, capture_output=True, text=True
+        [sys.executable, "-c", FLOOR_SCRIPT, str(raw), str(epochs), str(BATCH), amp],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         raise CertkitError(f"bare Gaussian loop exited with status {done.returncode}: {done.stderr.strip()[-500:]}")
@@ -384,6 +395,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="certkit's --compile: how its training step runs (auto: a captured CUDA graph where the method "
         "allows, eager on CPU)",
     )
+    p.add_argument(
+        "--amp",
+        default="off",
+        help="certkit's --amp settings to time in the same rounds, comma-separated (off, bf16; e.g. off,bf16): "
+        "bf16 autocast runs on CUDA or a CPU with AVX512-BF16/AMX; the official code always trains in fp32",
+    )
     p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
     p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
     p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
@@ -395,6 +412,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     a = p.parse_args(argv)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    a.amp = [m.strip() for m in a.amp.split(",") if m.strip()]
+    if not a.amp or not set(a.amp) <= {"off", "bf16"} or len(set(a.amp)) < len(a.amp):
+        p.error(f"--amp takes off, bf16 or both, comma-separated (got {','.join(a.amp)!r})")
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown or not a.methods:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -404,7 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]:
-    """Seconds per image of each method on each side that ran (``official``, ``certkit``, ``floor``)."""
+    """Seconds per image of each method on each side that ran (``official``, and ``certkit <amp>`` and
+    ``floor <amp>`` for each ``--amp`` setting)."""
     if a.device == "cuda":
         import torch
 
@@ -420,55 +441,61 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
     runs = scratch / "certkit"
     runs.mkdir()
 
-    times: dict[str, dict[str, list[float]]] = {m: {"official": [], "certkit": [], "floor": []} for m in a.methods}
+    times: dict[str, dict[str, list[float]]] = {m: {} for m in a.methods}
     for r in range(a.rounds):
         for i, method in enumerate(a.methods):
             run_id = r * len(METHODS) + i
-            sides = ("official", "certkit") if r % 2 == 0 else ("certkit", "official")
+            sides = ["official", *(f"certkit {amp}" for amp in a.amp)]
+            if r % 2:
+                sides.reverse()
             if a.floor and method == "gaussian":
-                sides += ("floor",)
+                sides += [f"floor {amp}" for amp in a.amp]
             for side in sides:
-                if side == "floor":
-                    secs = run_floor(raw, a.epochs, certkit_env)
-                elif side == "official":
+                kind, _, amp = side.partition(" ")
+                if kind == "floor":
+                    secs = run_floor(raw, a.epochs, amp, certkit_env)
+                elif kind == "official":
                     secs = run_official(method, code, run_id, a.epochs, official_env)
                 else:
-                    out = runs / f"{method}-{r}"
-                    secs = run_certkit(method, raw, out, a.epochs, a.device, a.compile, certkit_env)
-                times[method][side] += timed(secs, a.epochs, f"{side} {method}")
+                    out = runs / f"{method}-{amp}-{r}"
+                    secs = run_certkit(method, raw, out, a.epochs, amp, a, certkit_env)
+                times[method].setdefault(side, []).extend(timed(secs, a.epochs, f"{side} {method}"))
                 print(
                     f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs) + " s",
                     file=sys.stderr,
                     flush=True,
                 )
-    return {m: {side: sum(v) / len(v) / images for side, v in t.items() if v} for m, t in times.items()}
+    return {m: {side: sum(v) / len(v) / images for side, v in t.items()} for m, t in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     print(
-        f"device {a.device}, certkit --compile {a.compile}, {a.threads} thread(s) each side, "
+        f"device {a.device}, certkit --compile {a.compile} --amp {','.join(a.amp)}, {a.threads} thread(s) each side, "
         f"{a.batches} batches of {BATCH} per epoch, "
-        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s)",
+        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s); the official code in fp32",
         flush=True,
     )
     rates = in_scratch(a.keep, "vs_official", lambda scratch: measure(a, scratch))
-    ratios = {m: r["certkit"] / r["official"] for m, r in rates.items()}
+    worst: dict[str, tuple[float, str]] = {}
     for m, r in rates.items():
-        print(
-            f"train_ratio_{m}: {ratios[m]:.3f}  (certkit {r['certkit'] * 1e3:.3f} ms/image, "
-            f"official {r['official'] * 1e3:.3f} ms/image)"
-        )
-        if "floor" in r:
+        for amp in a.amp:
+            suffix = "" if amp == "off" else f"_{amp}"
+            mine = r[f"certkit {amp}"]
+            ratio = mine / r["official"]
+            worst[amp] = max(worst.get(amp, (0.0, "")), (ratio, m))
             print(
-                f"floor_ratio_{m}: {r['floor'] / r['official']:.3f}  (bare loop {r['floor'] * 1e3:.3f} ms/image; "
-                f"certkit / bare loop {r['certkit'] / r['floor']:.3f})"
+                f"train_ratio_{m}{suffix}: {ratio:.3f}  (certkit --amp {amp} {mine * 1e3:.3f} ms/image, "
+                f"official {r['official'] * 1e3:.3f} ms/image)"
             )
-    worst = max(ratios, key=ratios.__getitem__)
-    print(
-        f"vs_official: {ratios[worst]:.3f} (worst train_ratio, {worst}; certkit s/image / official s/image, "
-        "lower is better)"
-    )
+            if f"floor {amp}" in r:
+                floor = r[f"floor {amp}"]
+                print(
+                    f"floor_ratio_{m}{suffix}: {floor / r['official']:.3f}  (bare loop {floor * 1e3:.3f} ms/image; "
+                    f"certkit / bare loop {mine / floor:.3f})"
+                )
+    figures = ", ".join(f"{ratio:.3f} --amp {amp} ({m})" for amp, (ratio, m) in worst.items())
+    print(f"vs_official: {figures} (worst train_ratio; certkit s/image / official s/image, lower is better)")
 
 
 if __name__ == "__main__":

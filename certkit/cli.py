@@ -273,7 +273,8 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
         "--amp",
         choices=["bf16", "fp16"],
         default=None,
-        help="CUDA only: autocast forward passes (checked to match fp32 votes on a sample)",
+        help="autocast forward passes: bf16 or fp16 on CUDA, bf16 on CPUs with AVX512-BF16 or AMX (checked to "
+        "match fp32 votes on a sample)",
     )
     c.add_argument(
         "--channels-last",

@@ -41,6 +41,7 @@ from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, list_models, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
+from certkit.precision import autocast_dtype
 from certkit.progress import Progress
 from certkit.recipes import check_recipe, get_recipe
 from certkit.stepgraph import PassCounter, StepRunner, cuda_graph
@@ -113,7 +114,11 @@ class TrainConfig:
         "channels-last memory format for a model with 2-d convolutions: on, off, or auto = on",
         choices=("auto", "on", "off"),
     )
-    amp: str = setting("off", "autocast for CUDA training: off or bf16 (not on CPU)", choices=("off", "bf16"))
+    amp: str = setting(
+        "off",
+        "bf16 autocast of the training step: on CUDA, and on CPUs with AVX512-BF16 or AMX (refused elsewhere)",
+        choices=("off", "bf16"),
+    )
 
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -602,16 +607,6 @@ class Trainer:
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
         return True
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--amp``: None for off; bf16 only on CUDA, where its tensor cores pay for the
-    lower precision (on CPU it is slower for these small nets and would change the losses for nothing)."""
-    if amp == "off":
-        return None
-    if device.type != "cuda":
-        raise CertkitError(f"--amp {amp} is for CUDA training; on {device.type} use --amp off")
-    return torch.bfloat16
 
 
 def use_channels_last(choice: str, model: nn.Module) -> bool:

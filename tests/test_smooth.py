@@ -26,6 +26,8 @@ from certkit.smoothing.statistics import (
 from certkit.smoothing.voter import Voter
 from helpers import HalfSpace, false_certificates, halfspace_input
 
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+
 
 class Constant(nn.Module):
     """Always votes ``label`` (records the largest batch it saw)."""
@@ -277,12 +279,16 @@ def test_guarantee_on_a_linear_classifier(p_class1):
 # --- speed options (amp, channels_last, compile) ---------------------------------------------------------
 
 
-def test_amp_is_refused_on_cpu_with_a_clear_message():
+def test_amp_is_refused_where_the_hardware_lacks_the_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
-    for amp in ("bf16", "fp16"):
-        with pytest.raises(CertkitError, match=r"CUDA-only.*certify without it"):
-            Smooth(model, 3, 0.5, amp=amp)
-    with pytest.raises(CertkitError, match="amp must be"):
+    monkeypatch.setattr("certkit.precision.cpu_has_native_bf16", lambda: False)
+    with pytest.raises(CertkitError, match=r"--amp bf16 on CPU needs bfloat16 instructions.*use --amp off"):
+        Smooth(model, 3, 0.5, amp="bf16")
+    monkeypatch.setattr("certkit.precision.cpu_has_native_bf16", lambda: True)
+    assert Smooth(model, 3, 0.5, amp="bf16").voter.amp == "bf16"
+    with pytest.raises(CertkitError, match="--amp fp16 runs on CUDA"):  # no CPU has native fp16 dot products
+        Smooth(model, 3, 0.5, amp="fp16")
+    with pytest.raises(CertkitError, match="--amp must be"):
         Smooth(model, 3, 0.5, amp="int8")
     plain = Smooth(model, 3, 0.5, amp="off")  # the CLI's spelling of "no amp"
     assert plain.voter.amp is None and plain.speed_options == {
@@ -315,19 +321,26 @@ def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
     assert model.training and fast.voter.network.training  # modes restored on both
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_votes_agree_with_fp32_and_certify_batch_runs(amp):
+@pytest.mark.parametrize(
+    ("device", "amp"),
+    [
+        pytest.param("cuda", "bf16", marks=CUDA_ONLY),
+        pytest.param("cuda", "fp16", marks=CUDA_ONLY),
+        ("cpu", "bf16"),  # emulated where the CPU lacks bf16 instructions: slower, the same rounding
+    ],
+)
+def test_amp_votes_agree_with_fp32_and_certify_batch_runs(device: str, amp: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr("certkit.precision.cpu_has_native_bf16", lambda: True)
     torch.manual_seed(0)
     from certkit.models import create_model
 
-    model = create_model("lenet", 10, (1, 28, 28)).cuda()
+    model = create_model("lenet", 10, (1, 28, 28)).to(device)
     xs = torch.rand(4, 1, 28, 28)
     fast = Smooth(model, 10, 0.25, amp=amp, channels_last=True)
     assert fast.sampler.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
-    certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
+    certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, device) for i in range(4)])
     plain = Smooth(model, 10, 0.25)  # the caller's model was left contiguous
-    reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, "cuda") for i in range(4)])
+    reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, device) for i in range(4)])
     # same noise, votes nearly all equal: the radii stay close
     for a, b in zip(certs, reference):
         assert abs(a.radius - b.radius) < 0.05

@@ -1,9 +1,10 @@
 """The voter: how the base classifier f is run to turn noisy copies into class votes.
 
 Everything here changes how fast f is evaluated, never which noise is drawn: eval mode (restored after each
-call), a channels-last *copy* of the network, bf16/fp16 autocast on CUDA, ``torch.compile`` with every forward
-pass padded to one shape, and the checks that the logits are (rows, K) and finite. The caller's model is left as
-given and stays the fp32 reference that :meth:`Voter.vote_agreement` compares the votes against.
+call), a channels-last *copy* of the network, bf16/fp16 autocast (:mod:`certkit.precision`), ``torch.compile``
+with every forward pass padded to one shape, and the checks that the logits are (rows, K) and finite. The
+caller's model is left as given and stays the fp32 reference that :meth:`Voter.vote_agreement` compares the
+votes against.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.precision import autocast_dtype
 
 #: below this agreement with fp32 votes at any checked input, a run with speed options (amp, channels_last,
 #: compile, the stem split) is refused
 MIN_VOTE_AGREEMENT = 0.99
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 F = TypeVar("F", bound=Callable[..., Tensor])
 
@@ -41,10 +41,11 @@ class Voter:
         num_classes: number of classes K.
         channels_last: vote with a channels-last *copy* of the network, made here (the caller's model is
             left as it is). Faster convolutions on CUDA tensor cores, and on CPU for small convolutional nets.
-        amp: CUDA only; ``"bf16"`` or ``"fp16"`` autocast for the forward pass (``None`` or ``"off"``: fp32).
-            A certificate is then about the reduced-precision classifier, a fixed function like any other;
-            whether it still votes as the network you trained is what :meth:`vote_agreement` measures. On CPU
-            ``amp`` is refused: CPU autocast would change the classifier for little or no speed.
+        amp: ``"bf16"`` or ``"fp16"`` autocast for the forward pass on CUDA, ``"bf16"`` on a CPU with native
+            bf16 instructions (``None`` or ``"off"``: fp32; anything else is refused, see
+            :func:`~certkit.precision.autocast_dtype`). A certificate is then about the reduced-precision
+            classifier, a fixed function like any other; whether it still votes as the network you trained
+            is what :meth:`vote_agreement` measures.
         compile: wrap the network in ``torch.compile``; every forward pass then has one shape (a short batch
             is run at full size and its stale tail ignored), so the graph compiles once.
     """
@@ -64,16 +65,8 @@ class Voter:
         self.num_classes = int(num_classes)
         param = next(iter(model.parameters()), None)
         self.device = param.device if param is not None else torch.device("cpu")
-        if amp == "off":
-            amp = None
-        if amp is not None and amp not in AMP_DTYPES:
-            raise CertkitError(f"amp must be 'off', 'bf16' or 'fp16' (got {amp!r})")
-        if amp and self.device.type != "cuda":
-            raise CertkitError(
-                f"amp {amp} is a CUDA-only speed option, but the model is on {self.device}; certify without it "
-                "(on CPU certkit votes in fp32)"
-            )
-        self.amp = amp
+        self.amp_dtype = autocast_dtype(amp, self.device)
+        self.amp = amp if self.amp_dtype is not None else None
         self._finite: Tensor | None = None  # all logits finite since the last check_finite (on the device)
         self.channels_last = channels_last
         self.compiled = compile
@@ -106,9 +99,9 @@ class Voter:
             torch.compiler.cudagraph_mark_step_begin()
 
     def autocast(self) -> contextlib.AbstractContextManager[object]:
-        if self.amp is None:
+        if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[self.amp])
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
