@@ -775,6 +775,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
+        if args.command in ("train", "certify", "predict", "demo"):
+            from certkit.allocator import keep_freed_memory
+
+            keep_freed_memory()  # every step's buffers reuse the same pages (certkit/allocator.py)
         if args.command in ("train", "certify", "predict"):
             from certkit.distributed import init_from_env
 

@@ -52,6 +52,39 @@ def acr(results: ResultsLike) -> float:
     return float(np.mean(res.correct * _radii_of(res)))
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Two result files on the images both certified: ``rows_a[k]`` and ``rows_b[k]`` are the same image."""
+
+    a: Results
+    b: Results
+    rows_a: np.ndarray
+    rows_b: np.ndarray
+
+    def certified(self) -> tuple[np.ndarray, np.ndarray]:
+        """correct x radius of each common image, in ``a`` and in ``b``."""
+        a = self.a.correct[self.rows_a].astype(bool) * _radii_of(self.a)[self.rows_a]
+        b = self.b.correct[self.rows_b].astype(bool) * _radii_of(self.b)[self.rows_b]
+        return a, b
+
+    def acr_difference(self) -> tuple[float, float]:
+        """ACR of ``a`` minus ACR of ``b`` over the common images, and its standard error: that of the mean of
+        per-image differences, which is small when both files saw the same noise on the same images."""
+        first, second = self.certified()
+        d = first - second
+        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+        return float(np.mean(d)) if len(d) else float("nan"), se
+
+
+def paired(a: ResultsLike, b: ResultsLike) -> Paired:
+    """``a`` and ``b`` restricted to the dataset indices both contain, in ``a``'s order."""
+    first, second = load(a), load(b)
+    pos = {int(i): k for k, i in enumerate(second.idx)}
+    rows_a = np.array([k for k, i in enumerate(first.idx) if int(i) in pos], dtype=np.int64)
+    rows_b = np.array([pos[int(first.idx[k])] for k in rows_a], dtype=np.int64)
+    return Paired(first, second, rows_a, rows_b)
+
+
 @overload
 def certified_accuracy(results: ResultsLike, radii: float) -> float: ...
 @overload

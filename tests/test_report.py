@@ -40,6 +40,29 @@ def test_acr_and_certified_accuracy_over_all_rows(hand_built: Path):
     assert report.acr(results) == report.acr(hand_built)
 
 
+def test_paired_difference_is_over_the_common_images_in_the_first_files_order(hand_built: Path, tmp_path: Path):
+    other = tmp_path / "other.tsv"
+    other.write_text(
+        "idx\tlabel\tpredict\tradius\tcorrect\ttime\n"
+        "4\t5\t5\t0.3\t1\t0:00:01\n"  # the same images in another order, one missing, one extra
+        "2\t3\t3\t0.5\t1\t0:00:01\n"
+        "0\t1\t1\t0.9\t1\t0:00:01\n"
+        "1\t2\t-1\t0.0\t0\t0:00:01\n"
+        "9\t0\t0\t2.0\t1\t0:00:01\n"
+    )
+    pair = report.paired(hand_built, other)
+    assert pair.rows_a.tolist() == [0, 1, 2, 4] and pair.rows_b.tolist() == [2, 3, 1, 0]
+    mine, theirs = pair.certified()
+    assert mine.tolist() == pytest.approx([0.953, 0.25, 0.0, 0.1]) and theirs.tolist() == pytest.approx(
+        [0.9, 0, 0.5, 0.3]
+    )
+    d = [0.053, 0.25, -0.5, -0.2]
+    diff, se = pair.acr_difference()
+    assert diff == pytest.approx(sum(d) / 4)
+    mean = sum(d) / 4
+    assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4))
+
+
 @pytest.mark.parametrize("rho", [0.001, 0.05])
 @pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.2])
 @pytest.mark.parametrize("n", [100, 500, 1000, 10_000, 100_000])

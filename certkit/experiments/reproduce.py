@@ -24,7 +24,6 @@ differ on those images, not which images were drawn.
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -260,7 +259,7 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     The difference's standard error is that of the mean of per-image differences of correct x radius over
     the images both files certified; the published full-test-set ACR is shown beside it.
     """
-    from certkit.report import acr, certified_accuracy
+    from certkit.report import acr, certified_accuracy, paired
     from certkit.results import read_results, summary_path
 
     mine_path = certify_path(plan.out, method, sigma, plan.n, plan.skip)
@@ -271,16 +270,12 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     mine, theirs = read_results(mine_path), read_results(theirs_path)
     if len(mine) == 0 or mine.radius is None or theirs.radius is None:
         return None
-    pos = {int(i): k for k, i in enumerate(theirs.idx)}
-    common = [k for k, i in enumerate(mine.idx) if int(i) in pos]
-    if not common:
+    pair = paired(mine, theirs)
+    if not len(pair.rows_a):
         return None
-    other = [pos[int(mine.idx[k])] for k in common]
-    a = mine.correct[common] * mine.radius[common]
-    b_correct, b_radius = theirs.correct[other].astype(bool), theirs.radius[other]
-    b = b_correct * b_radius
-    d = a - b
-    se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    b = pair.certified()[1]
+    b_correct, b_radius = theirs.correct[pair.rows_b].astype(bool), theirs.radius[pair.rows_b]
+    diff, se = pair.acr_difference()
     meta = _run_meta(run_dir(plan.out, method, sigma))
     seconds = meta.get("cost", {}).get("total", {}).get("seconds")
     return Row(
@@ -290,7 +285,7 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
         acr=acr(mine),
         published_acr=acr(theirs),
         published_acr_same_images=float(np.mean(b)),
-        diff=float(np.mean(d)),
+        diff=diff,
         diff_se=se,
         accuracy=np.asarray(certified_accuracy(mine, RADII)),
         published_accuracy=np.array([np.mean(b_correct & (b_radius >= r)) for r in RADII]),

@@ -120,7 +120,11 @@ class Macer(Objective):
         return (self.current_lbd(),)
 
     def terms(self, logits: Tensor, y: Tensor) -> MacerTerms:
-        """CL, RL and the hinge mask from the ``(k, B, K)`` logits of the noisy copies."""
+        """CL, RL and the hinge mask from the ``(k, B, K)`` logits of the noisy copies.
+
+        Computed in fp32 whatever precision the network ran in (``--amp``): Φ⁻¹ of a vote near 1 needs fp32's
+        resolution (bf16 rounds 0.998 to 1, where Φ⁻¹ is infinite), and torch has no bf16 Φ⁻¹ on CPU."""
+        logits = logits.float()
         p_bar = smoothed_probs(logits)
         cl = -torch.log(p_bar.gather(1, y.view(-1, 1)).squeeze(1) + _CL_FLOOR).sum()
 
