@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from certkit import checkpoint, report
+from certkit.allocator import keep_freed_memory
 from certkit.data import dataset_info, load_dataset
 from certkit.smoothing.runner import RunPlan, certify_dataset
 from certkit.smoothing.smooth import Smooth
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=2000, help="certification samples per image")
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    keep_freed_memory()  # as the CLI does
     methods = [m for m in a.methods.split(",") if m]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     if len(seeds) < 2:

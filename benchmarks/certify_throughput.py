@@ -46,6 +46,7 @@ from scipy.stats import beta, norm
 from torch import Tensor, nn
 
 from certkit import RunPlan, Smooth
+from certkit.allocator import keep_freed_memory
 from certkit.errors import CertkitError
 from certkit.models import create_model
 
@@ -209,12 +210,20 @@ def main() -> None:
         "always without, as published",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--glibc-default",
+        action="store_true",
+        help="leave glibc's malloc as it is, instead of keeping freed memory as the CLI does (certkit/allocator.py); "
+        "either way all three loops run under the same setting",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.glibc_default:
+        keep_freed_memory()
     device = torch.device(args.device)
     model = build_model(args.arch, device)
     xs = load_inputs(args.arch, max(args.inputs, args.ref_inputs), args.data_dir)

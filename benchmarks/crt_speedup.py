@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from certkit.allocator import keep_freed_memory
 from certkit.experiments.crt_demo import CompareConfig, compare, render
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     )
     p.add_argument("--device", default="auto")
     a = p.parse_args()
+    keep_freed_memory()  # as `certkit demo` does
     cfg = dataclasses.replace(
         d,
         teacher_arch=a.teacher_arch,

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from certkit.allocator import keep_freed_memory
 from certkit.data import DATASETS, ArrayDataset
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
@@ -101,6 +102,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=6000, help="images per measured epoch (synthetic, real shapes)")
     p.add_argument("--batch", type=int, default=128)
     a = p.parse_args()
+    keep_freed_memory()  # as the CLI does, for both loops
     device = select_device(a.device)
     print(f"device: {device}, {torch.get_num_threads()} threads, batch {a.batch}, {a.images} images per epoch")
     print("| model | dataset shape | DataLoader loop img/s | certkit img/s | ratio |")

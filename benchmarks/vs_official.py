@@ -32,6 +32,11 @@ What each side's epoch time includes:
 - certkit: the ``seconds`` of each epoch in the run's ``metrics.jsonl`` (``python -m certkit train``):
   the training loop only (``--test-subset 0``, and certkit never counts its per-epoch test).
 
+Memory: certkit's CLI keeps freed memory in the process (``certkit/allocator.py``: without it, glibc gives a
+step's large buffers back to the kernel and maps them afresh, which costs a small network's step up to
+half its time). The official scripts run under glibc's defaults, as published; ``--official-keep-freed-memory``
+gives them the same setting through glibc's environment variables, to show how much of the gap it is.
+
 Threads: ``--threads N`` sets ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` for both processes. ``--device cpu``
 hides CUDA from both (the official scripts take CUDA whenever it is visible); ``--device cuda`` runs both
 on the GPU.
@@ -102,15 +107,18 @@ except ImportError:  # no tensorboard package: the scripts only log per-epoch sc
 
 #: ``--floor``: the least time any trainer can take for Gaussian training with these kernels — a bare loop of
 #: the same arithmetic (LeNet in channels-last, as certkit runs it, the K batches held as one tensor, no
-#: loader, logging, checks or progress), so the gap between it and certkit is certkit's own overhead and the
-#: gap between it and the official code is what kernels alone give. With ``--amp bf16`` it runs under the same
-#: bf16 autocast as certkit. Prints one line of per-epoch seconds.
+#: loader, logging, checks or progress; glibc's malloc set as certkit's CLI sets it), so the gap between it
+#: and certkit is certkit's own overhead and the gap between it and the official code is what kernels alone
+#: give. With ``--amp bf16`` it runs under the same bf16 autocast as certkit. Prints one line of per-epoch
+#: seconds.
 FLOOR_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import torch, torch.nn.functional as F
+from certkit.allocator import keep_freed_memory
 from certkit.data import read_idx_pair
 from certkit.models import create_model
+keep_freed_memory()
 raw, epochs, batch, amp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "bf16"
 x, y = read_idx_pair(raw, "train")
 x = x.float().div(255)
@@ -401,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="certkit's --amp settings to time in the same rounds, comma-separated (off, bf16; e.g. off,bf16): "
         "bf16 autocast runs on CUDA or a CPU with AVX512-BF16/AMX; the official code always trains in fp32",
     )
+    p.add_argument(
+        "--official-keep-freed-memory",
+        action="store_true",
+        help="run the official scripts with glibc's malloc set as certkit's CLI sets it (MALLOC_MMAP_THRESHOLD_, "
+        "MALLOC_TRIM_THRESHOLD_)",
+    )
     p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
     p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
     p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
@@ -437,6 +451,8 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
     stub.mkdir()
     (stub / "tensorboardX.py").write_text(TENSORBOARDX_STUB)
     official_env = child_env(a.threads, a.device, str(stub))
+    if a.official_keep_freed_memory:
+        official_env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
     certkit_env = child_env(a.threads, a.device, None)
     runs = scratch / "certkit"
     runs.mkdir()
@@ -473,7 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device {a.device}, certkit --compile {a.compile} --amp {','.join(a.amp)}, {a.threads} thread(s) each side, "
         f"{a.batches} batches of {BATCH} per epoch, "
-        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s); the official code in fp32",
+        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s); the official code in fp32"
+        + (", with certkit's malloc setting" if a.official_keep_freed_memory else ""),
         flush=True,
     )
     rates = in_scratch(a.keep, "vs_official", lambda scratch: measure(a, scratch))

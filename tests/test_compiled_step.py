@@ -87,7 +87,7 @@ def test_channels_last_trains_the_same_weights_from_the_same_noise(method: str) 
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
 
 
-@pytest.mark.parametrize("method", ["gaussian", "smoothmix"])
+@pytest.mark.parametrize("method", [m for m in list_objectives() if m != "gloro"])
 def test_bf16_autocast_trains_on_a_cpu_with_bf16_instructions(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The step runs in bf16 (its weights move differently from fp32's), the weights stay fp32, and the
     loss is fp32's up to bf16 rounding; a CPU without bf16 instructions gets a one-line refusal."""
@@ -97,7 +97,7 @@ def test_bf16_autocast_trains_on_a_cpu_with_bf16_instructions(method: str, monke
     monkeypatch.setattr("certkit.precision.cpu_has_native_bf16", lambda: True)
     full, half = trainer(method, mlp()), trainer(method, mlp(), amp="bf16")
     first, second = full.train_epoch(0), half.train_epoch(0)
-    assert second["loss"] == pytest.approx(first["loss"], rel=0.02)
+    assert second["loss"] == pytest.approx(first["loss"], rel=0.02, abs=1e-4)  # CRT: a student at its teacher, ~0
     moved = [not torch.equal(a, b) for a, b in zip(weights(full).values(), weights(half).values())]
     assert all(v.dtype == torch.float32 for v in weights(half).values()) and all(moved)
 

@@ -110,7 +110,15 @@ def test_certkit_flags_of_each_method_are_certkit_options(vs: ModuleType, method
     assert args.method == method
 
 
-@pytest.mark.slow  # two subprocesses training a LeNet
+def test_amp_settings_are_a_list_timed_side_by_side(vs: ModuleType) -> None:
+    assert vs.parse_args(["--amp", "off,bf16"]).amp == ["off", "bf16"]
+    assert vs.parse_args([]).amp == ["off"]
+    for bad in ("fp16", "bf16,bf16", ","):
+        with pytest.raises(SystemExit):
+            vs.parse_args(["--amp", bad])
+
+
+@pytest.mark.slow  # subprocesses training a LeNet
 def test_bare_floor_loop_trains_on_the_subset_and_reports_each_epoch(vs: ModuleType, tmp_path: Path) -> None:
     """``--floor`` runs a real Gaussian loop over the same truncated files: one time per epoch, and a bad
     folder is an error naming the loop rather than a number."""
@@ -120,7 +128,8 @@ def test_bare_floor_loop_trains_on_the_subset_and_reports_each_epoch(vs: ModuleT
     raw = tmp_path / "raw"
     vs.write_subset(source, raw, train=300, test=3)
     env = vs.child_env(1, "cpu", os.pathsep.join(sys.path))
-    seconds = vs.run_floor(raw, 2, env)
-    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    for amp in ("off", "bf16"):
+        seconds = vs.run_floor(raw, 2, amp, env)
+        assert len(seconds) == 2 and all(s > 0 for s in seconds)
     with pytest.raises(CertkitError, match="bare Gaussian loop"):
-        vs.run_floor(tmp_path / "missing", 2, env)
+        vs.run_floor(tmp_path / "missing", 2, "off", env)
