@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,16 +348,31 @@ class Trainer:
     def run(self, resume: bool = False) -> list[dict[str, Any]]:
         """Train (after :meth:`resume` when asked) while holding the run directory's lock, so that two
         processes never write one run directory; rank 0 alone writes it under torchrun."""
+        for _ in self.run_epochs(resume):
+            pass
+        return self.history
+
+    def run_epochs(self, resume: bool = False) -> Iterator[dict[str, Any]]:
+        """:meth:`run` one epoch at a time: yields each epoch's record once it is saved, so that two runs can
+        take turns on one machine and a change in its speed hits both alike (the demo times its two students
+        this way). The lock is held until the iterator is exhausted or closed."""
         locked = self.out_dir is not None and self.rank == 0
         with PidLock(self.out_dir) if locked else contextlib.nullcontext():  # type: ignore[arg-type]
             if resume:
                 self.resume()
             try:
-                return self.fit()
+                yield from self.fit_epochs()
             finally:
                 self.metric_logs.close()
 
     def fit(self) -> list[dict[str, Any]]:
+        """Train from :attr:`start_epoch` to the last epoch; returns the per-epoch records."""
+        for _ in self.fit_epochs():
+            pass
+        return self.history
+
+    def fit_epochs(self) -> Iterator[dict[str, Any]]:
+        """:meth:`fit` one epoch at a time, yielding each epoch's record after it is saved."""
         c = self.config
         for epoch in range(self.start_epoch, c.epochs):
             record = self.train_epoch(epoch)
@@ -373,12 +388,12 @@ class Trainer:
                 self.metric_logs.write(self.history)
             if self.world_size > 1:
                 dist.barrier()
+            yield record
         # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does;
         # that moves the weights, so captured steps (which hold their old addresses) are dropped first
         self.runner.release()
         for module in (self.model, *self.objective.counted_modules().values()):
             module.to(memory_format=torch.contiguous_format)
-        return self.history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch of optimizer steps without a host synchronisation: the loss and its parts are summed on

@@ -47,6 +47,26 @@ def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "
     )
 
 
+def test_two_runs_taking_turns_train_what_each_trains_alone(tmp_path: Path) -> None:
+    """``run_epochs`` lets two runs alternate epoch by epoch (the demo times its students so): each epoch
+    reseeds its own noise, so the weights are those of the same runs trained one after the other."""
+    alone = [_trainer(tmp_path / f"alone{seed}", seed=seed) for seed in (0, 1)]
+    for t in alone:
+        t.run()
+    turns = [_trainer(tmp_path / f"turns{seed}", seed=seed).run_epochs() for seed in (0, 1)]
+    records: list[dict] = []
+    while turns:
+        step = [(run, next(run, None)) for run in turns]
+        records += [r for _, r in step if r is not None]
+        turns = [run for run, r in step if r is not None]
+    assert [r["epoch"] for r in records] == [1, 1, 2, 2, 3, 3]
+    for seed, t in zip((0, 1), alone):
+        mine = checkpoint.load_with_meta(tmp_path / f"turns{seed}")[0].state_dict()
+        for k, v in t.model.state_dict().items():
+            assert torch.equal(v, mine[k]), k
+    assert not list(tmp_path.glob("*.lock"))  # each run released its lock when it was done
+
+
 def test_ledger_counts_passes_and_time(tmp_path: Path) -> None:
     t = _trainer(tmp_path / "run", epochs=2)
     t.fit()

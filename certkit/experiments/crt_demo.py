@@ -16,6 +16,7 @@ certifications where they stopped.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from certkit.data import dataset_info, load_dataset
 from certkit.fileio import atomic_write_text, check_output
 from certkit.smoothing.runner import RunPlan, certify_dataset
 from certkit.smoothing.smooth import Smooth
-from certkit.train import STATE, select_device, train
+from certkit.train import STATE, build_trainer, select_device
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ def compare(
     device: str = "auto",
     log=lambda msg: print(msg, file=sys.stderr),
 ) -> dict[str, Any]:
-    """Train teacher, CRT student and SmoothMix student; certify all three; return the figures."""
+    """Train the teacher, then the CRT and the SmoothMix student in turns, an epoch each (their training times
+    are compared, so a change in the machine's speed should hit both alike); certify all three; return the
+    figures."""
     out = Path(out)
     dev = select_device(device)
     runs: dict[str, dict[str, Any]] = {
@@ -132,10 +135,12 @@ def compare(
     }
     test = load_dataset(cfg.dataset, "test", data_dir)
     info = dataset_info(cfg.dataset)
-    figures: dict[str, Any] = {}
-    for name, spec in runs.items():
+
+    def epochs(name: str) -> Iterator[dict[str, Any]]:
+        """The run ``name`` (resumed where it stopped) one epoch at a time."""
+        spec, resume = runs[name], (out / name / STATE).is_file()
         log(f"== {name}: {spec['arch']} with {spec['method']} ({spec['epochs']} epochs)")
-        train(
+        return build_trainer(
             cfg.dataset,
             spec["arch"],
             spec["method"],
@@ -145,9 +150,18 @@ def compare(
             teacher=spec.get("teacher"),
             data_dir=data_dir,
             device=str(dev),
-            resume=(out / name / STATE).is_file(),
+            resume=resume,
             **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size"), spec.get("seed")),
-        )
+        ).run_epochs(resume)
+
+    for _ in epochs("teacher"):
+        pass
+    # the two students take turns, an epoch each, so that a change in the machine's speed hits both alike
+    turns = [epochs("crt"), epochs("direct")]
+    while turns:
+        turns = [run for run in turns if next(run, None) is not None]
+    figures: dict[str, Any] = {}
+    for name in runs:
         model, meta = checkpoint.load_with_meta(out / name, device=dev)
         log(f"== certifying {name} on {cfg.certify_images} test images (n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha})")
         tsv = out / f"{name}.tsv"
