@@ -757,6 +757,7 @@ def build_trainer(
     meta: Mapping[str, Any] | None = None,
     recipe: str | None = None,
     metric_logs: tuple[str, ...] = (),
+    log: Callable[[str], None] | None = None,
     **config: Any,
 ) -> Trainer:
     """Names and objects in, a :class:`Trainer` out (not started): what :func:`train` and the CLI share.
@@ -766,8 +767,9 @@ def build_trainer(
     the MNIST-like published ones). ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
     optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT
     ``teacher`` is a run directory, a reference checkpoint or a module; ``teacher_model`` is an untrained
-    instance of your own module to load a teacher run into. Cheap checks run first (names, hyperparameters,
-    the teacher, the settings), so a mistake is reported before any data is read.
+    instance of your own module to load a teacher run into. ``log`` takes the per-epoch lines (default: the
+    ``certkit`` logger on rank 0). Cheap checks run first (names, hyperparameters, the teacher, the
+    settings), so a mistake is reported before any data is read.
     """
     select_device(device)
     if out is not None:
@@ -838,6 +840,7 @@ def build_trainer(
         device=device,
         progress=progress,
         metric_logs=metric_logs,
+        log=log,
     )
 
 

@@ -15,6 +15,7 @@ certifications where they stopped.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ def compare(
     test = load_dataset(cfg.dataset, "test", data_dir)
     info = dataset_info(cfg.dataset)
 
+    epoch_log = logging.getLogger("certkit").info
+
     def epochs(name: str) -> Iterator[dict[str, Any]]:
         """The run ``name`` (resumed where it stopped) one epoch at a time."""
         spec, resume = runs[name], (out / name / STATE).is_file()
@@ -151,6 +154,7 @@ def compare(
             data_dir=data_dir,
             device=str(dev),
             resume=resume,
+            log=lambda msg: epoch_log(f"{name}: {msg}"),  # the students' lines interleave: say whose
             **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size"), spec.get("seed")),
         ).run_epochs(resume)
 
