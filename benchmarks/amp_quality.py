@@ -62,9 +62,13 @@ def train_and_certify(a: argparse.Namespace, method: str, amp: str, seed: int) -
     return tsv, float(meta["cost"]["total"]["seconds"])
 
 
-def difference(a: Path, b: Path) -> str:
-    diff, se = report.paired(a, b).acr_difference()
-    return f"{diff:+.4f} ± {se:.4f}"
+def difference(a: Path, b: Path) -> tuple[float, float]:
+    """ACR of ``a`` minus ACR of ``b``, paired per image, and its standard error."""
+    return report.paired(a, b).acr_difference()
+
+
+def shown(d: tuple[float, float]) -> str:
+    return f"{d[0]:+.4f} ± {d[1]:.4f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -98,9 +102,10 @@ def main(argv: list[str] | None = None) -> None:
                 files[amp, seed], secs = train_and_certify(a, method, amp, seed)
                 seconds[amp] += secs
         acrs = {key: report.acr(path) for key, path in files.items()}
-        per_seed = ", ".join(f"{difference(files['bf16', s], files['off', s])} (seed {s})" for s in seeds)
-        diffs += [report.paired(files["bf16", s], files["off", s]).acr_difference()[0] for s in seeds]
-        spread = difference(files["off", seeds[1]], files["off", seeds[0]])
+        by_seed = {s: difference(files["bf16", s], files["off", s]) for s in seeds}
+        per_seed = ", ".join(f"{shown(d)} (seed {s})" for s, d in by_seed.items())
+        diffs += [d[0] for d in by_seed.values()]
+        spread = shown(difference(files["off", seeds[1]], files["off", seeds[0]]))
         acr_of = {amp: " ".join(f"{acrs[amp, s]:.4f}" for s in seeds) for amp in ("off", "bf16")}
         print(
             f"amp_acr_{method}: bf16 - fp32 {per_seed}; fp32 seed {seeds[1]} - seed {seeds[0]} {spread}; "

@@ -142,7 +142,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
-        args.amp = "off"  # autocast is a CUDA option in certkit
+        args.amp = "off"  # on a CPU, bf16 needs bf16 instructions (certkit/precision.py): profile it in fp32
     wall, busy = profile_certification(args, device)
     surplus, warmup, captures = profile_training(args, device)
     print(

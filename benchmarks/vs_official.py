@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from certkit.allocator import ENVIRONMENT
 from certkit.data import dataset_info
 from certkit.errors import CertkitError
 
@@ -452,7 +453,7 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
     (stub / "tensorboardX.py").write_text(TENSORBOARDX_STUB)
     official_env = child_env(a.threads, a.device, str(stub))
     if a.official_keep_freed_memory:
-        official_env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 30))
+        official_env.update(ENVIRONMENT)
     certkit_env = child_env(a.threads, a.device, None)
     runs = scratch / "certkit"
     runs.mkdir()

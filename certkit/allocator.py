@@ -6,8 +6,9 @@ as it goes) and returns the top of its heap to the kernel once enough of it is f
 buffers are fresh mappings the kernel must fault in and zero again, page by page. Keeping freed memory in
 the process instead makes a step reuse the same pages; what it costs is that the process keeps its peak
 memory until it exits. The CLI applies this at start-up (``certkit.cli.main``); a library user who wants
-it calls :func:`keep_freed_memory` once, or sets ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_``
-in the environment before Python starts. The effect on training speed is in docs/benchmarks.md.
+it calls :func:`keep_freed_memory` once, or sets :data:`ENVIRONMENT` (glibc's ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_``) in the environment of a process before it starts. The effect on training
+speed is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 #: free memory at the top of the heap kept rather than returned to the kernel
 _TRIM_THRESHOLD = 1 << 30
+#: the same setting as environment variables, for a process started from here (glibc reads them at start-up)
+ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLDS[0]), "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD)}
 
 
 def keep_freed_memory() -> bool:
