@@ -1,0 +1,110 @@
+"""Where an fp32 LeNet training step spends its time on CPU: the floor below any trainer's step.
+
+Two measurements, each in one process with glibc's freed-memory setting:
+
+1. The cheapest training pass there is (noise, forward, cross-entropy, backward, SGD step; channels-last, the
+   ReLU after the pool as certkit's LeNet) timed per noisy sample at several pass sizes. A method that trains
+   on k noisy copies per image cannot train below k times this per image, whatever its trainer does; it is
+   the floor ``vs_official.py`` compares the official code's seconds with.
+2. The input gradient of the first convolution (one input channel), which every attack step of SmoothAdv and
+   SmoothMix needs: oneDNN's ``convolution_backward`` against the same product written as one batched
+   matrix product and k² shifted additions (equal up to rounding; printed).
+
+    python benchmarks/lenet_floor.py [--sizes 64,256,1024] [--threads 2]
+
+Last line: ``lenet_floor: <µs per noisy sample, best pass size> (<worst / best> across pass sizes)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from certkit.allocator import keep_freed_memory
+from certkit.models import create_model
+
+SIGMA = 0.25
+
+
+def best_seconds(fn: Callable[[], object], reps: int, rounds: int = 3) -> float:
+    """Fastest mean time of ``reps`` calls over ``rounds`` rounds, after a warm-up (the machine is shared)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+def step_seconds_per_sample(pass_size: int) -> float:
+    torch.manual_seed(0)
+    model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.rand(pass_size, 1, 28, 28), torch.randint(0, 10, (pass_size,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x + SIGMA * torch.randn_like(x)), y).backward()
+        opt.step()
+
+    return best_seconds(step, reps=max(4, 4096 // pass_size)) / pass_size
+
+
+def shifted_input_gradient(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """∂L/∂x of a stride-1, unpadded convolution with one input channel: for each of the k² kernel taps, the
+    output gradient weighted over channels (one batched matrix product), added at that tap's offset."""
+    b, c, h, w = grad_out.shape
+    k = weight.shape[-1]
+    taps = torch.matmul(weight.reshape(c, k * k).t(), grad_out.contiguous().view(b, c, h * w)).view(b, k, k, h, w)
+    grad_in = grad_out.new_zeros(b, h + k - 1, w + k - 1)
+    for i in range(k):
+        for j in range(k):
+            grad_in[:, i : i + h, j : j + w] += taps[:, i, j]
+    return grad_in.unsqueeze(1)
+
+
+def first_conv_input_gradient(pass_size: int) -> tuple[float, float, float]:
+    """(oneDNN seconds, shifted-sum seconds, largest difference) for LeNet's first convolution."""
+    model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+    weight = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight.detach()
+    x = torch.rand(pass_size, 1, 28, 28)
+    grad_out = torch.randn(pass_size, 20, 24, 24).contiguous(memory_format=torch.channels_last)
+
+    def onednn() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad_out, x, weight, [20], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
+        )[0]
+
+    diff = float((onednn() - shifted_input_gradient(grad_out, weight)).abs().max())
+    return best_seconds(onednn, 10), best_seconds(lambda: shifted_input_gradient(grad_out, weight), 10), diff
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="64,128,256,512,1024", help="pass sizes (noisy samples per pass)")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    keep_freed_memory()
+    per_sample = {}
+    for size in (int(s) for s in a.sizes.split(",")):
+        per_sample[size] = step_seconds_per_sample(size)
+        print(f"pass {size:5d}: {per_sample[size] * 1e6:6.1f} µs per noisy sample (noise, forward, backward, step)")
+    onednn, shifted, diff = first_conv_input_gradient(256)
+    print(
+        f"first convolution's input gradient, 256 samples: oneDNN {onednn * 1e3:.2f} ms, batched product + "
+        f"shifted sums {shifted * 1e3:.2f} ms ({shifted / onednn:.2f}x; largest difference {diff:.1e})"
+    )
+    best, worst = min(per_sample.values()), max(per_sample.values())
+    print(f"lenet_floor: {best * 1e6:.1f} us/sample ({worst / best:.2f}x worst / best across pass sizes)")
+
+
+if __name__ == "__main__":
+    main()
