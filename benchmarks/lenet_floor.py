@@ -7,8 +7,9 @@ Two measurements, each in one process with glibc's freed-memory setting:
    on k noisy copies per image cannot train below k times this per image, whatever its trainer does; it is
    the floor ``vs_official.py`` compares the official code's seconds with.
 2. The input gradient of the first convolution (one input channel), which every attack step of SmoothAdv and
-   SmoothMix needs: oneDNN's ``convolution_backward`` against the same product written as one batched
-   matrix product and k² shifted additions (equal up to rounding; printed).
+   SmoothMix needs: oneDNN's ``convolution_backward`` against certkit's
+   :func:`~certkit.models.layers.single_channel_input_gradient` (one batched matrix product and k² shifted
+   additions; what LeNet's first layer uses in attacks on CPU; equal up to rounding, printed).
 
     python benchmarks/lenet_floor.py [--sizes 64,256,1024] [--threads 2]
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from certkit.allocator import keep_freed_memory
 from certkit.models import create_model
+from certkit.models.layers import single_channel_input_gradient
 
 SIGMA = 0.25
 
@@ -57,19 +59,6 @@ def step_seconds_per_sample(pass_size: int) -> float:
     return best_seconds(step, reps=max(4, 4096 // pass_size)) / pass_size
 
 
-def shifted_input_gradient(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """∂L/∂x of a stride-1, unpadded convolution with one input channel: for each of the k² kernel taps, the
-    output gradient weighted over channels (one batched matrix product), added at that tap's offset."""
-    b, c, h, w = grad_out.shape
-    k = weight.shape[-1]
-    taps = torch.matmul(weight.reshape(c, k * k).t(), grad_out.contiguous().view(b, c, h * w)).view(b, k, k, h, w)
-    grad_in = grad_out.new_zeros(b, h + k - 1, w + k - 1)
-    for i in range(k):
-        for j in range(k):
-            grad_in[:, i : i + h, j : j + w] += taps[:, i, j]
-    return grad_in.unsqueeze(1)
-
-
 def first_conv_input_gradient(pass_size: int) -> tuple[float, float, float]:
     """(oneDNN seconds, shifted-sum seconds, largest difference) for LeNet's first convolution."""
     model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
@@ -82,8 +71,8 @@ def first_conv_input_gradient(pass_size: int) -> tuple[float, float, float]:
             grad_out, x, weight, [20], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, False, False]
         )[0]
 
-    diff = float((onednn() - shifted_input_gradient(grad_out, weight)).abs().max())
-    return best_seconds(onednn, 10), best_seconds(lambda: shifted_input_gradient(grad_out, weight), 10), diff
+    diff = float((onednn() - single_channel_input_gradient(grad_out, weight, 0)).abs().max())
+    return best_seconds(onednn, 10), best_seconds(lambda: single_channel_input_gradient(grad_out, weight, 0), 10), diff
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ import torch
 
 from certkit.errors import CertkitError
 from certkit.models import Normalize, create_model, list_models, model_spec
+from certkit.models.layers import FirstConv
 
 SHAPES = {"imagenet": (3, 224, 224), "cifar": (3, 32, 32)}
 
@@ -76,3 +77,58 @@ def test_pool_before_relu_is_the_papers_relu_before_pool_in_value_and_gradient(
         grads.append((out.detach(), *g))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def _first_conv_pair(kernel: int, padding: int) -> tuple[FirstConv, torch.nn.Conv2d]:
+    torch.manual_seed(0)
+    ours = FirstConv(1, 20, kernel, padding=padding)
+    plain = torch.nn.Conv2d(1, 20, kernel, padding=padding)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+@pytest.mark.parametrize(("kernel", "padding"), [(5, 0), (3, 1), (5, 2)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_first_conv_is_conv2d_in_value_and_every_gradient(
+    kernel: int, padding: int, memory_format: torch.memory_format
+) -> None:
+    """The attack path (an input that needs a gradient, fp32, CPU) runs the batched-product input gradient;
+    its output and parameter gradients are torch's own, its input gradient equal up to summation order."""
+    ours, plain = (m.to(memory_format=memory_format) for m in _first_conv_pair(kernel, padding))
+    x = torch.rand(6, 1, 28, 28)
+    results = []
+    for conv in (ours, plain):
+        xi = x.clone().to(memory_format=memory_format).requires_grad_()
+        out = conv(xi)
+        g = torch.autograd.grad(out.sin().sum(), [xi, conv.weight, conv.bias])
+        results.append((out, *g))
+        assert ("SingleChannelConv" in type(out.grad_fn).__name__) == (conv is ours)
+    (out_a, gx_a, gw_a, gb_a), (out_b, gx_b, gw_b, gb_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gw_a, gw_b) and torch.equal(gb_a, gb_b)
+    assert gx_a.shape == gx_b.shape == x.shape
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-5, atol=1e-6)
+
+
+def test_first_conv_runs_conv2d_itself_when_no_input_gradient_is_asked_for() -> None:
+    """A training pass (the input needs no gradient), bf16 autocast and no-grad inference take nn.Conv2d's
+    own path; so do shapes the input-gradient formula does not cover (a stride)."""
+    ours, _ = _first_conv_pair(5, 0)
+    x = torch.rand(4, 1, 28, 28)
+    assert "SingleChannelConv" not in type(ours(x).grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "SingleChannelConv" not in type(ours(x.requires_grad_()).grad_fn).__name__
+    with torch.no_grad():
+        assert ours(x).grad_fn is None
+    strided = FirstConv(1, 4, 3, stride=2)
+    assert "SingleChannelConv" not in type(strided(torch.rand(2, 1, 9, 9, requires_grad=True)).grad_fn).__name__
+
+
+@pytest.mark.parametrize("arch", ["lenet", "smallcnn"])
+def test_one_channel_nets_start_with_first_conv_and_keep_their_parameter_names(arch: str) -> None:
+    """A checkpoint saved before FirstConv existed (plain Conv2d, the same names) loads unchanged."""
+    model = create_model(arch, 10, (1, 28, 28))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert isinstance(convs[0], FirstConv) and not any(isinstance(c, FirstConv) for c in convs[1:])
+    assert "1.features.0.weight" in model.state_dict()
+    rgb = create_model(arch, 10, (3, 28, 28))
+    assert not any(isinstance(m, FirstConv) for m in rgb.modules())

@@ -33,3 +33,89 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def single_channel_input_gradient(grad_out: Tensor, weight: Tensor, padding: int) -> Tensor:
+    """∂L/∂x of a stride-1 convolution of a one-channel image, from the output gradient ``(B, C, H, W)``.
+
+    Each input pixel collects, over the k² kernel taps, the output gradient at that tap's offset weighted over
+    the output channels: one batched matrix product (taps × channels by channels × positions) and k² shifted
+    additions, then the padding cropped off. oneDNN's ``convolution_backward`` runs this product about ten
+    times below its speed on the network's other convolutions on CPU (one input channel leaves its kernels
+    nothing to vectorise over), and the attack steps of SmoothAdv and SmoothMix need it on every step
+    (figures: docs/benchmarks.md).
+    """
+    b, c, h, w = grad_out.shape
+    k = weight.shape[-1]
+    taps = torch.matmul(weight.reshape(c, k * k).t(), grad_out.contiguous().view(b, c, h * w)).view(b, k, k, h, w)
+    grad_in = grad_out.new_zeros(b, h + k - 1, w + k - 1)
+    for i in range(k):
+        for j in range(k):
+            grad_in[:, i : i + h, j : j + w] += taps[:, i, j]
+    if padding:
+        grad_in = grad_in[:, padding:-padding, padding:-padding]
+    return grad_in.unsqueeze(1)
+
+
+class _SingleChannelConv(torch.autograd.Function):
+    """A convolution whose input gradient is :func:`single_channel_input_gradient`; the weight and bias
+    gradients are torch's own."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.conv2d(x, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        p = ctx.padding
+        grad_x = single_channel_input_gradient(grad_out, weight, p) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_out,
+                x,
+                weight,
+                [weight.shape[0]] if ctx.has_bias else None,
+                [1, 1],
+                [p, p],
+                [1, 1],
+                False,
+                [0, 0],
+                1,
+                [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]],
+            )
+        return grad_x, grad_w, grad_b, None
+
+
+class FirstConv(nn.Conv2d):
+    """``nn.Conv2d`` for the first layer of a network on one-channel images (MNIST, Fashion-MNIST).
+
+    The same function and parameters (a checkpoint does not tell them apart); only when a gradient with
+    respect to the input is asked for in fp32 on CPU — an attack step — it is computed by
+    :func:`single_channel_input_gradient` instead of oneDNN. Everything else (training passes, whose inputs
+    need no gradient, CUDA, autocast, other shapes) runs ``nn.Conv2d`` itself.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (
+            x.requires_grad
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and self.in_channels == 1
+            and self.groups == 1
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and isinstance(self.padding, tuple)
+            and self.padding[0] == self.padding[1]
+            and self.kernel_size[0] == self.kernel_size[1]
+        ):
+            return _SingleChannelConv.apply(x, self.weight, self.bias, self.padding[0])
+        return super().forward(x)

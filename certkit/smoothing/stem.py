@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from certkit.models.layers import Normalize
+from certkit.models.layers import FirstConv, Normalize
 
 
 @dataclass
@@ -85,10 +85,11 @@ class StemSplit:
 
 
 class _NormalizeLeaf(fx.Tracer):
-    """Keeps Normalize as one node, so the graph shows it as the input's only consumer."""
+    """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and FirstConv as
+    one, like the ``nn.Conv2d`` it computes."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or super().is_leaf_module(m, qualname)
+        return isinstance(m, Normalize) or type(m) is FirstConv or super().is_leaf_module(m, qualname)
 
 
 def has_forward_hooks(model: nn.Module) -> bool:
@@ -113,8 +114,9 @@ def split_stem(model: nn.Module) -> StemSplit | None:
 
     Splittable: no forward hooks (:func:`has_forward_hooks`); the input goes only into a
     :class:`Normalize`, whose output goes only (optionally through a default ``nn.Flatten``) into a
-    ``Conv2d`` with zero padding or a ``Linear``, each of exactly that class, not a subclass; and the model
-    traces with ``torch.fx`` (no data-dependent control flow). Anything else returns None and the caller
+    ``Conv2d`` (or certkit's :class:`FirstConv`, the same function) with zero padding or a ``Linear``, each of
+    exactly that class, not a subclass of the user's; and the model traces with ``torch.fx`` (no
+    data-dependent control flow). Anything else returns None and the caller
     sends whole noisy copies through the model, which is always correct.
     """
     if has_forward_hooks(model):
@@ -154,7 +156,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     if node is None:
         return None
     layer = module(node)
-    conv = type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not flatten
+    conv = type(layer) in (nn.Conv2d, FirstConv) and layer.padding_mode == "zeros" and not flatten
     if not conv and type(layer) is not nn.Linear:
         return None
     # an element-wise ReLU and a non-overlapping max-pool right after it, in either order, join the stem
