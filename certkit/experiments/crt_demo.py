@@ -42,8 +42,8 @@ class CompareConfig:
     train_subset: int | None = 12_000
     test_subset: int = 1_000
     #: the teacher is paid once, so it gets the longer training: a CRT student stays just below its teacher's
-    #: ACR, and SmallCNN reaches the directly trained LeNet's only after about 30 epochs (README, "CRT: the
-    #: main job")
+    #: ACR, and SmallCNN comes level with the directly trained LeNet's only after about 30 epochs (README,
+    #: "CRT: the main job")
     teacher_epochs: int = 30
     student_epochs: int = 10
     batch_size: int = 128
