@@ -1,6 +1,6 @@
 """Where an fp32 LeNet training step spends its time on CPU: the floor below any trainer's step.
 
-Three measurements, in one process with glibc's freed-memory setting:
+Four measurements, in one process with glibc's freed-memory setting:
 
 1. The cheapest training pass there is (noise, forward, cross-entropy, backward, SGD step; channels-last, the
    ReLU after the pool as certkit's LeNet) timed per noisy sample at several pass sizes. A method that trains
@@ -12,6 +12,9 @@ Three measurements, in one process with glibc's freed-memory setting:
    additions; what LeNet's first layer uses in attacks on CPU; equal up to rounding, printed).
 3. What that buys a whole step: SmoothMix and SmoothAdv steps (64 images, the Fashion-MNIST defaults at
    σ = 0.25) of certkit's LeNet against the same weights with a plain ``nn.Conv2d`` first, interleaved.
+4. What :class:`~certkit.models.layers.Pool2x2` (a max-pool without argmax indices where no gradient is
+   taken) buys the no-grad forward passes: LeNet on a certification batch of 1,000 noisy samples, in both
+   memory formats, and the CRT demo's SmallCNN teacher on a student batch of 64, against ``nn.MaxPool2d``.
 
     python benchmarks/lenet_floor.py [--sizes 64,256,1024] [--threads 2]
 
@@ -21,6 +24,7 @@ Last line: ``lenet_floor: <µs per noisy sample, best pass size> (<worst / best>
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from collections.abc import Callable
 
@@ -30,7 +34,7 @@ from torch import nn
 
 from certkit.allocator import keep_freed_memory
 from certkit.models import create_model
-from certkit.models.layers import FirstConv, single_channel_input_gradient
+from certkit.models.layers import FirstConv, Pool2x2, single_channel_input_gradient
 from certkit.objectives import Objective, SmoothAdv, SmoothMix
 
 SIGMA = 0.25
@@ -79,23 +83,36 @@ def first_conv_input_gradient(pass_size: int) -> tuple[float, float, float]:
     return best_seconds(onednn, 10), best_seconds(lambda: single_channel_input_gradient(grad_out, weight, 0), 10), diff
 
 
-def with_plain_first_conv(model: nn.Module) -> nn.Module:
-    """``model`` with each :class:`FirstConv` swapped for an ``nn.Conv2d`` holding the same parameters."""
+def swap_modules(model: nn.Module, kind: type[nn.Module], plain: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``model`` with each module of exactly type ``kind`` replaced by ``plain(it)`` (the same parameters)."""
     for parent in list(model.modules()):
         for name, child in parent.named_children():
-            if type(child) is FirstConv:
-                plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, padding=child.padding)
-                plain.load_state_dict(child.state_dict())
-                setattr(parent, name, plain.to(memory_format=torch.channels_last))
+            if type(child) is kind:
+                setattr(parent, name, plain(child))
     return model
 
 
-def attack_steps(objective: Objective, rounds: int = 4, reps: int = 10) -> tuple[float, float]:
-    """Seconds per step (best round) with certkit's LeNet and with a plain first convolution, interleaved."""
+def plain_conv(conv: nn.Module) -> nn.Module:
+    assert isinstance(conv, nn.Conv2d)
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    plain.load_state_dict(conv.state_dict())
+    return plain.to(memory_format=torch.channels_last)
+
+
+def interleaved_best(fns: list[Callable[[], object]], rounds: int, reps: int) -> list[float]:
+    """Best seconds per call of each function, the functions taking turns round by round."""
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], best_seconds(fn, reps, rounds=1))
+    return best
+
+
+def attack_steps(objective: Objective, rounds: int = 4, reps: int = 10) -> list[float]:
+    """Seconds per step with certkit's LeNet and with a plain first convolution."""
     torch.manual_seed(0)
     ours = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
-    plain = with_plain_first_conv(create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last))
-    plain.load_state_dict(ours.state_dict())
+    plain = swap_modules(copy.deepcopy(ours), FirstConv, plain_conv)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     steps = []
     for model in (ours, plain):
@@ -107,11 +124,25 @@ def attack_steps(objective: Objective, rounds: int = 4, reps: int = 10) -> tuple
             opt.step()
 
         steps.append(step)
-    best = [float("inf"), float("inf")]
-    for _ in range(rounds):
-        for i, step in enumerate(steps):
-            best[i] = min(best[i], best_seconds(step, reps, rounds=1))
-    return best[0], best[1]
+    return interleaved_best(steps, rounds, reps)
+
+
+def inference_passes(arch: str, batch: int, memory_format: torch.memory_format, rounds: int = 4) -> list[float]:
+    """Seconds per noisy no-grad forward pass (a certification batch, a CRT teacher's) with certkit's
+    :class:`Pool2x2` and with ``nn.MaxPool2d``."""
+    torch.manual_seed(0)
+    ours = create_model(arch, 10, (1, 28, 28)).to(memory_format=memory_format).eval()
+    plain = swap_modules(copy.deepcopy(ours), Pool2x2, lambda _: nn.MaxPool2d(2))
+    x = torch.rand(batch, 1, 28, 28)
+
+    def forward(model: nn.Module) -> Callable[[], object]:
+        @torch.no_grad()
+        def run() -> object:
+            return model(x + SIGMA * torch.randn_like(x))
+
+        return run
+
+    return interleaved_best([forward(ours), forward(plain)], rounds, reps=max(4, 4096 // batch))
 
 
 def main() -> None:
@@ -135,6 +166,17 @@ def main() -> None:
         print(
             f"{objective.name} step, 64 images: {ours * 1e3:.1f} ms with FirstConv, {plain * 1e3:.1f} ms with a plain "
             f"first convolution ({ours / plain:.2f}x)"
+        )
+    for arch, batch, fmt in (
+        ("lenet", 1000, torch.channels_last),
+        ("lenet", 1000, torch.contiguous_format),
+        ("smallcnn", 64, torch.channels_last),
+    ):
+        ours, plain = inference_passes(arch, batch, fmt)
+        layout = "channels-last" if fmt is torch.channels_last else "contiguous"
+        print(
+            f"{arch} no-grad forward, {batch} noisy samples, {layout}: {ours * 1e3:.2f} ms with Pool2x2, "
+            f"{plain * 1e3:.2f} ms with nn.MaxPool2d ({ours / plain:.2f}x)"
         )
     best, worst = min(per_sample.values()), max(per_sample.values())
     print(f"lenet_floor: {best * 1e6:.1f} us/sample ({worst / best:.2f}x worst / best across pass sizes)")

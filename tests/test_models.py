@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from certkit.errors import CertkitError
-from certkit.models import Normalize, create_model, list_models, model_spec
-from certkit.models.layers import FirstConv
+from certkit.models import Normalize, create_model, layers, list_models, model_spec
+from certkit.models.layers import FirstConv, Pool2x2, max_pool_2x2
 
 SHAPES = {"imagenet": (3, 224, 224), "cifar": (3, 32, 32)}
 
@@ -132,3 +135,61 @@ def test_one_channel_nets_start_with_first_conv_and_keep_their_parameter_names(a
     assert "1.features.0.weight" in model.state_dict()
     rgb = create_model(arch, 10, (3, 28, 28))
     assert not any(isinstance(m, FirstConv) for m in rgb.modules())
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8, 8), (2, 4, 9, 7), (1, 3, 2, 2)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_pool_2x2_is_torchs_pool_nan_and_infinities_included(
+    shape: tuple[int, int, int, int], memory_format: torch.memory_format, dtype: torch.dtype
+) -> None:
+    """The same values and layout as ``F.max_pool2d(x, 2)``; odd sizes drop the last row/column as it does."""
+    torch.manual_seed(0)
+    x = torch.randn(shape).to(dtype)
+    flat = x.view(-1)
+    flat[::7] = float("nan")
+    flat[1::11] = float("inf")
+    flat[2::13] = float("-inf")
+    x = x.contiguous(memory_format=memory_format)
+    ours, torchs = max_pool_2x2(x), F.max_pool2d(x, 2)
+    assert ours.shape == torchs.shape and ours.dtype == torchs.dtype
+    assert torch.equal(ours.isnan(), torchs.isnan()) and torch.equal(ours.nan_to_num(0.0), torchs.nan_to_num(0.0))
+    assert ours.is_contiguous(memory_format=memory_format)
+
+
+def test_pool2x2_skips_the_indices_only_where_no_gradient_flows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inference takes the index-free pool; a pass with an input gradient takes torch's, whose backward
+    needs the indices; both give torch's values."""
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return max_pool_2x2(x)
+
+    monkeypatch.setattr(layers, "max_pool_2x2", counted)
+    pool, x = Pool2x2(), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(pool(x), F.max_pool2d(x, 2)) and len(calls) == 1
+    assert torch.equal(pool(x), F.max_pool2d(x, 2)) and len(calls) == 2  # no input gradient: also inference
+    xg = x.clone().requires_grad_()
+    out = pool(xg)
+    assert len(calls) == 2 and "MaxPool2DWithIndices" in type(out.grad_fn).__name__
+    with torch.no_grad():
+        pool(xg)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("arch", ["lenet", "smallcnn"])
+def test_one_channel_nets_infer_as_with_torchs_max_pool(arch: str) -> None:
+    """Logits under no-grad equal those of the same network with ``nn.MaxPool2d`` in place of Pool2x2."""
+    torch.manual_seed(0)
+    ours = create_model(arch, 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+    theirs = copy.deepcopy(ours)
+    features = theirs[1].features
+    for i, m in enumerate(features):
+        if isinstance(m, Pool2x2):
+            features[i] = torch.nn.MaxPool2d(2)
+    assert sum(isinstance(m, Pool2x2) for m in ours.modules()) == 2
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))

@@ -119,3 +119,33 @@ class FirstConv(nn.Conv2d):
         ):
             return _SingleChannelConv.apply(x, self.weight, self.bias, self.padding[0])
         return super().forward(x)
+
+
+def max_pool_2x2(x: Tensor) -> Tensor:
+    """``F.max_pool2d(x, 2)``, the same values (NaN included), as two elementwise maxima of strided views.
+
+    torch's CPU max-pool also writes the argmax indices, which only a backward pass needs, and is slow on
+    contiguous (NCHW) tensors; without them the pool is a pass over memory, several times faster, and a
+    sizeable share of LeNet's forward pass, which certification runs n times per image (figures:
+    docs/benchmarks.md). An odd last row or column is dropped, as the floor-mode pool does.
+    """
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    top = torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2])
+    return torch.maximum(top, torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]), out=top)
+
+
+class Pool2x2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` that skips the argmax indices when no gradient can flow through it on CPU.
+
+    Inference (certification, evaluation, a CRT teacher's forward pass) runs :func:`max_pool_2x2`; a pass
+    that needs the backward, and every pass on another device (where torch's pool is one kernel launch
+    against three), runs ``nn.MaxPool2d`` itself, so training and its gradients are unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return super().forward(x)
+        return max_pool_2x2(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certkit.models.layers import FirstConv
+from certkit.models.layers import FirstConv, Pool2x2
 from certkit.models.registry import register_model
 
 
@@ -21,10 +21,11 @@ def _conv_pool_relu(in_channels: int, out_channels: int, kernel: int, padding: i
     same element either way (a window with no positive value passes none in both orders). Pooling first
     runs the ReLU and its backward on a quarter of the elements, which on a CPU is a sizeable share of a
     small network's step. The parameter names (``features.0``, ``features.3``) are those of either order.
-    A first convolution on one-channel images is a :class:`~certkit.models.layers.FirstConv`.
+    A first convolution on one-channel images is a :class:`~certkit.models.layers.FirstConv`; the pool is a
+    :class:`~certkit.models.layers.Pool2x2` (no argmax indices where no gradient is taken).
     """
     conv = FirstConv if in_channels == 1 else nn.Conv2d  # a faster input gradient for attacks on CPU
-    return [conv(in_channels, out_channels, kernel, padding=padding), nn.MaxPool2d(2), nn.ReLU()]
+    return [conv(in_channels, out_channels, kernel, padding=padding), Pool2x2(), nn.ReLU()]
 
 
 class LeNet(nn.Module):

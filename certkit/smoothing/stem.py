@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from certkit.models.layers import FirstConv, Normalize
+from certkit.models.layers import FirstConv, Normalize, Pool2x2
 
 
 @dataclass
@@ -85,11 +85,11 @@ class StemSplit:
 
 
 class _NormalizeLeaf(fx.Tracer):
-    """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and FirstConv as
-    one, like the ``nn.Conv2d`` it computes."""
+    """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and FirstConv and
+    Pool2x2 as one each, like the ``nn.Conv2d`` and ``nn.MaxPool2d`` they compute."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or type(m) is FirstConv or super().is_leaf_module(m, qualname)
+        return isinstance(m, Normalize) or type(m) in (FirstConv, Pool2x2) or super().is_leaf_module(m, qualname)
 
 
 def has_forward_hooks(model: nn.Module) -> bool:
@@ -188,7 +188,9 @@ def split_stem(model: nn.Module) -> StemSplit | None:
 
 def _plain_max_pool(m: nn.Module) -> int:
     """k for a ``MaxPool2d`` with square kernel k = stride, no padding, dilation or ceil mode; else 0."""
-    if type(m) is not nn.MaxPool2d or m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
+    if not isinstance(m, nn.MaxPool2d) or type(m) not in (nn.MaxPool2d, Pool2x2):
+        return 0
+    if m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
         return 0
     k, stride = m.kernel_size, m.stride
     k = k if isinstance(k, int) else (k[0] if k[0] == k[1] else 0)
