@@ -273,17 +273,23 @@ class PerInputNoise(Sampler):
         batch_size: int,
     ) -> tuple[Tensor, Tensor, int]:
         """(owner of each used row, the noisy copies, rows used) of one forward batch: every row's owner and
-        draw number are laid out on the host, its key is its owner's, and the noise of all rows is made in one
+        draw number are laid out on the host, run by run (a handful of array operations per batch, not a few
+        per block of copies), its key is its owner's, and the noise of all rows is made in one
         computation. Compiled, the rows are padded to ``batch_size`` (one shape per graph; the padding rows are
         never counted)."""
-        owners, draws = [], []
+        runs: list[list[int]] = []  # [input, first draw, rows]: an input's consecutive blocks are one run
         for i, size in batch_blocks:
             first = streams[i].take(size)
-            owners.append(np.full(size, i))
-            draws.append(np.arange(first, first + size))
-        used = sum(size for _, size in batch_blocks)
-        rows = batch_size if self.voter.compiled else used
-        table = np.stack([np.pad(np.concatenate(c), (0, rows - used)) for c in (owners, draws)]).astype(np.int64)
+            if runs and runs[-1][0] == i:
+                runs[-1][2] += size
+            else:
+                runs.append([i, first, size])
+        inputs, firsts, sizes = np.array(runs, dtype=np.int64).T
+        used = int(sizes.sum())
+        table = np.zeros((2, batch_size if self.voter.compiled else used), dtype=np.int64)
+        table[0, :used] = np.repeat(inputs, sizes)
+        # row r of a run starting at batch row b draws first + (r - b)
+        table[1, :used] = np.arange(used) + np.repeat(firsts - (np.cumsum(sizes) - sizes), sizes)
         owner, draw = to_device(torch.from_numpy(table), self.voter.device)
         row_keys = keys[owner]
         # the gathers stay outside the compiled graph, whose shapes then do not depend on how many inputs
