@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from certkit.errors import CertkitError
 from certkit.models import Normalize, create_model, layers, list_models, model_spec
-from certkit.models.layers import FirstConv, Pool2x2, max_pool_2x2
+from certkit.models.layers import FirstConv, Pool2x2, WideLinear, max_pool_2x2
 
 SHAPES = {"imagenet": (3, 224, 224), "cifar": (3, 32, 32)}
 
@@ -193,3 +193,70 @@ def test_one_channel_nets_infer_as_with_torchs_max_pool(arch: str) -> None:
     x = torch.rand(32, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
+
+
+def _wide_linear_pair() -> tuple[WideLinear, torch.nn.Linear]:
+    torch.manual_seed(0)
+    ours = WideLinear(800, 500)
+    plain = torch.nn.Linear(800, 500)
+    plain.load_state_dict(ours.state_dict())
+    return ours, plain
+
+
+@pytest.mark.skipif(not layers._HAS_ONEDNN_LINEAR, reason="torch built without oneDNN")
+def test_wide_linear_is_linear_in_value_and_every_gradient() -> None:
+    """The training path runs oneDNN's matmul for the output and both gradient products (the bias gradient
+    is a sum): equal to ``nn.Linear`` up to summation order, and the same from one call to the next."""
+    ours, plain = _wide_linear_pair()
+    x = torch.randn(64, 800)
+    results = []
+    for layer in (ours, plain):
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        assert ("OneDNNLinear" in type(out.grad_fn).__name__) == (layer is ours)
+        grads = torch.autograd.grad(out.sin().sum(), [xi, layer.weight, layer.bias])
+        results.append((out, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    again = ours(x.clone().requires_grad_())
+    assert torch.equal(again, results[0][0])
+    with torch.no_grad():  # inference calls the primitive directly
+        torch.testing.assert_close(ours(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_wide_linear_runs_linear_itself_under_autocast_compile_and_other_shapes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bf16 autocast, a 3-d input, fp64 and a torch.compile trace take ``nn.Linear``'s own path."""
+    ours, plain = _wide_linear_pair()
+    calls: list[int] = []
+    real = layers._onednn_linear
+
+    def counted(*args: torch.Tensor | None) -> torch.Tensor:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(layers, "_onednn_linear", counted)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(torch.randn(4, 800)).dtype == torch.bfloat16
+    three_d = torch.randn(2, 3, 800)
+    assert torch.equal(ours(three_d), plain(three_d))
+    ours64, plain64 = ours.double(), plain.double()
+    x64 = torch.randn(4, 800, dtype=torch.float64)
+    assert torch.equal(ours64(x64), plain64(x64))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ours.float()
+    ours(torch.randn(4, 800))
+    assert calls == []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    if layers._HAS_ONEDNN_LINEAR:
+        ours(torch.randn(4, 800))
+        assert calls == [1]
+
+
+@pytest.mark.parametrize("arch", ["lenet", "smallcnn"])
+def test_one_channel_nets_have_a_wide_hidden_layer_and_a_plain_head(arch: str) -> None:
+    model = create_model(arch, 10, (1, 28, 28))
+    hidden, head = (m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert type(hidden) is WideLinear and type(head) is torch.nn.Linear
+    assert "1.classifier.1.weight" in model.state_dict() and "1.classifier.3.weight" in model.state_dict()

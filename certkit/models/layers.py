@@ -149,3 +149,61 @@ class Pool2x2(nn.MaxPool2d):
         if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             return super().forward(x)
         return max_pool_2x2(x)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` by oneDNN's matmul (the primitive torch's inductor uses on CPU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """A linear layer whose forward and both gradient products run on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        # oneDNN reads the transposed views through their strides, faster than copying them first
+        if ctx.needs_input_grad[0]:  # grad_out @ weight: a linear layer with weight.T
+            grad_x = _onednn_linear(grad_out, weight.t(), None)
+        if ctx.needs_input_grad[1]:  # grad_out.T @ x
+            grad_w = _onednn_linear(grad_out.t(), x.t(), None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+_HAS_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class WideLinear(nn.Linear):
+    """``nn.Linear`` for a network's wide hidden layer (LeNet's 800 → 500), computed by oneDNN on CPU in fp32.
+
+    torch runs a CPU linear layer in fp32 on the BLAS it was built with (MKL), which on the AMD EPYC this
+    project is developed on reaches about half the rate of oneDNN's matmul, the library that already runs the
+    convolutions, and the hidden layer is a sizeable share of LeNet's training step. The same parameters and
+    function, rounded in another summation order; CUDA, autocast, torch.compile, other dtypes and inputs
+    that are not a batch of vectors run ``nn.Linear`` itself. Narrow layers (a 10-class head) are faster on MKL and stay
+    ``nn.Linear`` (figures: docs/benchmarks.md).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (
+            _HAS_ONEDNN_LINEAR
+            and x.device.type == "cpu"
+            and x.dim() == 2
+            and x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()  # inductor lowers oneDNN's matmul for frozen weights only
+        ):
+            return super().forward(x)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        return _onednn_linear(x, self.weight, self.bias)

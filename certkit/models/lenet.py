@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certkit.models.layers import FirstConv, Pool2x2
+from certkit.models.layers import FirstConv, Pool2x2, WideLinear
 from certkit.models.registry import register_model
 
 
@@ -40,7 +40,7 @@ class LeNet(nn.Module):
         super().__init__()
         self.features = nn.Sequential(*_conv_pool_relu(in_shape[0], 20, 5), *_conv_pool_relu(20, 50, 5))
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 500), nn.ReLU(), nn.Linear(500, num_classes)
+            nn.Flatten(), WideLinear(_flat_size(self.features, in_shape), 500), nn.ReLU(), nn.Linear(500, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class SmallCNN(nn.Module):
             *_conv_pool_relu(in_shape[0], 16, 3, padding=1), *_conv_pool_relu(16, 32, 3, padding=1)
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(_flat_size(self.features, in_shape), 128), nn.ReLU(), nn.Linear(128, num_classes)
+            nn.Flatten(), WideLinear(_flat_size(self.features, in_shape), 128), nn.ReLU(), nn.Linear(128, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from certkit.models.layers import FirstConv, Normalize, Pool2x2
+from certkit.models.layers import FirstConv, Normalize, Pool2x2, WideLinear
 
 
 @dataclass
@@ -85,11 +85,13 @@ class StemSplit:
 
 
 class _NormalizeLeaf(fx.Tracer):
-    """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and FirstConv and
-    Pool2x2 as one each, like the ``nn.Conv2d`` and ``nn.MaxPool2d`` they compute."""
+    """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and certkit's own
+    FirstConv, Pool2x2 and WideLinear as one each, like the ``nn.Conv2d``, ``nn.MaxPool2d`` and ``nn.Linear``
+    they compute."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or type(m) in (FirstConv, Pool2x2) or super().is_leaf_module(m, qualname)
+        ours = (FirstConv, Pool2x2, WideLinear)
+        return isinstance(m, Normalize) or type(m) in ours or super().is_leaf_module(m, qualname)
 
 
 def has_forward_hooks(model: nn.Module) -> bool:
