@@ -1,6 +1,6 @@
 """Where an fp32 LeNet training step spends its time on CPU: the floor below any trainer's step.
 
-Four measurements, in one process with glibc's freed-memory setting:
+Five measurements, in one process with glibc's freed-memory setting:
 
 1. The cheapest training pass there is (noise, forward, cross-entropy, backward, SGD step; channels-last, the
    ReLU after the pool as certkit's LeNet) timed per noisy sample at several pass sizes. A method that trains
@@ -15,6 +15,8 @@ Four measurements, in one process with glibc's freed-memory setting:
 4. What :class:`~certkit.models.layers.Pool2x2` (a max-pool without argmax indices where no gradient is
    taken) buys the no-grad forward passes: LeNet on a certification batch of 1,000 noisy samples, in both
    memory formats, and the CRT demo's SmallCNN teacher on a student batch of 64, against ``nn.MaxPool2d``.
+5. What :class:`~certkit.models.layers.WideLinear` (LeNet's hidden layer on oneDNN's matmul instead of
+   torch's BLAS) buys the training pass of (1) and LeNet's certification batch, against ``nn.Linear``.
 
     python benchmarks/lenet_floor.py [--sizes 64,256,1024] [--threads 2]
 
@@ -34,7 +36,7 @@ from torch import nn
 
 from certkit.allocator import keep_freed_memory
 from certkit.models import create_model
-from certkit.models.layers import FirstConv, Pool2x2, single_channel_input_gradient
+from certkit.models.layers import FirstConv, Pool2x2, WideLinear, single_channel_input_gradient
 from certkit.objectives import Objective, SmoothAdv, SmoothMix
 
 SIGMA = 0.25
@@ -53,9 +55,13 @@ def best_seconds(fn: Callable[[], object], reps: int, rounds: int = 3) -> float:
     return best
 
 
-def step_seconds_per_sample(pass_size: int) -> float:
+def lenet() -> nn.Module:
     torch.manual_seed(0)
-    model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+    return create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+
+
+def training_pass(model: nn.Module, pass_size: int) -> Callable[[], None]:
+    """One step of the cheapest training there is on ``pass_size`` noisy samples."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.rand(pass_size, 1, 28, 28), torch.randint(0, 10, (pass_size,))
 
@@ -64,7 +70,27 @@ def step_seconds_per_sample(pass_size: int) -> float:
         F.cross_entropy(model(x + SIGMA * torch.randn_like(x)), y).backward()
         opt.step()
 
-    return best_seconds(step, reps=max(4, 4096 // pass_size)) / pass_size
+    return step
+
+
+def step_seconds_per_sample(pass_size: int) -> float:
+    return best_seconds(training_pass(lenet(), pass_size), reps=max(4, 4096 // pass_size)) / pass_size
+
+
+def plain_linear(layer: nn.Module) -> nn.Module:
+    assert isinstance(layer, nn.Linear)
+    plain = nn.Linear(layer.in_features, layer.out_features)
+    plain.load_state_dict(layer.state_dict())
+    return plain
+
+
+def wide_linear_passes(pass_size: int, rounds: int = 4) -> list[float]:
+    """Seconds per noisy sample of the training pass with certkit's :class:`WideLinear` hidden layer and with
+    ``nn.Linear`` (torch's BLAS), the same weights."""
+    ours = lenet()
+    plain = swap_modules(copy.deepcopy(ours), WideLinear, plain_linear)
+    steps = [training_pass(model, pass_size) for model in (ours, plain)]
+    return [t / pass_size for t in interleaved_best(steps, rounds, reps=max(4, 2048 // pass_size))]
 
 
 def first_conv_input_gradient(pass_size: int) -> tuple[float, float, float]:
@@ -110,8 +136,7 @@ def interleaved_best(fns: list[Callable[[], object]], rounds: int, reps: int) ->
 
 def attack_steps(objective: Objective, rounds: int = 4, reps: int = 10) -> list[float]:
     """Seconds per step with certkit's LeNet and with a plain first convolution."""
-    torch.manual_seed(0)
-    ours = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last)
+    ours = lenet()
     plain = swap_modules(copy.deepcopy(ours), FirstConv, plain_conv)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
     steps = []
@@ -127,12 +152,19 @@ def attack_steps(objective: Objective, rounds: int = 4, reps: int = 10) -> list[
     return interleaved_best(steps, rounds, reps)
 
 
-def inference_passes(arch: str, batch: int, memory_format: torch.memory_format, rounds: int = 4) -> list[float]:
-    """Seconds per noisy no-grad forward pass (a certification batch, a CRT teacher's) with certkit's
-    :class:`Pool2x2` and with ``nn.MaxPool2d``."""
+def inference_passes(
+    arch: str,
+    batch: int,
+    memory_format: torch.memory_format,
+    kind: type[nn.Module],
+    plain_module: Callable[[nn.Module], nn.Module],
+    rounds: int = 4,
+) -> list[float]:
+    """Seconds per noisy no-grad forward pass (a certification batch, a CRT teacher's) with certkit's layers
+    and with each ``kind`` swapped for torch's own module (``plain_module``)."""
     torch.manual_seed(0)
     ours = create_model(arch, 10, (1, 28, 28)).to(memory_format=memory_format).eval()
-    plain = swap_modules(copy.deepcopy(ours), Pool2x2, lambda _: nn.MaxPool2d(2))
+    plain = swap_modules(copy.deepcopy(ours), kind, plain_module)
     x = torch.rand(batch, 1, 28, 28)
 
     def forward(model: nn.Module) -> Callable[[], object]:
@@ -167,16 +199,25 @@ def main() -> None:
             f"{objective.name} step, 64 images: {ours * 1e3:.1f} ms with FirstConv, {plain * 1e3:.1f} ms with a plain "
             f"first convolution ({ours / plain:.2f}x)"
         )
-    for arch, batch, fmt in (
-        ("lenet", 1000, torch.channels_last),
-        ("lenet", 1000, torch.contiguous_format),
-        ("smallcnn", 64, torch.channels_last),
+    cl, contiguous = torch.channels_last, torch.contiguous_format
+    for arch, batch, fmt, kind, plain_module in (
+        ("lenet", 1000, cl, Pool2x2, lambda _: nn.MaxPool2d(2)),
+        ("lenet", 1000, contiguous, Pool2x2, lambda _: nn.MaxPool2d(2)),
+        ("smallcnn", 64, cl, Pool2x2, lambda _: nn.MaxPool2d(2)),
+        ("lenet", 1000, cl, WideLinear, plain_linear),
     ):
-        ours, plain = inference_passes(arch, batch, fmt)
-        layout = "channels-last" if fmt is torch.channels_last else "contiguous"
+        ours, plain = inference_passes(arch, batch, fmt, kind, plain_module)
+        layout = "channels-last" if fmt is cl else "contiguous"
+        torchs = "nn.MaxPool2d" if kind is Pool2x2 else "nn.Linear"
         print(
-            f"{arch} no-grad forward, {batch} noisy samples, {layout}: {ours * 1e3:.2f} ms with Pool2x2, "
-            f"{plain * 1e3:.2f} ms with nn.MaxPool2d ({ours / plain:.2f}x)"
+            f"{arch} no-grad forward, {batch} noisy samples, {layout}: {ours * 1e3:.2f} ms with {kind.__name__}, "
+            f"{plain * 1e3:.2f} ms with {torchs} ({ours / plain:.2f}x)"
+        )
+    for size in (64, 256):
+        ours, plain = wide_linear_passes(size)
+        print(
+            f"training pass, {size} noisy samples: {ours * 1e6:.1f} µs per sample with WideLinear, "
+            f"{plain * 1e6:.1f} µs with nn.Linear ({ours / plain:.2f}x)"
         )
     best, worst = min(per_sample.values()), max(per_sample.values())
     print(f"lenet_floor: {best * 1e6:.1f} us/sample ({worst / best:.2f}x worst / best across pass sizes)")
