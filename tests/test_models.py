@@ -227,7 +227,8 @@ def test_wide_linear_is_linear_in_value_and_every_gradient() -> None:
 def test_wide_linear_runs_linear_itself_under_autocast_compile_and_other_shapes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """bf16 autocast, a 3-d input, fp64 and a torch.compile trace take ``nn.Linear``'s own path."""
+    """bf16 autocast, a 3-d input, an empty batch, fp64 and a torch.compile trace take ``nn.Linear``'s own
+    path."""
     ours, plain = _wide_linear_pair()
     calls: list[int] = []
     real = layers._onednn_linear
@@ -241,6 +242,9 @@ def test_wide_linear_runs_linear_itself_under_autocast_compile_and_other_shapes(
         assert ours(torch.randn(4, 800)).dtype == torch.bfloat16
     three_d = torch.randn(2, 3, 800)
     assert torch.equal(ours(three_d), plain(three_d))
+    empty = torch.empty(0, 800, requires_grad=True)
+    ours(empty).sum().backward()
+    assert empty.grad is not None and empty.grad.shape == (0, 800)
     ours64, plain64 = ours.double(), plain.double()
     x64 = torch.randn(4, 800, dtype=torch.float64)
     assert torch.equal(ours64(x64), plain64(x64))

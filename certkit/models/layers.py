@@ -198,6 +198,7 @@ class WideLinear(nn.Linear):
             _HAS_ONEDNN_LINEAR
             and x.device.type == "cpu"
             and x.dim() == 2
+            and x.shape[0] > 0  # oneDNN has no empty inner product (the weight gradient's would be)
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
