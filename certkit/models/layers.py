@@ -189,8 +189,8 @@ class WideLinear(nn.Linear):
     project is developed on reaches about half the rate of oneDNN's matmul, the library that already runs the
     convolutions, and the hidden layer is a sizeable share of LeNet's training step. The same parameters and
     function, rounded in another summation order; CUDA, autocast, torch.compile, other dtypes and inputs
-    that are not a batch of vectors run ``nn.Linear`` itself. Narrow layers (a 10-class head) are faster on MKL and stay
-    ``nn.Linear`` (figures: docs/benchmarks.md).
+    that are not a non-empty batch of vectors run ``nn.Linear`` itself. Narrow layers (a 10-class head) are
+    faster on MKL and stay ``nn.Linear`` (figures: docs/benchmarks.md).
     """
 
     def forward(self, x: Tensor) -> Tensor:
