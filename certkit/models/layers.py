@@ -51,7 +51,7 @@ def single_channel_input_gradient(grad_out: Tensor, weight: Tensor, padding: int
     grad_in = grad_out.new_zeros(b, h + k - 1, w + k - 1)
     for i in range(k):
         for j in range(k):
-            grad_in[:, i : i + h, j : j + w] += taps[:, i, j]
+            grad_in[:, i : i + h, j : j + w].add_(taps[:, i, j])  # in place: `+=` would copy back
     if padding:
         grad_in = grad_in[:, padding:-padding, padding:-padding]
     return grad_in.unsqueeze(1)
