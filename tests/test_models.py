@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from certkit.errors import CertkitError
 from certkit.models import Normalize, create_model, layers, list_models, model_spec
-from certkit.models.layers import FirstConv, Pool2x2, WideLinear, max_pool_2x2
+from certkit.models.layers import FirstConv, Pool2x2, WideLinear, max_pool_2x2, single_channel_input_gradient
 
 SHAPES = {"imagenet": (3, 224, 224), "cifar": (3, 32, 32)}
 
@@ -110,6 +110,19 @@ def test_first_conv_is_conv2d_in_value_and_every_gradient(
     assert torch.equal(out_a, out_b) and torch.equal(gw_a, gw_b) and torch.equal(gb_a, gb_b)
     assert gx_a.shape == gx_b.shape == x.shape
     torch.testing.assert_close(gx_a, gx_b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels", [1, 20])
+def test_single_channel_input_gradient_reads_either_layout_of_the_output_gradient(channels: int) -> None:
+    """A channels-last output gradient is read through its strides (no copy), a contiguous one as it is;
+    both give torch's own input gradient."""
+    torch.manual_seed(0)
+    weight = torch.randn(channels, 1, 5, 5)
+    grad_out = torch.randn(3, channels, 24, 24)
+    expected = torch.nn.grad.conv2d_input((3, 1, 28, 28), weight, grad_out)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = single_channel_input_gradient(grad_out.contiguous(memory_format=layout), weight, 0)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)  # sums of up to 500 terms of size ~1
 
 
 def test_first_conv_runs_conv2d_itself_when_no_input_gradient_is_asked_for() -> None:

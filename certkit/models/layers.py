@@ -47,7 +47,13 @@ def single_channel_input_gradient(grad_out: Tensor, weight: Tensor, padding: int
     """
     b, c, h, w = grad_out.shape
     k = weight.shape[-1]
-    taps = torch.matmul(weight.reshape(c, k * k).t(), grad_out.contiguous().view(b, c, h * w)).view(b, k, k, h, w)
+    if grad_out.is_contiguous(memory_format=torch.channels_last):
+        # (B, H*W, C) in memory: the product reads it transposed through its strides, without the copy
+        # to (B, C, H*W) that would cost a third of this function's time
+        rows = grad_out.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
+    else:
+        rows = grad_out.contiguous().view(b, c, h * w)
+    taps = torch.matmul(weight.reshape(c, k * k).t(), rows).view(b, k, k, h, w)
     grad_in = grad_out.new_zeros(b, h + k - 1, w + k - 1)
     for i in range(k):
         for j in range(k):
