@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument(
         "--crt-batch-size", type=int, default=d.crt_batch_size, help="CRT student batch size (0: same as SmoothMix)"
     )
+    p.add_argument("--crt-lr", type=float, default=d.crt_lr, help="CRT student learning rate (default: --lr's)")
     p.add_argument("--device", default="auto")
     a = p.parse_args()
     keep_freed_memory()  # as `certkit demo` does
@@ -64,6 +65,7 @@ def main() -> None:
         sigma=a.sigma,
         crt_alpha=a.crt_alpha,
         crt_batch_size=a.crt_batch_size or None,
+        crt_lr=a.crt_lr,
     )
     figures = compare(cfg, a.out, device=a.device)
     print(render(cfg, figures))

@@ -27,6 +27,7 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
         cert_batch=200,
         crt_batch_size=32,
         crt_alpha=0.5,
+        crt_lr=0.02,
         teacher_seed=7,
     )
     figures = compare(cfg, tmp_path, log=lambda m: None)
@@ -39,7 +40,9 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     meta = json.loads((tmp_path / "crt" / "model.json").read_text())
     assert meta["teacher"]["method"] == "smoothmix" and meta["teacher"]["arch"] == cfg.teacher_arch
     assert meta["hparams"]["alpha"] == 0.5 and meta["train"]["batch_size"] == 32  # the CRT student's own settings
-    assert json.loads((tmp_path / "direct" / "model.json").read_text())["train"]["batch_size"] == 64
+    assert meta["train"]["lr"] == 0.02
+    direct_train = json.loads((tmp_path / "direct" / "model.json").read_text())["train"]
+    assert direct_train["batch_size"] == 64 and direct_train["lr"] == cfg.lr
     cost = meta["cost"]["total"]
     assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
     assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])
@@ -54,6 +57,7 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
 
     text = render(cfg, figures, plot=tmp_path / "curves.png")
     assert text.splitlines()[-4].startswith("crt_speedup: ") and "acr_ratio: " in text
+    assert "CRT: transfer weight 0.5, batch 32, lr 0.02;" in text
     assert f"crt_pass_ratio: {figures['pass_ratio']:.2f}x" in text
     header, *rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert "| image passes | pass ratio vs direct |" in header and len(rows) == 3

@@ -52,6 +52,8 @@ class CompareConfig:
     #: literature's length the official values.
     crt_alpha: float = 0.5
     crt_batch_size: int | None = 64
+    #: the CRT student's learning rate (None: ``lr``), for trying a larger batch at a scaled rate
+    crt_lr: float | None = None
     lr: float = 0.05
     schedule: str = "cosine"
     #: certification: the test images certified are the first `certify_images` of the test set
@@ -89,12 +91,12 @@ class CompareConfig:
 
 
 def _train_kwargs(
-    cfg: CompareConfig, epochs: int, batch_size: int | None = None, seed: int | None = None
+    cfg: CompareConfig, epochs: int, batch_size: int | None = None, seed: int | None = None, lr: float | None = None
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         epochs=epochs,
         batch_size=batch_size or cfg.batch_size,
-        lr=cfg.lr,
+        lr=cfg.lr if lr is None else lr,
         schedule=cfg.schedule,
         seed=cfg.seed if seed is None else seed,
         train_subset=cfg.train_subset,
@@ -132,6 +134,7 @@ def compare(
             epochs=cfg.student_epochs,
             hparams={"alpha": cfg.crt_alpha},
             batch_size=cfg.crt_batch_size,
+            lr=cfg.crt_lr,
         ),
         "direct": dict(
             arch=cfg.student_arch, method=cfg.teacher_method, hparams=cfg.teacher_hparams, epochs=cfg.student_epochs
@@ -158,7 +161,7 @@ def compare(
             device=str(dev),
             resume=resume,
             log=lambda msg: epoch_log(f"{name}: {msg}"),  # the students' lines interleave: say whose
-            **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size"), spec.get("seed")),
+            **_train_kwargs(cfg, spec["epochs"], spec.get("batch_size"), spec.get("seed"), spec.get("lr")),
         ).run_epochs(resume)
 
     for _ in epochs("teacher"):
@@ -222,7 +225,9 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         f"Fashion-MNIST, sigma={cfg.sigma}, {cfg.certify_images} test images, "
         f"n0={cfg.n0}, n={cfg.n}, alpha={cfg.alpha}",
         f"teacher {cfg.teacher_epochs} epochs, students {cfg.student_epochs} epochs; CRT: transfer weight "
-        f"{cfg.crt_alpha:g}, batch {cfg.crt_batch_size or cfg.batch_size}; "
+        f"{cfg.crt_alpha:g}, batch {cfg.crt_batch_size or cfg.batch_size}"
+        + (f", lr {cfg.crt_lr:g}" if cfg.crt_lr is not None else "")
+        + "; "
         f"{cfg.teacher_method}: batch {cfg.batch_size}",
         "",
         "| model | train s | speedup vs direct | image passes | pass ratio vs direct | clean acc | ACR | "
