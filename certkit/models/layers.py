@@ -48,8 +48,8 @@ def single_channel_input_gradient(grad_out: Tensor, weight: Tensor, padding: int
     b, c, h, w = grad_out.shape
     k = weight.shape[-1]
     if grad_out.is_contiguous(memory_format=torch.channels_last):
-        # (B, H*W, C) in memory: the product reads it transposed through its strides, without the copy
-        # to (B, C, H*W) that would cost a third of this function's time
+        # (B, H*W, C) in memory: the product reads it transposed through its strides, without a copy to
+        # (B, C, H*W), which took a large share of this function's time (docs/benchmarks.md)
         rows = grad_out.permute(0, 2, 3, 1).reshape(b, h * w, c).transpose(1, 2)
     else:
         rows = grad_out.contiguous().view(b, c, h * w)
