@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the speed work, as one prepared call of a few minutes on a lent GPU machine.
 #
-#   bash benchmarks/gpu.sh [STAGE ...]        # default: every stage, in this order
+#   bash benchmarks/gpu.sh [STAGE ...]        # default: every stage, in the order of `stages=` at the end
 #
 # Stages (each under its own time limit, all under BUDGET seconds in total, so that a late stage running
-# out of time still leaves the earlier figures); the default order puts first what 2026-11-28 left open:
+# out of time still leaves the earlier figures); the default order puts first what 2026-11-28 left open,
+# the short LeNet certification in large batches before the test suite, which can take the rest:
 #   env          the GPU and torch
 #   graphtest    the CUDA-graph training step against the eager one (tests/test_compiled_step.py)
 #   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto
@@ -93,7 +94,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env graphtest tests profile certlenet certlenetbig crt train certresnet certlenettorch trainon trainother)
+[ ${#stages[@]} -eq 0 ] && stages=(env graphtest certlenetbig tests profile certlenet crt train certresnet certlenettorch trainon trainother)
 for s in "${stages[@]}"; do
     run_stage "$s"
 done
