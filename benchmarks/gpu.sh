@@ -80,7 +80,7 @@ run_stage() {
     crt) [ "$GRAPH_OK" -eq 0 ] && stage crt 200 python3 benchmarks/crt_speedup.py --train-subset 20000 --teacher-epochs 3 --epochs 3 \
         --certify-images 300 --n 10000 --device cuda --out "$SCRATCH/crt" ;;
     certlenet) stage certlenet 120 $CT --rng philox ;;
-    certlenetbig) stage certlenetbig 120 ${CT/--batch 4000/--batch 32768} --rng philox ;;
+    certlenetbig) stage certlenetbig 120 $CT --batch 32768 --rng philox ;;  # the later --batch wins
     certlenettorch) stage certlenettorch 120 $CT --rng torch ;;
     tests) stage tests 240 python3 -m pytest -v -p no:cacheprovider -n 14 tests ;;
     profile) stage profile 120 python3 benchmarks/profile_gpu.py --device cuda ;;
