@@ -22,7 +22,9 @@ batches. Each run trains ``--epochs`` epochs (default 3) in a fresh process; the
 and dropped. The runs are interleaved per method, official then certkit, over ``--rounds`` rounds (the
 order flips each round), so load from other jobs hits both sides alike. A side's seconds per image is the
 mean of its timed epochs over all rounds divided by ``K*256``; the ratio is certkit's over the official
-one (lower is better for certkit).
+one (lower is better for certkit). With two rounds or more, each line also gives the lowest and the highest
+ratio of a single round: the official code's time moves by up to a tenth between runs on the same machine,
+and a ratio near a target is only as good as that spread.
 
 What each side's epoch time includes:
 
@@ -54,7 +56,8 @@ fp32: a speed option that changes the arithmetic, whose effect on the trained mo
 (docs/benchmarks.md).
 
 One line per method and ``--amp`` setting, ``train_ratio_<method>[_bf16]: <ratio>  (certkit <ms> ms/image,
-official <ms> ms/image)``, and a last line ``vs_official: <worst ratio> --amp <setting> (<method>), ...``.
+official <ms> ms/image; rounds <lowest>–<highest>)``, and a last line ``vs_official: <worst ratio> --amp
+<setting> (<method>), ...``.
 """
 
 from __future__ import annotations
@@ -438,9 +441,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]:
+def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, list[float]]]:
     """Seconds per image of each method on each side that ran (``official``, and ``certkit <amp>`` and
-    ``floor <amp>`` for each ``--amp`` setting)."""
+    ``floor <amp>`` for each ``--amp`` setting), one figure per round: the mean of that round's timed epochs."""
     if a.device == "cuda":
         import torch
 
@@ -458,7 +461,7 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
     runs = scratch / "certkit"
     runs.mkdir()
 
-    times: dict[str, dict[str, list[float]]] = {m: {} for m in a.methods}
+    per_round: dict[str, dict[str, list[float]]] = {m: {} for m in a.methods}
     for r in range(a.rounds):
         for i, method in enumerate(a.methods):
             run_id = r * len(METHODS) + i
@@ -476,13 +479,27 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, float]]
                 else:
                     out = runs / f"{method}-{amp}-{r}"
                     secs = run_certkit(method, raw, out, a.epochs, amp, a, certkit_env)
-                times[method].setdefault(side, []).extend(timed(secs, a.epochs, f"{side} {method}"))
+                kept = timed(secs, a.epochs, f"{side} {method}")
+                per_round[method].setdefault(side, []).append(sum(kept) / len(kept) / images)
                 print(
                     f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs) + " s",
                     file=sys.stderr,
                     flush=True,
                 )
-    return {m: {side: sum(v) / len(v) / images for side, v in t.items()} for m, t in times.items()}
+    return per_round
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def round_spread(mine: list[float], official: list[float]) -> str:
+    """``; rounds LO–HI``: the lowest and highest ratio of single rounds (each round's two runs follow each
+    other, so this is how far the load of the moment moves the ratio), or nothing for one round."""
+    if len(mine) < 2:
+        return ""
+    ratios = [m / o for m, o in zip(mine, official)]
+    return f"; rounds {min(ratios):.3f}–{max(ratios):.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -499,17 +516,17 @@ def main(argv: list[str] | None = None) -> None:
     for m, r in rates.items():
         for amp in a.amp:
             suffix = "" if amp == "off" else f"_{amp}"
-            mine = r[f"certkit {amp}"]
-            ratio = mine / r["official"]
+            mine, official = mean(r[f"certkit {amp}"]), mean(r["official"])
+            ratio = mine / official
             worst[amp] = max(worst.get(amp, (0.0, "")), (ratio, m))
             print(
                 f"train_ratio_{m}{suffix}: {ratio:.3f}  (certkit --amp {amp} {mine * 1e3:.3f} ms/image, "
-                f"official {r['official'] * 1e3:.3f} ms/image)"
+                f"official {official * 1e3:.3f} ms/image{round_spread(r[f'certkit {amp}'], r['official'])})"
             )
             if f"floor {amp}" in r:
-                floor = r[f"floor {amp}"]
+                floor = mean(r[f"floor {amp}"])
                 print(
-                    f"floor_ratio_{m}{suffix}: {floor / r['official']:.3f}  (bare loop {floor * 1e3:.3f} ms/image; "
+                    f"floor_ratio_{m}{suffix}: {floor / official:.3f}  (bare loop {floor * 1e3:.3f} ms/image; "
                     f"certkit / bare loop {mine / floor:.3f})"
                 )
     figures = ", ".join(f"{ratio:.3f} --amp {amp} ({m})" for amp, (ratio, m) in worst.items())

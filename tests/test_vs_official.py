@@ -133,3 +133,11 @@ def test_bare_floor_loop_trains_on_the_subset_and_reports_each_epoch(vs: ModuleT
         assert len(seconds) == 2 and all(s > 0 for s in seconds)
     with pytest.raises(CertkitError, match="bare Gaussian loop"):
         vs.run_floor(tmp_path / "missing", 2, "off", env)
+
+
+def test_round_spread_gives_the_extreme_single_round_ratios(vs: ModuleType) -> None:
+    """Each round's ratio pairs that round's two runs, not the fastest of one side with the slowest of the
+    other; one round has no spread to give."""
+    mine, official = [1.0, 1.2, 0.9], [2.0, 2.0, 1.5]  # ratios 0.5, 0.6, 0.6
+    assert vs.round_spread(mine, official) == "; rounds 0.500–0.600"
+    assert vs.round_spread([1.0], [2.0]) == ""
