@@ -23,8 +23,8 @@ and dropped. The runs are interleaved per method, official then certkit, over ``
 order flips each round), so load from other jobs hits both sides alike. A side's seconds per image is the
 mean of its timed epochs over all rounds divided by ``K*256``; the ratio is certkit's over the official
 one (lower is better for certkit). With two rounds or more, each line also gives the lowest and the highest
-ratio of a single round: the official code's time moves by up to a tenth between runs on the same machine,
-and a ratio near a target is only as good as that spread.
+ratio of a single round: the official code's time moves between runs on the same machine, and a ratio near
+a target is only as good as that spread.
 
 What each side's epoch time includes:
 
@@ -75,6 +75,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 from typing import TypeVar
 
 from certkit.allocator import ENVIRONMENT
@@ -489,10 +490,6 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, list[fl
     return per_round
 
 
-def mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def round_spread(mine: list[float], official: list[float]) -> str:
     """``; rounds LO–HI``: the lowest and highest ratio of single rounds (each round's two runs follow each
     other, so this is how far the load of the moment moves the ratio), or nothing for one round."""
@@ -516,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     for m, r in rates.items():
         for amp in a.amp:
             suffix = "" if amp == "off" else f"_{amp}"
-            mine, official = mean(r[f"certkit {amp}"]), mean(r["official"])
+            mine, official = fmean(r[f"certkit {amp}"]), fmean(r["official"])
             ratio = mine / official
             worst[amp] = max(worst.get(amp, (0.0, "")), (ratio, m))
             print(
@@ -524,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"official {official * 1e3:.3f} ms/image{round_spread(r[f'certkit {amp}'], r['official'])})"
             )
             if f"floor {amp}" in r:
-                floor = mean(r[f"floor {amp}"])
+                floor = fmean(r[f"floor {amp}"])
                 print(
                     f"floor_ratio_{m}{suffix}: {floor / official:.3f}  (bare loop {floor * 1e3:.3f} ms/image; "
                     f"certkit / bare loop {mine / floor:.3f})"
