@@ -19,7 +19,7 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
         train_subset=256,
         test_subset=50,
         teacher_epochs=1,
-        student_epochs=1,
+        student_epochs=2,  # two epoch pairs, so the spread of their ratios is a real range
         batch_size=64,
         certify_images=6,
         n0=20,
@@ -46,6 +46,11 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     cost = meta["cost"]["total"]
     assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
     assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])
+    # each epoch pair's ratio comes from the two ledgers, and the whole runs' ratio lies between the extremes
+    direct_epochs = json.loads((tmp_path / "direct" / "model.json").read_text())["cost"]["epochs"]
+    pairs = [d["seconds"] / c["seconds"] for d, c in zip(direct_epochs, meta["cost"]["epochs"])]
+    assert figures["speedup_epochs"] == pytest.approx((min(pairs), max(pairs)))
+    assert min(pairs) <= figures["speedup"] * (1 + 1e-12) and figures["speedup"] <= max(pairs) * (1 + 1e-12)
     # passes are the ledger's image counts: the direct student's forwards and backwards against CRT's student
     # forwards and backwards plus its teacher's forwards
     direct = json.loads((tmp_path / "direct" / "model.json").read_text())["cost"]["total"]
@@ -57,6 +62,8 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
 
     text = render(cfg, figures, plot=tmp_path / "curves.png")
     assert text.splitlines()[-4].startswith("crt_speedup: ") and "acr_ratio: " in text
+    lo, hi = figures["speedup_epochs"]
+    assert f"(wall clock; epoch pairs {lo:.1f}–{hi:.1f}x)" in text
     assert "CRT: transfer weight 0.5, batch 32, lr 0.02;" in text
     assert f"crt_pass_ratio: {figures['pass_ratio']:.2f}x" in text
     header, *rows = [line for line in text.splitlines() if line.startswith("| ")]
