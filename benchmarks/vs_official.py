@@ -481,7 +481,7 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, list[fl
                     out = runs / f"{method}-{amp}-{r}"
                     secs = run_certkit(method, raw, out, a.epochs, amp, a, certkit_env)
                 kept = timed(secs, a.epochs, f"{side} {method}")
-                per_round[method].setdefault(side, []).append(sum(kept) / len(kept) / images)
+                per_round[method].setdefault(side, []).append(fmean(kept) / images)
                 print(
                     f"round {r + 1}/{a.rounds} {method} {side}: epochs " + " ".join(f"{s:.3g}" for s in secs) + " s",
                     file=sys.stderr,

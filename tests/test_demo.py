@@ -32,7 +32,8 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     )
     figures = compare(cfg, tmp_path, log=lambda m: None)
     assert json.loads((tmp_path / "teacher" / "model.json").read_text())["train"]["seed"] == 7
-    assert json.loads((tmp_path / "direct" / "model.json").read_text())["train"]["seed"] == 0
+    direct_meta = json.loads((tmp_path / "direct" / "model.json").read_text())
+    assert direct_meta["train"]["seed"] == 0
     for name in ("teacher", "crt", "direct"):
         assert (tmp_path / name / "model.safetensors").exists()
         assert len((tmp_path / f"{name}.tsv").read_text().splitlines()) == 1 + 6
@@ -41,19 +42,18 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     assert meta["teacher"]["method"] == "smoothmix" and meta["teacher"]["arch"] == cfg.teacher_arch
     assert meta["hparams"]["alpha"] == 0.5 and meta["train"]["batch_size"] == 32  # the CRT student's own settings
     assert meta["train"]["lr"] == 0.02
-    direct_train = json.loads((tmp_path / "direct" / "model.json").read_text())["train"]
+    direct_train = direct_meta["train"]
     assert direct_train["batch_size"] == 64 and direct_train["lr"] == cfg.lr
     cost = meta["cost"]["total"]
     assert cost["teacher_forward"] == cost["forward"] > 0 and cost.get("teacher_backward", 0) == 0
     assert figures["speedup"] == pytest.approx(figures["direct"]["seconds"] / figures["crt"]["seconds"])
     # each epoch pair's ratio comes from the two ledgers, and the whole runs' ratio lies between the extremes
-    direct_epochs = json.loads((tmp_path / "direct" / "model.json").read_text())["cost"]["epochs"]
-    pairs = [d["seconds"] / c["seconds"] for d, c in zip(direct_epochs, meta["cost"]["epochs"])]
+    pairs = [d["seconds"] / c["seconds"] for d, c in zip(direct_meta["cost"]["epochs"], meta["cost"]["epochs"])]
     assert figures["speedup_epochs"] == pytest.approx((min(pairs), max(pairs)))
     assert min(pairs) <= figures["speedup"] * (1 + 1e-12) and figures["speedup"] <= max(pairs) * (1 + 1e-12)
     # passes are the ledger's image counts: the direct student's forwards and backwards against CRT's student
     # forwards and backwards plus its teacher's forwards
-    direct = json.loads((tmp_path / "direct" / "model.json").read_text())["cost"]["total"]
+    direct = direct_meta["cost"]["total"]
     assert figures["direct"]["passes"] == direct["forward"] + direct["backward"]
     assert figures["crt"]["passes"] == cost["forward"] + cost["backward"] + cost["teacher_forward"]
     assert figures["pass_ratio"] == pytest.approx(figures["direct"]["passes"] / figures["crt"]["passes"])
