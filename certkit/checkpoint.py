@@ -33,7 +33,7 @@ from torch import nn
 
 from certkit import __version__
 from certkit.data import dataset_info
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 from certkit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from certkit.models import create_model, wrapper
 
@@ -246,8 +246,7 @@ def load_with_meta(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first})") from None
+        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first_line(e)})") from None
     return model.to(device).eval(), meta
 
 

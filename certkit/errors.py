@@ -8,3 +8,10 @@ to stderr and exits non-zero; anything else is a bug and keeps its traceback.
 
 class CertkitError(Exception):
     """A user-facing error whose message is one line saying what is wrong and, where possible, the fix."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for quoting a library's
+    error inside a one-line :class:`CertkitError` (torch's messages run over many lines)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

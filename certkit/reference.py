@@ -31,7 +31,7 @@ from torch import nn
 
 from certkit.checkpoint import load_with_meta, make_meta
 from certkit.data import DatasetInfo, dataset_info
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 from certkit.fileio import atomic_write_bytes, check_output, sha256_file
 from certkit.models import create_model, model_spec
 
@@ -122,8 +122,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             "never runs code from a checkpoint"
         ) from None
     except Exception as e:  # truncated or not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CertkitError(f"{path}: not a readable torch checkpoint ({first})") from None
+        raise CertkitError(f"{path}: not a readable torch checkpoint ({first_line(e)})") from None
     state = ckpt.get("state_dict", ckpt.get("net")) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CertkitError(

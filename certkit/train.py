@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, list_models, model_spec
@@ -88,12 +88,19 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "weight decay")
     schedule: str = setting(
         "step",
-        "LR schedule: step (x gamma every lr_step epochs), multistep (x gamma at milestones), cosine, "
+        "LR schedule: step (x gamma every lr_step epochs, the first decay lr_step_lag epochs late), multistep "
+        "(x gamma at milestones), cosine, "
         "exp (to lr_final), half-exp (constant for the first half, then exponential to lr_final: GloRo's ICML "
         "code, Leino et al. 2021), constant",
         choices=SCHEDULES,
     )
     lr_step: int = setting(30, "step schedule: epochs between x gamma decays")
+    lr_step_lag: int = setting(
+        0,
+        "step schedule: epochs by which every decay comes late; 0 = torch's StepLR (Cohen et al.'s code); the "
+        "family recipes set 1, as the RS codes whose published numbers they follow (smoothmix, smoothing-catrs: "
+        "scheduler.step(epoch) after each epoch, so 31 epochs at the first rate)",
+    )
     milestones: tuple[int, ...] = setting((), "multistep schedule: comma-separated epochs", parse=_milestones)
     gamma: float = setting(0.1, "LR decay factor", flags=("--lr-gamma",))  # --gamma is MACER's
     lr_final: float = setting(1e-6, "exp schedule: final learning rate")
@@ -125,6 +132,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step", "test_batch_size"):
             if getattr(self, name) < 1:
                 raise CertkitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.lr_step_lag < 0:
+            raise CertkitError(f"--lr-step-lag must be >= 0 (got {self.lr_step_lag})")
         if not 0 < self.lr < math.inf:
             raise CertkitError(f"--lr must be a finite number > 0 (got {self.lr})")
         for name in ("momentum", "weight_decay", "gamma", "lr_final"):
@@ -152,7 +161,11 @@ class TrainConfig:
     def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
         """:func:`recipe`'s published values for ``family``/``method``, under the non-None ``overrides``."""
         settings = recipe(family, method)
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "milestones" in settings and "epochs" in given and "milestones" not in given:
+            # published milestones sit at shares of the run (CRT: 50% and 75% of it), not at fixed epochs
+            settings["milestones"] = tuple(m * given["epochs"] // settings["epochs"] for m in settings["milestones"])
+        settings.update(given)
         unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
@@ -330,7 +343,11 @@ class Trainer:
     def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         c, opt = self.config, self.optimizer
         if c.schedule == "step":
-            return torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step, gamma=c.gamma)
+            # a script calling ``scheduler.step(epoch)`` after epoch ``epoch`` (0-based) trains epoch e at
+            # gamma^((e - 1) // lr_step): every decay one epoch later than StepLR's (its published logs agree)
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda epoch: c.gamma ** (max(epoch - c.lr_step_lag, 0) // c.lr_step)
+            )
         if c.schedule == "multistep":
             return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(c.milestones), gamma=c.gamma)
         if c.schedule == "cosine":
@@ -560,7 +577,8 @@ class Trainer:
                     continue  # added by a later certkit, at the value that computes what the run computed
                 if (group, k) != ("train", "epochs"):
                     name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
-                    saved[name], now[name] = old.get(k), new.get(k)
+                    # a setting the run could not record computed what its declared default computes
+                    saved[name], now[name] = old.get(k, added.get((group, k))), new.get(k)
         saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # as stored: tuples become lists
         for k in saved:
             if saved[k] != now[k]:
@@ -568,6 +586,31 @@ class Trainer:
                     f"{path}: run was started with {k} {saved[k]!r}, not {now[k]!r}; "
                     "resume with the same settings or choose another --out"
                 )
+
+    def _load_state(self, tensors: Mapping[str, Tensor], optimizer: Mapping[str, Any], scheduler: Any) -> None:
+        """Weights, optimizer and scheduler from a resume file, as this process's objects take them."""
+        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        # how this process steps (a captured step on CUDA keeps Adam's counts on the device) is its own
+        # choice, not the saved run's: a run may resume on another device or step mode
+        current = self.optimizer.param_groups
+        groups = [
+            {**saved, **{k: now[k] for k in ("capturable", "foreach", "fused") if k in now}}
+            for saved, now in zip(optimizer["param_groups"], current, strict=True)
+        ]
+        opt_state: dict[str, Any] = {"param_groups": groups, "state": {}}
+        for pid, plain in optimizer["plain_state"].items():
+            opt_state["state"][int(pid)] = dict(plain)
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
+        self.optimizer.load_state_dict(opt_state)
+        # the schedule is the run's settings (checked equal to the saved ones); only its position comes from
+        # the file, so neither JSON (which turns MultiStepLR's milestones into strings) nor a file written by
+        # an older certkit with another scheduler class can change it
+        position = {k: scheduler[k] for k in ("last_epoch", "_step_count", "_last_lr") if k in scheduler}
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **position})
 
     def resume(self) -> bool:
         """Continue from the last completed epoch in ``out_dir``; False when there is nothing to resume."""
@@ -582,6 +625,9 @@ class Trainer:
             tensors = st_load(path.read_bytes())
         except Exception as e:  # a corrupt resume file must not be half-used
             raise CertkitError(f"{path}: cannot resume from it ({e})") from None
+        problem = _resume_record_problem(info)
+        if problem:
+            raise CertkitError(f"{path}: cannot resume from it ({problem})")
         meta = info["meta"]
         self._check_same_run(path, meta)
         saved_train = meta.get("train", {})
@@ -600,19 +646,12 @@ class Trainer:
                     f"and a {self.config.schedule} schedule, which --epochs {self.config.epochs} would change "
                     "retroactively; use another --out"
                 )
-        model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_state, strict=True)
-        opt_state: dict[str, Any] = {"param_groups": info["optimizer"]["param_groups"], "state": {}}
-        for pid, plain in info["optimizer"]["plain_state"].items():
-            opt_state["state"][int(pid)] = dict(plain)
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, name = k.split(".", 2)
-                opt_state["state"].setdefault(int(pid), {})[name] = v.to(self.device)
-        self.optimizer.load_state_dict(opt_state)
-        self.scheduler.load_state_dict(info["scheduler"])
+        try:
+            self._load_state(tensors, info["optimizer"], info["scheduler"])
+            self.ledger = CostLedger.from_json(meta["cost"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # parsed, but not a state of this run
+            raise CertkitError(f"{path}: cannot resume from it ({first_line(e)})") from None
         self.history = _count_from_one(list(info["history"]))
-        self.ledger = CostLedger.from_json(meta["cost"])
         self.ledger.epochs = _count_from_one(self.ledger.epochs)
         self.ledger.ancestors = self.objective.cost_ancestors() or self.ledger.ancestors
         self.start_epoch = info["epoch"] + 1
@@ -622,6 +661,21 @@ class Trainer:
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
         return True
+
+
+def _resume_record_problem(info: Any) -> str | None:
+    """What is wrong with a parsed resume record, if anything: a damaged or foreign one is refused whole,
+    before any of it is used."""
+    if not isinstance(info, dict):
+        return "its record is not a mapping"
+    kinds: dict[str, type] = {"epoch": int, "meta": dict, "history": list, "optimizer": dict, "scheduler": dict}
+    for key, kind in kinds.items():
+        if not isinstance(info.get(key), kind):
+            return f"its record has no valid {key!r}"
+    optimizer = info["optimizer"]
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("plain_state"), dict):
+        return "its optimizer record is malformed"
+    return None
 
 
 def use_channels_last(choice: str, model: nn.Module) -> bool:
@@ -697,8 +751,9 @@ def check_fit(
             with torch.no_grad():
                 out = module(image.unsqueeze(0))
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CertkitError(f"the {name} does not fit images of shape {tuple(image.shape)}: {first}") from None
+            raise CertkitError(
+                f"the {name} does not fit images of shape {tuple(image.shape)}: {first_line(e)}"
+            ) from None
         finally:
             module.train(was_training)
         if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
@@ -719,9 +774,9 @@ def check_fit(
 # ---------------------------------------------------------------------------------------------------------
 #: published optimisation recipes per dataset family (training-methods.md §1, crt.md §3, gloro.md §7)
 RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    ("mnist", "*"): dict(epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30),
-    ("cifar10", "*"): dict(epochs=150, batch_size=256, lr=0.1, schedule="step", lr_step=50),
-    ("imagenet", "*"): dict(epochs=90, batch_size=256, lr=0.1, schedule="step", lr_step=30),
+    ("mnist", "*"): dict(epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30, lr_step_lag=1),
+    ("cifar10", "*"): dict(epochs=150, batch_size=256, lr=0.1, schedule="step", lr_step=50, lr_step_lag=1),
+    ("imagenet", "*"): dict(epochs=90, batch_size=256, lr=0.1, schedule="step", lr_step=30, lr_step_lag=1),
     ("cifar10", "crt"): dict(epochs=200, batch_size=128, lr=0.1, schedule="multistep", milestones=(100, 150)),
     ("imagenet", "crt"): dict(epochs=90, batch_size=400, lr=0.1, schedule="multistep", milestones=(45, 67)),
 }

@@ -21,7 +21,9 @@ from certkit.cli import main
 from certkit.data import dataset_info, load_dataset
 from certkit.errors import CertkitError
 from certkit.models import create_model
+from certkit.objectives import Objective
 from certkit.objectives.gaussian import Gaussian
+from certkit.objectives.smoothmix import SmoothMix
 from certkit.results import read_results, summary_path
 from certkit.train import TrainConfig, Trainer
 from helpers import write_idx
@@ -59,14 +61,14 @@ def _train_worker(rank: int, init_file: str, data_dir: str, run_dir: str, dump_d
         train = load_dataset("mnist", "train", data_dir)
         cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, schedule="constant", seed=0)
 
-        def trainer(out: str | None) -> Trainer:
+        def trainer(out: str | None, objective: Objective | None = None) -> Trainer:
             # different initial weights on each rank: DDP must start every rank from rank 0's
             torch.manual_seed(100 + rank)
             model = create_model("lenet", info.num_classes, info.in_shape, info.mean, info.std)
             meta = checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian")
             return Trainer(
                 model,
-                Gaussian(0.25),
+                objective or Gaussian(0.25),
                 train,
                 None,
                 cfg,
@@ -92,6 +94,14 @@ def _train_worker(rank: int, init_file: str, data_dir: str, run_dir: str, dump_d
         control.fit()
         save_file(
             {k: v.contiguous() for k, v in control.model.state_dict().items()}, f"{dump_dir}/control{rank}.safetensors"
+        )
+
+        # SmoothMix makes two training calls before one backward, as the reference code does
+        two_calls = trainer(None, SmoothMix(0.25, num_noise_vec=2, num_steps=1, mix_step=0))
+        two_calls.fit()
+        save_file(
+            {k: v.contiguous() for k, v in two_calls.model.state_dict().items()},
+            f"{dump_dir}/twocalls{rank}.safetensors",
         )
     finally:
         dist.destroy_process_group()
@@ -132,6 +142,16 @@ def test_ddp_checkpoint_equals_the_weights_on_every_rank(ddp_run):
     assert checkpoint.read_meta(ddp_run["run"])["world_size"] == WORLD
     # the control (no gradient sync) drifts apart: the check above is able to fail
     assert not _equal(control[0], control[1])
+
+
+def test_ddp_reduces_a_step_of_two_training_calls(ddp_run):
+    """SmoothMix's clean and mixed calls before one backward: DDP's reducer sums each parameter's gradient
+    over both and every rank takes the same step (the control above shows ranks drift without the sync)."""
+    dumps = ddp_run["dumps"]
+    start = load_file(dumps / "ddp0.safetensors")
+    trained = [load_file(dumps / f"twocalls{r}.safetensors") for r in range(WORLD)]
+    assert not _equal(trained[0], start)
+    assert _equal(trained[0], trained[1])
 
 
 def _certify(ddp_run: dict[str, Path], out: Path, *extra: str) -> list[tuple]:

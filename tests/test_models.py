@@ -139,6 +139,17 @@ def test_first_conv_runs_conv2d_itself_when_no_input_gradient_is_asked_for() -> 
     assert "SingleChannelConv" not in type(strided(torch.rand(2, 1, 9, 9, requires_grad=True)).grad_fn).__name__
 
 
+def test_first_conv_takes_an_unbatched_image_as_conv2d_does() -> None:
+    ours, plain = _first_conv_pair(5, 0)
+    grads = []
+    for conv in (ours, plain):
+        x = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        (gx,) = torch.autograd.grad(conv(x).sin().sum(), [x])
+        grads.append(gx)
+    assert grads[0].shape == (1, 28, 28)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("arch", ["lenet", "smallcnn"])
 def test_one_channel_nets_start_with_first_conv_and_keep_their_parameter_names(arch: str) -> None:
     """A checkpoint saved before FirstConv existed (plain Conv2d, the same names) loads unchanged."""

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
 
 from certkit import checkpoint
 from certkit.data import ArrayDataset, dataset_info, load_dataset
 from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
-from certkit.train import TrainConfig, Trainer, recipe, train
+from certkit.recipes import get_recipe
+from certkit.train import STATE, TrainConfig, Trainer, recipe, train
 
 
 def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
@@ -26,12 +32,11 @@ def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
     return ArrayDataset(dataset_info("mnist"), images, labels)
 
 
-def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step") -> Trainer:
+def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step", **config: Any) -> Trainer:
     torch.manual_seed(123)
     model = create_model("smallcnn", 10, (1, 28, 28))
-    cfg = TrainConfig(
-        epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32, schedule=schedule
-    )
+    settings: dict[str, Any] = dict(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32)
+    cfg = TrainConfig(**{**settings, "schedule": schedule, **config})
     meta = checkpoint.make_meta("smallcnn", "mnist", 0.25, "gaussian")
     return Trainer(
         model,
@@ -80,20 +85,153 @@ def test_ledger_counts_passes_and_time(tmp_path: Path) -> None:
     assert len(lines) == 2 and "test_clean_acc" in json.loads(lines[-1])
 
 
-def test_resume_is_exact(tmp_path: Path) -> None:
-    full = _trainer(None, epochs=3)
+@pytest.mark.parametrize(
+    ("schedule", "config"),
+    [("step", {}), ("multistep", {"milestones": (3,)}), ("cosine", {}), ("step", {"optimizer": "adam", "lr": 1e-3})],
+)
+def test_resume_is_exact(tmp_path: Path, schedule: str, config: dict[str, Any]) -> None:
+    full = _trainer(None, epochs=4, schedule=schedule, **config)
     full.fit()
-    part = _trainer(tmp_path / "run", epochs=3)
+    part = _trainer(tmp_path / "run", epochs=4, schedule=schedule, **config)
     for epoch in range(2):  # an interrupted run: two epochs completed and saved
         part.history.append(part.train_epoch(epoch))
         part.save(epoch)
-    resumed = _trainer(tmp_path / "run", epochs=3)
+    resumed = _trainer(tmp_path / "run", epochs=4, schedule=schedule, **config)
     assert resumed.resume() and resumed.start_epoch == 2
     resumed.fit()
+    rates = [e["lr"] for e in resumed.history]
+    assert rates == [e["lr"] for e in full.history] and rates[3] < rates[1]  # the resumed part decays the rate
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
-    assert len(resumed.ledger.epochs) == 3
+    assert len(resumed.ledger.epochs) == 4
     assert torch.equal(checkpoint.load(tmp_path / "run")[1].classifier[1].weight, full.model[1].classifier[1].weight)
+
+
+def _rewrite_resume_record(run: Path, edit: Callable[[Any], Any]) -> None:
+    """Replace the resume file's JSON record by ``edit(record)``, the tensors kept."""
+    raw = (run / STATE).read_bytes()
+    with safe_open(str(run / STATE), framework="pt") as f:
+        record = json.loads(f.metadata()["certkit_resume"])
+    (run / STATE).write_bytes(checkpoint.state_to_bytes(st_load(raw), {"certkit_resume": json.dumps(edit(record))}))
+
+
+def test_an_adam_run_saved_by_a_captured_step_resumes_on_cpu(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=2, optimizer="adam", lr=1e-3)
+    part.history.append(part.train_epoch(0))
+    part.save(0)
+
+    def captured(record: Any) -> Any:  # what a --compile graph run on CUDA saves
+        record["optimizer"]["param_groups"][0]["capturable"] = True
+        return record
+
+    _rewrite_resume_record(run, captured)
+    resumed = _trainer(run, epochs=2, optimizer="adam", lr=1e-3)
+    assert resumed.resume()
+    assert resumed.optimizer.param_groups[0]["capturable"] is False  # this process's own way of stepping
+    resumed.fit()
+    assert len(resumed.history) == 2
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda r: {}, lambda r: [r], lambda r: {**r, "epoch": "1"}, lambda r: {**r, "optimizer": {"param_groups": 1}}],
+)
+def test_a_damaged_resume_record_is_a_one_line_error(tmp_path: Path, edit: Callable[[Any], Any]) -> None:
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=2)
+    part.history.append(part.train_epoch(0))
+    part.save(0)
+    _rewrite_resume_record(run, edit)
+    with pytest.raises(CertkitError, match="cannot resume from it"):
+        _trainer(run, epochs=2).resume()
+
+
+def test_a_run_saved_with_torchs_steplr_state_resumes_on_its_schedule(tmp_path: Path) -> None:
+    """A resume file written by an older certkit holds StepLR's state: the run goes on from that position
+    with the schedule of its settings (the decays where an uninterrupted run has them)."""
+    full = _trainer(None, epochs=4)
+    full.fit()
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=4)
+    for epoch in range(2):
+        part.history.append(part.train_epoch(epoch))
+        part.save(epoch)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    older = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)
+    for _ in range(2):
+        opt.step()
+        older.step()
+
+    def steplr(record: Any) -> Any:
+        record["scheduler"] = json.loads(json.dumps(older.state_dict()))
+        return record
+
+    _rewrite_resume_record(run, steplr)
+    resumed = _trainer(run, epochs=4)
+    assert resumed.resume()
+    resumed.fit()
+    assert [e["lr"] for e in resumed.history] == [e["lr"] for e in full.history]
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_weights_of_another_shape_are_a_one_line_error(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=2)
+    part.history.append(part.train_epoch(0))
+    part.save(0)
+    raw = st_load((run / STATE).read_bytes())
+    with safe_open(str(run / STATE), framework="pt") as f:
+        metadata = f.metadata()
+    name = next(k for k in raw if k.startswith("model.") and k.endswith("weight"))
+    raw[name] = torch.zeros(3)
+    (run / STATE).write_bytes(checkpoint.state_to_bytes(raw, metadata))
+    with pytest.raises(CertkitError, match="cannot resume from it"):
+        _trainer(run, epochs=2).resume()
+
+
+def _rates(trainer: Trainer, epochs: int) -> list[float]:
+    """The rate of every epoch, stepping the trainer's scheduler after each as the trainer does."""
+    rates = []
+    for _ in range(epochs):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()  # no gradients: the weights stay; torch warns of a schedule stepped first
+        trainer.scheduler.step()
+    return rates
+
+
+def _step_lr_rates(epochs: int, step_size: int, after_epoch: bool) -> list[float]:
+    """The rate of every epoch of a script driving torch's StepLR with ``step(epoch)``: before each epoch
+    (Cohen et al.'s train.py) or after it (the smoothmix and smoothing-catrs scripts)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.1)
+    rates = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates step(epoch); those scripts use it
+        for epoch in range(epochs):
+            if not after_epoch:
+                scheduler.step(epoch)
+            rates.append(opt.param_groups[0]["lr"])
+            if after_epoch:
+                scheduler.step(epoch)
+    return rates
+
+
+def test_the_step_schedule_decays_when_the_official_scripts_do() -> None:
+    """Every epoch of a 90-epoch run gets the rate the reference scripts gave it: with lag 1 (the family
+    recipes) as the RS codes whose numbers they follow (31 epochs at the first rate), with lag 0 (torch's
+    StepLR, the default) as Cohen et al.'s."""
+    late = _rates(_trainer(None, epochs=90, lr_step=30, lr_step_lag=1), 90)
+    assert late == pytest.approx(_step_lr_rates(90, 30, after_epoch=True), rel=1e-12)
+    assert late[30] == late[0] and late[31] == pytest.approx(late[0] * 0.1)
+    on_time = _rates(_trainer(None, epochs=90, lr_step=30), 90)
+    assert on_time == pytest.approx(_step_lr_rates(90, 30, after_epoch=False), rel=1e-12)
+    assert on_time[30] == pytest.approx(on_time[0] * 0.1)
+    assert get_recipe("cohen-cifar10").train["lr_step_lag"] == 0
+    assert TrainConfig.for_method("mnist", "gaussian").lr_step_lag == 1
+    with pytest.raises(CertkitError, match="--lr-step-lag"):
+        TrainConfig(lr_step_lag=-1)
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
@@ -127,8 +265,18 @@ def test_resume_extends_a_step_schedule_but_not_a_cosine_one(tmp_path: Path) -> 
 
 
 def test_recipes() -> None:
-    assert recipe("mnist", "gaussian") == dict(epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30)
+    assert recipe("mnist", "gaussian") == dict(
+        epochs=90, batch_size=256, lr=0.01, schedule="step", lr_step=30, lr_step_lag=1
+    )
     assert recipe("cifar10", "crt")["milestones"] == (100, 150)
+
+
+def test_published_milestones_follow_the_number_of_epochs() -> None:
+    """CRT decays at 50% and 75% of its run: another --epochs moves the milestones, given ones stay."""
+    assert TrainConfig.for_method("cifar10", "crt").milestones == (100, 150)
+    assert TrainConfig.for_method("cifar10", "crt", epochs=100).milestones == (50, 75)
+    assert TrainConfig.for_method("imagenet", "crt", epochs=30).milestones == (15, 22)
+    assert TrainConfig.for_method("cifar10", "crt", epochs=100, milestones=(10, 20)).milestones == (10, 20)
 
 
 @pytest.mark.slow  # trains on the real dataset
@@ -185,5 +333,5 @@ def test_a_setting_added_after_a_run_started_is_compared_with_its_default(
     if resumes:
         assert later.resume()
     else:
-        with pytest.raises(CertkitError, match="--channels-last None, not 'on'"):
+        with pytest.raises(CertkitError, match="--channels-last 'auto', not 'on'"):  # what it computed
             later.resume()

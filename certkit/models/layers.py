@@ -110,6 +110,7 @@ class FirstConv(nn.Conv2d):
         if (
             x.requires_grad
             and torch.is_grad_enabled()
+            and x.dim() == 4  # an unbatched (C, H, W) image goes to nn.Conv2d, which takes it
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and self.weight.dtype == torch.float32

@@ -117,18 +117,18 @@ def l2_norms(t: Tensor) -> Tensor:
 def unit_l2(g: Tensor, eps: float = 0.0, random_if_zero: bool = False) -> Tensor:
     """Per-example normalisation ``g / (‖g‖ + eps)``.
 
-    ``random_if_zero`` replaces a zero gradient by a uniformly random unit direction (SmoothAdv: a flat
-    region must not stop the attack, and ``0/0`` must not produce NaN); otherwise ``eps`` guards the
-    division (SmoothMix uses ``1e-8`` and lets a zero gradient stay zero).
+    ``random_if_zero`` replaces a zero gradient by a standard normal draw, left unnormalised as in the
+    reference SmoothAdv attacks (a flat region must not stop the attack, and ``0/0`` must not produce NaN;
+    the draw's norm, about √d, carries the step as far as the projection then allows); otherwise ``eps``
+    guards the division (SmoothMix uses ``1e-8`` and lets a zero gradient stay zero).
     """
     norms = l2_norms(g)
     if random_if_zero:
         zero = norms.flatten() == 0
         if bool(zero.any()):
-            g = g.clone()
-            r = torch.randn_like(g[zero])
-            g[zero] = r / l2_norms(r)
-            norms = l2_norms(g)
+            unit = g / torch.where(norms == 0, torch.ones_like(norms), norms)
+            unit[zero] = torch.randn_like(g[zero])
+            return unit
     return g / (norms + eps)
 
 

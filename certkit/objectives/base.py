@@ -22,9 +22,11 @@ Conventions every objective follows:
   the model's first layer, so Gaussian noise ``sigma * randn`` is added directly to ``x``.
 * Noise comes from torch's global RNG, which the trainer re-seeds from ``(seed, epoch)`` at every epoch so
   a resumed run is bit-for-bit the uninterrupted one on CPU.
-* The model arrives in train mode, possibly wrapped in DistributedDataParallel. Each step makes exactly
-  one gradient-carrying forward call of ``model``; attacks run inside ``with eval_mode(model) as net:``
-  on the unwrapped ``net`` (eval mode, parameter gradients off), restored afterwards.
+* The model arrives in train mode, possibly wrapped in DistributedDataParallel. The gradient-carrying
+  forward calls go through ``model`` as the reference code makes them (SmoothMix and Stability make two
+  before one backward, which DDP's reducer takes: it sums a parameter's gradient over both before
+  reducing it); attacks run inside ``with eval_mode(model) as net:`` on the unwrapped ``net`` (eval mode,
+  parameter gradients off), restored afterwards.
 * The loss's named parts are returned as detached 0-d tensors (no ``.item()`` per step, which would
   synchronise the GPU); the trainer averages them over the epoch.
 * ``graph_safe``: a method whose step has no host synchronisation and no data-dependent shapes declares
@@ -358,8 +360,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run an attack with the model in eval mode and parameter gradients off, then restore both.
 
-    Yields the *unwrapped* module: attack passes must not go through a DDP wrapper, whose reducer expects
-    exactly one training forward per backward. Use it as ``with eval_mode(model) as net: ... net(x) ...``.
+    Yields the *unwrapped* module: attack passes take no parameter gradients, so a DDP wrapper would only
+    broadcast buffers and prepare its reducer for them. Use it as ``with eval_mode(model) as net: ... net(x)``.
     """
     model = unwrap(model)
     was_training = model.training

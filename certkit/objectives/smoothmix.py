@@ -133,9 +133,9 @@ class SmoothMix(Objective):
     5. ``L = CE_clean + η·w_e·mix`` with ``w_e = min(1, (e + 1)/warmup)``.
 
     Like the reference, each loader batch is split into ``m`` chunks with one optimizer step per chunk
-    (``num_chunks = m``). The clean and the mixed noisy copies share one training forward pass (the reference
-    uses two), so the step is DistributedDataParallel-safe. A non-finite loss raises ``DivergenceError``
-    before the optimizer step.
+    (``num_chunks = m``). The clean and the mixed noisy copies go through the model in two calls, as in the
+    reference (a network with BatchNorm normalises each over its own batch). A non-finite loss raises
+    ``DivergenceError`` before the optimizer step.
 
     Cost per training image: ``m(T + 2)`` forward and ``m(T + 2)`` backward passes, ``m·T`` of the backward
     passes for input gradients only.
@@ -205,11 +205,11 @@ class SmoothMix(Objective):
         lam_img = lam.view(-1, *([1] * (x.dim() - 1)))
         x_mix = (1 - lam_img) * x_clean + lam_img * x_adv
 
-        # The clean and the mixed copies go through the model in ONE training forward of 2·m·B samples (the
-        # reference makes two calls): a DistributedDataParallel step must see exactly one forward per
-        # backward. Both halves use the same m draws. (BatchNorm, if any, then normalises over both halves.)
-        logits = noisy_logits(model, torch.cat([x_clean, x_mix]), torch.cat([noises, noises], dim=1))
-        logits_clean, logits_mix = logits[:, :b], logits[:, b:]
+        # the clean and the mixed copies (the same m draws) go through the model in two calls, as in the
+        # reference code: a network with BatchNorm normalises each over its own batch, and updates its running
+        # statistics twice per step
+        logits_clean = noisy_logits(model, x_clean, noises)
+        logits_mix = noisy_logits(model, x_mix, noises)
         ce = mean_noisy_ce(logits_clean, y)
         p_bar_clean = smoothed_probs(logits_clean)
         num_classes = logits_clean.shape[-1]
