@@ -187,6 +187,15 @@ def mean_samples(results: ResultsLike) -> float | None:
     return float(res.samples.mean())
 
 
+def radius_label(r: float) -> str:
+    """``r`` written so that it reads back as exactly ``r``: ``{r:g}`` (as the summary's keys) where that is
+    exact, else the shortest decimal that round-trips. A column's figures are computed at ``r`` itself, so a
+    rounded label would claim them at another radius: 0.126 headed ``0.13`` would claim more than was proved.
+    """
+    short = f"{r:g}"
+    return short if float(short) == r else repr(float(r))
+
+
 def _table(
     named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None
 ) -> tuple[list[str], list[list[str]]]:
@@ -196,7 +205,7 @@ def _table(
     grid = list(radii) if radii is not None else default_grid(list(loaded.values()))
     with_samples = any(res.samples is not None for res in loaded.values())
     head = ["name", "N", "ACR"] + (["samples/input"] if with_samples else [])
-    head += [f"r={r:.2f}" for r in grid] + ["abstain"]
+    head += [f"r={radius_label(r)}" for r in grid] + ["abstain"]
     rows = []
     for name, res in loaded.items():
         has_radius = res.radius is not None

@@ -115,8 +115,10 @@ def normalise_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Settings that older certkit versions did not record, each with the recorded settings that still vouch for
 #: the rows without it. A file that lacks such a key resumes when those match, and its sidecar then gains the
-#: key, so later resumes check it in full. (``dataset_sha256``: the test set's name, split and size.)
-_RECORDED_LATER: dict[str, tuple[str, ...]] = {"dataset_sha256": ("dataset", "split", "dataset_size")}
+#: key, so later resumes check it in full. (``dataset_sha256``: the test set's name, split and size.
+#: ``shard``: files merged by older versions lack it; nothing else need vouch, because a row's content does
+#: not depend on the shard and resuming checks every row against the new run's plan.)
+_RECORDED_LATER: dict[str, tuple[str, ...]] = {"dataset_sha256": ("dataset", "split", "dataset_size"), "shard": ()}
 
 
 def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> list[str]:
@@ -235,11 +237,11 @@ class ResultWriter:
         complete = data[: data.rfind(b"\n") + 1]
         table = _load_table(self.path, keep_partial=False)
         done = {int(fields[0]) for _, fields in table.rows}
-        if differing or recorded_later:
-            self._extend(meta, done)
         plan = _Plan.of(self.settings, self.path)
         if plan is not None:
             plan.check(table, self.path)
+        if differing or recorded_later:  # only once the rows are known to fit: a refused resume leaves the sidecar
+            self._extend(meta, done)
         if len(complete) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
@@ -567,7 +569,8 @@ def planned_indices(
 
 
 def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
-    """Join shard files into one result file in index order, with one merged sidecar.
+    """Join shard files into one result file in index order, with one merged sidecar: the shards' settings
+    with ``shard`` null, as the unsharded run records them, so the merged file resumes and grows as that run's.
 
     Refuses an output that is one of the shards, shards whose settings differ (other than ``shard``), rows
     outside a shard's plan, overlapping indices, an incomplete set of shards (i/k for every i < k) and,
@@ -611,7 +614,8 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
                 raise CertkitError(f"index {i} appears in both {seen[i]} and {path}")
             seen[i] = str(path)
     settings = dict(first["settings"])
-    settings.pop("shard", None)
+    if "shard" in settings:
+        settings["shard"] = None
     plan = _Plan.of(settings, shard_paths[0])
     if plan is not None:
         positions = plan.positions()  # every row seen is in the plan, so a shorter count means a gap

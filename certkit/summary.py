@@ -68,12 +68,12 @@ def write_summary(
         accuracies = report.certified_accuracy(res, grid) if n_rows else np.zeros(len(grid))
         summary["acr"] = report.acr(res)
         summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
-        summary["certified_accuracy"] = {f"{r:g}": float(a) for r, a in zip(grid, accuracies)}
+        summary["certified_accuracy"] = {report.radius_label(r): float(a) for r, a in zip(grid, accuracies)}
         if alpha is not None and n_rows:
             # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
             group = max(1, int(params.get("shared_noise") or 1))
             bounds = {
-                f"{r:g}": report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group)
+                report.radius_label(r): report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group)
                 for r, a in zip(grid, accuracies)
             }
             summary["rho"] = rho

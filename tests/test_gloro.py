@@ -21,13 +21,14 @@ from certkit import checkpoint
 from certkit.cli import main
 from certkit.data import ArrayDataset, DatasetInfo
 from certkit.errors import CertkitError
-from certkit.gloro.certify import certify_gloro_dataset
+from certkit.gloro.certify import certify_gloro_dataset, file_metrics
 from certkit.gloro.layers import MinMax, Residual
 from certkit.gloro.lipschitz import build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
-from certkit.gloro.model import GloroNet
+from certkit.gloro.model import GloroNet, LogitError
 from certkit.gloro.objective import Gloro
 from certkit.methods import get_objective
 from certkit.models import Normalize, create_model
+from certkit.models.layers import FirstConv, Pool2x2, WideLinear
 from certkit.results import floor_significant, read_results, summary_path
 from certkit.train import TrainConfig, Trainer, recipe, train
 
@@ -62,6 +63,11 @@ def unrolled_operator_norm(f: nn.Module, shape: tuple[int, ...]) -> float:
 
 def guaranteed(module: nn.Module, in_shape: tuple[int, ...]) -> float:
     return build_bound(module, in_shape).guaranteed()
+
+
+def no_rounding(logits: Tensor) -> LogitError:
+    """The rounding bound of logits taken as exact (written by hand, or the float32 certificate of old)."""
+    return LogitError(torch.zeros_like(logits), torch.zeros(logits.shape[1], dtype=logits.dtype))
 
 
 def tiny_gloro(seed: int = 0, epsilon: float = 0.3) -> GloroNet:
@@ -240,7 +246,7 @@ def test_tied_logits_never_certify() -> None:
     net = tiny_gloro()
     logits = torch.tensor([[2.0, 2.0, -5.0], [3.0, -1.0, 3.0], [4.0, 0.0, 0.0]])
     for eps in (0.0, 0.3):
-        pred, radius, certified = net.certify_logits(logits, eps, 1.0)
+        pred, radius, certified = net.certify_logits(logits, no_rounding(logits), eps, 1.0)
         assert pred.tolist() == [0, 0, 0]  # one index: the first maximum
         assert radius[:2].tolist() == [0.0, 0.0] and radius[2] > 0
         assert certified[:2].tolist() == [False, False]
@@ -306,7 +312,8 @@ def test_no_point_flips_inside_its_radius_at_tiny_margins(margin: float) -> None
         assert (net.certify(moved, epsilon=0.0)[2] == j).all()
         # power: the radius of the float32 logits (the old certificate) overstates some of these
         with torch.no_grad():
-            radius32 = net.certify_logits(net(x[None].float()).double(), 0.0, k)[1].item()
+            logits32 = net(x[None].float()).double()
+            radius32 = net.certify_logits(logits32, no_rounding(logits32), 0.0, k)[1].item()
         float32_flips += int((net.certify(x[None] + 0.999 * radius32 * unit, epsilon=0.0)[2] != j).sum())
         net.head.bias.data, reference.head.bias.data = original.clone(), original.clone().double()
     if margin <= 1e-5:  # 5 and 8 of 120 moved points at 1e-5 and 1e-6
@@ -356,6 +363,182 @@ def pgd_flips(net: nn.Module, x: Tensor, j: Tensor, rho: Tensor, restarts: int =
     return flipped.view(restarts, -1).any(0)
 
 
+# --------------------------------------------------------------------------------------------------
+# what the bound does not describe is refused
+# --------------------------------------------------------------------------------------------------
+def pooled_gloro() -> GloroNet:
+    """1×8×8 → global average pool → 2 classes: the pool's bound, 1/8, holds for 8×8 inputs only."""
+    body = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        body[2].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        body[2].bias.zero_()
+    return GloroNet(body, (1, 8, 8), epsilon=0.0).eval()
+
+
+def test_inputs_of_another_shape_are_refused(tmp_path: Path) -> None:
+    net = pooled_gloro()
+    small = torch.full((1, 1, 2, 2), 0.5)  # the pool's constant there is 1/2: the radius would be 4x too large
+    for call in (net.certify, net.predict_with_bottom, net.certified_radius):
+        with pytest.raises(CertkitError, match=r"shape \(1, 8, 8\); got \(1, 2, 2\)"):
+            call(small)
+    info = DatasetInfo("small", 2, (1, 2, 2), (0.0,), (1.0,), "mnist")
+    data = ArrayDataset(info, torch.full((3, 1, 2, 2), 128, dtype=torch.uint8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(CertkitError, match=r"shape \(1, 2, 2\); this GloRo net's bound is for \(1, 8, 8\)"):
+        certify_gloro_dataset(net, data, out=tmp_path / "r.tsv", progress=False)
+    assert list(tmp_path.iterdir()) == []  # refused before any file
+    assert net.certified_radius(torch.full((1, 1, 8, 8), 0.5)).item() > 0  # its own shape certifies
+
+
+class Doubling(nn.Sequential):
+    """A residual block written as a Sequential subclass: ``x + layers(x)``, Lipschitz 2, not 1."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + super().forward(x)
+
+
+class Scaled(Residual):
+    """``10x + g(x)``: Lipschitz 10 + L(g), not the 1 + L(g) of a Residual."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 10 * x + self.inner(x)
+
+
+class LoudReLU(nn.ReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return 10 * super().forward(x)
+
+
+class Head(nn.Linear):
+    """Redefines nothing, and is refused all the same: a subclass could redefine a helper of forward."""
+
+
+@pytest.mark.parametrize(
+    "layer, head, message",
+    [
+        (Doubling(nn.Linear(4, 4)), nn.Linear(4, 2), "Doubling redefines forward of Sequential"),
+        (Scaled(nn.Linear(4, 4)), nn.Linear(4, 2), "Scaled redefines forward of Residual"),
+        (LoudReLU(), nn.Linear(4, 2), "'1' is a LoudReLU, a subclass of ReLU"),
+        (nn.ReLU(), Head(4, 2), "'2' is a Head, a subclass of Linear"),
+    ],
+)
+def test_subclasses_that_may_compute_another_function_are_refused(
+    layer: nn.Module, head: nn.Linear, message: str
+) -> None:
+    with pytest.raises(CertkitError, match=message):
+        GloroNet(nn.Sequential(nn.Linear(4, 4), layer, head), (4,), epsilon=0.1)
+
+
+def test_hooks_and_replaced_layers_are_refused() -> None:
+    x, _ = blobs(4)
+    hooked = nn.Linear(64, 16)
+    hooked.register_forward_hook(lambda m, args, out: 7 * out)
+    model = nn.Sequential(Normalize([0.0], [1.0]), nn.Sequential(nn.Flatten(), hooked, nn.Linear(16, 3)))
+    with pytest.raises(CertkitError, match=r"'1.1' \(Linear\) has a forward hook or pre-hook"):
+        GloroNet(model, (1, 8, 8), 0.1)
+    net = tiny_gloro().eval()
+    net.certify(x)
+    conv = net[1][0]
+    # added after the bound was built: refused when the constant is checked, at every certification
+    for register in (conv.register_forward_hook, conv.register_forward_pre_hook):
+        handle = register(lambda *a: None)
+        with pytest.raises(CertkitError, match=r"'1.0' \(Conv2d\) has a forward hook or pre-hook"):
+            net.certify(x)
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(CertkitError, match="a global forward hook is registered"):
+            net.certify(x)
+        with pytest.raises(CertkitError, match="a global forward hook is registered"):
+            tiny_gloro()
+    finally:
+        handle.remove()
+    conv.forward = lambda t: 10 * nn.Conv2d.forward(conv, t)
+    with pytest.raises(CertkitError, match="has forward set on the instance"):
+        net.certify(x)
+    del conv.forward
+    assert net.certify(x)[1].shape == (4,)
+    net[1][1] = nn.ReLU()  # another module where the analysed MinMax was
+    with pytest.raises(CertkitError, match="layers changed after its Lipschitz bound was built"):
+        net.certify(x)
+
+
+def test_plain_subclasses_fast_paths_and_hooks_on_the_net_itself_are_allowed() -> None:
+    class Body(nn.Sequential):  # only a constructor: Sequential's own forward
+        def __init__(self) -> None:
+            super().__init__(nn.Flatten(), nn.Linear(64, 16), MinMax(), nn.Linear(16, 3))
+
+    torch.manual_seed(0)
+    net = GloroNet(nn.Sequential(Normalize([0.0], [1.0]), Body()), (1, 8, 8), epsilon=0.1).eval()
+    x, _ = blobs(8)
+    before = net.certify(x)
+    outputs: list[Tensor] = []
+    handle = net.register_forward_hook(lambda m, args, out: outputs.append(out))  # as the trainer's pass counter
+    try:
+        after = net.certify(x)
+    finally:
+        handle.remove()
+    # certification runs the net's layers, not the net's own call: its hooks neither run nor matter
+    assert outputs == [] and all(torch.equal(a, b) for a, b in zip(before, after))
+    # certkit's fast paths compute the function of their torch layer
+    layer_bound("c", FirstConv(1, 2, 3), (1, 6, 6))
+    layer_bound("p", Pool2x2(), (2, 6, 6))
+    layer_bound("w", WideLinear(4, 2), None)
+
+
+def test_a_negative_or_non_finite_epsilon_is_refused() -> None:
+    head = nn.Linear(2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.zero_()
+    net = GloroNet(nn.Sequential(nn.Identity(), head), (2,), epsilon=0.3).eval()
+    tied = torch.tensor([[0.5, 0.5]])  # with epsilon < 0 these certified
+    assert net.predict_with_bottom(tied).tolist() == [-1]
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(CertkitError, match="epsilon must be a finite number >= 0"):
+            net.predict_with_bottom(tied, epsilon=eps)
+        with pytest.raises(CertkitError, match="epsilon must be a finite number >= 0"):
+            net.certify_logits(tied, no_rounding(tied), eps, 1.0)
+        with pytest.raises(CertkitError, match="epsilon must be a finite number >= 0"):
+            GloroNet(nn.Sequential(nn.Identity(), nn.Linear(2, 2)), (2,), epsilon=eps)
+        net.load_state_dict({**state, "epsilon": torch.tensor(eps, dtype=torch.float64)})  # a loaded buffer
+        with pytest.raises(CertkitError, match="epsilon must be a finite number >= 0"):
+            net.predict_with_bottom(tied)
+    net.load_state_dict(state)
+    assert net.predict_with_bottom(tied).tolist() == [-1]
+
+
+def test_certify_logits_uses_the_guaranteed_constant_in_training_mode() -> None:
+    torch.manual_seed(0)
+    net = GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 16), nn.Linear(16, 3)), (1, 4, 4), epsilon=0.1)
+    logits = net.exact_logits(torch.rand(4, 1, 4, 4))
+    net.train()
+    iterates = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("lip_iterate_")}
+    assert net.lipschitz_constant(0).item() < net.bound.guaranteed()  # the training estimate is below the bound
+    radius_training = net.certify_logits(logits, no_rounding(logits))[1]
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in iterates.items())  # and it was not advanced
+    net.eval()
+    assert torch.equal(radius_training, net.certify_logits(logits, no_rounding(logits))[1])
+
+
+def test_per_epoch_vra_is_the_certified_classifiers() -> None:
+    """Gloro.evaluate decides as certify() does, from float64 logits. Here a hidden offset of 1e12, which the
+    head cancels, swallows the input in float32 (every logit ties) but not in float64."""
+    hidden, head = nn.Linear(2, 2), nn.Linear(2, 2)
+    with torch.no_grad():
+        hidden.weight.copy_(torch.eye(2))
+        hidden.bias.fill_(1e12)
+        head.weight.copy_(torch.eye(2))
+        head.bias.fill_(-1e12)
+    net = GloroNet(nn.Sequential(hidden, head), (2,), epsilon=0.01).eval()
+    x, y = torch.tensor([[0.0, 0.5], [0.5, 0.0]]), torch.tensor([1, 0])
+    assert (net(x) == 0).all()
+    pred, _, clean = net.certify(x)
+    assert clean.tolist() == [1, 0] and pred.tolist() == [1, 0]
+    m = Gloro(epsilon=0.01).evaluate(net, x, y)
+    assert (m["clean_acc"].item(), m["vra"].item(), m["rejection"].item()) == (2, 2, 0)
+
+
 def test_frozen_bound_is_guaranteed_and_discarded_by_training() -> None:
     net = tiny_gloro().eval()
     info = net.freeze()
@@ -370,6 +553,20 @@ def test_floor_significant_never_rounds_up() -> None:
         f = floor_significant(v)
         assert f <= v and v - f < 1e-5 * v
     assert floor_significant(0.0) == 0.0 and floor_significant(float("nan")) == 0.0
+
+
+def test_file_metrics_reads_the_older_layout(tmp_path: Path) -> None:
+    """Files written before certified_eps: predict -1 and radius 0 below epsilon, the prediction in clean_predict."""
+    path = tmp_path / "old.tsv"
+    rows = [(0, 1, 1, 0.6, 1, 1), (1, 2, -1, 0.0, 0, 2), (2, 3, -1, 0.0, 0, 4), (3, 0, 5, 0.7, 0, 5)]
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime\tclean_predict"]
+    lines += [f"{i}\t{label}\t{p}\t{r}\t{c}\t0:00:00.000100\t{clean}" for i, label, p, r, c, clean in rows]
+    path.write_text("\n".join(lines) + "\n")
+    # clean: rows 0 and 1 right; certified (predict not -1): rows 0 and 3; certified and right: row 0
+    assert file_metrics(path) == {"N": 4, "clean_accuracy": 0.5, "vra": 0.25, "rejection_rate": 0.5}
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.5\t1\t0:00:00.000100\n")
+    with pytest.raises(CertkitError, match="not a GloRo result file"):
+        file_metrics(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,9 +801,19 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     x = torch.stack([data[i][0] for i in range(300)])
     pred, _, clean = model.certify(x)
     assert clean.tolist() == res.predict.tolist() and ((pred != -1) == (res.certified_eps == 1)).all()
-    # resuming adds nothing; another epsilon is refused (settings differ)
+    # resuming adds nothing, also with the certifier named; another epsilon is refused (settings differ)
     before = out.read_text()
     assert main(args) == 0 and out.read_text() == before
+    assert main([*args, "--method", "gloro"]) == 0 and out.read_text() == before
+    # shards merge into the same rows, the decision at epsilon included
+    shards = [str(cli_run.parent / f"shard{i}.tsv") for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main([*args, "--shard", f"{i}/2", "--out", shard]) == 0
+    merged = cli_run.parent / "merged.tsv"
+    assert main(["merge", *shards, "--out", str(merged)]) == 0
+    joined = read_results(merged)
+    assert joined.idx.tolist() == res.idx.tolist() and joined.certified_eps is not None
+    assert (joined.certified_eps == res.certified_eps).all() and (joined.radius == res.radius).all()
     assert main([*args, "--epsilon", "0.3"]) == 2
     assert main([*args, "--epsilon", "0.3", "--overwrite"]) == 0 and read_results(out).settings["epsilon"] == 0.3
     # sampling options of randomized smoothing are refused, not silently ignored
@@ -615,6 +822,12 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     assert "apply to randomized smoothing" in capsys.readouterr().err
     assert main([*args, "--rng", "philox"]) == 2
     assert "--rng apply to randomized smoothing" in capsys.readouterr().err
+    # --batch auto sizes smoothing's noisy batches; PREDICT is smoothing's test: both refused for GloRo
+    assert main([*args, "--batch", "auto"]) == 2
+    assert "give a GloRo net --batch N images" in capsys.readouterr().err
+    predict = ["predict", str(cli_run), "--data-dir", str(fmnist_root), "--max", "4", "--out", str(out) + ".p"]
+    assert main(predict) == 2
+    assert "certifies deterministically: use `certkit certify`" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # trains on the real dataset (cli_run)

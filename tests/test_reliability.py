@@ -160,7 +160,12 @@ def test_errors_from_processes_are_one_line_without_traceback(tmp_path: Path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
-def test_nan_images_are_refused_before_any_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["smoothing", "gloro"])
+def test_nan_images_are_refused_before_any_row(tmp_path: Path, method: str) -> None:
+    from torch import nn
+
+    from certkit.gloro.certify import certify_gloro_dataset
+    from certkit.gloro.model import GloroNet
     from certkit.models import create_model
     from certkit.smoothing.runner import RunPlan, certify_dataset
     from certkit.smoothing.smooth import Smooth
@@ -177,8 +182,22 @@ def test_nan_images_are_refused_before_any_row(tmp_path: Path) -> None:
             return self.x[i], 0
 
     model = create_model("lenet", 10, (1, 28, 28)).eval()
-    with pytest.raises(CertkitError, match="NaN or inf"):
-        plan = RunPlan(n0=10, n=100, inputs_per_batch=4)
-        certify_dataset(Smooth(model, 10, 0.25), Images(), plan, out=tmp_path / "r.tsv", progress=False)
+    out = tmp_path / "r.tsv"
+    # one input per batch: inputs 0 and 1 would be certified and written before input 2 were read
+    with pytest.raises(CertkitError, match="dataset item 2 contains NaN or inf"):
+        if method == "smoothing":
+            plan = RunPlan(n0=10, n=100, inputs_per_batch=1)
+            certify_dataset(Smooth(model, 10, 0.25), Images(), plan, out=out, progress=False)
+        else:
+            net = GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), (1, 28, 28), epsilon=0.1)
+            certify_gloro_dataset(net, Images(), out=out, batch_size=1, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no rows, no header, no settings file, no lock
+
+
+def test_an_inf_image_is_refused_by_certify() -> None:
+    from certkit.models import create_model
+    from certkit.smoothing.smooth import Smooth
+
+    model = create_model("lenet", 10, (1, 28, 28)).eval()
     with pytest.raises(CertkitError, match="NaN or inf"):
         Smooth(model, 10, 0.25).certify(torch.full((1, 28, 28), float("inf")), 10, 100, 0.001, 100)

@@ -108,10 +108,23 @@ def test_peer_results_give_the_published_acr(sigma, method, published):
 
 def test_markdown_table_and_plot(hand_built: Path, tmp_path: Path):
     table = report.markdown_table({"hand": hand_built}, radii=[0.0, 0.5])
-    assert table.splitlines()[0] == "| name | N | ACR | r=0.00 | r=0.50 | abstain |"
+    assert table.splitlines()[0] == "| name | N | ACR | r=0 | r=0.5 | abstain |"
     assert table.splitlines()[2] == "| hand | 5 | 0.261 | 0.600 | 0.200 | 0.200 |"
     png = report.plot_curves({"hand": hand_built, "again": hand_built}, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_column_labels_are_the_radii_their_figures_are_computed_at(tmp_path: Path):
+    # one row certified at 0.127: at 0.126 it counts, at 0.13 it would not, so "r=0.13" would claim 1.000 falsely
+    path = tmp_path / "r.tsv"
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.127\t1\t0:00:01\n")
+    radii = [0.126, 0.125, 0.121, 0.1234567, 1e-07]
+    for latex in (False, True):
+        head = report.report_files([str(path)], radii=radii, latex=latex).splitlines()[2 if latex else 0]
+        labels = [cell.strip(" \\") for cell in head.replace("&", "|").split("|") if "r=" in cell]
+        assert labels == ["r=0.126", "r=0.125", "r=0.121", "r=0.1234567", "r=1e-07"]
+        assert [float(label[2:]) for label in labels] == radii
+    assert report.radius_label(0.25) == "0.25" and report.radius_label(0.1 + 0.2) == "0.30000000000000004"
 
 
 def test_predict_files_have_accuracy_but_no_radii(tmp_path: Path):
@@ -140,7 +153,7 @@ def test_report_files_table_default_grid_and_samples_column(hand_built: Path, tm
     text = report.report_files([str(hand_built), str(adaptive)], radii=None, plot=None)
     lines = text.splitlines()
     # grid 0, 0.25, ... up to the largest radius present (0.953)
-    assert lines[0] == "| name | N | ACR | samples/input | r=0.00 | r=0.25 | r=0.50 | r=0.75 | abstain |"
+    assert lines[0] == "| name | N | ACR | samples/input | r=0 | r=0.25 | r=0.5 | r=0.75 | abstain |"
     assert lines[2] == "| hand | 5 | 0.261 | - | 0.600 | 0.400 | 0.200 | 0.200 | 0.200 |"
     assert lines[3] == "| adaptive | 2 | 0.250 | 700 | 0.500 | 0.500 | 0.500 | 0.000 | 0.500 |"
     assert "plot" not in text

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from certkit.errors import CertkitError
 from certkit.results import (
@@ -202,9 +203,73 @@ def test_merge_of_shards_equals_the_unsharded_rows(tmp_path: Path):
         shards.append(p)
     merged = merge_results(shards, tmp_path / "merged.tsv")
     assert merged.read_text() == whole.read_text()
-    assert json.loads(sidecar_path(merged).read_text())["settings"] == {
-        k: v for k, v in settings.items() if k != "shard"
-    }
+    # the unsharded run's sidecar too ("shard": null), so the merged file resumes as that run's would
+    assert sidecar_path(merged).read_text() == sidecar_path(whole).read_text()
+
+
+def test_a_merged_file_resumes_and_grows_with_the_unsharded_settings(tmp_path: Path):
+    settings = {**SETTINGS, "dataset_size": 20, "skip": 2, "max": 10}
+    shards = []
+    for i in range(2):
+        p = tmp_path / f"shard{i}.tsv"
+        _write_rows(p, planned_indices(20, 2, 10, (i, 2)), {**settings, "shard": [i, 2]}).close()
+        shards.append(p)
+    merged = merge_results(shards, tmp_path / "merged.tsv")
+    before = merged.read_text()
+    with ResultWriter(merged, "certify", settings) as out:
+        assert out.done_indices == set(planned_indices(20, 2, 10))
+    assert merged.read_text() == before
+    grown = _write_rows(merged, planned_indices(20, 2), {**settings, "max": -1})
+    grown.close()
+    whole = tmp_path / "whole.tsv"
+    _write_rows(whole, planned_indices(20, 2), {**settings, "max": -1}).close()
+    assert merged.read_text() == whole.read_text()
+    with pytest.raises(CertkitError, match="settings differ in shard"):  # it is the unsharded run's file
+        ResultWriter(merged, "certify", {**settings, "max": -1, "shard": [0, 2]})
+
+
+def test_a_file_merged_without_its_shard_setting_resumes_and_records_it(tmp_path: Path):
+    # older versions dropped "shard" from a merged file's settings
+    settings = {**SETTINGS, "dataset_size": 6}
+    path = tmp_path / "merged.tsv"
+    _write_rows(path, range(6), settings).close()
+    meta = json.loads(sidecar_path(path).read_text())
+    del meta["settings"]["shard"]
+    sidecar_path(path).write_text(json.dumps(meta))
+    # nothing vouches for the missing setting but the rows, each checked against the new run's plan
+    with pytest.raises(CertkitError, match=r"merged\.tsv:3: index 1 is not in the run's plan"):
+        ResultWriter(path, "certify", {**settings, "shard": [0, 2]})
+    assert "shard" not in json.loads(sidecar_path(path).read_text())["settings"]  # a refusal rewrites nothing
+    with ResultWriter(path, "certify", settings) as out:
+        assert out.done_indices == set(range(6))
+    assert json.loads(sidecar_path(path).read_text())["settings"] == json.loads(json.dumps(settings))
+
+
+def test_the_file_torchrun_ranks_merge_is_resumed_and_grown_by_an_unsharded_run(tmp_path: Path):
+    from certkit.cli import _merge_own_shards
+    from certkit.smoothing.runner import RunPlan, certify_dataset
+    from certkit.smoothing.smooth import Smooth
+
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.rand(1, 4, 4, generator=gen), i % 3) for i in range(12)]
+    smoothed = Smooth(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), 3, 0.25)
+
+    def certify(out: Path, max_idx: int, shard: tuple[int, int] | None = None) -> dict | None:
+        plan = RunPlan(n0=20, n=300, alpha=0.01, batch_size=200, max_idx=max_idx, shard=shard)
+        return certify_dataset(smoothed, data, plan, out=out, progress=False)
+
+    out = tmp_path / "r.tsv"
+    shards = [f"{out}.shard{r}of2" for r in range(2)]  # what each rank writes under torchrun
+    for r, shard in enumerate(shards):
+        certify(Path(shard), 6, (r, 2))
+    _merge_own_shards(shards, str(out))
+    before = out.read_text()
+    assert (certify(out, 6) or {}).get("N") == 6 and out.read_text() == before
+    assert (certify(out, 12) or {}).get("N") == 12
+    certify(tmp_path / "whole.tsv", 12)
+    grown, whole = read_results(out), read_results(tmp_path / "whole.tsv")
+    for column in ("idx", "predict", "radius"):
+        assert getattr(grown, column).tolist() == getattr(whole, column).tolist()
 
 
 def test_merge_refusals(tmp_path: Path):

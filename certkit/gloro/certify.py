@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from certkit.errors import CertkitError
-from certkit.gloro.model import BOTTOM, GloroNet
+from certkit.gloro.model import BOTTOM, GloroNet, check_epsilon
 from certkit.results import ResultWriter, planned_indices, read_results
 from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.summary import write_summary
@@ -89,15 +89,17 @@ def certify_gloro_dataset(
         raise CertkitError(
             f"GloRo certification needs a GloroNet, not a {type(net).__name__} (is this a gloro checkpoint?)"
         )
-    eps = net.eval_epsilon if epsilon is None else float(epsilon)
-    if not eps >= 0:
-        raise CertkitError(f"--epsilon must be >= 0 (got {eps})")
+    eps = check_epsilon(net.eval_epsilon if epsilon is None else epsilon)
     if batch_size < 1:
         raise CertkitError(f"batch size must be >= 1 (got {batch_size})")
     net.eval()
     k_sub, bound_info = checked_constant(net)
     device = net.lipschitz_frozen.device
     indices = planned_indices(len(dataset), skip, max_idx, shard)
+    if indices:  # every batch is checked again (GloroNet.exact_logits); this one fails before any file
+        shape = tuple(dataset[indices[0]][0].shape)
+        if shape != net.in_shape:
+            raise CertkitError(f"the dataset's images have shape {shape}; this GloRo net's bound is for {net.in_shape}")
     settings: dict[str, Any] = {
         "mode": "certify",
         "method": "gloro",
@@ -112,8 +114,8 @@ def certify_gloro_dataset(
     @torch.no_grad()
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
         began = time.perf_counter()
-        pred_t, radius_t, certified_t = net.certify_logits(net.exact_logits(xs.to(device)), eps, k_sub)
-        pred, radius, certified = pred_t.tolist(), radius_t.tolist(), certified_t.tolist()
+        decision, radius_t, pred_t = net.certify(xs.to(device), eps)
+        pred, radius, certified = pred_t.tolist(), radius_t.tolist(), (decision != BOTTOM).tolist()
         elapsed = time.perf_counter() - began
         seconds[0] += elapsed
         cap = math.sqrt(xs[0].numel())

@@ -14,7 +14,17 @@ apart (see ``shared/reference/gloro.md`` §2–§4):
 Every layer kind has an explicit rule; any other module raises :class:`CertkitError` naming it, because a
 silent constant of 1 (what public code does) voids every certificate behind it. Composition is only
 understood through ``nn.Sequential`` (product) and :class:`~certkit.gloro.layers.Residual` (``1 + L(g)``):
-a custom module's ``forward`` could wire its children any way, so it is refused too.
+a custom module's ``forward`` could wire its children any way, so it is refused too. For the same reason a
+rule applies to a module only when it computes what the rule assumes (:func:`check_plain`): a leaf layer must
+be of exactly its torch class (or one of certkit's fast paths for it, which compute the same function), since
+a subclass may redefine ``forward`` or a helper it calls; a Sequential or Residual may be subclassed only
+without redefining how it is called; and no module may carry a forward hook or pre-hook, nor may a global one
+be registered, since a hook can replace a layer's input or output.
+
+Each layer also bounds its own float64 rounding (:meth:`LayerBound.rounding`), which
+:meth:`LipschitzBound.drift` carries through the network with the per-layer bounds: a certificate computed
+from float64 logits needs the distance between them and the exact ones, and that distance scales with the
+hidden activations, not with the logits (see :mod:`certkit.gloro.model`).
 
 Convolutions need the shape of their input, which the layer does not store; :func:`build_bound` records
 every layer's input shape with one forward pass of a dummy input of the model's ``in_shape``.
@@ -23,15 +33,19 @@ every layer's input shape with one forward pass of a dummy input of the model's 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 from certkit.errors import CertkitError
 from certkit.gloro.layers import MinMax, Residual
-from certkit.models.layers import Normalize
+from certkit.models.layers import Normalize, torch_type
 
 #: unrolled operators up to this many float64 entries get their exact norm (≈128 MiB)...
 EXACT_MAX_ENTRIES = 1 << 24
@@ -39,8 +53,18 @@ EXACT_MAX_ENTRIES = 1 << 24
 EXACT_MAX_FLOPS = 1e10
 #: basis vectors pushed through the layer at once when unrolling it (bounds the memory of the basis)
 UNROLL_CHUNK = 512
+#: float64's unit roundoff (round to nearest): every float64 operation is exact up to a factor 1 ± u
+UNIT_ROUNDOFF = 2.0**-53
 
 Shape = tuple[int, ...]
+
+
+def rounding_coefficient(ops: int) -> float:
+    """``2·ops·u``: the relative error of a result of ``ops`` chained float64 operations, such as a dot product
+    of length ``ops − 1`` plus a bias, in any summation order (Higham's ``γ_ops = ops·u/(1 − ops·u)``, which it
+    exceeds while ``ops·u ≤ 1/2``). The factor 2 also covers the rounding of the error bounds' own arithmetic.
+    """
+    return 2.0 * ops * UNIT_ROUNDOFF
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -142,26 +166,45 @@ class LayerBound:
         """A sound upper bound on the layer's L2 Lipschitz constant, in float64."""
         return self.constant()
 
+    def rounding(self) -> tuple[float, float]:
+        """``(gain, offset)``: evaluated in float64 on a computed input ``x̂``, the layer's output is within
+        ``gain·‖x̂‖ + offset`` (L2, per sample) of its exact value on ``x̂``. Read from the weights at call time."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.kind})"
 
 
 class ConstantBound(LayerBound):
-    """A layer whose Lipschitz constant is a fixed number (activation, reshape, non-overlapping pool)."""
+    """A layer whose Lipschitz constant is a fixed number (activation, reshape, non-overlapping pool).
 
-    def __init__(self, name: str, module: nn.Module, value: float, why: str) -> None:
+    ``ops`` is the number of rounded float64 operations behind each output element (0: the layer only moves,
+    selects or compares values, exactly). Each output is then within ``rounding_coefficient(ops)`` of a
+    nonnegative combination of ``|x̂|`` of norm at most ``value·‖x̂‖`` (the window mean of ``|x̂|`` for a pool,
+    ``|x̂|`` scaled for an activation), hence the gain ``rounding_coefficient(ops)·value``.
+    """
+
+    def __init__(self, name: str, module: nn.Module, value: float, why: str, ops: int = 0) -> None:
         super().__init__(name, module)
         self.value = float(value)
         self.why = why
+        self.ops = ops
 
     def constant(self) -> float:
         return self.value
+
+    def rounding(self) -> tuple[float, float]:
+        return (rounding_coefficient(self.ops) * self.value if self.ops else 0.0), 0.0
 
 
 class NormalizeBound(LayerBound):
     """``(x − μ)/s`` per channel: ``1/min_c s_c``. Read from the buffer at call time (it is loaded later)."""
 
     module: Normalize
+
+    def __init__(self, name: str, module: Normalize, in_shape: Shape) -> None:
+        super().__init__(name, module)
+        self.in_shape = in_shape
 
     def constant(self) -> float:
         std = self.module.std.detach().double()
@@ -170,6 +213,12 @@ class NormalizeBound(LayerBound):
                 f"layer {self.name!r}: Normalize has a non-positive std; its Lipschitz bound is infinite"
             )
         return float(1.0 / std.min())
+
+    def rounding(self) -> tuple[float, float]:
+        # a subtraction and a division: each output within γ_2·(|x̂| + |μ|)/s of its exact value
+        c = rounding_coefficient(2)
+        shift = self.module.mean.detach().double() / self.module.std.detach().double()
+        return c * self.constant(), c * float(torch.linalg.vector_norm(shift.expand(1, *self.in_shape)))
 
 
 class LinearBound(LayerBound):
@@ -192,6 +241,21 @@ class LinearBound(LayerBound):
 
     def guaranteed(self) -> float:
         return float(torch.linalg.matrix_norm(self.weight().detach().double(), ord=2))
+
+    def rounding(self) -> tuple[float, float]:
+        # each output within γ_{n+1}·(|W||x̂| + |b|) (n products, their sum and the bias), and ‖|W||x̂|‖ ≤ ‖|W|‖·‖x̂‖
+        c = rounding_coefficient(self.module.in_features + 1)
+        bias = self.module.bias
+        offset = 0.0 if bias is None else float(torch.linalg.vector_norm(bias.detach().double()))
+        return c * _abs_norm(self.weight().detach().double()), c * offset
+
+
+def _abs_norm(a: Tensor) -> float:
+    """An upper bound on ``‖|A|‖₂``: ``sqrt(‖|A|‖₁·‖|A|‖_∞)`` (Hölder), the largest column sum times the largest
+    row sum. For a nonnegative matrix it is within a small factor of the norm, at the cost of two sums
+    instead of an SVD, which would double the time :meth:`LipschitzBound.analyse` takes on a wide layer."""
+    m = a.abs()
+    return math.sqrt(float(m.sum(0).max()) * float(m.sum(1).max()))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -284,6 +348,25 @@ class ConvBound(LayerBound):
         """σ_max of the unrolled operator in float64 (eigenvalue of the smaller Gram matrix)."""
         return unrolled_norm(self, self.in_shape)
 
+    def rounding(self) -> tuple[float, float]:
+        """As a dense layer's: each output within ``γ_{n+1}·(|K| * |x̂| + |b|)``, ``n = C_in/groups·kh·kw``.
+
+        ``‖|K| * ·‖`` is bounded like the conv itself by the circular polyphase conv of :func:`conv_fft_bound`;
+        for a nonnegative kernel every frequency's matrix is dominated entrywise, in modulus, by the zero
+        frequency's, so that bound is the norm of the kernel summed over its taps (itself bounded by
+        :func:`_abs_norm`).
+        """
+        m = self.conv
+        kh, kw = m.kernel_size
+        c = rounding_coefficient(m.in_channels // m.groups * kh * kw + 1)
+        gain = _abs_norm(_polyphase(self.dense_kernel().abs(), self.stride).sum((-2, -1)))
+        bias = m.bias
+        offset = 0.0
+        if bias is not None:
+            per_pixel = math.sqrt(self.out_shape[1] * self.out_shape[2])
+            offset = per_pixel * float(torch.linalg.vector_norm(bias.detach().double()))
+        return c * gain, c * offset
+
 
 class FixedConvBound(ConvBound):
     """An overlapping average pool, bounded as the fixed depthwise conv it is (one channel suffices)."""
@@ -348,12 +431,9 @@ def conv_fft_bound(kernel: Tensor, stride: tuple[int, int], padded: tuple[int, i
     The polyphase form keeps the bound close to the true norm of a strided conv (``tests/test_gloro.py``
     checks it against the exact norm); bounding the unstrided conv instead would ignore the stride.
     """
-    co, ci, kh, kw = kernel.shape
     sh, sw = stride
-    bh, bw = -(-kh // sh), -(-kw // sw)
-    k = F.pad(kernel, (0, bw * sw - kw, 0, bh * sh - kh))
-    # k[o, c, sh*b + r, sw*b' + r'] -> k'[o, (c, r, r'), b, b']
-    k = k.view(co, ci, bh, sh, bw, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, bh, bw)
+    k = _polyphase(kernel, stride)
+    bh, bw = k.shape[-2:]
     grid = (max(-(-padded[0] // sh), bh), max(-(-padded[1] // sw), bw))
     # Frequencies left out by the real FFT are conjugates of kept ones: same singular values.
     spectrum = torch.fft.rfft2(k, s=grid).permute(2, 3, 0, 1)
@@ -361,6 +441,17 @@ def conv_fft_bound(kernel: Tensor, stride: tuple[int, int], padded: tuple[int, i
     for row in spectrum:  # one frequency row at a time keeps the SVD workspace small
         best = max(best, float(torch.linalg.matrix_norm(row, ord=2).max()))
     return best
+
+
+def _polyphase(kernel: Tensor, stride: tuple[int, int]) -> Tensor:
+    """A strided conv's kernel ``(C_out, C_in, kh, kw)`` as the stride-1 kernel ``(C_out, C_in·s_h·s_w, ⌈kh/s_h⌉,
+    ⌈kw/s_w⌉)`` that acts on the polyphase decomposition of its input."""
+    co, ci, kh, kw = kernel.shape
+    sh, sw = stride
+    bh, bw = -(-kh // sh), -(-kw // sw)
+    k = F.pad(kernel, (0, bw * sw - kw, 0, bh * sh - kh))
+    # k[o, c, sh*b + r, sw*b' + r'] -> k'[o, (c, r, r'), b, b']
+    return k.view(co, ci, bh, sh, bw, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, bh, bw)
 
 
 def _pool_window(
@@ -398,7 +489,7 @@ def _avgpool_bound(name: str, module: nn.AvgPool2d, in_shape: Shape) -> LayerBou
             raise CertkitError(f"layer {name!r}: AvgPool2d with ceil_mode=True and partial windows is not supported")
     if sh >= kh and sw >= kw:
         # Disjoint windows: each output is coef·Σ window, of norm coef·sqrt(kh·kw) (Cauchy–Schwarz).
-        return ConstantBound(name, module, coef * math.sqrt(kh * kw), "disjoint windows")
+        return ConstantBound(name, module, coef * math.sqrt(kh * kw), "disjoint windows", ops=kh * kw + 1)
     conv = nn.Conv2d(1, 1, (kh, kw), (sh, sw), (ph, pw), bias=False)
     with torch.no_grad():
         conv.weight.fill_(coef)
@@ -413,27 +504,59 @@ def _adaptive_avgpool_bound(name: str, module: nn.AdaptiveAvgPool2d, in_shape: S
             f"layer {name!r}: AdaptiveAvgPool2d from {h}x{w} to {oh}x{ow} has uneven windows; not supported"
         )
     kh, kw = h // oh, w // ow
-    return ConstantBound(name, module, 1.0 / math.sqrt(kh * kw), "disjoint windows")
+    return ConstantBound(name, module, 1.0 / math.sqrt(kh * kw), "disjoint windows", ops=kh * kw + 1)
 
 
 def _pair_or_none(v: int | Sequence[int | None] | None) -> tuple[int | None, int | None]:
     return (v, v) if v is None or isinstance(v, int) else (v[0], v[1])
 
 
-# Zero padding is an isometric embedding; constant padding an isometry plus a shift.
-_ONE_LIPSCHITZ = (nn.ReLU, nn.Tanh, MinMax, nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d)
+# Zero padding is an isometric embedding; constant padding an isometry plus a shift. None of these rounds.
+_ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Identity, nn.Flatten, nn.Unflatten, nn.ZeroPad2d, nn.ConstantPad2d)
+#: rounded operations charged to tanh: libm and CUDA evaluate it within 2 ulp (4u relative); 3 leave room for
+#: the error bound's own arithmetic
+TANH_OPS = 3
+#: every leaf class with a rule: a module of a subclass is refused, the subclass may compute another function
+_LEAF_KINDS = (
+    nn.Linear,
+    nn.Conv2d,
+    Normalize,
+    nn.LeakyReLU,
+    nn.Tanh,
+    *_ONE_LIPSCHITZ,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+)
+
+
+def check_leaf_class(name: str, module: nn.Module) -> None:
+    """Refuse a module of a proper subclass of a layer kind with a rule: it may redefine ``forward`` or a helper
+    that ``forward`` calls, so the rule of its base class says nothing about it. certkit's own fast paths
+    (``FirstConv``, ``Pool2x2``, ``WideLinear``) count as the torch layer whose function they compute."""
+    kind = torch_type(module)
+    if kind not in _LEAF_KINDS and isinstance(module, _LEAF_KINDS):
+        base = next(k for k in _LEAF_KINDS if isinstance(module, k))
+        raise CertkitError(
+            f"layer {name or '<root>'!r} is a {type(module).__name__}, a subclass of {base.__name__}; GloRo bounds "
+            f"only {base.__name__} itself (a subclass may compute another function): use {base.__name__}"
+        )
 
 
 def layer_bound(name: str, module: nn.Module, in_shape: Shape | None) -> LayerBound:
-    """The :class:`LayerBound` of one leaf module; unknown kinds raise :class:`CertkitError`."""
+    """The :class:`LayerBound` of one leaf module; unknown kinds and subclasses of known ones raise
+    :class:`CertkitError`."""
+    check_leaf_class(name, module)
     if isinstance(module, nn.Linear):
         return LinearBound(name, module)
     if isinstance(module, nn.Conv2d):
         return ConvBound(name, module, _need(name, in_shape))
     if isinstance(module, Normalize):
-        return NormalizeBound(name, module)
+        return NormalizeBound(name, module, _need(name, in_shape))
     if isinstance(module, nn.LeakyReLU):
-        return ConstantBound(name, module, max(1.0, abs(module.negative_slope)), "max slope")
+        return ConstantBound(name, module, max(1.0, abs(module.negative_slope)), "max slope", ops=1)
+    if isinstance(module, nn.Tanh):
+        return ConstantBound(name, module, 1.0, "1-Lipschitz", ops=TANH_OPS)
     if isinstance(module, _ONE_LIPSCHITZ):
         return ConstantBound(name, module, 1.0, "1-Lipschitz")
     if isinstance(module, nn.MaxPool2d):
@@ -458,6 +581,30 @@ def _need(name: str, shape: Shape | None) -> Shape:
 # --------------------------------------------------------------------------------------------------------
 # Composition
 # --------------------------------------------------------------------------------------------------------
+class Analysis(NamedTuple):
+    """What certification reads off the weights, once per set of weights (:meth:`LipschitzBound.analyse`)."""
+
+    #: layer name -> guaranteed float64 bound (:meth:`LayerBound.guaranteed`)
+    bounds: dict[str, float]
+    #: layer name -> ``(gain, offset)`` of its float64 rounding (:meth:`LayerBound.rounding`)
+    rounding: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far activations evaluated in float64 may be from exact ones, at an input ``x`` and anywhere near it.
+
+    For every ``x'`` with ``‖x' − x‖ ≤ r``, ``both + growth·r`` bounds ``‖â(x) − a(x)‖ + ‖â(x') − a(x')‖``, the L2
+    distances (per sample, shape ``(B,)``) between the computed and the exact activation at the two points;
+    ``lipschitz`` bounds how far the exact activation moves per unit of ``r``. Covering ``x'`` too is what lets a
+    certificate hold for the float64 classifier in the whole ball, where nothing is evaluated.
+    """
+
+    both: Tensor
+    growth: float
+    lipschitz: float
+
+
 class Term:
     """A node of the bound's expression tree: a layer, a product (Sequential) or ``1 + L`` (Residual)."""
 
@@ -468,6 +615,14 @@ class Term:
         raise NotImplementedError
 
     def guaranteed(self) -> float:
+        raise NotImplementedError
+
+    def watched(self) -> Iterator[tuple[str, nn.Module, bool]]:
+        """``(name, module, output)``: the activations whose norms :meth:`drift` reads (input or output)."""
+        raise NotImplementedError
+
+    def drift(self, d: Drift, norms: Mapping[str, Tensor], facts: Analysis) -> Drift:
+        """The drift after this node, from the drift ``d`` of its input and the recorded activation norms."""
         raise NotImplementedError
 
 
@@ -488,6 +643,17 @@ class Leaf(Term):
     def guaranteed(self) -> float:
         return self.layer.guaranteed()
 
+    def watched(self) -> Iterator[tuple[str, nn.Module, bool]]:
+        yield self.layer.name, self.layer.module, False
+
+    def drift(self, d: Drift, norms: Mapping[str, Tensor], facts: Analysis) -> Drift:
+        # ‖f̂(x̂) − f(a)‖ ≤ ‖f̂(x̂) − f(x̂)‖ + L·‖x̂ − a‖; the first term is the layer's rounding on its computed input,
+        # gain·‖x̂‖ + offset at x and, with ‖x̂(x')‖ ≤ ‖x̂(x)‖ + (both + growth·r) + lipschitz·r, at x'
+        name = self.layer.name
+        lip, (gain, offset) = facts.bounds[name], facts.rounding[name]
+        both = lip * d.both + gain * (2 * norms[name] + d.both) + 2 * offset
+        return Drift(both, lip * d.growth + gain * (d.lipschitz + d.growth), lip * d.lipschitz)
+
 
 class Product(Term):
     def __init__(self, terms: list[Term]) -> None:
@@ -506,10 +672,21 @@ class Product(Term):
     def guaranteed(self) -> float:
         return math.prod(t.guaranteed() for t in self.terms)
 
+    def watched(self) -> Iterator[tuple[str, nn.Module, bool]]:
+        for t in self.terms:
+            yield from t.watched()
+
+    def drift(self, d: Drift, norms: Mapping[str, Tensor], facts: Analysis) -> Drift:
+        for t in self.terms:
+            d = t.drift(d, norms, facts)
+        return d
+
 
 class ResidualTerm(Term):
-    def __init__(self, inner: Term) -> None:
+    def __init__(self, inner: Term, name: str, module: Residual) -> None:
         self.inner = inner
+        self.name = name
+        self.module = module
 
     def layers(self) -> Iterator[LayerBound]:
         yield from self.inner.layers()
@@ -520,6 +697,17 @@ class ResidualTerm(Term):
     def guaranteed(self) -> float:
         return 1.0 + self.inner.guaranteed()
 
+    def watched(self) -> Iterator[tuple[str, nn.Module, bool]]:
+        yield from self.inner.watched()
+        yield self.name, self.module, True
+
+    def drift(self, d: Drift, norms: Mapping[str, Tensor], facts: Analysis) -> Drift:
+        # both summands carry their drift; the addition rounds by u·|sum|, read off the recorded output
+        inner = self.inner.drift(d, norms, facts)
+        both, growth, lip = d.both + inner.both, d.growth + inner.growth, d.lipschitz + inner.lipschitz
+        c = rounding_coefficient(1)
+        return Drift(both + c * (2 * norms[self.name] + both), growth + c * (lip + growth), lip)
+
 
 class LipschitzBound:
     """The Lipschitz bound of a module tree: training estimate, guaranteed bound, per-layer report.
@@ -529,8 +717,9 @@ class LipschitzBound:
     with its state dict, warm-starting resumed training).
     """
 
-    def __init__(self, root: Term) -> None:
+    def __init__(self, root: Term, modules: Mapping[str, nn.Module]) -> None:
         self.root = root
+        self.modules = dict(modules)  # the analysed tree, by path: see check_layers
 
     def layers(self) -> list[LayerBound]:
         return list(self.root.layers())
@@ -551,6 +740,10 @@ class LipschitzBound:
     def guaranteed_layers(self) -> dict[str, float]:
         """``layer name -> guaranteed float64 bound``, each computed once (the exact ones take seconds)."""
         return {b.name: b.guaranteed() for b in self.layers()}
+
+    def analyse(self) -> Analysis:
+        """Every layer's guaranteed bound and rounding coefficients for the current weights."""
+        return Analysis(self.guaranteed_layers(), {b.name: b.rounding() for b in self.layers()})
 
     def guaranteed(self, values: Mapping[str, float] | None = None) -> float:
         """A sound float64 upper bound (before any floating-point safety factor).
@@ -581,6 +774,27 @@ class LipschitzBound:
         values = self.guaranteed_layers() if values is None else values
         return [{"layer": b.name, "kind": b.kind, "bound": values[b.name]} for b in self.layers()]
 
+    def watched(self) -> dict[str, tuple[nn.Module, bool]]:
+        """``name -> (module, output)``: whose input (or, for a residual sum, output) norms :meth:`drift` needs."""
+        return {name: (m, output) for name, m, output in self.root.watched()}
+
+    def drift(self, exact_input: Tensor, norms: Mapping[str, Tensor], facts: Analysis) -> Drift:
+        """The :class:`Drift` of the tree's output for a batch whose input is exact (``exact_input``: zeros of
+        shape ``(B,)``), from the norms :func:`recorded_norms` took of its float64 forward pass."""
+        return self.root.drift(Drift(exact_input, 0.0, 1.0), norms, facts)
+
+    def check_layers(self, module: nn.Module) -> None:
+        """Refuse to certify ``module`` (the one analysed) when its layers are no longer what was analysed: a layer
+        replaced, added or removed since, or one hooked (:func:`check_plain`). The root itself is not checked: its
+        owner evaluates it as a plain Sequential of these layers."""
+        current = dict(module.named_modules())
+        if current.keys() != self.modules.keys() or any(current[k] is not m for k, m in self.modules.items()):
+            raise CertkitError(
+                "the model's layers changed after its Lipschitz bound was built (a layer replaced, added or "
+                "removed); build the GloRo net again around the new model"
+            )
+        check_plain((name, m) for name, m in current.items() if m is not module)
+
 
 def _compose(term: Term, value: Callable[[LayerBound], float]) -> float:
     if isinstance(term, Leaf):
@@ -590,6 +804,66 @@ def _compose(term: Term, value: Callable[[LayerBound], float]) -> float:
     if isinstance(term, ResidualTerm):
         return 1.0 + _compose(term.inner, value)
     raise TypeError(type(term))
+
+
+#: what calling a module runs: a class or an instance that redefines one of them may compute another function
+_CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl", "forward")
+
+
+def check_plain(modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Refuse ``(name, module)`` pairs whose call may compute something else than their class's forward: a
+    forward hook or pre-hook on the module, or a global one (either may replace an input or an output), or a
+    ``forward`` (or call method) set on the instance."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        raise CertkitError(
+            "a global forward hook is registered (register_module_forward_hook or _pre_hook); it can change any "
+            "layer's output, which the GloRo bound does not see: remove it before building or certifying"
+        )
+    for name, m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            raise CertkitError(
+                f"layer {name or '<root>'!r} ({type(m).__name__}) has a forward hook or pre-hook, which can change "
+                "its output and which the GloRo bound does not see: remove it"
+            )
+        replaced = [a for a in _CALL_PATH if a in vars(m)]
+        if replaced:
+            raise CertkitError(
+                f"layer {name or '<root>'!r} ({type(m).__name__}) has {replaced[0]} set on the instance; GloRo "
+                "bounds only the class's own forward: remove it"
+            )
+
+
+def _check_container(name: str, m: nn.Module, base: type[nn.Module], extra: tuple[str, ...] = ()) -> None:
+    """Refuse a subclass of ``base`` that redefines how it is called (``extra``: further methods its forward
+    calls), since it may wire its children another way than the product or ``1 + L`` the bound assumes."""
+    redefined = [a for a in (*_CALL_PATH, *extra) if getattr(type(m), a) is not getattr(base, a)]
+    if redefined:
+        raise CertkitError(
+            f"layer {name or '<root>'!r}: {type(m).__name__} redefines {redefined[0]} of {base.__name__}, so it may "
+            f"wire its children another way than the GloRo bound assumes: use {base.__name__} itself "
+            "(Residual for a skip connection)"
+        )
+
+
+@contextmanager
+def recorded_norms(watch: Mapping[str, tuple[nn.Module, bool]]) -> Iterator[dict[str, Tensor]]:
+    """Per-sample L2 norms (float64, shape ``(B,)``) of each watched module's input (``output`` False) or
+    output, from the forward pass run inside the block; the hooks are removed when it ends."""
+    norms: dict[str, Tensor] = {}
+
+    def hook_for(name: str, output: bool) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def hook(m: nn.Module, args: tuple, out: Tensor) -> None:
+            t = out if output else args[0]
+            norms[name] = torch.linalg.vector_norm(t.flatten(1).double(), dim=1)
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name, output)) for name, (m, output) in watch.items()]
+    try:
+        yield norms
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int, Shape]:
@@ -634,7 +908,11 @@ def build_bound(module: nn.Module, in_shape: Sequence[int], exclude: Sequence[nn
     """Analyse ``module`` (a tree of Sequential/Residual and known layers) for input shape ``in_shape``.
 
     ``exclude`` lists modules left out of the bound — the GloRo head, which enters through ``‖w_i − w_j‖``.
+    Hooks and instance-level forwards are refused on every module, the excluded ones included
+    (:func:`check_plain`); in the analysed tree, so are containers that redefine how they are called and
+    subclasses of known layers (:func:`check_leaf_class`), which may compute another function.
     """
+    check_plain(module.named_modules())  # before record_input_shapes adds (and removes) its own hooks
     shapes = record_input_shapes(module, in_shape)
     skip = {id(m) for m in exclude}
 
@@ -642,15 +920,17 @@ def build_bound(module: nn.Module, in_shape: Sequence[int], exclude: Sequence[nn
         if id(m) in skip:
             return None
         if isinstance(m, nn.Sequential):
+            _check_container(name, m, nn.Sequential, ("__iter__",))
             kids = [build(f"{name}.{k}" if name else k, c) for k, c in m.named_children()]
             return Product([t for t in kids if t is not None])
         if isinstance(m, Residual):
+            _check_container(name, m, Residual)
             inner = build(f"{name}.inner" if name else "inner", m.inner)
-            return ResidualTerm(inner if inner is not None else Product([]))
+            return ResidualTerm(inner if inner is not None else Product([]), name, m)
         return Leaf(layer_bound(name, m, shapes.get(id(m))))
 
     root = build("", module)
-    return LipschitzBound(root if root is not None else Product([]))
+    return LipschitzBound(root if root is not None else Product([]), dict(module.named_modules()))
 
 
 def lipschitz_upper_bound(module: nn.Module, in_shape: Sequence[int]) -> float:

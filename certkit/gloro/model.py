@@ -11,25 +11,41 @@ Soundness rules this module keeps (``shared/reference/gloro.md`` §4, §10):
 * ``j`` is *one* index (torch's argmax: the first maximum), and only index ``j`` is masked when taking the
   max over ``i ≠ j``. Masking every entry equal to the max lets tied logits certify with an infinite radius
   (``klasleino/gloro`` issue #9); here a tie gives radius 0 and ⊥.
-* Certificates come from logits evaluated in float64 (:meth:`GloroNet.exact_logits`). The safety factor
+* Certificates come from logits evaluated in float64 (:meth:`GloroNet.exact_forward`). The safety factor
   on the constant is *relative*, but float32 logit error is *absolute* (about 1e-7 of the activations'
   size, whatever the margin): at margins near 1e-5 a float32 certificate was wrong on about half the
   points. Re-evaluating in float64 was chosen over an a priori float32 error bound from layer norms and
-  the input's size because it needs nothing per layer type (residual blocks, pools and MinMax included)
-  and costs one extra forward pass at certification only, where such a bound would be loose by the
-  product of the layers' norms. What remains is float64 rounding, about 1e-16 of the same size; every
-  margin is lowered by :data:`FLOAT64_ALLOWANCE` (1 + max|y|), millions of times that, which covers its
-  rounding at the point and anywhere in the ball. The certified classifier is therefore the net evaluated
-  in float64, as :meth:`GloroNet.certify` and :meth:`GloroNet.predict_with_bottom` do; a float32
-  ``forward`` agrees with it except within about 1e-6 of a tie.
+  the input's size because it costs one extra forward pass at certification only, where such a bound
+  would be loose by the product of the layers' norms. What remains is float64 rounding, about 1e-16 of
+  the *hidden activations'* size, which the logits need not show: a hidden offset of 1e12 that the head's
+  bias cancels leaves logits near 1e-4 with rounding errors near 1e-4. So the rounding is bounded from
+  the activations themselves: every layer bounds its own rounding by ``gain·‖input‖ + offset``
+  (:meth:`~certkit.gloro.lipschitz.LayerBound.rounding`, from the textbook ``γ_n`` bound of a dot product
+  in any summation order), the norms are recorded during the float64 pass, and each layer's error is
+  carried to the logits through the guaranteed bounds of the layers after it
+  (:meth:`~certkit.gloro.lipschitz.LipschitzBound.drift`). The bound also covers every point of the
+  ball, where nothing is evaluated: activations there are at most the guaranteed bound of the layers
+  before them times the distance larger, which adds a term per unit of radius to each margin's constant
+  (:class:`LogitError`). For trained nets all this is about 1e-12 of the activations, far below the
+  floor that every margin is lowered by anyway, :data:`FLOAT64_ALLOWANCE` (1 + max|y|), which covers the
+  certificate's own arithmetic (the margins' subtraction, the radius's division). The certified
+  classifier is therefore the net evaluated in float64, as :meth:`GloroNet.certify` and
+  :meth:`GloroNet.predict_with_bottom` do; a float32 ``forward`` agrees with it except within about 1e-6
+  of a tie.
+* The constant holds for the layers and the input shape it was computed for: inputs of another shape are
+  refused (convolution and pooling bounds depend on it), and so are layers replaced or hooked since, and
+  subclasses of known layers (:mod:`certkit.gloro.lipschitz`). Hooks on the GloroNet itself (a trainer's
+  pass counter) are allowed: certification evaluates its layers as a plain Sequential, without them.
 * The frozen constant is tied to the weights it was computed from: when a parameter or buffer changed
   since (its version counter or storage, checked on every call), it is verified again against the
   guaranteed bound of the current weights and refused if below.
-* In training mode ``K_sub`` is the differentiable power-iteration estimate. For evaluation
-  :meth:`GloroNet.freeze` replaces it by the product of *guaranteed* per-layer upper bounds (computed in
-  float64), times a small safety factor for floating-point error, rounded up to a float32 value so any
-  later dtype cast is exact, and stores it in the ``lipschitz_frozen`` buffer (saved with the state dict).
-  Switching back to training mode discards it, because the weights are about to change.
+* In training mode ``K_sub`` is the differentiable power-iteration estimate, which only the loss helpers
+  use (:meth:`GloroNet.bottom_logit`, :meth:`GloroNet.forward_with_bottom`). Certificates take
+  :meth:`GloroNet.certification_constant` in either mode: :meth:`GloroNet.freeze` computes the product of
+  *guaranteed* per-layer upper bounds (in float64), times a small safety factor for floating-point error,
+  rounded up to a float32 value so any later dtype cast is exact, and stores it in the
+  ``lipschitz_frozen`` buffer (saved with the state dict). Switching to training mode discards it, because
+  the weights are about to change.
 
 :class:`GloroNet` *is* the registry model (``Sequential(Normalize, body)``) with three kinds of buffers
 added — the frozen constant, the evaluation ε and the power-iteration iterates — so its weights keep the
@@ -43,18 +59,26 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.gloro.lipschitz import LipschitzBound, build_bound
+from certkit.gloro.lipschitz import (
+    Analysis,
+    LipschitzBound,
+    build_bound,
+    check_leaf_class,
+    recorded_norms,
+    rounding_coefficient,
+)
 
 #: multiplies the guaranteed bound before it is frozen; covers float rounding of the bound and the logits
 SAFETY_FACTOR = 1.0 + 1e-4
-#: allowance on every float64 margin, per unit of (1 + the largest |logit|): float64 rounding is ~1e-16
+#: floor of the allowance on every float64 margin, per unit of (1 + the largest |logit|): covers the certificate's
+#: own arithmetic (~1e-16 relative); the rounding of the forward pass itself is bounded by :class:`LogitError`
 FLOAT64_ALLOWANCE = 1e-9
 #: what :meth:`GloroNet.predict_with_bottom` returns for a rejected (⊥) input
 BOTTOM = -1
@@ -66,6 +90,27 @@ def _round_up_to_float32(value: float) -> float:
     if float(f) < value:
         f = np.nextafter(f, np.float32(np.inf))
     return float(f)
+
+
+def check_epsilon(value: float, name: str = "epsilon") -> float:
+    """``value`` as a float, refused unless finite and >= 0: with ε < 0 the margin test passes on tied logits."""
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise CertkitError(f"{name} must be a finite number >= 0 (got {value})")
+    return value
+
+
+class LogitError(NamedTuple):
+    """How far float64 logits may be from exact ones, at an input ``x`` and anywhere near it
+    (:meth:`GloroNet.exact_forward`).
+
+    For every ``x'`` within ``r`` of ``x``, ``|ŷ_k(x) − y_k(x)| + |ŷ_k(x') − y_k(x')| ≤ both[b, k] + growth[k]·r``
+    (``ŷ`` computed, ``y`` exact). A margin ``y_j − y_i`` is therefore lowered by ``both_j + both_i`` and its
+    constant ``K_ji`` raised by ``growth_j + growth_i``; both are about 1e-12 of the activations for trained nets.
+    """
+
+    both: Tensor  # (B, C)
+    growth: Tensor  # (C,)
 
 
 def pairwise_distances(weight: Tensor, max_entries: int = 1 << 24) -> Tensor:
@@ -111,8 +156,8 @@ class GloroNet(nn.Sequential):
             raise CertkitError("GloroNet needs an nn.Sequential model (the registry's Sequential(Normalize, body))")
         super().__init__(OrderedDict(model._modules.items()))
         self._frozen_key: Hashable = None  # the weights' state when lipschitz_frozen was computed or verified
-        if not epsilon >= 0:
-            raise CertkitError(f"epsilon must be >= 0 (got {epsilon})")
+        self._analysis: Analysis | None = None  # per-layer bounds and rounding of the weights of _frozen_key
+        epsilon = check_epsilon(epsilon)
         self.in_shape = tuple(int(s) for s in in_shape)
         self.power_iterations = int(power_iterations)
         self.head_name = self._find_head()
@@ -160,7 +205,9 @@ class GloroNet(nn.Sequential):
             m = m._modules[name]
         if not isinstance(m, nn.Linear):
             raise CertkitError(f"GloroNet: the last layer must be nn.Linear (the head), found {type(m).__name__}")
-        return ".".join(path)
+        name = ".".join(path)
+        check_leaf_class(name, m)
+        return name
 
     @property
     def head(self) -> nn.Linear:
@@ -172,7 +219,8 @@ class GloroNet(nn.Sequential):
 
     @property
     def eval_epsilon(self) -> float:
-        return float(self.epsilon)
+        """ε from the buffer, which a loaded state dict sets: refused when negative or not finite."""
+        return check_epsilon(float(self.epsilon))
 
     @property
     def is_frozen(self) -> bool:
@@ -187,6 +235,7 @@ class GloroNet(nn.Sequential):
             self.lipschitz_frozen.zero_()
             self._freeze_report = None
             self._frozen_key = None
+            self._analysis = None
         return super().train(mode)
 
     # --- the Lipschitz constant --------------------------------------------------------------------------
@@ -216,7 +265,8 @@ class GloroNet(nn.Sequential):
         if not safety >= 1.0:
             raise CertkitError(f"the safety factor must be >= 1 (got {safety})")
         estimate = self.bound.converge({k: v.clone() for k, v in self._iterates().items()})
-        per_layer = self.bound.guaranteed_layers()
+        analysis = self.bound.analyse()
+        per_layer = analysis.bounds
         raw = self.bound.guaranteed(per_layer)
         if not math.isfinite(raw) or raw < 0:
             raise CertkitError(f"the Lipschitz bound is not finite ({raw}); the weights are corrupt")
@@ -226,7 +276,7 @@ class GloroNet(nn.Sequential):
             )
         frozen = _round_up_to_float32(raw * safety)
         self.lipschitz_frozen.fill_(frozen)
-        self._frozen_key = self._weights_key()
+        self._frozen_key, self._analysis = self._weights_key(), analysis
         self._freeze_report = {
             "lipschitz_bound": frozen,
             "lipschitz_guaranteed": raw,
@@ -262,9 +312,11 @@ class GloroNet(nn.Sequential):
 
     def certification_constant(self) -> float:
         """The frozen ``K_sub`` (freezing now if needed) as a Python float, verified again against the
-        weights whenever they changed since it was computed or last verified."""
+        weights whenever they changed since it was computed or last verified, and refused when the layers
+        were replaced or hooked since the bound was built."""
         if self.lipschitz_frozen.dtype not in (torch.float32, torch.float64):
             raise CertkitError("lipschitz_frozen was cast to a low-precision dtype; reload the model in float32/64")
+        self.bound.check_layers(self)
         if not self.is_frozen:
             self.freeze()
         elif self._frozen_key != self._weights_key():
@@ -275,13 +327,14 @@ class GloroNet(nn.Sequential):
     def verify_frozen(self) -> float:
         """The guaranteed bound of the current weights; raises if the frozen constant is below it (weights
         changed after :meth:`freeze`, or a state dict whose constant does not belong to its weights)."""
-        frozen, raw = float(self.lipschitz_frozen), self.bound.guaranteed()
+        analysis = self.bound.analyse()
+        frozen, raw = float(self.lipschitz_frozen), self.bound.guaranteed(analysis.bounds)
         if not frozen >= raw:
             raise CertkitError(
                 f"the frozen Lipschitz bound {frozen} is below the guaranteed bound {raw} of the current weights "
                 "(changed after freeze()?); refusing to certify with it: call freeze() again"
             )
-        self._frozen_key = self._weights_key()
+        self._frozen_key, self._analysis = self._weights_key(), analysis
         return raw
 
     def _weights_key(self) -> Hashable:
@@ -295,14 +348,51 @@ class GloroNet(nn.Sequential):
     @torch.no_grad()
     def exact_logits(self, x: Tensor) -> Tensor:
         """The logits of ``x`` evaluated in float64 (weights, buffers and input cast up; the module itself is
-        left as it is): what certificates are computed from."""
-        tensors = itertools.chain(self.named_parameters(), self.named_buffers())
+        left as it is): what certificates are computed from.
+
+        The layers run as a plain Sequential, so hooks on the GloroNet itself are not part of it; inputs of
+        another shape than ``in_shape`` are refused, since the bound's convolution and pooling constants hold
+        for that shape only.
+        """
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise CertkitError(
+                f"this GloRo net's Lipschitz bound holds for inputs of shape {self.in_shape}; got {tuple(x.shape[1:])}"
+            )
+        layers = nn.Sequential(OrderedDict(self._modules))
+        tensors = itertools.chain(layers.named_parameters(), layers.named_buffers())
         double = {name: t.double() if t.is_floating_point() else t for name, t in tensors}
-        return torch.func.functional_call(self, double, (x.double(),))
+        return torch.func.functional_call(layers, double, (x.double(),))
+
+    @torch.no_grad()
+    def exact_forward(self, x: Tensor) -> tuple[Tensor, LogitError]:
+        """The float64 logits of ``x`` and how far they may be from exact ones (:class:`LogitError`).
+
+        The norms of the layers' inputs are recorded during the pass and carried to the logits by
+        :meth:`~certkit.gloro.lipschitz.LipschitzBound.drift`; the head adds its own rounding, at most
+        ``γ_{n+1}(‖w_k‖·‖ĥ‖ + |b_k|)`` on logit ``k``. The constant is verified first, since the rounding
+        coefficients are read off the same weights.
+        """
+        self.certification_constant()
+        facts = self._analysis
+        assert facts is not None  # set with the frozen constant's key
+        head = self.head
+        with recorded_norms({**self.bound.watched(), self.head_name: (head, False)}) as norms:
+            logits = self.exact_logits(x)
+        drift = self.bound.drift(logits.new_zeros(len(logits)), norms, facts)
+        rows = torch.linalg.vector_norm(head.weight.detach().double(), dim=1)
+        bias = torch.zeros_like(rows) if head.bias is None else head.bias.detach().double().abs()
+        c = rounding_coefficient(head.in_features + 1)
+        both = rows * drift.both[:, None] + c * (rows * (2 * norms[self.head_name] + drift.both)[:, None] + 2 * bias)
+        growth = rows * drift.growth + c * rows * (drift.lipschitz + drift.growth)
+        return logits, LogitError(both, growth)
 
     # --- ⊥ logit and certificates --------------------------------------------------------------------------
     def margin_constants(self, lipschitz: Tensor | float | None = None) -> Tensor:
-        """``(C, C)`` matrix ``K[j, i] = K_sub·‖w_j − w_i‖``, the Lipschitz constant of ``y_j − y_i``."""
+        """``(C, C)`` matrix ``K[j, i] = K_sub·‖w_j − w_i‖``, the Lipschitz constant of ``y_j − y_i``.
+
+        ``lipschitz`` None takes :meth:`lipschitz_constant`: in training mode the power-iteration estimate,
+        which is for the loss helpers only (it approaches the true constant from below).
+        """
         k = self.lipschitz_constant() if lipschitz is None else lipschitz
         w = self.head.weight
         if isinstance(k, Tensor):
@@ -312,7 +402,11 @@ class GloroNet(nn.Sequential):
     def bottom_logit(
         self, logits: Tensor, epsilon: float | Tensor | None = None, lipschitz: Tensor | float | None = None
     ) -> Tensor:
-        """``y_⊥ = max_{i≠j}(y_i + ε·K_ji)`` with ``j`` the (first) argmax; shape ``(B,)``."""
+        """``y_⊥ = max_{i≠j}(y_i + ε·K_ji)`` with ``j`` the (first) argmax; shape ``(B,)``.
+
+        A training-loss helper: without ``lipschitz`` it uses :meth:`lipschitz_constant` (the estimate in
+        training mode) and allows for no rounding; certificates come from :meth:`certify_logits`.
+        """
         eps = self.eval_epsilon if epsilon is None else epsilon
         kj = self.margin_constants(lipschitz)[logits.argmax(1)]  # (B, C): row j of K
         j = logits.argmax(1, keepdim=True)
@@ -320,42 +414,43 @@ class GloroNet(nn.Sequential):
         return shifted.max(1).values
 
     def forward_with_bottom(self, x: Tensor, epsilon: float | None = None) -> Tensor:
-        """``(B, C+1)``: the logits with ``y_⊥`` appended (what the GloRo losses act on)."""
+        """``(B, C+1)``: the logits with ``y_⊥`` appended (what the GloRo losses act on; see :meth:`bottom_logit`)."""
         logits = self(x)
         return torch.cat([logits, self.bottom_logit(logits, epsilon)[:, None]], 1)
 
     def certify_logits(
-        self, logits: Tensor, epsilon: float | None = None, lipschitz: Tensor | float | None = None
+        self, logits: Tensor, error: LogitError, epsilon: float | None = None, lipschitz: float | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """(predicted class ``j``, certified radius, certified-at-ε mask) from a batch of logits.
+        """(predicted class ``j``, certified radius, certified-at-ε mask) from a batch of logits and the bound
+        ``error`` on their rounding (:meth:`exact_forward`).
 
-        Every margin ``d_i = y_j − y_i`` is first lowered by the absolute allowance
-        ``A = FLOAT64_ALLOWANCE·(1 + max|y|)`` for rounding of the logits (meant for
-        :meth:`exact_logits`; float32 logits would need far more). Radius ``min_{i≠j}(d_i − A)/K_ji``: 0 when
-        any ``d_i ≤ A`` (ties included), +inf for a margin whose constant is 0 (identical head rows: the
-        margin is constant). Certified requires *both* ``y_j − A > y_⊥`` and radius > ε, so the two
-        formulas cannot disagree by a rounding error in the lenient direction; non-finite logits never certify.
+        Every margin ``d_i = y_j − y_i`` is first lowered by ``A_i = both_j + both_i`` plus the floor
+        ``FLOAT64_ALLOWANCE·(1 + max|y|)``, and its constant is ``K'_ji = K_ji + growth_j + growth_i``. Radius
+        ``min_{i≠j}(d_i − A_i)/K'_ji``: 0 when any ``d_i ≤ A_i`` (ties included). Certified requires *both*
+        every ``d_i − A_i > ε·K'_ji`` and radius > ε, so the two formulas cannot disagree by a rounding error in
+        the lenient direction; non-finite logits never certify. ``lipschitz`` None takes the guaranteed
+        :meth:`certification_constant`, never the training estimate, whatever the mode.
         """
-        eps = self.eval_epsilon if epsilon is None else float(epsilon)
-        kmat = self.margin_constants(lipschitz).to(logits.dtype)
+        eps = check_epsilon(self.eval_epsilon if epsilon is None else epsilon)
+        k = self.certification_constant() if lipschitz is None else lipschitz
+        kmat = self.margin_constants(k).to(logits.dtype)
         j = logits.argmax(1, keepdim=True)
-        kj = kmat[j[:, 0]]
-        allowance = FLOAT64_ALLOWANCE * (1.0 + logits.abs().amax(1, keepdim=True))
-        d = logits.gather(1, j) - logits - allowance
+        growth = error.growth.to(logits.dtype)
+        kj = kmat[j[:, 0]] + growth[j] + growth
+        floor = FLOAT64_ALLOWANCE * (1.0 + logits.abs().amax(1, keepdim=True))
+        d = logits.gather(1, j) - logits - (error.both.gather(1, j) + error.both + floor)
         ratio = torch.where(d > 0, d / kj, torch.zeros_like(d)).scatter(1, j, float("inf"))
         radius = ratio.min(1).values
-        bottom = (logits + eps * kj).scatter(1, j, float("-inf")).max(1).values
-        certified = (
-            (logits.gather(1, j)[:, 0] - allowance[:, 0] > bottom) & (radius > eps) & torch.isfinite(logits).all(1)
-        )
+        slack = (d - eps * kj).scatter(1, j, float("inf")).min(1).values
+        certified = (slack > 0) & (radius > eps) & torch.isfinite(logits).all(1)
         return j[:, 0], radius, certified
 
     @torch.no_grad()
     def certify(self, x: Tensor, epsilon: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(prediction with ⊥ = -1, certified radius, clean prediction) from the float64 logits and the
-        frozen constant (verified against the current weights)."""
-        k = self.certification_constant()
-        j, radius, ok = self.certify_logits(self.exact_logits(x), epsilon, k)
+        """(prediction with ⊥ = -1, certified radius, clean prediction) from the float64 logits, the bound on
+        their rounding and the frozen constant (verified against the current weights)."""
+        logits, error = self.exact_forward(x)
+        j, radius, ok = self.certify_logits(logits, error, epsilon)
         return torch.where(ok, j, torch.full_like(j, BOTTOM)), radius, j
 
     def predict_with_bottom(self, x: Tensor, epsilon: float | None = None) -> Tensor:

@@ -10,9 +10,9 @@ Threat model: L2 perturbations of radius ε in [0, 1] pixel space. The model is 
   temperature 1 the KL term is exactly ``softplus(y_⊥ − logsumexp(y))``.
 
 ``K_sub`` in training is the differentiable power-iteration estimate of the model (persistent, detached,
-warm-started iterates, ``power_iterations`` steps per optimizer step). Per-epoch evaluation uses the
-model's *frozen guaranteed* bound and the evaluation ε: clean accuracy, VRA (correct and certified) and
-the rejection rate.
+warm-started iterates, ``power_iterations`` steps per optimizer step). Per-epoch evaluation certifies
+as ``certkit certify`` does (float64 logits, the *frozen guaranteed* bound, the evaluation ε): clean
+accuracy, VRA (correct and certified) and the rejection rate.
 
 ε schedule: training runs above the evaluation ε (the paper's overcompensation, 1.5× for MNIST 0.3) and
 ramps up to it like the library's ``[0.01]-log-[50%:f]`` string: the multiplier of ε grows concavely,
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
-from certkit.gloro.model import GloroNet
+from certkit.gloro.model import BOTTOM, GloroNet
 from certkit.models.layers import Normalize
 from certkit.objectives.base import Hypers, Objective, hyper, unwrap
 
@@ -259,11 +259,13 @@ class Gloro(Objective):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Sums over the batch: clean accuracy, VRA at the evaluation ε, rejection rate (frozen bound)."""
+        """Sums over the batch: clean accuracy, VRA at the evaluation ε, rejection rate, all of the certified
+        classifier (:meth:`GloroNet.certify`: float64 logits, frozen guaranteed bound), as ``certkit certify``
+        reports them. The float64 pass costs a few float32 ones (gloro-2c2f, batch 256, one CPU thread: 18 ms
+        against 4 ms), small beside the epoch's training steps."""
         net = self.bind(model)
-        logits = net(x)
-        pred, _, certified = net.certify_logits(logits, net.eval_epsilon, net.certification_constant())
-        correct = pred == y
+        pred, _, clean = net.certify(x, net.eval_epsilon)
+        correct, certified = clean == y, pred != BOTTOM
         return {
             "clean_acc": correct.float().sum(),
             "vra": (correct & certified).float().sum(),

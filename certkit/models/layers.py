@@ -215,3 +215,14 @@ class WideLinear(nn.Linear):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return _onednn_linear(x, self.weight, self.bias)
+
+
+#: certkit's CPU fast paths above, each computing the function of the torch layer it maps to: code that takes
+#: layers by kind (the shared-noise split, GloRo's bounds) takes them as that layer, and nothing else than
+#: exactly a torch class
+COMPUTES: dict[type[nn.Module], type[nn.Module]] = {FirstConv: nn.Conv2d, Pool2x2: nn.MaxPool2d, WideLinear: nn.Linear}
+
+
+def torch_type(m: nn.Module) -> type[nn.Module]:
+    """The torch layer class whose function ``m`` computes: its own class, or the one of a certkit fast path."""
+    return COMPUTES.get(type(m), type(m))

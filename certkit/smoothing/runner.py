@@ -330,7 +330,10 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
     Resuming with another test set of the same size would otherwise append rows about other images. The
     hash covers the whole dataset, not only the planned indices, so it is the same for every shard and
     every ``--max`` (shards still merge, a run still grows). Held arrays are hashed as stored (uint8, tens of
-    MB at most); image folders by file name, size and label, not by decoding every image.
+    MB at most); image folders by file name, size and label, not by decoding every image. Any other dataset is
+    hashed image by image, and each image is checked as certification checks it (:func:`_image`): this runs
+    before the result file is opened, so a NaN/inf image anywhere is refused with nothing written. Held
+    arrays and decoded image files cannot hold one (uint8, and pixels in [0, 1]).
     """
     from certkit.data import ArrayDataset, FolderDataset
 
@@ -348,9 +351,9 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
             h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
     else:
         for i in range(len(dataset)):
-            x, label = dataset[i]
+            x, label = _image(dataset, i)
             h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())  # type: ignore[arg-type]  # as above
-            h.update(f"|{int(label)}\n".encode())
+            h.update(f"|{label}\n".encode())
     identity["dataset_sha256"] = h.hexdigest()
     return identity
 
@@ -390,17 +393,22 @@ def run_planned(
         return all(i in writer.done_indices for i in indices)
 
 
+def _image(dataset: Dataset, idx: int) -> tuple[Tensor, int]:
+    """Item ``idx`` as (image, label), refused unless the image is a finite (C, H, W) tensor: the hash pass
+    (:func:`dataset_identity`) and every load before sampling check alike."""
+    x, label = dataset[idx]
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise CertkitError(f"dataset item {idx}: expected an image tensor (C, H, W)")
+    if not torch.isfinite(x).all():
+        raise CertkitError(f"dataset item {idx} contains NaN or inf values")
+    return x, int(label)
+
+
 def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:
-    xs, labels = [], []
-    for idx in group:
-        x, label = dataset[idx]
-        if not isinstance(x, Tensor) or x.dim() != 3:
-            raise CertkitError(f"dataset item {idx}: expected an image tensor (C, H, W)")
-        if not torch.isfinite(x).all():
-            raise CertkitError(f"dataset item {idx} contains NaN or inf values")
-        xs.append(x.float())
-        labels.append(int(label))
-    return torch.stack(xs), labels
+    """The images of ``group`` stacked, and their labels, checked again: a dataset need not return on this
+    read what :func:`dataset_identity` read."""
+    items = [_image(dataset, idx) for idx in group]
+    return torch.stack([x.float() for x, _ in items]), [label for _, label in items]
 
 
 class _RunningScore:

@@ -32,9 +32,11 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     It is the alpha-quantile of Beta(n_a, n - n_a + 1); the reference gets the same number as the lower end
     of a *two-sided* interval at level 2*alpha. The quantile is undefined at n_a = 0 (bound 0), and at
     n_a = n it has the closed form alpha^(1/n), computed directly because it is the case that sets the
-    maximum radius.
+    maximum radius. At alpha = 0 the bound is 0 for every count (the 0-quantile, and the limit of
+    alpha^(1/n)): a bound that may never fail can claim nothing. The adaptive schedule's early looks take
+    that level when ``final_share`` is 1.
     """
-    if n_a <= 0:
+    if n_a <= 0 or alpha <= 0:
         return 0.0
     if n_a >= n:
         return math.exp(math.log(alpha) / n)
@@ -187,6 +189,12 @@ class AdaptiveSchedule:
     *every* L_k is a valid bound at once, so reporting the L_k of a data-dependent stopping stage is valid:
     the stopping rule may look at anything. This is the classical argument for repeated significance tests
     with a Bonferroni-split alpha; it needs no independence between looks.
+
+    ``final_share`` = 1 spends all of alpha on the last look: the earlier looks get level 0, where L_k = 0
+    (:func:`lower_confidence_bound`) and E_k cannot happen. Such a look certifies nothing (R_k = 0), so it
+    stops only inputs whose most favourable projection is R_best <= ``tolerance`` * sigma, as abstentions,
+    which are never wrong; every other input runs to n and gets the fixed-n certificate at the full alpha.
+    The guarantee is the one above with alpha_k = 0 for k < K, so no look needs refusing.
 
     Stopping rule (affects cost and radius, never soundness). At stage k < K, with projected vote
     fraction p_hi = the ``projection_alpha`` Clopper-Pearson upper bound (the default 0.5 is about the

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from certkit.models.layers import FirstConv, Normalize, Pool2x2, WideLinear
+from certkit.models.layers import COMPUTES, Normalize, torch_type
 
 
 @dataclass
@@ -84,22 +84,12 @@ class StemSplit:
         return torch.stack([t[..., u:h:k, v:w:k] for u in range(k) for v in range(k)], dim=1)
 
 
-#: certkit's CPU fast paths (:mod:`certkit.models.layers`), each computing the function of the torch layer it
-#: maps to: the split takes them as that layer, and nothing else than exactly a torch class
-_COMPUTES: dict[type[nn.Module], type[nn.Module]] = {FirstConv: nn.Conv2d, Pool2x2: nn.MaxPool2d, WideLinear: nn.Linear}
-
-
-def _torch_type(m: nn.Module) -> type[nn.Module]:
-    """The torch layer class whose function ``m`` computes: its own class, or the one of a certkit fast path."""
-    return _COMPUTES.get(type(m), type(m))
-
-
 class _NormalizeLeaf(fx.Tracer):
     """Keeps Normalize as one node, so the graph shows it as the input's only consumer, and certkit's fast
     paths as one each, like the torch layers they compute."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Normalize) or type(m) in _COMPUTES or super().is_leaf_module(m, qualname)
+        return isinstance(m, Normalize) or type(m) in COMPUTES or super().is_leaf_module(m, qualname)
 
 
 def has_forward_hooks(model: nn.Module) -> bool:
@@ -125,7 +115,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     Splittable: no forward hooks (:func:`has_forward_hooks`); the input goes only into a
     :class:`Normalize`, whose output goes only (optionally through a default ``nn.Flatten``) into a
     ``Conv2d`` with zero padding or a ``Linear``, each of exactly that class or certkit's fast path for it
-    (``_COMPUTES``: the same function), not a subclass of the user's; and the model traces with ``torch.fx`` (no
+    (``COMPUTES``: the same function), not a subclass of the user's; and the model traces with ``torch.fx`` (no
     data-dependent control flow). Anything else returns None and the caller
     sends whole noisy copies through the model, which is always correct.
     """
@@ -166,8 +156,8 @@ def split_stem(model: nn.Module) -> StemSplit | None:
     if node is None:
         return None
     layer = module(node)
-    conv = _torch_type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not flatten
-    if not conv and _torch_type(layer) is not nn.Linear:
+    conv = torch_type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not flatten
+    if not conv and torch_type(layer) is not nn.Linear:
         return None
     # an element-wise ReLU and a non-overlapping max-pool right after it, in either order, join the stem
     relu, pool, last = False, 0, node
@@ -198,7 +188,7 @@ def split_stem(model: nn.Module) -> StemSplit | None:
 
 def _plain_max_pool(m: nn.Module) -> int:
     """k for a ``MaxPool2d`` with square kernel k = stride, no padding, dilation or ceil mode; else 0."""
-    if not isinstance(m, nn.MaxPool2d) or _torch_type(m) is not nn.MaxPool2d:
+    if not isinstance(m, nn.MaxPool2d) or torch_type(m) is not nn.MaxPool2d:
         return 0
     if m.padding not in (0, (0, 0)) or m.dilation not in (1, (1, 1)):
         return 0
