@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from certkit import __version__
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +61,14 @@ class _Parser(argparse.ArgumentParser):
             raise argparse.ArgumentError(action, f"expected {expected} (got {arg_string!r})") from None
 
 
+class _CheckingParser(_Parser):
+    """A parser whose refusals raise :class:`CertkitError` instead of exiting: for flags that one command
+    passes on to another it runs later (``reproduce --certify-flags``), checked before the first one starts."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CertkitError(message)
+
+
 #: what a flag's value must look like, by the name of the function that parses it
 _EXPECTED = {
     "int": "an integer",
@@ -88,14 +97,22 @@ def _shard(value: str) -> tuple[int, int]:
     return i, k
 
 
-def _positive_int(value: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {value!r})") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (got {v})")
-    return v
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """A flag's type: an integer >= ``low``, refused in words that give the bound."""
+
+    def parse(value: str) -> int:
+        try:
+            v = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {value!r})") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {v})")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
 
 
 def _batch(value: str) -> int | str:
@@ -199,7 +216,7 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
     t.add_argument(
         "--test-subset",
-        type=int,
+        type=_int_at_least(0),
         default=None,
         help="evaluate on the first N test images each epoch (0: no per-epoch test)",
     )
@@ -390,13 +407,13 @@ def _list_arguments(ls: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentParser:
     """The whole command line. Each subcommand declares its flags when it is first parsed or its help shown
     (see :class:`_Parser`), so ``certkit --help`` and ``--version`` never import torch."""
-    parser = _Parser(prog="certkit", description="Train certifiably robust classifiers and certify them.")
+    parser = parser_class(prog="certkit", description="Train certifiably robust classifiers and certify them.")
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected failure")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     def add(name: str, declare: Callable[[argparse.ArgumentParser], None] | None, help: str, **kwargs: Any) -> None:
         sub.add_parser(name, help=help, **kwargs).declare = declare
@@ -421,7 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). Writes the field's standard TSV "
         "(idx label predict radius correct time), flushed per row, with a JSON sidecar of the settings; re-running "
         "with the same --out resumes (--overwrite starts afresh). --method gloro certifies a GloRo net "
-        "deterministically in one pass.",
+        "deterministically in one pass: the flags of smoothing's sampling and forward passes (--sigma, --n, --n0, "
+        "--alpha, --adaptive, --shared-noise, --rng, --seed, --amp, --channels-last, --compile) are refused for "
+        "it, as --epsilon is for smoothing.",
         formatter_class=_Formatter,
     )
     add(
@@ -450,7 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and certify a published protocol (resumable) and compare with the published result files",
         description="Runs a named protocol of the literature at its own settings, resuming every training epoch "
         "and certification row that is already done, then writes a table (ACR, paired difference and its standard "
-        "error, certified accuracy at 0-2.0) and a plot of certkit's curves over the published ones.",
+        "error, certified accuracy at 0-2.0) and a plot of certkit's curves over the published ones. The device, the "
+        "dataset's files and --certify-flags are checked before the first step; a step that fails does not stop "
+        "the others, and the command then exits with the first failure's error line: status 2 when every failure "
+        "was a mistake to fix, else 1.",
         formatter_class=_Formatter,
     )
     add(
@@ -465,15 +487,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def certify_namespace(flags: Sequence[str] = ()) -> argparse.Namespace:
+    """``certkit certify RUN --out OUT`` (placeholders) with ``flags`` after it, parsed. Without flags, the
+    defaults, which tell what a command line set; with them, flags that another command passes on to
+    ``certify``, checked before it starts: a bad one raises :class:`CertkitError` saying why."""
+    return build_parser(_CheckingParser).parse_args(["certify", "RUN", "--out", "OUT", *flags])
+
+
 # ---------------------------------------------------------------------------------------------------------
 def _factory(spec: str, what: str) -> Any:
-    """Call ``pkg.module:factory`` (your own model or data on the command line)."""
+    """Call ``pkg.module:factory`` (your own model or data on the command line). A spec that names no
+    importable function is the user's to fix; what the function itself raises is left as it is."""
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or module_name.startswith("."):
+        raise CertkitError(
+            f"--{what} expects pkg.module:factory (an absolute module name, a function in it), not {spec!r}"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise CertkitError(f"--{what} {spec}: cannot import it ({e})") from None
+        raise CertkitError(f"--{what} {spec}: cannot import it ({first_line(e)})") from None
+    if not callable(factory):
+        raise CertkitError(f"--{what} {spec}: {attr} is a {type(factory).__name__}, not a function")
     return factory()
+
+
+def _factory_model(spec: str) -> Any:
+    """``--arch pkg.module:factory``: the module it returns."""
+    from torch import nn
+
+    model = _factory(spec, "arch")
+    if not isinstance(model, nn.Module):
+        raise CertkitError(f"--arch {spec}: the factory must return an nn.Module, not {type(model).__name__}")
+    return model
+
+
+def _factory_data(spec: str) -> dict[str, Any]:
+    """``--dataset pkg.module:factory``: its (train, test, num_classes) as :func:`build_trainer`'s keywords,
+    refused before any work when the class count is not a positive integer or a split holds no items."""
+    from certkit.data import as_training_data
+
+    made = _factory(spec, "dataset")
+    if not (isinstance(made, tuple) and len(made) == 3):
+        raise CertkitError(f"--dataset {spec}: the factory must return (train, test, num_classes)")
+    train, test, classes = made
+    if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 1:
+        raise CertkitError(f"--dataset {spec}: num_classes must be an integer >= 1, not {classes!r}")
+    for name, split in (("train", train), ("test", test)):
+        if split is not None and len(as_training_data(split)) == 0:
+            raise CertkitError(f"--dataset {spec}: the factory's {name} split is empty")
+    return {"dataset": train, "test_data": test, "num_classes": int(classes)}
+
+
+def _refuse_overwriting(run: str, outputs: Sequence[Path], flag: str) -> None:
+    """Refuse outputs that are files the command reads its model from: the run's own (weights, metadata,
+    training state, metrics) or the reference checkpoint itself, as ``merge`` refuses its inputs."""
+    from certkit.checkpoint import META, WEIGHTS
+    from certkit.train import METRICS, STATE
+    from certkit.trainlog import CSV
+
+    source = Path(run)
+    read = [source / name for name in (WEIGHTS, META, STATE, METRICS, CSV)] if source.is_dir() else [source]
+    protected = {path.resolve() for path in read}
+    for path in outputs:
+        if path.resolve() in protected:
+            raise CertkitError(f"{flag} {outputs[0]}: writing {path} would overwrite the run it reads ({run})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -482,13 +560,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from certkit.train import TrainConfig, build_trainer
 
     method = args.method or (args.recipe and get_recipe(args.recipe).method) or "gaussian"
-    data: dict[str, Any] = {"dataset": args.dataset}
-    if ":" in args.dataset:
-        made = _factory(args.dataset, "dataset")
-        if not (isinstance(made, tuple) and len(made) == 3):
-            raise CertkitError(f"--dataset {args.dataset}: the factory must return (train, test, num_classes)")
-        data = {"dataset": made[0], "test_data": made[1], "num_classes": int(made[2])}
-    arch = _factory(args.arch, "arch") if ":" in args.arch else args.arch
+    data = _factory_data(args.dataset) if ":" in args.dataset else {"dataset": args.dataset}
+    arch = _factory_model(args.arch) if ":" in args.arch else args.arch
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     trainer = build_trainer(
         arch=arch,
@@ -522,6 +595,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.distributed import barrier, world
     from certkit.fileio import check_output
     from certkit.reference import check_fits_dataset
+    from certkit.results import sidecar_path, summary_path
     from certkit.smoothing.autobatch import MIN_AUTO_BATCH
     from certkit.smoothing.runner import RunPlan, certify_dataset
     from certkit.smoothing.samplers import sampler_for
@@ -531,6 +605,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.train import select_device
 
     check_output(args.out, "--out")
+    _refuse_overwriting(args.run, [Path(args.out), sidecar_path(args.out), summary_path(args.out)], "--out")
     if args.sigma is not None:  # fails before the checkpoint and dataset loads, which the sampler's check follows
         check_sigma(args.sigma)
     device = select_device(args.device)
@@ -551,6 +626,8 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     if certifier == "gloro":
         _certify_gloro(model, meta, data, args, mode)
         return
+    if getattr(args, "epsilon", None) is not None:
+        raise CertkitError("--epsilon is the radius a GloRo net certifies; randomized smoothing certifies at --sigma")
     sigma = args.sigma if args.sigma is not None else meta.get("sigma")
     if sigma is None:
         raise CertkitError(f"{args.run}: the checkpoint records no training sigma; pass --sigma")
@@ -633,6 +710,23 @@ def _merge_own_shards(shards: list[str], out: str) -> None:
             path.unlink(missing_ok=True)
 
 
+#: the certify flags of randomized smoothing's sampling and forward passes, by their namespace name: a GloRo
+#: net certifies without either, so they are refused for it when set to anything but their defaults
+_SMOOTHING_ONLY = (
+    "sigma",
+    "n",
+    "n0",
+    "alpha",
+    "adaptive",
+    "shared_noise",
+    "rng",
+    "seed",
+    "amp",
+    "channels_last",
+    "compile",
+)
+
+
 def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.Namespace, mode: str) -> None:
     """``certkit certify RUN`` for a GloRo checkpoint: certify, print the three metrics, write the TSV.
 
@@ -645,18 +739,14 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
         raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
     if args.batch == "auto":
         raise CertkitError("--batch auto sizes randomized smoothing's noisy batches; give a GloRo net --batch N images")
-    sampling = [
-        flag
-        for flag, on in (
-            ("--adaptive", args.adaptive),
-            ("--shared-noise", args.shared_noise),
-            ("--rng", args.rng != "torch"),
-        )
-        if on
+    defaults = certify_namespace()
+    given = [
+        "--" + dest.replace("_", "-") for dest in _SMOOTHING_ONLY if getattr(args, dest) != getattr(defaults, dest)
     ]
-    if sampling:
+    if given:
         raise CertkitError(
-            f"{' and '.join(sampling)} apply to randomized smoothing; a GloRo net certifies without sampling"
+            f"{', '.join(given[:-1]) + ' and ' if given[:-1] else ''}{given[-1]} apply to randomized smoothing; "
+            "a GloRo net certifies without sampling, in one fp32 pass"
         )
     rank, size = world()
     if rank == 0 or args.shard is not None:
@@ -717,15 +807,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, full=args.full, data_dir=args.data_dir, device=args.device)
 
 
-def cmd_reproduce(args: argparse.Namespace) -> None:
+def cmd_reproduce(args: argparse.Namespace) -> int:
     from certkit.experiments.reproduce import main as reproduce
 
-    reproduce(args)
+    return reproduce(args)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     from certkit.reference import export_checkpoint
 
+    _refuse_overwriting(args.run, [Path(args.out)], "--out")
     print(f"wrote {export_checkpoint(args.run, args.out)}")
 
 
@@ -783,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from certkit.distributed import init_from_env
 
             init_from_env(args.device)
-        handler: dict[str, Any] = {
+        handler: dict[str, Callable[[argparse.Namespace], int | None]] = {
             "train": cmd_train,
             "certify": lambda a: cmd_certify(a, "certify"),
             "predict": lambda a: cmd_certify(a, "predict"),
@@ -795,8 +886,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "export": cmd_export,
             "list": cmd_list,
         }
-        handler[args.command](args)
+        status = handler[args.command](args) or 0  # a command that ran other processes passes on their failure
         held.flush()
+        return status
     except CertkitError as e:
         print(f"certkit: error: {e}", file=sys.stderr)
         return 2
@@ -817,7 +909,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.removeFilter(held)
         warnings.showwarning = shown
         _shutdown_distributed()
-    return 0
 
 
 def _shutdown_distributed() -> None:

@@ -16,6 +16,7 @@ rebuild numpy arrays, lists, dicts and strings, so a tampered batch file cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import io
@@ -38,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -181,12 +182,43 @@ def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | N
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def _open_image(path: str) -> Any:
+    """torchvision's PIL loader, but a file that does not decode is a one-line error naming it (a corrupt
+    or truncated image is the user's to fix, like any other malformed dataset file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL's decoders raise
+        why = "no image format PIL knows" if isinstance(e, UnidentifiedImageError) else first_line(e)
+        raise CertkitError(f"{path}: not a readable image ({why})") from None
+
+
+class _Transformed(TorchDataset):
+    """An ImageFolder's items through ``transform``: what :class:`FolderDataset` and its DataLoader workers
+    read. The folder holds undecoded file names only, so the augmented and the plain view share one scan."""
+
+    def __init__(self, folder: Any, transform: Callable[[Any], Tensor]) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.folder[i]
+        return self.transform(image), int(label)
+
+
 @dataclass
 class FolderDataset:
     """ImageNet-style ``train/`` and ``val/`` class folders through torchvision's ImageFolder.
 
-    Too large to hold in memory, so batches come from a multi-worker DataLoader. Training uses random
-    resized crop 224 + flip, evaluation resize 256 + center crop 224; no normalization (the model does it).
+    Too large to hold in memory, so batches come from a multi-worker DataLoader. ``augment=True`` gives
+    the batches random resized crop 224 + flip; items (``dataset[i]``, what certification reads) and
+    unaugmented batches are resize 256 + center crop 224, the same every time, as for the held datasets. No
+    normalization (the model does it). An image that does not decode is a one-line error naming its file,
+    also when a DataLoader worker reads it.
     """
 
     info: DatasetInfo
@@ -194,27 +226,21 @@ class FolderDataset:
     split: str = "train"
     workers: int = 4
     limit: int | None = None
+    augment: bool = False
     _folder: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
 
         split_dir = self.root / ("train" if self.split == "train" else "val")
         if not split_dir.is_dir():
             raise CertkitError(
                 f"{split_dir}: missing; expected ImageNet class folders under {self.root}/train and /val"
             )
-        size = self.info.in_shape[1]
-        if self.split == "train":
-            tf = transforms.Compose(
-                [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-            )
-        else:
-            tf = transforms.Compose(
-                [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor()]
-            )
+        if self._folder is not None:  # a subset shares its parent's scan of the folders
+            return
         try:
-            self._folder = datasets.ImageFolder(str(split_dir), transform=tf)
+            self._folder = datasets.ImageFolder(str(split_dir), loader=_open_image)
         except (FileNotFoundError, RuntimeError) as e:
             raise CertkitError(f"{split_dir}: {e}") from None
 
@@ -231,15 +257,25 @@ class FolderDataset:
             return self
         if n < 1:
             raise CertkitError(f"subset size must be >= 1 (got {n})")
-        return FolderDataset(self.info, self.root, self.split, self.workers, n, self._folder)
+        return dataclasses.replace(self, limit=n)
 
     def to(self, device: torch.device | str) -> FolderDataset:
         self._device = torch.device(device)
         return self
 
+    def _items(self, augment: bool) -> _Transformed:
+        from torchvision import transforms
+
+        size = self.info.in_shape[1]
+        if augment:
+            steps = [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()]
+        else:
+            steps = [transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size)]
+        return _Transformed(self._folder, transforms.Compose([*steps, transforms.ToTensor()]))
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        x, y = self._folder[i]  # type: ignore[index]
-        return x, int(y)
+        """Image ``i`` as float ``(C, H, W)`` in [0, 1] and its label (no augmentation)."""
+        return self._items(augment=False)[i]
 
     def batches(
         self,
@@ -250,17 +286,27 @@ class FolderDataset:
         rank: int = 0,
         world_size: int = 1,
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        order = epoch_order(len(self), shuffle, generator, rank, world_size)
+        order = epoch_order(len(self), shuffle, generator, rank, world_size).tolist()
         device = getattr(self, "_device", torch.device("cpu"))
+        items = self._items(self.augment)
         loader: DataLoader[tuple[Tensor, Tensor]] = DataLoader(
-            Subset(self._folder, order.tolist()),  # type: ignore[arg-type]
+            Subset(items, order),
             batch_size=batch_size,
             num_workers=self.workers,
             pin_memory=device.type == "cuda",
             drop_last=drop_last,
         )
-        for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        served = 0
+        try:
+            for x, y in loader:
+                served += 1
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        except CertkitError:
+            # torch re-raises a worker's error with the worker's traceback as its message; decoding the batch
+            # that failed here raises the error itself, the one line naming the file
+            for i in order[served * batch_size : (served + 1) * batch_size]:
+                items[i]
+            raise
 
 
 Dataset = ArrayDataset | FolderDataset
@@ -372,21 +418,22 @@ def load_dataset(
 ) -> Dataset:
     """Load ``split`` ('train' or 'test') of dataset ``name`` from local files.
 
-    ``augment`` defaults to True for the CIFAR-10 training split (crop + flip, the reference recipe) and
-    False otherwise.
+    ``augment`` (random crops and flips of the training batches; items are never augmented) defaults to True
+    for the CIFAR-10 and ImageNet training splits (the reference recipes) and False otherwise.
     """
     info = dataset_info(name)
     if split not in ("train", "test"):
         raise CertkitError(f"split must be 'train' or 'test' (got {split!r})")
     root = resolve_root(name, data_dir)
+    augment = split == "train" and info.family != "mnist" if augment is None else augment
     if info.name in ("fashion-mnist", "mnist"):
         images, labels = read_idx_pair(root, split, info.name)
-        ds: Dataset = ArrayDataset(info, images, labels, bool(augment), split)
+        ds: Dataset = ArrayDataset(info, images, labels, augment, split)
     elif info.name == "cifar10":
         images, labels = read_cifar10(root, split)
-        ds = ArrayDataset(info, images, labels, split == "train" if augment is None else augment, split)
+        ds = ArrayDataset(info, images, labels, augment, split)
     else:
-        ds = FolderDataset(info, root, split)
+        ds = FolderDataset(info, root, split, augment=augment)
     return ds.to(device) if device is not None else ds
 
 
@@ -455,8 +502,12 @@ def read_idx(path: str | os.PathLike, item_shape: tuple[int, ...] | None = None)
 def read_idx_pair(root: Path, split: str, name: str = "fashion-mnist") -> tuple[Tensor, Tensor]:
     img_path, lbl_path = (_find(root, stem, name) for stem in _IDX_FILES[split])
     images, labels = read_idx(img_path, (28, 28)), read_idx(lbl_path, ())
+    if len(images) == 0:
+        raise CertkitError(f"{img_path}: declares 0 images")
     if len(labels) != len(images):
         raise CertkitError(f"{lbl_path}: {len(labels)} labels for {len(images)} images in {img_path.name}")
+    if labels.max() > 9:
+        raise CertkitError(f"{lbl_path}: labels outside 0..9 (found {labels.max()})")
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -536,7 +587,9 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(data):
         raise CertkitError(f"{path}: {len(labels)} labels for {len(data)} images")
-    if len(labels) and not (labels.min() >= 0 and labels.max() < 10):
+    if len(labels) == 0:
+        raise CertkitError(f"{path}: holds 0 images")
+    if not (labels.min() >= 0 and labels.max() < 10):
         raise CertkitError(f"{path}: labels outside 0..9")
     return data.reshape(-1, 3, 32, 32), labels
 

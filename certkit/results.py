@@ -237,11 +237,13 @@ class ResultWriter:
         complete = data[: data.rfind(b"\n") + 1]
         table = _load_table(self.path, keep_partial=False)
         done = {int(fields[0]) for _, fields in table.rows}
+        if differing:
+            self._check_new_max(done)  # before the plan check, whose message would not name --max
         plan = _Plan.of(self.settings, self.path)
         if plan is not None:
             plan.check(table, self.path)
         if differing or recorded_later:  # only once the rows are known to fit: a refused resume leaves the sidecar
-            self._extend(meta, done)
+            self._record_settings(meta)
         if len(complete) != len(data):
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
@@ -250,9 +252,8 @@ class ResultWriter:
         self.done_indices = done
         return True
 
-    def _extend(self, meta: dict[str, Any], done: set[int]) -> None:
-        """Accept a new ``--max`` when the rows already written are all inside the new plan, and record the
-        current settings (a new ``max``, keys an older version did not record) in the sidecar.
+    def _check_new_max(self, done: set[int]) -> None:
+        """Accept a new ``--max`` when the rows already written are all inside the new plan.
 
         Indices are certified in plan order and a plan with a larger ``max`` (same skip, same shard) starts
         with every index of the smaller one, so the file stays a prefix of the new plan and growing a run
@@ -265,6 +266,9 @@ class ResultWriter:
                 f"cannot resume {self.path}: it holds rows up to index {max(done, default=-1)}, beyond --max {new_max} "
                 "(use a larger --max, or another output file)"
             )
+
+    def _record_settings(self, meta: dict[str, Any]) -> None:
+        """Record the current settings (a new ``max``, keys an older version did not record) in the sidecar."""
         atomic_write_json(sidecar_path(self.path), dict(meta, settings=self.settings))
         summary_path(self.path).unlink(missing_ok=True)  # it described the smaller run; rewritten when complete
 

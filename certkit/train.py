@@ -289,7 +289,9 @@ class Trainer:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.train_data = as_training_data(train_data).to(self.device)
         self.test_data = as_training_data(test_data).to(self.device) if test_data is not None else None
-        image, label = check_item(self.train_data[0], "training item 0")
+        if self.test_data is not None and len(self.test_data) == 0:
+            raise CertkitError("the test data is empty (0 items); pass none for no per-epoch test")
+        image, label = _first_item(self.train_data, "training")
         self.meta = dict(meta or {})
         self.meta.setdefault("arch", f"custom:{type(unwrap(model)).__name__}")
         self.meta.setdefault("in_shape", list(image.shape))
@@ -663,6 +665,14 @@ class Trainer:
         return True
 
 
+def _first_item(data: Any, split: str) -> tuple[Tensor, int]:
+    """Item 0 of a split, checked: the trainer reads it for shapes and the fit check, and an empty split is
+    the user's mistake, said in one line rather than as an index error."""
+    if len(data) == 0:
+        raise CertkitError(f"the {split} data is empty (0 items)")
+    return check_item(data[0], f"{split} item 0")
+
+
 def _resume_record_problem(info: Any) -> str | None:
     """What is wrong with a parsed resume record, if anything: a damaged or foreign one is refused whole,
     before any of it is used."""
@@ -877,7 +887,7 @@ def build_trainer(
     if isinstance(arch, str):
         if classes is None:
             raise CertkitError(f"architecture {arch!r} needs your dataset's class count: pass num_classes")
-        in_shape = info.in_shape if info else tuple(check_item(as_training_data(train_split)[0])[0].shape)
+        in_shape = info.in_shape if info else tuple(_first_item(as_training_data(train_split), "training")[0].shape)
         mean, std = (list(info.mean), list(info.std)) if info else ([0.0] * in_shape[0], [1.0] * in_shape[0])
         model = create_model(arch, classes, in_shape, mean, std)
         run_meta.update(arch=arch, normalization={"mean": mean, "std": std})

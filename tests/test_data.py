@@ -66,6 +66,24 @@ def test_idx_label_count_mismatch(tmp_path: Path) -> None:
         load_dataset("mnist", "train", data_dir=root)
 
 
+def test_idx_labels_outside_the_classes_name_the_file(tmp_path: Path) -> None:
+    root = make_idx_dataset(tmp_path / "m", n_train=6)
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.array([0, 1, 2, 200, 4, 5]))
+    with pytest.raises(CertkitError, match=r"train-labels-idx1-ubyte\.gz: labels outside 0\.\.9 \(found 200\)"):
+        load_dataset("mnist", "train", data_dir=root)
+
+
+def test_a_split_of_zero_images_is_refused_naming_the_file(tmp_path: Path) -> None:
+    root = make_idx_dataset(tmp_path / "m", n_test=0)
+    with pytest.raises(CertkitError, match=r"t10k-images-idx3-ubyte\.gz: declares 0 images"):
+        load_dataset("mnist", "test", data_dir=root)
+    cifar = make_cifar_dataset(tmp_path / "c", per_batch=2) / "cifar-10-batches-py"
+    empty = {b"data": np.zeros((0, 3072), np.uint8), b"labels": []}
+    (cifar / "test_batch").write_bytes(pickle.dumps(empty, protocol=4))  # protocol 2 cannot pickle an empty array
+    with pytest.raises(CertkitError, match="test_batch: holds 0 images"):
+        load_dataset("cifar10", "test", data_dir=cifar)
+
+
 def test_mnist_needs_a_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CERTKIT_DATA", raising=False)
     with pytest.raises(CertkitError, match="--data-dir"):
@@ -115,17 +133,22 @@ def test_cifar_missing_batch(tmp_path: Path) -> None:
         load_dataset("cifar10", "train", data_dir=root)
 
 
-def test_imagenet_folder(tmp_path: Path) -> None:
+def _image_folders(root: Path, per_class: int = 2) -> Path:
+    """ImageNet-style ``train/`` and ``val/`` folders of three classes of small random PNGs."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in ("n01", "n02", "n03"):
-            d = tmp_path / split / cls
+            d = root / split / cls
             d.mkdir(parents=True)
-            for i in range(2):
+            for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    ds = load_dataset("imagenet", "test", data_dir=tmp_path)
+    return root
+
+
+def test_imagenet_folder(tmp_path: Path) -> None:
+    ds = load_dataset("imagenet", "test", data_dir=_image_folders(tmp_path))
     ds.workers = 0
     assert len(ds) == 6 and ds.classes == ["n01", "n02", "n03"]
     x, y = ds[5]
@@ -134,6 +157,35 @@ def test_imagenet_folder(tmp_path: Path) -> None:
     assert xb.shape == (4, 3, 224, 224) and yb.tolist() == [0, 0, 1, 1]
     with pytest.raises(CertkitError, match="missing"):
         load_dataset("imagenet", "train", data_dir=tmp_path / "nowhere")
+
+
+def test_imagenet_items_are_never_augmented(tmp_path: Path) -> None:
+    """What certification reads (``dataset[i]``, also of the train split) is the same image every time; only
+    the training batches of an ``augment`` dataset (the train split's default) are random crops and flips."""
+    root = _image_folders(tmp_path, per_class=1)
+    train = load_dataset("imagenet", "train", data_dir=root)
+    assert train.augment and not load_dataset("imagenet", "test", data_dir=root).augment
+    assert torch.equal(train[0][0], train[0][0])
+    plain = load_dataset("imagenet", "train", data_dir=root, augment=False).subset(2)
+    plain.workers = train.workers = 0
+    assert len(plain) == 2 and torch.equal(next(plain.batches(2))[0], next(plain.batches(2))[0])
+    assert torch.equal(next(plain.batches(1))[0][0], train[0][0])
+    torch.manual_seed(0)
+    assert not torch.equal(next(train.batches(3))[0], next(train.batches(3))[0])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_is_named_also_from_a_worker(tmp_path: Path, workers: int) -> None:
+    root = _image_folders(tmp_path)
+    bad = root / "val" / "n02" / "1.png"
+    bad.write_bytes(b"not an image")
+    ds = load_dataset("imagenet", "test", data_dir=root)
+    ds.workers = workers
+    with pytest.raises(CertkitError) as e:
+        list(ds.batches(2))
+    assert str(e.value).startswith(f"{bad}: not a readable image") and "\n" not in str(e.value)
+    with pytest.raises(CertkitError, match="not a readable image"):
+        ds[3]
 
 
 def test_random_crop_flip_is_a_shifted_crop() -> None:

@@ -96,6 +96,15 @@ def made(*names: str, directory: bool = False) -> Setup:
     return setup
 
 
+def in_run(name: str) -> Setup:
+    """``RUNFILE``: the path of ``name`` inside the trained run (an output that would overwrite it)."""
+
+    def setup(tmp: Path, run: Path) -> dict[str, str]:
+        return {"RUNFILE": str(run / name)}
+
+    return setup
+
+
 def custom_arch_module(tmp: Path, run: Path) -> dict[str, str]:
     """A ``--arch pkg:factory`` whose factory fails in a way no check foresees (the catch-all's case)."""
     (tmp / "hostile_arch.py").write_text("def broken():\n    return {}['no such key']\n")
@@ -157,6 +166,12 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
     "skip-not-a-number": ([*CERTIFY, "--skip", "x"], ["--skip", "expected an integer >= 1"], None, False),
     "skip-zero": ([*CERTIFY, "--skip", "0"], ["--skip", ">= 1"], None, False),
     "train-subset-word": ([*TRAIN, "--train-subset", "many", "--out", "TMP/t"], ["--train-subset"], None, False),
+    "test-subset-negative": (
+        [*TRAIN, "--test-subset", "-5", "--out", "TMP/t"],
+        ["--test-subset", "expected an integer >= 0 (got -5)"],
+        None,
+        False,
+    ),
     "milestones-words": (
         [*TRAIN, "--milestones", "a,b", "--out", "TMP/t"],
         ["--milestones", "comma-separated"],
@@ -273,6 +288,33 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
         made("d", directory=True),
         False,
     ),
+    # outputs that are the files the command reads its model from
+    "export-out-run-weights": (
+        ["export", "RUN", "--format", "reference", "--out", "RUNFILE"],
+        ["--out", "model.safetensors", "would overwrite the run it reads"],
+        in_run("model.safetensors"),
+        False,
+    ),
+    "certify-overwrite-run-meta": (
+        [*CERTIFY[:-1], "RUNFILE", "--overwrite"],
+        ["--out", "model.json", "would overwrite the run it reads"],
+        in_run("model.json"),
+        False,
+    ),
+    "certify-sidecar-is-run-meta": (
+        [*CERTIFY[:-1], "RUNFILE", "--overwrite"],
+        ["writing", "model.json", "would overwrite the run it reads"],
+        in_run("model"),
+        False,
+    ),
+    "certify-overwrite-reference-itself": (
+        [*CERTIFY[:1], "REF", "--dataset", "fashion-mnist", *CERTIFY[2:-1], "REF", "--overwrite"],
+        ["ref.pth.tar", "would overwrite the run it reads"],
+        reference_file({"state_dict": {}}),
+        False,
+    ),
+    # flags that do not apply to the certifier
+    "epsilon-for-smoothing": ([*CERTIFY, "--epsilon", "0.3"], ["--epsilon", "GloRo", "--sigma"], None, False),
     "export-out-no-folder": (
         ["export", "RUN", "--format", "reference", "--out", "TMP/no/x.pth"],
         ["does not exist"],

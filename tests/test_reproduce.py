@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from certkit.cli import main
 from certkit.errors import CertkitError
 from certkit.experiments import reproduce as rp
 from certkit.results import read_results, summary_path
-from helpers import make_idx_dataset
+from helpers import make_idx_dataset, train_argv
 
 
 def _write_published(folder: Path, n: int, seed: int = 1) -> Path:
@@ -51,7 +52,8 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     theirs_path = _write_published(published / "sigma_0.25", 20)
     plan = _plan(tmp_path, data)
 
-    text = rp.run(plan, published)
+    text, failures = rp.run(plan, published)
+    assert not failures
     run = rp.run_dir(plan.out, "gaussian", 0.25)
     mine_path = rp.certify_path(plan.out, "gaussian", 0.25, 200, 4)
     assert rp.training_complete(run) and summary_path(mine_path).exists()
@@ -71,11 +73,13 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     assert row.published_accuracy.tolist() == pytest.approx([np.mean(same[0] & (same[1] >= r)) for r in rp.RADII])
     assert not row.partial
 
-    # a second call trains nothing and certifies nothing again
-    weights = (run / "model.safetensors").stat().st_mtime_ns
-    rp.run(plan, published)
-    assert (run / "model.safetensors").stat().st_mtime_ns == weights
-    assert Path(f"{run}.log").read_text().count("$ ") == 1
+    # a second call trains nothing (the finished run is only checked against the protocol) and certifies
+    # nothing again
+    weights = (run / "model.safetensors").read_bytes()
+    assert not rp.run(plan, published)[1]
+    assert (run / "model.safetensors").read_bytes() == weights
+    assert Path(f"{run}.log").read_text().count("$ ") == 2
+    assert Path(f"{mine_path}.log").read_text().count("$ ") == 1
 
     # an interrupted certification (rows cut, no summary) is continued, not restarted
     lines = mine_path.read_text().splitlines(keepends=True)
@@ -86,41 +90,171 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     assert read_results(mine_path).radius[:2].tolist() == mine.radius[:2].tolist()
 
 
-def test_an_unfinished_run_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_in_out_is_resumed_finished_or_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run whose model.json records fewer completed epochs than its config asks for is continued with
-    --resume (what certkit train then does is tested in test_train); a finished one is left alone."""
+    --resume (what certkit train then does is tested in test_train); a finished one is resumed too, so that
+    the trainer refuses one trained under other settings than the protocol's."""
     plan = _plan(tmp_path, tmp_path)
     run = rp.run_dir(plan.out, "gaussian", 0.25)
     run.mkdir(parents=True)
     (run / "train_state.safetensors").write_bytes(b"")
     calls: list[list[str]] = []
     monkeypatch.setattr(rp, "_certkit", lambda args, log: calls.append(list(args)) or 0)
-    for completed, expect_call in ((1, True), (90, False)):
+    for completed in (1, 90):
         (run / "model.json").write_text(f'{{"epochs_completed": {completed}, "train": {{"epochs": 90}}}}')
         calls.clear()
         rp.train_step(plan, "gaussian", 0.25)
-        assert bool(calls) == expect_call
-        assert not calls or calls[0][-1] == "--resume"
+        assert len(calls) == 1 and calls[0][-1] == "--resume"
+
+
+@pytest.mark.slow  # a certkit process
+def test_a_finished_run_of_other_settings_is_not_taken_for_the_protocols(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_idx_dataset(tmp_path / "data", n_train=48, n_test=8)
+    plan = _plan(tmp_path, data)
+    run = rp.run_dir(plan.out, "gaussian", 0.25)
+    assert main(train_argv(data, train_subset=16, test_subset=0, batch_size=16, out=run)) == 0
+    failure = rp.train_step(plan, "gaussian", 0.25)
+    assert failure is not None and failure.status == 2
+    assert "run was started with --train-subset 16, not None" in failure.message, failure.message
 
 
 def test_crt_waits_for_its_teacher(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plan = _plan(tmp_path, tmp_path, methods=("crt",))
     plan.protocol = rp.PROTOCOLS["fmnist-crt"]
-    assert rp.train_step(plan, "crt", 0.25) is False
-    assert "teacher" in capsys.readouterr().out
+    failure = rp.train_step(plan, "crt", 0.25)
+    assert failure is not None and failure.status == 2 and "teacher" in failure.message
+    assert "--methods selects smoothmix" in capsys.readouterr().out
     assert not rp.run_dir(plan.out, "crt", 0.25).exists()
 
 
-def test_selection_flags_are_checked() -> None:
+def test_selection_flags_are_checked(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     rp.add_arguments(parser)
+    out = ["--out", str(tmp_path / "out")]
     plan = rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "gaussian,smoothmix", "--sigmas", "0.25"]))
     assert plan.methods == ("gaussian", "smoothmix") and plan.sigmas == (0.25,)
     assert plan.n == 100_000 and plan.skip == 10
     with pytest.raises(CertkitError, match="crt"):
-        rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "crt"]))
+        rp.plan_from_args(parser.parse_args(["fmnist-rs", "--methods", "crt", *out]))
     with pytest.raises(CertkitError, match=r"0\.3"):
-        rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "0.3"]))
+        rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "0.3", *out]))
+    # sigmas are numbers: 1 is the protocol's 1.0
+    assert rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "1,0.50", *out])).sigmas == (1.0, 0.5)
+    with pytest.raises(CertkitError, match=r"--sigmas: one not in this protocol \(0\.25, 0\.5, 1\.0\)"):
+        rp.plan_from_args(parser.parse_args(["fmnist-rs", "--sigmas", "one", *out]))
+
+
+def reproduce(tmp_path: Path, *flags: str) -> list[str]:
+    """``certkit reproduce fmnist-rs`` of gaussian at sigma 0.25 on a tiny dataset, into ``tmp_path/out``."""
+    data = make_idx_dataset(tmp_path / "data", n_train=8, n_test=4)
+    return [
+        "reproduce",
+        "fmnist-rs",
+        "--out",
+        str(tmp_path / "out"),
+        "--methods",
+        "gaussian",
+        "--sigmas",
+        "0.25",
+        "--data-dir",
+        str(data),
+        "--device",
+        "cpu",
+        *flags,
+    ]
+
+
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("certkit: error:"), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("status", [2, 1])
+def test_a_failed_step_fails_the_call_with_its_own_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], status: int
+) -> None:
+    """The step's process said why in its log; the call ends with that line and its status (2: the user's
+    mistake; anything else: 1), after running the steps that remain."""
+
+    def failing(args: list[str], log: Path) -> int:
+        with open(log, "a") as f:
+            f.write("certkit: error: an earlier attempt\n")  # of a previous call: not this step's reason
+        with open(log, "a") as f:
+            f.write(f"progress...\ncertkit: error: {args[0]} broke\n")
+        return status
+
+    monkeypatch.setattr(rp, "_certkit", failing)
+    assert main(reproduce(tmp_path)) == status
+    line = one_error_line(capsys)
+    assert line.startswith("certkit: error: reproduce: training gaussian sigma=0.25 failed: train broke"), line
+    assert "gaussian-0.25.log" in line
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--device", "meta"], ["--device meta"]),
+        (["--data-dir", "/nonexistent"], ["/nonexistent", "missing"]),
+        (["--certify-flags=--bogus 3"], ["--certify-flags '--bogus 3'", "unrecognized arguments: --bogus 3"]),
+        (["--certify-flags=--n x"], ["--certify-flags", "--n", "expected an integer"]),
+        (["--certify-flags=--N 5 --skip 2"], ["--certify-flags: --N and --skip set by reproduce"]),
+        (["--certify-flags=--out elsewhere.tsv"], ["--out set by reproduce"]),
+    ],
+)
+def test_settings_a_step_would_refuse_are_refused_before_the_first(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    words: list[str],
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp, "_certkit", lambda args, log: calls.append(list(args)) or 0)
+    argv = reproduce(tmp_path, *flags)
+    if "/nonexistent" in flags:
+        argv = argv[: argv.index("--data-dir")] + argv[argv.index("--data-dir") + 2 :]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert all(w in line for w in words), line
+    assert not calls
+
+
+def test_certify_flags_it_passes_on_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp, "_certkit", lambda args, log: calls.append(list(args)) or 0)
+    monkeypatch.setattr(rp, "training_complete", lambda run: True)
+    assert main(reproduce(tmp_path, "--certify-flags=--shared-noise 10 --channels-last --batch 200")) == 0
+    passed_on = ["--shared-noise", "10", "--channels-last", "--batch", "200"]
+    assert calls[-1][0] == "certify" and calls[-1][-7:-2] == passed_on
+
+
+@pytest.mark.parametrize("kind", ["file", "proc"])
+def test_out_is_checked_like_other_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    out = tmp_path / "g.tsv" if kind == "file" else Path("/proc/certkit-reproduce")
+    if kind == "file":
+        out.write_text("x\n")
+    assert main(["reproduce", "fmnist-rs", "--out", str(out), "--report-only"]) == 2
+    assert f"--out {out}" in one_error_line(capsys)
+
+
+def test_the_plot_has_a_certkit_curve_per_sigma(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import certkit.report
+
+    plan = dataclasses.replace(_plan(tmp_path, tmp_path), sigmas=(0.25, 0.5))
+    rows = [
+        rp.Row("gaussian", sigma, 5, 0.5, 0.5, 0.5, 0.0, 0.0, np.zeros(7), np.zeros(7), None, False)
+        for sigma in plan.sigmas
+    ]
+    drawn: list[str] = []
+    monkeypatch.setattr(certkit.report, "plot_curves", lambda named, path, title: drawn.extend(named))
+    rp.plot(rows, plan, tmp_path / "published", tmp_path / "p.png")
+    assert [name for name in drawn if name.startswith("certkit")] == [
+        "certkit gaussian σ=0.25",
+        "certkit gaussian σ=0.5",
+    ]
 
 
 def test_a_crt_rows_cost_is_set_against_its_teachers() -> None:

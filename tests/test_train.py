@@ -304,6 +304,16 @@ def test_real_fashion_mnist_beats_chance(fmnist_root: Path, tmp_path: Path) -> N
     assert abs(acc - last["test_clean_acc"]) < 1e-6
 
 
+def test_empty_training_or_test_data_is_a_one_line_error() -> None:
+    empty = ArrayDataset(dataset_info("mnist"), torch.zeros(0, 1, 28, 28, dtype=torch.uint8), torch.zeros(0).long())
+    model = create_model("smallcnn", 10, (1, 28, 28))
+    for train_data, test_data, what in ((empty, None, "training"), (tiny_data(), empty, "test")):
+        with pytest.raises(CertkitError, match=f"the {what} data is empty"):
+            Trainer(model, Gaussian(0.25), train_data, test_data, TrainConfig(epochs=1), device="cpu", progress=False)
+    with pytest.raises(CertkitError, match="the training data is empty"):
+        train(empty, create_model("smallcnn", 10, (1, 28, 28)), "gaussian", epochs=1, device="cpu", num_classes=10)
+
+
 def test_existing_run_needs_resume(tmp_path: Path) -> None:
     t = _trainer(tmp_path / "run", epochs=1)
     t.fit()

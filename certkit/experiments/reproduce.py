@@ -7,7 +7,10 @@ run, certifies it, and compares it row by row with the published file of the sam
 Every level resumes: a run interrupted mid-training continues from its last completed epoch
 (``certkit train --resume``), and a certification continues after its last written row (re-running
 ``certkit certify`` with the same ``--out``). Each step runs as its own ``certkit`` process, so a crash or
-a kill loses at most the epoch or row in flight, and one failed run does not stop the others.
+a kill loses at most the epoch or row in flight, and one failed run does not stop the others; the call
+then ends with the first failure's own error line and a non-zero status (2 when every failure was a
+mistake for the user to fix). What the steps would refuse late (the device, the dataset's files, a
+mistyped ``--certify-flags``) is refused before the first step starts.
 
 Output layout under ``--out``::
 
@@ -26,15 +29,18 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from certkit.errors import CertkitError
+from certkit.fileio import check_output
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -160,10 +166,43 @@ def _say(message: str) -> None:
     print(f"reproduce: {message}", flush=True)
 
 
-def train_step(plan: Plan, method: str, sigma: float) -> bool:
+@dataclass(frozen=True)
+class Failure:
+    """A step that did not finish: 2 as its status when the fix is the user's (the step's own process
+    said so with exit status 2), else 1; the message is one line naming the step and why."""
+
+    status: int
+    message: str
+
+
+def _failed(status: int, message: str) -> Failure:
+    """The failure, said as it happens (the steps after it still run)."""
+    _say(message)
+    return Failure(2 if status == 2 else 1, message)
+
+
+def _step(args: Sequence[str], log: Path, what: str) -> Failure | None:
+    """Run one step's ``certkit`` process; when it fails, the failure with the process's own error line
+    (the last ``certkit: error:`` line it added to ``log``)."""
+    start = log.stat().st_size if log.exists() else 0
+    status = _certkit(args, log)
+    if status == 0:
+        return None
+    with open(log, "rb") as f:
+        f.seek(start)
+        errors = [line for line in f.read().decode(errors="replace").splitlines() if line.startswith("certkit: error:")]
+    why = errors[-1].removeprefix("certkit: error: ") if errors else f"exit status {status}"
+    return _failed(status, f"{what} failed: {why} (log: {log})")
+
+
+def train_step(plan: Plan, method: str, sigma: float) -> Failure | None:
+    """Train the run of ``method`` at ``sigma``, or resume the one in OUT; None once it is complete.
+
+    A finished run is resumed too: ``train --resume`` refuses a run trained under settings other than the
+    protocol's (a subset, another recipe, ...), which would otherwise be reported as the protocol's, and
+    trains no epoch more when they match.
+    """
     run = run_dir(plan.out, method, sigma)
-    if training_complete(run):
-        return True
     args = [
         "train",
         "--dataset",
@@ -185,28 +224,35 @@ def train_step(plan: Plan, method: str, sigma: float) -> bool:
     if plan.data_dir:
         args += ["--data-dir", plan.data_dir]
     if method == "crt":
-        teacher = run_dir(plan.out, plan.protocol.teacher_method or "smoothmix", sigma)
+        teacher_method = plan.protocol.teacher_method or "smoothmix"
+        teacher = run_dir(plan.out, teacher_method, sigma)
         if not training_complete(teacher):
-            _say(f"crt at sigma {sigma}: teacher {teacher} is not trained yet; skipped")
-            return False
+            return _failed(
+                2,
+                f"training crt sigma={sigma}: its teacher {teacher} is not trained (the {teacher_method} run, "
+                f"trained first when --methods selects {teacher_method} too)",
+            )
         args += ["--teacher", str(teacher)]
     if (run / "train_state.safetensors").exists():
         args.append("--resume")
-    _say(f"training {method} sigma={sigma} -> {run} (log: {run}.log)")
+    doing = "checking the finished" if training_complete(run) else "training"
+    _say(f"{doing} {method} sigma={sigma} -> {run} (log: {run}.log)")
     run.parent.mkdir(parents=True, exist_ok=True)
-    status = _certkit(args, Path(f"{run}.log"))
-    if status != 0:
-        _say(f"training {method} sigma={sigma} failed with status {status}; see {run}.log")
-    return status == 0 and training_complete(run)
+    what = f"training {method} sigma={sigma}"
+    failure = _step(args, Path(f"{run}.log"), what)
+    if failure is None and not training_complete(run):
+        return _failed(1, f"{what} ended before its last epoch (log: {run}.log)")
+    return failure
 
 
-def certify_step(plan: Plan, method: str, sigma: float) -> bool:
+def certify_step(plan: Plan, method: str, sigma: float) -> Failure | None:
+    """Certify (or continue certifying) the run of ``method`` at ``sigma``; None when it is done."""
     run = run_dir(plan.out, method, sigma)
     out = certify_path(plan.out, method, sigma, plan.n, plan.skip)
     from certkit.results import summary_path
 
     if summary_path(out).exists():
-        return True
+        return None
     p = plan.protocol
     args = [
         "certify",
@@ -228,10 +274,7 @@ def certify_step(plan: Plan, method: str, sigma: float) -> bool:
     if plan.data_dir:
         args += ["--data-dir", plan.data_dir]
     _say(f"certifying {method} sigma={sigma} -> {out}")
-    status = _certkit(args, Path(f"{out}.log"))
-    if status != 0:
-        _say(f"certifying {method} sigma={sigma} failed with status {status}; see {out}.log")
-    return status == 0
+    return _step(args, Path(f"{out}.log"), f"certifying {method} sigma={sigma}")
 
 
 @dataclass
@@ -355,20 +398,29 @@ def plot(rows: Sequence[Row], plan: Plan, published_dir: Path, path: Path) -> No
 
     named: dict[str, Path] = {}
     for r in rows:
-        named[f"certkit {r.method}"] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
+        named[f"certkit {r.method} σ={r.sigma:g}"] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
         stem = plan.protocol.published[r.method]
         named[f"published {stem} σ={r.sigma:g}"] = published_dir / f"sigma_{sigma_tag(r.sigma)}" / f"{stem}.tsv"
     plot_curves(named, path, title=f"{plan.protocol.name}: certkit vs published")
 
 
-def run(plan: Plan, published_dir: Path | None) -> str:
-    """Train and certify everything in ``plan`` that is not done yet, then write and return the table."""
+def run(plan: Plan, published_dir: Path | None) -> tuple[str, list[Failure]]:
+    """Train and certify everything in ``plan`` that is not done yet, then write the table of what is
+    certified; returns the table (or why there is none) and the steps that failed."""
     plan.out.mkdir(parents=True, exist_ok=True)
+    failures: list[Failure] = []
     if not plan.report_only:
         for sigma in plan.sigmas:
             for method in plan.methods:
-                if train_step(plan, method, sigma) and not plan.train_only:
-                    certify_step(plan, method, sigma)
+                failure = train_step(plan, method, sigma)
+                if failure is None and not plan.train_only:
+                    failure = certify_step(plan, method, sigma)
+                failures += [failure] if failure else []
+    return report(plan, published_dir), failures
+
+
+def report(plan: Plan, published_dir: Path | None) -> str:
+    """Write the comparison table and plot of what is certified; returns the table (or why there is none)."""
     if published_dir is None:
         return "no published results folder given (--published); nothing to compare with\n"
     rows = [
@@ -386,16 +438,28 @@ def run(plan: Plan, published_dir: Path | None) -> str:
     return text + f"\ntable: {table_path}\nplot: {plot_path}\n"
 
 
-def _choose(given: str | None, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+def _choose(given: str | None, allowed: Sequence[T], what: str, parse: Callable[[str], T]) -> tuple[T, ...]:
+    """The comma-separated values of ``--<what>``, each ``parse``d (so ``1`` is sigma ``1.0``), all of them
+    among ``allowed``; all of ``allowed`` when none are given."""
     if not given:
         return tuple(allowed)
-    chosen = tuple(v.strip() for v in given.split(",") if v.strip())
-    unknown = [v for v in chosen if v not in allowed]
+    chosen: list[T] = []
+    unknown: list[str] = []
+    for word in (v.strip() for v in given.split(",") if v.strip()):
+        try:
+            value = parse(word)
+        except ValueError:  # not a value of that kind at all
+            unknown.append(word)
+            continue
+        if value in allowed:
+            chosen.append(value)
+        else:
+            unknown.append(word)
     if unknown or not chosen:
         raise CertkitError(
-            f"--{what}: {', '.join(unknown) or 'none given'} not in this protocol ({', '.join(allowed)})"
+            f"--{what}: {', '.join(unknown) or 'none given'} not in this protocol ({', '.join(map(str, allowed))})"
         )
-    return chosen
+    return tuple(chosen)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -425,7 +489,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--certify-flags",
         default="",
         help="extra flags for certkit certify, written with '=', "
-        "e.g. --certify-flags='--shared-noise 10 --channels-last'",
+        "e.g. --certify-flags='--shared-noise 10 --channels-last'; not those reproduce sets itself (--n0, --N, "
+        "--alpha, --skip, --device, --data-dir, --out)",
     )
     p.add_argument("--train-only", action="store_true", help="train (and resume) only; certify later")
     p.add_argument("--report-only", action="store_true", help="only compare what is already certified")
@@ -433,16 +498,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     protocol = PROTOCOLS[args.protocol]
-    sigmas = tuple(float(s) for s in _choose(args.sigmas, [sigma_tag(s) for s in protocol.sigmas], "sigmas"))
     skip = protocol.certify_skip if args.certify_skip is None else args.certify_skip
     n = protocol.n if args.n is None else args.n
     if skip < 1 or n < 1:
         raise CertkitError(f"--certify-skip and --N must be >= 1 (got {skip} and {n})")
     return Plan(
         protocol=protocol,
-        out=Path(args.out),
-        methods=_choose(args.methods, protocol.methods, "methods"),
-        sigmas=sigmas,
+        out=check_output(args.out, "--out", directory=True),
+        methods=_choose(args.methods, protocol.methods, "methods", str),
+        sigmas=_choose(args.sigmas, protocol.sigmas, "sigmas", float),
         n=n,
         skip=skip,
         device=args.device,
@@ -453,19 +517,65 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     )
 
 
-def main(args: argparse.Namespace) -> None:
+#: the certify flags each step sets from reproduce's own settings, by their namespace name
+_CERTIFY_SETTINGS = {
+    "n0": "--n0",
+    "n": "--N",
+    "alpha": "--alpha",
+    "skip": "--skip",
+    "device": "--device",
+    "data_dir": "--data-dir",
+    "out": "--out",
+}
+
+
+def check_settings(plan: Plan) -> None:
+    """Refuse before the first step what a step's process would refuse only when it starts, some after
+    hours of training: the device, the dataset's files, and ``--certify-flags`` that certify does not take or
+    that would override what reproduce sets (the protocol's n0 and alpha, --N, --certify-skip, the output)."""
+    from certkit.cli import certify_namespace
+    from certkit.data import load_dataset
+    from certkit.train import select_device
+
+    select_device(plan.device)
+    for split in ("train", "test"):
+        load_dataset(plan.protocol.dataset, split, plan.data_dir)
+    try:
+        given = certify_namespace(plan.certify_flags)
+    except CertkitError as e:
+        raise CertkitError(f"--certify-flags {' '.join(plan.certify_flags)!r}: {e}") from None
+    defaults = certify_namespace()
+    overridden = [flag for dest, flag in _CERTIFY_SETTINGS.items() if getattr(given, dest) != getattr(defaults, dest)]
+    if overridden:
+        raise CertkitError(
+            f"--certify-flags: {' and '.join(overridden)} set by reproduce itself (the protocol's n0 and alpha; "
+            "--N, --certify-skip, --device, --data-dir and --out of reproduce)"
+        )
+
+
+def main(args: argparse.Namespace) -> int:
+    """``certkit reproduce``; returns the exit status: 0 when every step finished, else that of the failures
+    (see :class:`Failure`), after the table of what did and the first failure's line on stderr."""
     plan = plan_from_args(args)
     published = Path(args.published) if args.published else None
     if published is not None and not published.is_dir():
         raise CertkitError(f"--published {published}: not a folder")
-    print(run(plan, published), end="")
+    if not plan.report_only:
+        check_settings(plan)
+    text, failures = run(plan, published)
+    print(text, end="")
+    if not failures:
+        return 0
+    more = f" ({len(failures) - 1} more failed steps above)" if len(failures) > 1 else ""
+    print(f"certkit: error: reproduce: {failures[0].message}{more}", file=sys.stderr)
+    return 2 if all(failure.status == 2 for failure in failures) else 1
 
 
 if __name__ == "__main__":  # python -m certkit.experiments.reproduce ...
     parser = argparse.ArgumentParser(prog="certkit reproduce", description=__doc__.split("\n")[0])
     add_arguments(parser)
     try:
-        main(parser.parse_args())
+        sys.exit(main(parser.parse_args()))
     except CertkitError as e:
         print(f"certkit: error: {e}", file=sys.stderr)
         sys.exit(2)
