@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from itertools import pairwise
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from certkit.data import ArrayDataset, DatasetInfo
 from certkit.errors import CertkitError
 from certkit.gloro.certify import certify_gloro_dataset, file_metrics
 from certkit.gloro.layers import MinMax, Residual
-from certkit.gloro.lipschitz import build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
+from certkit.gloro.lipschitz import LAYER_RULES, build_bound, conv_fft_bound, layer_bound, lipschitz_upper_bound
 from certkit.gloro.model import GloroNet, LogitError
 from certkit.gloro.objective import Gloro
 from certkit.methods import get_objective
@@ -32,17 +33,10 @@ from certkit.models.layers import FirstConv, Pool2x2, WideLinear
 from certkit.results import floor_significant, read_results, summary_path
 from certkit.train import TrainConfig, Trainer, recipe, train
 
-
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every model here is tiny: one thread is faster and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def jacobian_norm(f: nn.Module, x: Tensor) -> float:
@@ -412,6 +406,11 @@ class Head(nn.Linear):
     """Redefines nothing, and is refused all the same: a subclass could redefine a helper of forward."""
 
 
+class LoudLeakyReLU(nn.LeakyReLU):
+    def forward(self, x: Tensor) -> Tensor:
+        return 1000 * super().forward(x)
+
+
 @pytest.mark.parametrize(
     "layer, head, message",
     [
@@ -462,6 +461,69 @@ def test_hooks_and_replaced_layers_are_refused() -> None:
         net.certify(x)
 
 
+def test_every_kind_with_a_rule_refuses_its_subclasses() -> None:
+    for kind in LAYER_RULES:
+        sub = type(f"My{kind.__name__}", (kind,), {})  # redefines nothing, and may not be bounded as its base
+        with pytest.raises(CertkitError, match=f"'x' is a {sub.__name__}, a subclass of {kind.__name__}"):
+            layer_bound("x", sub.__new__(sub), (4,))
+
+
+def test_a_swapped_class_or_a_changed_setting_after_the_build_is_refused() -> None:
+    """The bound read every layer's class and settings once, when it was built: a LeakyReLU given the class of a
+    subclass that multiplies by 1000 certified radii near 207 at the old constant, and so did a slope of 50."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.5), nn.AvgPool2d(2), nn.Flatten())
+    net = GloroNet(nn.Sequential(Normalize([0.0], [1.0]), body, nn.Linear(16, 3)), (1, 4, 4), epsilon=0.1).eval()
+    x = torch.rand(2, 1, 4, 4)
+    radius = net.certified_radius(x)
+    relu, pool = net[1][1], net[1][2]
+    relu.__class__ = LoudLeakyReLU
+    with pytest.raises(CertkitError, match=r"'1\.1' is a LoudLeakyReLU now but was a LeakyReLU"):
+        net.certify(x)
+    relu.__class__ = nn.LeakyReLU
+    changes = [(relu, "negative_slope", 50.0), (pool, "kernel_size", 1), (pool, "divisor_override", 1)]
+    for layer, setting, value in changes:
+        before = getattr(layer, setting)
+        setattr(layer, setting, value)
+        with pytest.raises(CertkitError, match=re.escape(f"has {setting}={value!r} now but had {setting}={before!r}")):
+            net.certify(x)
+        setattr(layer, setting, before)
+    assert torch.equal(net.certified_radius(x), radius)
+    # Normalize's std is a buffer, which the bound reads again when its version counter moves
+    with torch.no_grad():
+        net[0].std.mul_(0.5)
+    with pytest.raises(CertkitError, match="below the guaranteed bound"):
+        net.certify(x)
+
+
+def test_a_residual_whose_inner_output_broadcasts_is_refused() -> None:
+    """``x + g(x)`` with ``g`` channel 0 of 4 adds ``x_0`` to every channel: a step along channel 0 moves the sum
+    by sqrt(7), where 1 + L(g) says 2."""
+    inner = nn.Conv2d(4, 1, 1, bias=False)
+    with torch.no_grad():
+        inner.weight.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 4, 1, 1))
+    step = torch.zeros(1, 4, 2, 2)
+    step[0, 0, 0, 0] = 1.0
+    assert Residual(inner)(step).norm().item() == pytest.approx(math.sqrt(7))
+    body = nn.Sequential(Residual(inner), nn.Flatten(), nn.Linear(16, 2))
+    message = r"'0': the Residual's inner output has shape \(1, 2, 2\) but its input \(4, 2, 2\)"
+    with pytest.raises(CertkitError, match=message):
+        GloroNet(body, (4, 2, 2), epsilon=0.1)
+
+
+def test_the_float64_pass_runs_without_cudnn() -> None:
+    """cuDNN may choose an FFT or Winograd convolution, whose rounding the per-layer bounds do not cover."""
+    net = tiny_gloro().eval()
+    enabled = torch.backends.cudnn.enabled
+    seen: list[bool] = []
+    handle = net[1][0].register_forward_pre_hook(lambda m, args: seen.append(torch.backends.cudnn.enabled))
+    try:
+        net.exact_logits(torch.rand(2, 1, 8, 8))
+    finally:
+        handle.remove()
+    assert seen == [False] and torch.backends.cudnn.enabled == enabled
+
+
 def test_plain_subclasses_fast_paths_and_hooks_on_the_net_itself_are_allowed() -> None:
     class Body(nn.Sequential):  # only a constructor: Sequential's own forward
         def __init__(self) -> None:
@@ -482,7 +544,7 @@ def test_plain_subclasses_fast_paths_and_hooks_on_the_net_itself_are_allowed() -
     # certkit's fast paths compute the function of their torch layer
     layer_bound("c", FirstConv(1, 2, 3), (1, 6, 6))
     layer_bound("p", Pool2x2(), (2, 6, 6))
-    layer_bound("w", WideLinear(4, 2), None)
+    layer_bound("w", WideLinear(4, 2), (4,))
 
 
 def test_a_negative_or_non_finite_epsilon_is_refused() -> None:

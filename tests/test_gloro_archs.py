@@ -18,13 +18,7 @@ from torch import Tensor, nn
 from certkit.gloro.model import GloroNet
 from certkit.models import create_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 Size = tuple[int, ...]

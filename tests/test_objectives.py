@@ -33,16 +33,7 @@ MINE = ["smoothadv", "macer", "smoothmix", "consistency", "stability"]
 SHAPE = (1, 6, 6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run every test here on one CPU thread, then restore the count. These small networks gain little
-    from a second thread, and on a machine shared with other jobs a two-thread op waits for its
-    descheduled thread: the real SmoothMix run below took 24-42 s of CPU with two threads there, 4 s
-    with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 # --------------------------------------------------------------------------------------------------

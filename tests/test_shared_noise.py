@@ -96,6 +96,18 @@ def scale_input(module: nn.Module, inputs: tuple) -> tuple:
     return (inputs[0] * 1.05,)
 
 
+class InstanceForward:
+    """Sets ``forward`` on a module instance to scale its output, as a hook would; ``remove`` deletes it. The split
+    would compute the noise part without it."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        module.forward = lambda x: type(module).forward(module, x) * 1.05
+
+    def remove(self) -> None:
+        del self.module.forward
+
+
 HOOKS = {
     "hook on the layer": lambda m: m[2].register_forward_hook(scale_output),
     "pre-hook on the layer": lambda m: m[2].register_forward_pre_hook(scale_input),
@@ -104,6 +116,8 @@ HOOKS = {
     "hook on the model": lambda m: m.register_forward_hook(scale_output),
     "global hook": lambda m: nn.modules.module.register_module_forward_hook(scale_output),
     "global pre-hook": lambda m: nn.modules.module.register_module_forward_pre_hook(scale_input),
+    "forward set on the layer": lambda m: InstanceForward(m[2]),
+    "forward set on Normalize": lambda m: InstanceForward(m[0]),
 }
 
 

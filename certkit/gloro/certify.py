@@ -3,9 +3,14 @@
 What ``certkit certify RUN`` runs for a GloRo checkpoint (or with ``--method gloro``). Per input, with
 the frozen *guaranteed* Lipschitz bound ``K_sub`` (``shared/reference/gloro.md`` §4):
 
-* ``j`` = the first argmax of the logits, evaluated in float64; margins ``d_i = y_j − y_i`` lowered by an
-  allowance for float64 rounding (:meth:`GloroNet.certify_logits`) and ``K_ji = K_sub·‖w_j − w_i‖``;
-* certified radius ``min_{i≠j} d_i / K_ji``; certified at ε iff every ``d_i > ε·K_ji`` (ties never are).
+* ``j`` = the first argmax of the logits, evaluated in float64, and ``K_ji = K_sub·‖w_j − w_i‖``;
+* the float64 rounding is bounded from the hidden activations (:meth:`GloroNet.exact_forward`): the errors of
+  logit ``k`` at the input and at any point ``r`` away add up to at most ``both_k + growth_k·r``. So every
+  margin ``d_i = y_j − y_i`` is lowered by the allowance ``both_j + both_i`` plus the floor
+  ``1e-9·(1 + max|y|)``, and its constant is ``K'_ji = K_ji + growth_j + growth_i``
+  (:meth:`GloroNet.certify_logits`);
+* certified radius ``min_{i≠j} d_i / K'_ji`` of the lowered margins; certified at ε iff every
+  ``d_i > ε·K'_ji`` (ties never are).
 
 Rows: ``idx label predict radius correct time certified_eps``. ``predict`` is ``j`` and ``radius`` its true
 margin radius (0 when no positive margin survives the rounding allowance), so certified accuracy against the

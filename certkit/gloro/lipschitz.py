@@ -11,41 +11,46 @@ apart (see ``shared/reference/gloro.md`` §2–§4):
   norm of the unrolled operator (small layers) or the top singular value of a circular convolution that
   contains it (FFT on the polyphase kernel, see :func:`conv_fft_bound`).
 
-Every layer kind has an explicit rule; any other module raises :class:`CertkitError` naming it, because a
-silent constant of 1 (what public code does) voids every certificate behind it. Composition is only
-understood through ``nn.Sequential`` (product) and :class:`~certkit.gloro.layers.Residual` (``1 + L(g)``):
-a custom module's ``forward`` could wire its children any way, so it is refused too. For the same reason a
-rule applies to a module only when it computes what the rule assumes (:func:`check_plain`): a leaf layer must
-be of exactly its torch class (or one of certkit's fast paths for it, which compute the same function), since
-a subclass may redefine ``forward`` or a helper it calls; a Sequential or Residual may be subclassed only
-without redefining how it is called; and no module may carry a forward hook or pre-hook, nor may a global one
-be registered, since a hook can replace a layer's input or output.
+Every layer kind has an explicit rule (:data:`LAYER_RULES`); any other module raises :class:`CertkitError`
+naming it, because a silent constant of 1 (what public code does) voids every certificate behind it.
+Composition is only understood through ``nn.Sequential`` (product) and :class:`~certkit.gloro.layers.Residual`
+(``1 + L(g)``, for an inner output of its input's shape): a custom module's ``forward`` could wire its children
+any way, so it is refused too. For the same reason a rule applies to a module only when it computes what the
+rule assumes (:func:`check_plain`): a leaf layer must be of exactly its torch class (or one of certkit's fast
+paths for it, which compute the same function), since a subclass may redefine ``forward`` or a helper it calls;
+a Sequential or Residual may be subclassed only without redefining how it is called; and no module may carry a
+forward hook or pre-hook, nor may a global one be registered, since a hook can replace a layer's input or
+output. The bound also records every module's class and every leaf's settings (kernel size, slope, ...), which
+its rule read once, and refuses a model whose classes or settings changed since
+(:meth:`LipschitzBound.check_layers`); parameters and buffers are read again whenever they change.
 
 Each layer also bounds its own float64 rounding (:meth:`LayerBound.rounding`), which
 :meth:`LipschitzBound.drift` carries through the network with the per-layer bounds: a certificate computed
 from float64 logits needs the distance between them and the exact ones, and that distance scales with the
-hidden activations, not with the logits (see :mod:`certkit.gloro.model`).
+hidden activations, not with the logits (see :mod:`certkit.gloro.model`). These bounds assume that every
+sum is computed by additions in some order (a direct, im2col or GEMM kernel), whose error is componentwise;
+an FFT or Winograd convolution's is not, which is why the float64 pass runs without cuDNN.
 
 Convolutions need the shape of their input, which the layer does not store; :func:`build_bound` records
-every layer's input shape with one forward pass of a dummy input of the model's ``in_shape``.
+every layer's input and output shapes with one forward pass of a dummy input of the model's ``in_shape``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as module_hooks
 
 from certkit.errors import CertkitError
 from certkit.gloro.layers import MinMax, Residual
-from certkit.models.layers import Normalize, torch_type
+from certkit.models.layers import CALL_PATH, Normalize, call_override, torch_type
 
 #: unrolled operators up to this many float64 entries get their exact norm (≈128 MiB)...
 EXACT_MAX_ENTRIES = 1 << 24
@@ -194,7 +199,7 @@ class ConstantBound(LayerBound):
         return self.value
 
     def rounding(self) -> tuple[float, float]:
-        return (rounding_coefficient(self.ops) * self.value if self.ops else 0.0), 0.0
+        return rounding_coefficient(self.ops) * self.value, 0.0
 
 
 class NormalizeBound(LayerBound):
@@ -222,13 +227,18 @@ class NormalizeBound(LayerBound):
 
 
 class LinearBound(LayerBound):
-    """Dense layer: power iteration on ``WᵀW`` for training, exact ``σ_max(W)`` in float64 to certify."""
+    """Dense layer: power iteration on ``WᵀW`` for training, exact ``σ_max(W)`` in float64 to certify.
+
+    On an input of shape ``(..., in_features)`` the layer maps every row alike: a block-diagonal operator with
+    the norm of ``W``, but with the bias added once per row (``in_shape``, without the batch dimension).
+    """
 
     module: nn.Linear
 
-    def __init__(self, name: str, module: nn.Linear) -> None:
+    def __init__(self, name: str, module: nn.Linear, in_shape: Shape) -> None:
         super().__init__(name, module)
         self.iterate_shape = (1, module.in_features)
+        self.rows = math.prod(in_shape[:-1])
 
     def weight(self) -> Tensor:
         return self.module.weight
@@ -243,17 +253,20 @@ class LinearBound(LayerBound):
         return float(torch.linalg.matrix_norm(self.weight().detach().double(), ord=2))
 
     def rounding(self) -> tuple[float, float]:
-        # each output within γ_{n+1}·(|W||x̂| + |b|) (n products, their sum and the bias), and ‖|W||x̂|‖ ≤ ‖|W|‖·‖x̂‖
+        # each output within γ_{n+1}·(|W||x̂| + |b|) (n products, their sum and the bias), and ‖|W||x̂|‖ ≤ ‖|W|‖·‖x̂‖;
+        # the bias enters every row, so its norm over the output is sqrt(rows)·‖b‖
         c = rounding_coefficient(self.module.in_features + 1)
         bias = self.module.bias
-        offset = 0.0 if bias is None else float(torch.linalg.vector_norm(bias.detach().double()))
+        offset = 0.0 if bias is None else math.sqrt(self.rows) * float(torch.linalg.vector_norm(bias.detach().double()))
         return c * _abs_norm(self.weight().detach().double()), c * offset
 
 
 def _abs_norm(a: Tensor) -> float:
     """An upper bound on ``‖|A|‖₂``: ``sqrt(‖|A|‖₁·‖|A|‖_∞)`` (Hölder), the largest column sum times the largest
-    row sum. For a nonnegative matrix it is within a small factor of the norm, at the cost of two sums
-    instead of an SVD, which would double the time :meth:`LipschitzBound.analyse` takes on a wide layer."""
+    row sum. Close to the norm for dense weights of similar magnitudes (about 1.1 times it for a random 512×512
+    one), but up to ``(rows·columns)^¼`` times it for a skewed one (``sqrt(n)`` for an ``n × n`` arrow: one dense
+    row and column). It costs two sums where an SVD would double the time :meth:`LipschitzBound.analyse` takes
+    on a wide layer."""
     m = a.abs()
     return math.sqrt(float(m.sum(0).max()) * float(m.sum(1).max()))
 
@@ -516,60 +529,50 @@ _ONE_LIPSCHITZ = (nn.ReLU, MinMax, nn.Identity, nn.Flatten, nn.Unflatten, nn.Zer
 #: rounded operations charged to tanh: libm and CUDA evaluate it within 2 ulp (4u relative); 3 leave room for
 #: the error bound's own arithmetic
 TANH_OPS = 3
-#: every leaf class with a rule: a module of a subclass is refused, the subclass may compute another function
-_LEAF_KINDS = (
-    nn.Linear,
-    nn.Conv2d,
-    Normalize,
-    nn.LeakyReLU,
-    nn.Tanh,
-    *_ONE_LIPSCHITZ,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-)
+#: builds the :class:`LayerBound` of a leaf from its name, the module and its input shape (None: not reached)
+LayerRule = Callable[[str, Any, Shape | None], LayerBound]
+
+#: the rule of every leaf layer kind, by exact class (certkit's fast paths count as the torch class whose function
+#: they compute, :func:`torch_type`); a module of a proper subclass of one is refused, since the subclass may
+#: compute another function
+LAYER_RULES: dict[type[nn.Module], LayerRule] = {
+    nn.Linear: lambda name, m, shape: LinearBound(name, m, _need(name, shape)),
+    nn.Conv2d: lambda name, m, shape: ConvBound(name, m, _need(name, shape)),
+    Normalize: lambda name, m, shape: NormalizeBound(name, m, _need(name, shape)),
+    nn.LeakyReLU: lambda name, m, _: ConstantBound(name, m, max(1.0, abs(m.negative_slope)), "max slope", ops=1),
+    nn.Tanh: lambda name, m, _: ConstantBound(name, m, 1.0, "1-Lipschitz", ops=TANH_OPS),
+    **dict.fromkeys(_ONE_LIPSCHITZ, lambda name, m, _: ConstantBound(name, m, 1.0, "1-Lipschitz")),
+    nn.MaxPool2d: lambda name, m, _: _maxpool_bound(name, m),
+    nn.AvgPool2d: lambda name, m, shape: _avgpool_bound(name, m, _need(name, shape)),
+    nn.AdaptiveAvgPool2d: lambda name, m, shape: _adaptive_avgpool_bound(name, m, _need(name, shape)),
+}
 
 
-def check_leaf_class(name: str, module: nn.Module) -> None:
-    """Refuse a module of a proper subclass of a layer kind with a rule: it may redefine ``forward`` or a helper
-    that ``forward`` calls, so the rule of its base class says nothing about it. certkit's own fast paths
-    (``FirstConv``, ``Pool2x2``, ``WideLinear``) count as the torch layer whose function they compute."""
-    kind = torch_type(module)
-    if kind not in _LEAF_KINDS and isinstance(module, _LEAF_KINDS):
-        base = next(k for k in _LEAF_KINDS if isinstance(module, k))
-        raise CertkitError(
-            f"layer {name or '<root>'!r} is a {type(module).__name__}, a subclass of {base.__name__}; GloRo bounds "
-            f"only {base.__name__} itself (a subclass may compute another function): use {base.__name__}"
-        )
+def leaf_rule(name: str, module: nn.Module) -> LayerRule | None:
+    """The rule of ``module``'s layer kind (None: it has none), refusing a module of a proper subclass of a kind
+    with a rule: it may redefine ``forward`` or a helper that ``forward`` calls, so the rule of its base class
+    says nothing about it."""
+    rule = LAYER_RULES.get(torch_type(module))
+    if rule is None:
+        base = next((k for k in LAYER_RULES if isinstance(module, k)), None)
+        if base is not None:
+            raise CertkitError(
+                f"layer {name or '<root>'!r} is a {type(module).__name__}, a subclass of {base.__name__}; GloRo "
+                f"bounds only {base.__name__} itself (a subclass may compute another function): use {base.__name__}"
+            )
+    return rule
 
 
 def layer_bound(name: str, module: nn.Module, in_shape: Shape | None) -> LayerBound:
     """The :class:`LayerBound` of one leaf module; unknown kinds and subclasses of known ones raise
     :class:`CertkitError`."""
-    check_leaf_class(name, module)
-    if isinstance(module, nn.Linear):
-        return LinearBound(name, module)
-    if isinstance(module, nn.Conv2d):
-        return ConvBound(name, module, _need(name, in_shape))
-    if isinstance(module, Normalize):
-        return NormalizeBound(name, module, _need(name, in_shape))
-    if isinstance(module, nn.LeakyReLU):
-        return ConstantBound(name, module, max(1.0, abs(module.negative_slope)), "max slope", ops=1)
-    if isinstance(module, nn.Tanh):
-        return ConstantBound(name, module, 1.0, "1-Lipschitz", ops=TANH_OPS)
-    if isinstance(module, _ONE_LIPSCHITZ):
-        return ConstantBound(name, module, 1.0, "1-Lipschitz")
-    if isinstance(module, nn.MaxPool2d):
-        return _maxpool_bound(name, module)
-    if isinstance(module, nn.AvgPool2d):
-        return _avgpool_bound(name, module, _need(name, in_shape))
-    if isinstance(module, nn.AdaptiveAvgPool2d):
-        return _adaptive_avgpool_bound(name, module, _need(name, in_shape))
-    raise CertkitError(
-        f"layer {name or '<root>'!r} of kind {type(module).__name__} has no known Lipschitz bound; "
-        "GloRo nets may only use Linear, Conv2d, pooling, ReLU/MinMax/Tanh/LeakyReLU, Flatten, Normalize, "
-        "Residual and Sequential"
-    )
+    rule = leaf_rule(name, module)
+    if rule is None:
+        raise CertkitError(
+            f"layer {name or '<root>'!r} of kind {type(module).__name__} has no known Lipschitz bound; GloRo nets "
+            f"may only use {', '.join(k.__name__ for k in LAYER_RULES)}, Residual and Sequential"
+        )
+    return rule(name, module, in_shape)
 
 
 def _need(name: str, shape: Shape | None) -> Shape:
@@ -720,6 +723,8 @@ class LipschitzBound:
     def __init__(self, root: Term, modules: Mapping[str, nn.Module]) -> None:
         self.root = root
         self.modules = dict(modules)  # the analysed tree, by path: see check_layers
+        self.classes = {name: type(m) for name, m in self.modules.items()}
+        self.settings = {name: copy.deepcopy(layer_settings(m)) for name, m in self.modules.items() if not m._modules}
 
     def layers(self) -> list[LayerBound]:
         return list(self.root.layers())
@@ -785,7 +790,8 @@ class LipschitzBound:
 
     def check_layers(self, module: nn.Module) -> None:
         """Refuse to certify ``module`` (the one analysed) when its layers are no longer what was analysed: a layer
-        replaced, added or removed since, or one hooked (:func:`check_plain`). The root itself is not checked: its
+        replaced, added or removed since, one hooked (:func:`check_plain`), or one whose class was swapped or whose
+        settings (:func:`layer_settings`), which its rule read once, changed. The root itself is not checked: its
         owner evaluates it as a plain Sequential of these layers."""
         current = dict(module.named_modules())
         if current.keys() != self.modules.keys() or any(current[k] is not m for k, m in self.modules.items()):
@@ -793,7 +799,26 @@ class LipschitzBound:
                 "the model's layers changed after its Lipschitz bound was built (a layer replaced, added or "
                 "removed); build the GloRo net again around the new model"
             )
-        check_plain((name, m) for name, m in current.items() if m is not module)
+        layers = [(name, m) for name, m in current.items() if m is not module]
+        check_plain(layers)
+        for name, m in layers:
+            if type(m) is not self.classes[name]:
+                raise CertkitError(
+                    f"layer {name!r} is a {type(m).__name__} now but was a {self.classes[name].__name__} when the "
+                    "Lipschitz bound was built (its class was swapped); build the GloRo net again around the model"
+                )
+        for name, before in self.settings.items():
+            now = layer_settings(current[name])
+            changed = [
+                k for k in sorted(now.keys() | before.keys()) if k not in now or k not in before or now[k] != before[k]
+            ]
+            if changed:
+                k = changed[0]
+                raise CertkitError(
+                    f"layer {name!r} ({type(current[name]).__name__}) has {_setting(now, k)} now but had "
+                    f"{_setting(before, k)} when the Lipschitz bound was built, which read it then; build the GloRo "
+                    "net again around the model"
+                )
 
 
 def _compose(term: Term, value: Callable[[LayerBound], float]) -> float:
@@ -806,37 +831,30 @@ def _compose(term: Term, value: Callable[[LayerBound], float]) -> float:
     raise TypeError(type(term))
 
 
-#: what calling a module runs: a class or an instance that redefines one of them may compute another function
-_CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl", "forward")
+def layer_settings(m: nn.Module) -> dict[str, object]:
+    """A layer's settings: its public attributes other than parameters, buffers, submodules and the training
+    flag (kernel size, stride, padding, slope, divisor, output size, ...). A rule reads them once, when the bound
+    is built, where it reads parameters and buffers again whenever their version counters move."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+
+
+def _setting(settings: Mapping[str, object], key: str) -> str:
+    return f"{key}={settings[key]!r}" if key in settings else f"no {key}"
 
 
 def check_plain(modules: Iterable[tuple[str, nn.Module]]) -> None:
-    """Refuse ``(name, module)`` pairs whose call may compute something else than their class's forward: a
-    forward hook or pre-hook on the module, or a global one (either may replace an input or an output), or a
-    ``forward`` (or call method) set on the instance."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        raise CertkitError(
-            "a global forward hook is registered (register_module_forward_hook or _pre_hook); it can change any "
-            "layer's output, which the GloRo bound does not see: remove it before building or certifying"
-        )
-    for name, m in modules:
-        if m._forward_hooks or m._forward_pre_hooks:
-            raise CertkitError(
-                f"layer {name or '<root>'!r} ({type(m).__name__}) has a forward hook or pre-hook, which can change "
-                "its output and which the GloRo bound does not see: remove it"
-            )
-        replaced = [a for a in _CALL_PATH if a in vars(m)]
-        if replaced:
-            raise CertkitError(
-                f"layer {name or '<root>'!r} ({type(m).__name__}) has {replaced[0]} set on the instance; GloRo "
-                "bounds only the class's own forward: remove it"
-            )
+    """Refuse ``(name, module)`` pairs whose call may compute something else than their class's forward
+    (:func:`~certkit.models.layers.call_override`: a forward hook or pre-hook on the module or a global one, or a
+    call method set on the instance), which the GloRo bound, read off the class, does not see."""
+    reason = call_override(modules)
+    if reason is not None:
+        raise CertkitError(f"{reason}, which can change a layer's output that the GloRo bound does not see: remove it")
 
 
 def _check_container(name: str, m: nn.Module, base: type[nn.Module], extra: tuple[str, ...] = ()) -> None:
     """Refuse a subclass of ``base`` that redefines how it is called (``extra``: further methods its forward
     calls), since it may wire its children another way than the product or ``1 + L`` the bound assumes."""
-    redefined = [a for a in (*_CALL_PATH, *extra) if getattr(type(m), a) is not getattr(base, a)]
+    redefined = [a for a in (*CALL_PATH, *extra) if getattr(type(m), a) is not getattr(base, a)]
     if redefined:
         raise CertkitError(
             f"layer {name or '<root>'!r}: {type(m).__name__} redefines {redefined[0]} of {base.__name__}, so it may "
@@ -866,23 +884,31 @@ def recorded_norms(watch: Mapping[str, tuple[nn.Module, bool]]) -> Iterator[dict
             h.remove()
 
 
-def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int, Shape]:
-    """``id(submodule) -> input shape without batch`` from one forward pass of zeros of ``in_shape``.
+class Shapes(NamedTuple):
+    """``id(submodule) -> shape without batch`` of each module's input and output (:func:`record_shapes`)."""
+
+    inputs: dict[int, Shape]
+    outputs: dict[int, Shape]
+
+
+def record_shapes(module: nn.Module, in_shape: Sequence[int]) -> Shapes:
+    """Every submodule's input and output shapes from one forward pass of zeros of ``in_shape``.
 
     A module called twice (weight sharing) would have two inputs; it is refused because its bound would
     enter the product twice, which the tree analysis does not model.
     """
-    shapes: dict[int, Shape] = {}
+    shapes = Shapes({}, {})
     twice: list[str] = []
     names = {id(m): n for n, m in module.named_modules()}
 
-    def hook(m: nn.Module, args: tuple) -> None:
-        if id(m) in shapes:
+    def hook(m: nn.Module, args: tuple, out: object) -> None:
+        if id(m) in shapes.inputs:
             twice.append(names.get(id(m), "?"))
-        if args and isinstance(args[0], Tensor):
-            shapes[id(m)] = tuple(args[0].shape[1:])
+        for found, value in ((shapes.inputs, args[0] if args else None), (shapes.outputs, out)):
+            if isinstance(value, Tensor):
+                found[id(m)] = tuple(value.shape[1:])
 
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules()]
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
     ref: Tensor | None = next(iter(module.parameters()), None)
     if ref is None:
         ref = next(iter(module.buffers()), torch.zeros(()))
@@ -904,16 +930,28 @@ def record_input_shapes(module: nn.Module, in_shape: Sequence[int]) -> dict[int,
     return shapes
 
 
+def _check_residual_shapes(name: str, m: Residual, shapes: Shapes) -> None:
+    """Refuse a :class:`Residual` whose inner output has another shape than its input: ``x + g(x)`` then
+    broadcasts one of them, repeating it, and ``1 + L(g)`` no longer bounds the sum (with ``g`` channel 0 of
+    ``c``, a unit step in channel 0 moves the sum by ``sqrt(c + 3)``, where the rule says 2)."""
+    x, g = _need(name, shapes.inputs.get(id(m))), shapes.outputs.get(id(m.inner))
+    if g != x:
+        raise CertkitError(
+            f"layer {name or '<root>'!r}: the Residual's inner output has shape {g} but its input {x}; x + g(x) "
+            "would broadcast, and GloRo bounds it by 1 + L(g) only for equal shapes"
+        )
+
+
 def build_bound(module: nn.Module, in_shape: Sequence[int], exclude: Sequence[nn.Module] = ()) -> LipschitzBound:
     """Analyse ``module`` (a tree of Sequential/Residual and known layers) for input shape ``in_shape``.
 
     ``exclude`` lists modules left out of the bound — the GloRo head, which enters through ``‖w_i − w_j‖``.
     Hooks and instance-level forwards are refused on every module, the excluded ones included
     (:func:`check_plain`); in the analysed tree, so are containers that redefine how they are called and
-    subclasses of known layers (:func:`check_leaf_class`), which may compute another function.
+    subclasses of known layers (:func:`leaf_rule`), which may compute another function.
     """
-    check_plain(module.named_modules())  # before record_input_shapes adds (and removes) its own hooks
-    shapes = record_input_shapes(module, in_shape)
+    check_plain(module.named_modules())  # before record_shapes adds (and removes) its own hooks
+    shapes = record_shapes(module, in_shape)
     skip = {id(m) for m in exclude}
 
     def build(name: str, m: nn.Module) -> Term | None:
@@ -925,9 +963,10 @@ def build_bound(module: nn.Module, in_shape: Sequence[int], exclude: Sequence[nn
             return Product([t for t in kids if t is not None])
         if isinstance(m, Residual):
             _check_container(name, m, Residual)
+            _check_residual_shapes(name, m, shapes)
             inner = build(f"{name}.inner" if name else "inner", m.inner)
             return ResidualTerm(inner if inner is not None else Product([]), name, m)
-        return Leaf(layer_bound(name, m, shapes.get(id(m))))
+        return Leaf(layer_bound(name, m, shapes.inputs.get(id(m))))
 
     root = build("", module)
     return LipschitzBound(root if root is not None else Product([]), dict(module.named_modules()))

@@ -21,7 +21,8 @@ Soundness rules this module keeps (``shared/reference/gloro.md`` §4, §10):
   bias cancels leaves logits near 1e-4 with rounding errors near 1e-4. So the rounding is bounded from
   the activations themselves: every layer bounds its own rounding by ``gain·‖input‖ + offset``
   (:meth:`~certkit.gloro.lipschitz.LayerBound.rounding`, from the textbook ``γ_n`` bound of a dot product
-  in any summation order), the norms are recorded during the float64 pass, and each layer's error is
+  in any summation order, which is why the float64 pass runs without cuDNN's FFT and Winograd
+  convolutions), the norms are recorded during the float64 pass, and each layer's error is
   carried to the logits through the guaranteed bounds of the layers after it
   (:meth:`~certkit.gloro.lipschitz.LipschitzBound.drift`). The bound also covers every point of the
   ball, where nothing is evaluated: activations there are at most the guaranteed bound of the layers
@@ -33,8 +34,9 @@ Soundness rules this module keeps (``shared/reference/gloro.md`` §4, §10):
   :meth:`GloroNet.predict_with_bottom` do; a float32 ``forward`` agrees with it except within about 1e-6
   of a tie.
 * The constant holds for the layers and the input shape it was computed for: inputs of another shape are
-  refused (convolution and pooling bounds depend on it), and so are layers replaced or hooked since, and
-  subclasses of known layers (:mod:`certkit.gloro.lipschitz`). Hooks on the GloroNet itself (a trainer's
+  refused (convolution and pooling bounds depend on it), and so are layers replaced, hooked, given another
+  class or changed settings (a kernel size, a slope) since, and subclasses of known layers
+  (:mod:`certkit.gloro.lipschitz`). Hooks on the GloroNet itself (a trainer's
   pass counter) are allowed: certification evaluates its layers as a plain Sequential, without them.
 * The frozen constant is tied to the weights it was computed from: when a parameter or buffer changed
   since (its version counter or storage, checked on every call), it is verified again against the
@@ -70,7 +72,7 @@ from certkit.gloro.lipschitz import (
     Analysis,
     LipschitzBound,
     build_bound,
-    check_leaf_class,
+    leaf_rule,
     recorded_norms,
     rounding_coefficient,
 )
@@ -206,7 +208,7 @@ class GloroNet(nn.Sequential):
         if not isinstance(m, nn.Linear):
             raise CertkitError(f"GloroNet: the last layer must be nn.Linear (the head), found {type(m).__name__}")
         name = ".".join(path)
-        check_leaf_class(name, m)
+        leaf_rule(name, m)  # refuses a subclass of Linear, which may compute another function
         return name
 
     @property
@@ -313,7 +315,7 @@ class GloroNet(nn.Sequential):
     def certification_constant(self) -> float:
         """The frozen ``K_sub`` (freezing now if needed) as a Python float, verified again against the
         weights whenever they changed since it was computed or last verified, and refused when the layers
-        were replaced or hooked since the bound was built."""
+        were replaced, hooked, given another class or changed settings since the bound was built."""
         if self.lipschitz_frozen.dtype not in (torch.float32, torch.float64):
             raise CertkitError("lipschitz_frozen was cast to a low-precision dtype; reload the model in float32/64")
         self.bound.check_layers(self)
@@ -350,9 +352,9 @@ class GloroNet(nn.Sequential):
         """The logits of ``x`` evaluated in float64 (weights, buffers and input cast up; the module itself is
         left as it is): what certificates are computed from.
 
-        The layers run as a plain Sequential, so hooks on the GloroNet itself are not part of it; inputs of
-        another shape than ``in_shape`` are refused, since the bound's convolution and pooling constants hold
-        for that shape only.
+        The layers run as a plain Sequential, so hooks on the GloroNet itself are not part of it, and without
+        cuDNN; inputs of another shape than ``in_shape`` are refused, since the bound's convolution and pooling
+        constants hold for that shape only.
         """
         if tuple(x.shape[1:]) != self.in_shape:
             raise CertkitError(
@@ -361,7 +363,11 @@ class GloroNet(nn.Sequential):
         layers = nn.Sequential(OrderedDict(self._modules))
         tensors = itertools.chain(layers.named_parameters(), layers.named_buffers())
         double = {name: t.double() if t.is_floating_point() else t for name, t in tensors}
-        return torch.func.functional_call(layers, double, (x.double(),))
+        # The rounding bounds (LayerBound.rounding) hold for sums computed by additions in any order, as torch's
+        # own CUDA convolutions (im2col + GEMM, or direct) and its CPU ones compute them; cuDNN may choose an FFT
+        # or Winograd algorithm instead, whose error is not bounded by the magnitudes of the summed terms.
+        with torch.backends.cudnn.flags(enabled=False):
+            return torch.func.functional_call(layers, double, (x.double(),))
 
     @torch.no_grad()
     def exact_forward(self, x: Tensor) -> tuple[Tensor, LogitError]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 
 class Normalize(nn.Module):
@@ -226,3 +227,27 @@ COMPUTES: dict[type[nn.Module], type[nn.Module]] = {FirstConv: nn.Conv2d, Pool2x
 def torch_type(m: nn.Module) -> type[nn.Module]:
     """The torch layer class whose function ``m`` computes: its own class, or the one of a certkit fast path."""
     return COMPUTES.get(type(m), type(m))
+
+
+#: what calling a module runs: a class or an instance that redefines one of them may compute another function
+CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl", "forward")
+
+
+def call_override(modules: Iterable[tuple[str, nn.Module]]) -> str | None:
+    """What may make calling one of the ``(name, module)`` pairs compute something else than its class's
+    ``forward``, in words, or None: a forward hook or pre-hook, registered globally or on the module (either may
+    replace an input or an output), or a call method (:data:`CALL_PATH`) set on the instance.
+
+    Code that computes a layer's function from its class instead of calling it (GloRo's bounds, the
+    shared-noise stem split) holds only for modules where this is None.
+    """
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return "a global forward hook is registered (register_module_forward_hook or _pre_hook)"
+    for name, m in modules:
+        label = f"layer {name or '<root>'!r} ({type(m).__name__})"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return f"{label} has a forward hook or pre-hook"
+        replaced = [a for a in CALL_PATH if a in vars(m)]
+        if replaced:
+            return f"{label} has {replaced[0]} set on the instance"
+    return None

@@ -14,9 +14,10 @@ little arithmetic, which CPU kernels run far below their peak; the gain is measu
 
 The two sides are equal in exact arithmetic, but only for the modules the split re-implements: it calls
 ``F.conv2d`` with the layer's weight and divides by the Normalize's ``std`` itself. So the split is made only
-when those modules are exactly the known classes (a subclass may compute something else) and no forward or
+when those modules are exactly the known classes (a subclass may compute something else), no forward or
 pre-forward hook runs anywhere in the model or globally (``torch.fx`` inlines hooked containers, and the
-split never calls the stem modules' hooks). Otherwise the caller sends whole noisy copies through the model,
+split never calls the stem modules' hooks) and no module has its own ``forward`` set on the instance (the
+noise part would skip it). Otherwise the caller sends whole noisy copies through the model,
 which is always exact. In floating point the two sides still differ by rounding, which is why a run that
 uses the split checks its votes against the plain model first (``vote_agreement``).
 """
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as module_hooks
 
-from certkit.models.layers import COMPUTES, Normalize, torch_type
+from certkit.models.layers import CALL_PATH, COMPUTES, Normalize, call_override, torch_type
 
 
 @dataclass
@@ -92,18 +93,19 @@ class _NormalizeLeaf(fx.Tracer):
         return isinstance(m, Normalize) or type(m) in COMPUTES or super().is_leaf_module(m, qualname)
 
 
-def has_forward_hooks(model: nn.Module) -> bool:
-    """Whether a forward or pre-forward hook would run in ``model``: on any of its modules, or globally."""
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def structure_key(model: nn.Module) -> Hashable:
-    """What a stem split depends on besides the weights: every module's identity, class and hooks, and the
-    global hooks. Cheap to compute, so a caller can re-split whenever it changes."""
+    """What a stem split depends on besides the weights: every module's identity, class, hooks and call methods
+    set on the instance, and the global hooks (what :func:`~certkit.models.layers.call_override` reads). Cheap to
+    compute, so a caller can re-split whenever it changes."""
     modules = tuple(
-        (name, id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        (
+            name,
+            id(m),
+            type(m),
+            tuple(m._forward_hooks),
+            tuple(m._forward_pre_hooks),
+            tuple(a for a in CALL_PATH if a in vars(m)),
+        )
         for name, m in model.named_modules()
     )
     return modules, tuple(module_hooks._global_forward_hooks), tuple(module_hooks._global_forward_pre_hooks)
@@ -112,14 +114,15 @@ def structure_key(model: nn.Module) -> Hashable:
 def split_stem(model: nn.Module) -> StemSplit | None:
     """Split ``model`` as :class:`StemSplit`, or None when it does not start with a splittable affine stem.
 
-    Splittable: no forward hooks (:func:`has_forward_hooks`); the input goes only into a
+    Splittable: every module is called as its class defines (no forward hook and no ``forward`` set on an
+    instance: :func:`~certkit.models.layers.call_override`); the input goes only into a
     :class:`Normalize`, whose output goes only (optionally through a default ``nn.Flatten``) into a
     ``Conv2d`` with zero padding or a ``Linear``, each of exactly that class or certkit's fast path for it
     (``COMPUTES``: the same function), not a subclass of the user's; and the model traces with ``torch.fx`` (no
     data-dependent control flow). Anything else returns None and the caller
     sends whole noisy copies through the model, which is always correct.
     """
-    if has_forward_hooks(model):
+    if call_override(model.named_modules()) is not None:
         return None
     try:
         tracer = _NormalizeLeaf()
