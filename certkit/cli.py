@@ -189,6 +189,7 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     from certkit.methods import list_objectives, registry
     from certkit.models import list_models
     from certkit.recipes import list_recipes
+    from certkit.reference import NORMALIZATIONS
 
     _common_data(t)
     t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
@@ -213,6 +214,17 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--out", required=True, help="run directory (model.safetensors, model.json, metrics.jsonl)")
     t.add_argument("--teacher", default=None, help="CRT teacher: a certkit run directory or a reference .pth/.pth.tar")
+    t.add_argument(
+        "--teacher-arch",
+        default=None,
+        help="architecture of a reference teacher file that records none (CRT's and MACER's files)",
+    )
+    t.add_argument(
+        "--teacher-normalization",
+        choices=NORMALIZATIONS,
+        default=None,
+        help="input layer of a reference teacher file (as certify's --normalization)",
+    )
     t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
     t.add_argument(
         "--test-subset",
@@ -569,6 +581,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         sigma=args.sigma,
         out=args.out,
         teacher=args.teacher,
+        teacher_arch=args.teacher_arch,
+        teacher_normalization=args.teacher_normalization,
         recipe=args.recipe,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
         data_dir=args.data_dir,

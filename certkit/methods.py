@@ -46,14 +46,18 @@ def build_objective(
     teacher_model: nn.Module | None = None,
     num_classes: int | None = None,
     dataset: str | None = None,
+    teacher_arch: str | None = None,
+    teacher_normalization: str | None = None,
 ) -> Objective:
     """The objective ``method`` names, with the published defaults of ``family``/``sigma`` under ``hparams``.
 
-    Only CRT takes a ``teacher`` and ``teacher_model`` (loaded, checked against ``num_classes`` and frozen by
-    :class:`CRT`); an :class:`Objective` passes through unchanged, and then nothing else may be given.
+    Only CRT takes a ``teacher``, ``teacher_model`` and, for a reference teacher file, ``teacher_arch`` and
+    ``teacher_normalization`` (loaded, checked against ``num_classes`` and frozen by :class:`CRT`); an
+    :class:`Objective` passes through unchanged, and then nothing else may be given.
     """
+    teacher_given = any(t is not None for t in (teacher, teacher_model, teacher_arch, teacher_normalization))
     if isinstance(method, Objective):
-        if hparams or teacher is not None or teacher_model is not None:
+        if hparams or teacher_given:
             raise CertkitError("pass hyperparameters and the teacher to the objective you built, not beside it")
         return method
     cls = get_objective(method)
@@ -62,11 +66,13 @@ def build_objective(
             sigma,
             teacher,
             teacher_model=teacher_model,
+            teacher_arch=teacher_arch,
+            teacher_normalization=teacher_normalization,
             num_classes=num_classes,
             dataset=dataset,
             family=family,
             **dict(hparams or {}),
         )
-    if teacher is not None or teacher_model is not None:
-        raise CertkitError(f"--teacher is only used by --method crt, not {method!r}")
+    if teacher_given:
+        raise CertkitError(f"--teacher and its options are only used by --method crt, not {method!r}")
     return cls(sigma, family=family, **dict(hparams or {}))

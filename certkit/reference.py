@@ -214,6 +214,7 @@ def import_checkpoint(
     arch: str | None = None,
     normalization: str | None = None,
     sigma: float | None = None,
+    flags: tuple[str, str] = ("--arch", "--normalization"),
 ) -> tuple[nn.Sequential, dict[str, Any]]:
     """Read a reference checkpoint into ``Sequential(Normalize, body)``; returns (model in eval mode, metadata).
 
@@ -224,7 +225,10 @@ def import_checkpoint(
             MACER), and must agree with it otherwise.
         normalization: one of :data:`NORMALIZATIONS`; None picks the default of :data:`NORMALIZATION_HELP`.
         sigma: the training noise level, when known (the file does not record it).
+        flags: the command-line flags that set ``arch`` and ``normalization``, named in errors and warnings
+            (a CRT teacher's are ``--teacher-arch`` and ``--teacher-normalization``).
     """
+    arch_flag, norm_flag = flags
     path = Path(path)
     info = dataset_info(dataset)
     if normalization is not None and normalization not in NORMALIZATIONS:
@@ -233,11 +237,11 @@ def import_checkpoint(
     file_arch = ckpt.get("arch")
     if file_arch is None and arch is None:
         raise CertkitError(
-            f"{path}: the checkpoint does not record its architecture (CRT's and MACER's do not); pass --arch NAME"
+            f"{path}: the checkpoint does not record its architecture (CRT's and MACER's do not); pass {arch_flag} NAME"
         )
     layout = _layout(str(file_arch if file_arch is not None else arch), str(path))
-    if arch is not None and _layout(arch, "--arch").arch != layout.arch:
-        raise CertkitError(f"{path}: --arch {arch} disagrees with the checkpoint's architecture {file_arch!r}")
+    if arch is not None and _layout(arch, arch_flag).arch != layout.arch:
+        raise CertkitError(f"{path}: {arch_flag} {arch} disagrees with the checkpoint's architecture {file_arch!r}")
     if model_spec(layout.arch).family == "cifar" and tuple(info.in_shape[1:]) != (32, 32):
         raise CertkitError(
             f"{path}: {layout.arch} is a CIFAR network for 32x32 inputs; "
@@ -251,7 +255,7 @@ def import_checkpoint(
     model[1].load_state_dict(body, strict=True)
     if normalization is None and _first_layer("standard", info) != _first_layer("none", info):
         warnings.warn(
-            f"{path}: assuming the {kind!r} input layer (mean {mean}, std {std}); pass --normalization "
+            f"{path}: assuming the {kind!r} input layer (mean {mean}, std {std}); pass {norm_flag} "
             f"{'/'.join(k for k in NORMALIZATIONS if k != kind)} if the model was trained with another",
             stacklevel=2,
         )
@@ -331,20 +335,21 @@ def load_any(
     arch: str | None = None,
     normalization: str | None = None,
     model: nn.Module | None = None,
+    flags: tuple[str, str] = ("--arch", "--normalization"),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A certkit run directory / model.json (``model``: see :func:`certkit.checkpoint.load_with_meta`), or a
     reference ``.pth``/``.pth.tar`` (needs ``dataset``).
 
     ``arch`` and ``normalization`` describe a reference file; a certkit run records both, so giving
-    them for one is refused rather than ignored.
+    them for one is refused rather than ignored. ``flags`` name them in messages (:func:`import_checkpoint`).
     """
     if is_reference_checkpoint(path):
         if dataset is None:
             raise CertkitError(f"{path}: a reference checkpoint needs --dataset to know its normalization")
-        imported, meta = import_checkpoint(path, dataset, arch=arch, normalization=normalization)
+        imported, meta = import_checkpoint(path, dataset, arch=arch, normalization=normalization, flags=flags)
         return imported.to(device), meta
     if arch is not None or normalization is not None:
         raise CertkitError(
-            f"{path}: --arch and --normalization describe reference .pth/.pth.tar files; a certkit run records both"
+            f"{path}: {flags[0]} and {flags[1]} describe reference .pth/.pth.tar files; a certkit run records both"
         )
     return load_with_meta(path, device, model)

@@ -811,6 +811,8 @@ def build_trainer(
     hparams: Mapping[str, Any] | None = None,
     teacher: str | os.PathLike | nn.Module | None = None,
     teacher_model: nn.Module | None = None,
+    teacher_arch: str | None = None,
+    teacher_normalization: str | None = None,
     data_dir: str | None = None,
     train_subset: int | None = None,
     test_subset: int | None = None,
@@ -832,7 +834,8 @@ def build_trainer(
     the MNIST-like published ones). ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
     optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT
     ``teacher`` is a run directory, a reference checkpoint or a module; ``teacher_model`` is an untrained
-    instance of your own module to load a teacher run into. ``log`` takes the per-epoch lines (default: the
+    instance of your own module to load a teacher run into, ``teacher_arch`` and ``teacher_normalization``
+    read a reference teacher file that does not record them. ``log`` takes the per-epoch lines (default: the
     ``certkit`` logger on rank 0). Cheap checks run first (names, hyperparameters, the teacher, the
     settings), so a mistake is reported before any data is read.
     """
@@ -870,7 +873,16 @@ def build_trainer(
             }
         config = {**published.train, **{k: v for k, v in config.items() if v is not None}}
     objective = build_objective(
-        method, sigma, family, hparams, teacher, teacher_model, classes, dataset if named else None
+        method,
+        sigma,
+        family,
+        hparams,
+        teacher,
+        teacher_model,
+        classes,
+        dataset if named else None,
+        teacher_arch=teacher_arch,
+        teacher_normalization=teacher_normalization,
     )
     cfg = TrainConfig.for_method(family, type(objective), **config)
     run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}

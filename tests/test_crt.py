@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from certkit import checkpoint
+from certkit.cli import main
 from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.objectives.crt import CRT, transfer_distance
 from certkit.objectives.gaussian import Gaussian
 from certkit.train import TrainConfig, Trainer, train
-from helpers import make_idx_dataset
+from helpers import make_idx_dataset, train_argv
 from tests.test_train import tiny_data
 
 
@@ -174,6 +175,34 @@ def test_teacher_from_reference_pth_tar(tmp_path: Path) -> None:
     _run(tmp_path / "s", root, "crt", path)
     meta = json.loads((tmp_path / "s" / "model.json").read_text())
     assert meta["teacher"]["path"] == str(path) and meta["teacher"]["arch"] == "lenet"
+
+
+def test_cli_teacher_file_without_its_architecture_takes_teacher_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CRT's and MACER's own files record no architecture: --teacher-arch names it (--arch is the student's),
+    and --teacher-normalization sets its input layer; an error names the teacher's flag."""
+    root = make_idx_dataset(tmp_path / "data", n_train=16, n_test=8)
+    ref = create_model("lenet", 10, (1, 28, 28))
+    path = tmp_path / "teacher.pth.tar"
+    torch.save({"state_dict": {k: v for k, v in ref.state_dict().items() if k.startswith("1.")}, "epoch": 90}, path)
+    base = train_argv(root, dataset="mnist", arch="smallcnn", method="crt", teacher=path, batch_size=8)
+    assert main([*base, "--out", str(tmp_path / "no")]) == 2
+    assert "pass --teacher-arch NAME" in capsys.readouterr().err
+    assert (
+        main([*base, "--teacher-arch", "lenet", "--teacher-normalization", "none", "--out", str(tmp_path / "s")]) == 0
+    )
+    meta = json.loads((tmp_path / "s" / "model.json").read_text())
+    assert meta["arch"] == "smallcnn" and meta["teacher"]["arch"] == "lenet"
+    teacher = CRT(0.25, path, teacher_arch="lenet", teacher_normalization="none", dataset="mnist").teacher
+    torch.testing.assert_close(teacher[0].mean.flatten(), torch.zeros(1))  # 'none': no centring, unit scale
+    assert (
+        main(
+            [*train_argv(root, dataset="mnist", method="gaussian", teacher_arch="lenet"), "--out", str(tmp_path / "g")]
+        )
+        == 2
+    )
+    assert "only used by --method crt" in capsys.readouterr().err
 
 
 class _Payload:

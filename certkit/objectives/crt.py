@@ -80,6 +80,9 @@ class CRT(Objective):
         teacher_model: for a teacher run of your own module, an untrained instance of it to load into.
         num_classes: the dataset's class count, checked against the teacher's when known.
         dataset: dataset name, for a reference checkpoint's normalization.
+        teacher_arch, teacher_normalization: how to read a reference teacher file that does not say it all
+            (CRT's and MACER's own files record no architecture; a SmoothAdv CIFAR-10 net centres its input):
+            as ``certkit certify``'s ``--arch`` and ``--normalization`` for a reference checkpoint.
         alpha: weight of the transfer term; 1 − alpha weighs cross-entropy. Default 1.0 (official configs).
         match: 'logits' (official code, default) or 'softmax' (the paper's wording).
 
@@ -105,6 +108,8 @@ class CRT(Objective):
         *,
         teacher_meta: dict[str, Any] | None = None,
         teacher_model: nn.Module | None = None,
+        teacher_arch: str | None = None,
+        teacher_normalization: str | None = None,
         num_classes: int | None = None,
         dataset: str | None = None,
         family: str = DEFAULT_FAMILY,
@@ -117,7 +122,14 @@ class CRT(Objective):
             info = dict(teacher_meta or {})
         else:
             path = str(teacher)
-            teacher, info = reference.load_any(path, dataset=dataset, model=teacher_model)
+            teacher, info = reference.load_any(
+                path,
+                dataset=dataset,
+                model=teacher_model,
+                arch=teacher_arch,
+                normalization=teacher_normalization,
+                flags=("--teacher-arch", "--teacher-normalization"),
+            )
             info["path"] = path
         self.teacher = self._freeze(teacher)
         self.teacher_info = info
