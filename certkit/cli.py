@@ -125,12 +125,17 @@ def _batch(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1 or auto (got {value!r})") from None
 
 
-def _common_data(p: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist") -> None:
+def _common_data(
+    p: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist", factory: str = "your own data"
+) -> None:
+    """``--dataset``, ``--data-dir`` and ``--device``; ``factory`` says what ``--dataset pkg.module:factory`` does."""
     from certkit.data import DATASETS
 
     default = "%(default)s" if dataset_default else "the one the checkpoint names"
     p.add_argument(
-        "--dataset", default=dataset_default, help=f"dataset name: {', '.join(DATASETS)} (default: {default})"
+        "--dataset",
+        default=dataset_default,
+        help=f"dataset name: {', '.join(DATASETS)}; or pkg.module:factory, {factory} (default: {default})",
     )
     p.add_argument(
         "--data-dir",
@@ -191,7 +196,7 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     from certkit.recipes import list_recipes
     from certkit.reference import NORMALIZATIONS
 
-    _common_data(t)
+    _common_data(t, factory="your own data: a function returning train and test torch Datasets and the class count")
     t.add_argument("--arch", default="lenet", help=f"architecture: {', '.join(list_models())}, or pkg.module:factory")
     t.add_argument(
         "--method",
@@ -251,11 +256,20 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
 
     name = c.prog.split()[-1]
     c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
-    _common_data(c, dataset_default=None)
+    _common_data(
+        c,
+        dataset_default=None,
+        factory="your own data: the factory's test split (its train split with --split train), checked against "
+        "the model's class count and input shape; a factory that model.json names is never imported unless "
+        "named here",
+    )
     c.add_argument(
         "--arch",
         default=None,
-        help="reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, "
+        help="a run of your own model (trained with --arch pkg.module:factory): the same pkg.module:factory, "
+        "which builds the untrained module the run's weights load into (certkit imports it only because it is "
+        "named here, never because model.json names it, and refuses another spec than the one model.json "
+        "records); a reference checkpoint without an 'arch' entry (CRT's, MACER's): its architecture, "
         "a reference name (cifar_resnet110, lenet, ...) or certkit's (resnet110)",
     )
     c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
@@ -452,7 +466,9 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "with the same --out resumes (--overwrite starts afresh). --method gloro certifies a GloRo net "
         "deterministically in one pass: the flags of smoothing's sampling and forward passes (--sigma, --n, --n0, "
         "--alpha, --adaptive, --shared-noise, --rng, --seed, --amp, --channels-last, --compile) are refused for "
-        "it, as --epsilon is for smoothing.",
+        "it, as --epsilon is for smoothing. A run of your own model (trained with --arch pkg.module:factory) "
+        "certifies with the same --arch, and your own data with --dataset pkg.module:factory; certkit imports "
+        "only the factories the command line names.",
         formatter_class=_Formatter,
     )
     add(
@@ -460,7 +476,9 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         _certify_arguments,
         help="randomized-smoothing PREDICT over a test set",
         description="Cohen et al. PREDICT: n samples, two-sided binomial test of the top two counts, "
-        "abstain (-1) when p > alpha.",
+        "abstain (-1) when p > alpha. A run of your own model (trained with --arch pkg.module:factory) "
+        "predicts with the same --arch, and your own data with --dataset pkg.module:factory; certkit imports "
+        "only the factories the command line names.",
         formatter_class=_Formatter,
     )
     add("report", _report_arguments, help="ACR and certified accuracy of result files, as a Markdown table and a plot")
@@ -627,15 +645,29 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         # torch.compile's C++ toolchain lookup logs "No CUDA runtime is found" on a CPU-only run: true, and
         # beside the point, since a CPU run compiles for the CPU
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    own = _own_model(args)
     model, meta = reference.load_any(
-        args.run, dataset=args.dataset, device=device, arch=args.arch, normalization=args.normalization
+        args.run,
+        dataset=args.dataset,
+        device=device,
+        arch=None if own is not None else args.arch,
+        normalization=args.normalization,
+        model=own,
     )
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise CertkitError(f"{args.run}: the checkpoint does not name its dataset; pass --dataset")
-    info = dataset_info(dataset)
-    check_fits_dataset(str(args.run), meta["num_classes"], meta["in_shape"], info)
-    data = load_dataset(dataset, args.split, args.data_dir)
+    if isinstance(dataset, str) and ":" in dataset:
+        if args.dataset is None:
+            raise CertkitError(
+                f"{args.run}: trained on your own data; pass --dataset {dataset} (or a dataset name): certkit "
+                "imports a factory only when the command line names it, never because model.json does"
+            )
+        info, data = _factory_split(dataset, args.split, str(args.run), meta)
+    else:
+        info = dataset_info(dataset)
+        check_fits_dataset(str(args.run), meta["num_classes"], meta["in_shape"], info)
+        data = load_dataset(dataset, args.split, args.data_dir)
     certifier = getattr(args, "method", None) or ("gloro" if meta.get("method") == "gloro" else "smoothing")
     if certifier == "gloro":
         _certify_gloro(model, meta, data, args, mode)
@@ -683,6 +715,76 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
             _merge_own_shards([f"{args.out}.shard{r}of{size}" for r in range(size)], args.out)
     if rank == 0:
         print(f"wrote {args.out}")
+
+
+def _own_model(args: argparse.Namespace) -> Any:
+    """``certify``/``predict`` of a certkit run of your own model: the untrained module built by the factory
+    that ``--arch`` names, for :func:`certkit.reference.load_any` to load the run's weights into (None for
+    any other checkpoint). The factory is imported only because the command line names it, and only once
+    it is the spec the run's model.json records: a checkpoint never chooses code to run."""
+    from certkit.checkpoint import read_meta
+    from certkit.reference import is_reference_checkpoint
+
+    own_arch = args.arch is not None and ":" in args.arch
+    if is_reference_checkpoint(args.run):
+        if own_arch:
+            raise CertkitError(
+                f"--arch {args.arch}: a factory builds your own model for a certkit run of it; {args.run} is a "
+                "reference checkpoint, whose --arch is an architecture name"
+            )
+        return None
+    meta = read_meta(args.run)
+    recorded = meta["arch"]
+    if ":" not in recorded:
+        if own_arch:
+            raise CertkitError(
+                f"--arch {args.arch}: {args.run} is a run of certkit's architecture {recorded!r}, which it records; "
+                "--arch pkg.module:factory is for a run of your own model"
+            )
+        return None
+    if args.arch is None:
+        data = meta.get("dataset")
+        also = f" --dataset {data}" if args.dataset is None and isinstance(data, str) and ":" in data else ""
+        raise CertkitError(
+            f"{args.run}: a run of your own model; pass --arch {recorded}{also} to build it (certkit imports a "
+            "factory only when the command line names it, never because model.json does)"
+        )
+    if args.arch != recorded:
+        raise CertkitError(
+            f"--arch {args.arch}: {args.run} was trained with --arch {recorded} (its model.json); pass that one"
+        )
+    if args.normalization is not None:
+        raise CertkitError(
+            "--normalization describes reference .pth/.pth.tar files; your own model holds its own input layer"
+        )
+    return _factory_model(args.arch)
+
+
+def _factory_split(spec: str, split: str, run: str, meta: dict[str, Any]) -> tuple[Any, Any]:
+    """``certify --dataset pkg.module:factory``: (its :class:`~certkit.data.DatasetInfo`, the factory's
+    ``split`` split), refused in one line unless the split is an indexable Dataset whose items fit the
+    model's class count and input shape."""
+    from torch.utils.data import DataLoader
+
+    from certkit.data import DatasetInfo, check_item
+    from certkit.reference import check_fits_dataset
+
+    made = _factory_data(spec)
+    data = made["test_data"] if split == "test" else made["dataset"]
+    if data is None:
+        raise CertkitError(f"--dataset {spec}: the factory's {split} split is None; certifying reads its items")
+    if isinstance(data, DataLoader) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise CertkitError(
+            f"--dataset {spec}: the factory's {split} split is a {type(data).__name__}; certifying reads items "
+            "by index, from a torch Dataset"
+        )
+    x, _ = check_item(data[0], f"--dataset {spec}: {split} item 0")
+    channels, height, width = (int(v) for v in x.shape)
+    info = DatasetInfo(
+        spec, made["num_classes"], (channels, height, width), (0.0,) * channels, (1.0,) * channels, "custom"
+    )
+    check_fits_dataset(run, meta["num_classes"], meta["in_shape"], info)
+    return info, data
 
 
 def _auto_batch(smoothed: Any, dataset_size: int, in_shape: Sequence[int], plan: Any, announce: bool) -> int:
