@@ -297,6 +297,7 @@ def test_list_recipes_cli() -> None:
     assert any(line.startswith("macer-cifar10") for line in lines)
 
 
+@pytest.mark.slow  # trains on the real dataset through the CLI
 def test_train_cli_recipe_picks_the_method_and_records_resolved_values(fmnist_root, tmp_path) -> None:
     out = tmp_path / "run"
     cmd = [
