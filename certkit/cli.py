@@ -577,6 +577,8 @@ def _refuse_overwriting(run: str, outputs: Sequence[Path], flag: str) -> None:
     from certkit.trainlog import CSV
 
     source = Path(run)
+    if source.name == META:  # a run named by its model.json: the run folder is what is read
+        source = source.parent
     read = [source / name for name in (WEIGHTS, META, STATE, METRICS, CSV)] if source.is_dir() else [source]
     protected = {path.resolve() for path in read}
     for path in outputs:
@@ -735,6 +737,13 @@ def _own_model(args: argparse.Namespace) -> Any:
         return None
     meta = read_meta(args.run)
     recorded = meta["arch"]
+    if recorded.startswith("custom:"):  # a module given from Python: no factory names it
+        if own_arch:
+            raise CertkitError(
+                f"--arch {args.arch}: {args.run} was trained on a module given from Python ({recorded}), which no "
+                "factory names; load it with certkit.load(run, model=<an untrained instance of your module>)"
+            )
+        return None
     if ":" not in recorded:
         if own_arch:
             raise CertkitError(
@@ -861,8 +870,9 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
     ]
     if given:
         raise CertkitError(
-            f"{', '.join(given[:-1]) + ' and ' if given[:-1] else ''}{given[-1]} apply to randomized smoothing; "
-            "a GloRo net certifies without sampling, in one fp32 pass"
+            f"{', '.join(given[:-1]) + ' and ' if given[:-1] else ''}{given[-1]} "
+            f"{'apply' if given[:-1] else 'applies'} to randomized smoothing; "
+            "a GloRo net certifies without sampling, in one float64 pass"
         )
     rank, size = world()
     if rank == 0 or args.shard is not None:

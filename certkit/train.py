@@ -163,8 +163,11 @@ class TrainConfig:
         settings = recipe(family, method)
         given = {k: v for k, v in overrides.items() if v is not None}
         if "milestones" in settings and "epochs" in given and "milestones" not in given:
-            # published milestones sit at shares of the run (CRT: 50% and 75% of it), not at fixed epochs
-            settings["milestones"] = tuple(m * given["epochs"] // settings["epochs"] for m in settings["milestones"])
+            # published milestones sit at shares of the run (CRT: 50% and 75% of it), not at fixed epochs; never
+            # at epoch 0, where the first epoch would already train at the decayed rate
+            settings["milestones"] = tuple(
+                max(1, m * given["epochs"] // settings["epochs"]) for m in settings["milestones"]
+            )
         settings.update(given)
         unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
         if unknown:

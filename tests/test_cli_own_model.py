@@ -207,6 +207,22 @@ def test_a_run_of_certkits_own_arch_refuses_a_factory(
     assert "run of certkit's architecture 'lenet'" in one_error_line(capsys)
 
 
+def test_a_run_of_a_module_given_from_python_points_to_certkit_load(
+    importable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The trainer records a module passed from Python as ``custom:<class>``: no factory names it, so certify
+    points to certkit.load rather than to an --arch that would import a module named ``custom``."""
+    run = tmp_path / "run"
+    shutil.copytree(importable, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["arch"] = "custom:Sequential"
+    (run / "model.json").write_text(json.dumps(meta))
+    for extra in ([], ["--arch", "custom:Sequential"]):
+        assert main(["certify", str(run), *extra, "--dataset", DATA, *TINY, "--out", str(tmp_path / "c.tsv")]) == 2
+        assert "certkit.load(run, model=" in one_error_line(capsys)
+    assert "custom" not in sys.modules
+
+
 def test_help_explains_factories(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["certify", "--help"])

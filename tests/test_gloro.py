@@ -881,9 +881,9 @@ def test_cli_train_then_certify_writes_a_result_file(cli_run: Path, fmnist_root:
     # sampling options of randomized smoothing are refused, not silently ignored
     capsys.readouterr()
     assert main([*args, "--shared-noise", "4"]) == 2
-    assert "apply to randomized smoothing" in capsys.readouterr().err
+    assert "--shared-noise applies to randomized smoothing" in capsys.readouterr().err
     assert main([*args, "--rng", "philox"]) == 2
-    assert "--rng apply to randomized smoothing" in capsys.readouterr().err
+    assert "--rng applies to randomized smoothing" in capsys.readouterr().err
     # --batch auto sizes smoothing's noisy batches; PREDICT is smoothing's test: both refused for GloRo
     assert main([*args, "--batch", "auto"]) == 2
     assert "give a GloRo net --batch N images" in capsys.readouterr().err

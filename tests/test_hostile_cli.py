@@ -105,6 +105,15 @@ def in_run(name: str) -> Setup:
     return setup
 
 
+def named_by_meta(name: str) -> Setup:
+    """``RUNMETA``: the run named by its model.json; ``RUNFILE``: ``name`` inside the run."""
+
+    def setup(tmp: Path, run: Path) -> dict[str, str]:
+        return {"RUNMETA": str(run / "model.json"), "RUNFILE": str(run / name)}
+
+    return setup
+
+
 def custom_arch_module(tmp: Path, run: Path) -> dict[str, str]:
     """A ``--arch pkg:factory`` whose factory fails in a way no check foresees (the catch-all's case)."""
     (tmp / "hostile_arch.py").write_text("def broken():\n    return {}['no such key']\n")
@@ -305,6 +314,12 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
         [*CERTIFY[:-1], "RUNFILE", "--overwrite"],
         ["writing", "model.json", "would overwrite the run it reads"],
         in_run("model"),
+        False,
+    ),
+    "certify-run-named-by-its-meta-overwrite-weights": (
+        ["certify", "RUNMETA", "--max", "2", "--out", "RUNFILE", "--overwrite"],
+        ["--out", "model.safetensors", "would overwrite the run it reads"],
+        named_by_meta("model.safetensors"),
         False,
     ),
     "certify-overwrite-reference-itself": (

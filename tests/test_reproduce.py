@@ -202,6 +202,8 @@ def test_a_failed_step_fails_the_call_with_its_own_error_line(
         (["--certify-flags=--n x"], ["--certify-flags", "--n", "expected an integer"]),
         (["--certify-flags=--N 5 --skip 2"], ["--certify-flags: --N and --skip set by reproduce"]),
         (["--certify-flags=--out elsewhere.tsv"], ["--out set by reproduce"]),
+        # set to certify's own defaults, or abbreviated, they would still override the protocol's
+        (["--certify-flags=--skip 1 --alp 0.001"], ["--alpha and --skip set by reproduce"]),
     ],
 )
 def test_settings_a_step_would_refuse_are_refused_before_the_first(
@@ -228,7 +230,8 @@ def test_certify_flags_it_passes_on_are_accepted(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(rp, "training_complete", lambda run: True)
     assert main(reproduce(tmp_path, "--certify-flags=--shared-noise 10 --channels-last --batch 200")) == 0
     passed_on = ["--shared-noise", "10", "--channels-last", "--batch", "200"]
-    assert calls[-1][0] == "certify" and calls[-1][-7:-2] == passed_on
+    # right after the run, before reproduce's own settings, which therefore win
+    assert calls[-1][0] == "certify" and calls[-1][2:7] == passed_on and "--n0" in calls[-1][7:]
 
 
 @pytest.mark.parametrize("kind", ["file", "proc"])

@@ -276,6 +276,7 @@ def test_published_milestones_follow_the_number_of_epochs() -> None:
     assert TrainConfig.for_method("cifar10", "crt").milestones == (100, 150)
     assert TrainConfig.for_method("cifar10", "crt", epochs=100).milestones == (50, 75)
     assert TrainConfig.for_method("imagenet", "crt", epochs=30).milestones == (15, 22)
+    assert TrainConfig.for_method("cifar10", "crt", epochs=1).milestones == (1, 1)  # a smoke run keeps its rate
     assert TrainConfig.for_method("cifar10", "crt", epochs=100, milestones=(10, 20)).milestones == (10, 20)
 
 

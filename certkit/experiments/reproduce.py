@@ -254,9 +254,11 @@ def certify_step(plan: Plan, method: str, sigma: float) -> Failure | None:
     if summary_path(out).exists():
         return None
     p = plan.protocol
+    # the user's flags first: argparse keeps a flag's last value, so reproduce's own settings always win
     args = [
         "certify",
         str(run),
+        *plan.certify_flags,
         "--n0",
         str(p.n0),
         "--N",
@@ -269,7 +271,6 @@ def certify_step(plan: Plan, method: str, sigma: float) -> Failure | None:
         plan.device,
         "--out",
         str(out),
-        *plan.certify_flags,
     ]
     if plan.data_dir:
         args += ["--data-dir", plan.data_dir]
@@ -518,6 +519,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 
 #: the certify flags each step sets from reproduce's own settings, by their namespace name
+#: a value no certify flag is given by hand (an integer, so that --n0, --N and --skip parse it too)
+_UNSET = "987654321"
 _CERTIFY_SETTINGS = {
     "n0": "--n0",
     "n": "--N",
@@ -540,12 +543,17 @@ def check_settings(plan: Plan) -> None:
     select_device(plan.device)
     for split in ("train", "test"):
         load_dataset(plan.protocol.dataset, split, plan.data_dir)
+    # whether a flag was given at all, in argparse's own reading (abbreviations included): values no one
+    # types go first, and whatever the user's flags change among them they set
+    unset = [tok for flag in _CERTIFY_SETTINGS.values() for tok in (flag, _UNSET)]
     try:
-        given = certify_namespace(plan.certify_flags)
+        given = certify_namespace([*unset, *plan.certify_flags])
     except CertkitError as e:
         raise CertkitError(f"--certify-flags {' '.join(plan.certify_flags)!r}: {e}") from None
-    defaults = certify_namespace()
-    overridden = [flag for dest, flag in _CERTIFY_SETTINGS.items() if getattr(given, dest) != getattr(defaults, dest)]
+    unset_values = certify_namespace(unset)
+    overridden = [
+        flag for dest, flag in _CERTIFY_SETTINGS.items() if getattr(given, dest) != getattr(unset_values, dest)
+    ]
     if overridden:
         raise CertkitError(
             f"--certify-flags: {' and '.join(overridden)} set by reproduce itself (the protocol's n0 and alpha; "
