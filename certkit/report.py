@@ -192,8 +192,9 @@ def radius_label(r: float) -> str:
     exact, else the shortest decimal that round-trips. A column's figures are computed at ``r`` itself, so a
     rounded label would claim them at another radius: 0.126 headed ``0.13`` would claim more than was proved.
     """
+    r = float(r)  # a float32 grid value is the float64 it widens to, the radius the column is computed at
     short = f"{r:g}"
-    return short if float(short) == r else repr(float(r))
+    return short if float(short) == r else repr(r)
 
 
 def _table(

@@ -194,6 +194,37 @@ def test_nan_images_are_refused_before_any_row(tmp_path: Path, method: str) -> N
     assert list(tmp_path.iterdir()) == []  # no rows, no header, no settings file, no lock
 
 
+@pytest.mark.parametrize("kind", ["array-subclass", "float64-overflow"])
+def test_images_that_are_not_finite_in_float32_are_refused_before_any_row(tmp_path: Path, kind: str) -> None:
+    """A subclass of certkit's array dataset is read item by item (its items need not be the arrays'), and an
+    image is checked in the float32 certification computes in (1e300 in float64 is inf there)."""
+    from certkit.data import ArrayDataset, dataset_info
+    from certkit.models import create_model
+    from certkit.smoothing.runner import RunPlan, certify_dataset
+    from certkit.smoothing.smooth import Smooth
+
+    class Spoiled(ArrayDataset):
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            x, y = super().__getitem__(i)
+            if i == 2:
+                if kind == "array-subclass":
+                    x = x.clone()
+                    x[0, 3, 3] = float("nan")
+                else:
+                    x = x.double()
+                    x[0, 3, 3] = 1e300
+            return x, y
+
+    images = torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8)
+    data = Spoiled(dataset_info("mnist"), images, torch.zeros(4, dtype=torch.long))
+    out = tmp_path / "r.tsv"
+    with pytest.raises(CertkitError, match="dataset item 2 contains NaN or inf"):
+        plan = RunPlan(n0=10, n=100, inputs_per_batch=1)
+        model = create_model("lenet", 10, (1, 28, 28)).eval()
+        certify_dataset(Smooth(model, 10, 0.25), data, plan, out=out, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_inf_image_is_refused_by_certify() -> None:
     from certkit.models import create_model
     from certkit.smoothing.smooth import Smooth

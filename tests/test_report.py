@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy.stats import binom
 
@@ -125,6 +126,8 @@ def test_column_labels_are_the_radii_their_figures_are_computed_at(tmp_path: Pat
         assert labels == ["r=0.126", "r=0.125", "r=0.121", "r=0.1234567", "r=1e-07"]
         assert [float(label[2:]) for label in labels] == radii
     assert report.radius_label(0.25) == "0.25" and report.radius_label(0.1 + 0.2) == "0.30000000000000004"
+    # a float32 grid value is labelled as the float64 it widens to, the radius its column is computed at
+    assert float(report.radius_label(np.float32(0.7))) == float(np.float32(0.7)) != 0.7
 
 
 def test_predict_files_have_accuracy_but_no_radii(tmp_path: Path):

@@ -339,20 +339,22 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
 
     h = hashlib.sha256()
     identity: dict[str, Any] = {}
-    if isinstance(dataset, (ArrayDataset, FolderDataset)):
+    # exactly these classes: a subclass may return other items than the arrays or files hashed here, so it
+    # is read item by item like any other dataset (and its images checked)
+    if type(dataset) is ArrayDataset or type(dataset) is FolderDataset:
         identity = {"dataset": dataset.info.name, "split": dataset.split}
-    if isinstance(dataset, ArrayDataset):
+    if type(dataset) is ArrayDataset:
         for t in (dataset.images, dataset.labels):
             t = t.detach().to("cpu").contiguous()
             h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
             h.update(t.numpy())  # type: ignore[arg-type]  # numpy's stubs declare the buffer protocol only for Python >= 3.12
-    elif isinstance(dataset, FolderDataset):
+    elif type(dataset) is FolderDataset:
         for path, label in dataset._folder.samples[: len(dataset)]:  # type: ignore[attr-defined]
             h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
     else:
         for i in range(len(dataset)):
             x, label = _image(dataset, i)
-            h.update(x.detach().to("cpu", torch.float32).contiguous().numpy())  # type: ignore[arg-type]  # as above
+            h.update(x.detach().to("cpu").contiguous().numpy())  # type: ignore[arg-type]  # as above
             h.update(f"|{label}\n".encode())
     identity["dataset_sha256"] = h.hexdigest()
     return identity
@@ -394,11 +396,13 @@ def run_planned(
 
 
 def _image(dataset: Dataset, idx: int) -> tuple[Tensor, int]:
-    """Item ``idx`` as (image, label), refused unless the image is a finite (C, H, W) tensor: the hash pass
+    """Item ``idx`` as (float32 image, label), refused unless the image is a finite (C, H, W) tensor in the
+    precision certification computes in (a float64 1e300 becomes inf there): the hash pass
     (:func:`dataset_identity`) and every load before sampling check alike."""
     x, label = dataset[idx]
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise CertkitError(f"dataset item {idx}: expected an image tensor (C, H, W)")
+    x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise CertkitError(f"dataset item {idx} contains NaN or inf values")
     return x, int(label)
@@ -408,7 +412,7 @@ def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:
     """The images of ``group`` stacked, and their labels, checked again: a dataset need not return on this
     read what :func:`dataset_identity` read."""
     items = [_image(dataset, idx) for idx in group]
-    return torch.stack([x.float() for x, _ in items]), [label for _, label in items]
+    return torch.stack([x for x, _ in items]), [label for _, label in items]
 
 
 class _RunningScore:
