@@ -936,7 +936,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from certkit.experiments.reproduce import main as reproduce
 
-    return reproduce(args)
+    return reproduce(args, certify_namespace)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -532,11 +532,12 @@ _CERTIFY_SETTINGS = {
 }
 
 
-def check_settings(plan: Plan) -> None:
+def check_settings(plan: Plan, certify_namespace: Callable[[Sequence[str]], argparse.Namespace]) -> None:
     """Refuse before the first step what a step's process would refuse only when it starts, some after
     hours of training: the device, the dataset's files, and ``--certify-flags`` that certify does not take or
-    that would override what reproduce sets (the protocol's n0 and alpha, --N, --certify-skip, the output)."""
-    from certkit.cli import certify_namespace
+    that would override what reproduce sets (the protocol's n0 and alpha, --N, --certify-skip, the output).
+    ``certify_namespace`` parses flags as ``certkit certify`` would (the CLI's, passed in: the CLI imports
+    this module, not the other way round)."""
     from certkit.data import load_dataset
     from certkit.train import select_device
 
@@ -561,15 +562,16 @@ def check_settings(plan: Plan) -> None:
         )
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, certify_namespace: Callable[[Sequence[str]], argparse.Namespace]) -> int:
     """``certkit reproduce``; returns the exit status: 0 when every step finished, else that of the failures
-    (see :class:`Failure`), after the table of what did and the first failure's line on stderr."""
+    (see :class:`Failure`), after the table of what did and the first failure's line on stderr.
+    ``certify_namespace``: see :func:`check_settings`."""
     plan = plan_from_args(args)
     published = Path(args.published) if args.published else None
     if published is not None and not published.is_dir():
         raise CertkitError(f"--published {published}: not a folder")
     if not plan.report_only:
-        check_settings(plan)
+        check_settings(plan, certify_namespace)
     text, failures = run(plan, published)
     print(text, end="")
     if not failures:
@@ -579,11 +581,8 @@ def main(args: argparse.Namespace) -> int:
     return 2 if all(failure.status == 2 for failure in failures) else 1
 
 
-if __name__ == "__main__":  # python -m certkit.experiments.reproduce ...
-    parser = argparse.ArgumentParser(prog="certkit reproduce", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except CertkitError as e:
-        print(f"certkit: error: {e}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # python -m certkit.experiments.reproduce ...: the CLI's command, as it is
+    import runpy
+
+    sys.argv = ["certkit", "reproduce", *sys.argv[1:]]
+    runpy.run_module("certkit", run_name="__main__")
