@@ -518,9 +518,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     )
 
 
-#: the certify flags each step sets from reproduce's own settings, by their namespace name
 #: a value no certify flag is given by hand (an integer, so that --n0, --N and --skip parse it too)
 _UNSET = "987654321"
+#: the certify flags each step sets from reproduce's own settings, by their namespace name
 _CERTIFY_SETTINGS = {
     "n0": "--n0",
     "n": "--N",

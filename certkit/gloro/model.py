@@ -455,8 +455,8 @@ class GloroNet(nn.Sequential):
     def certify(self, x: Tensor, epsilon: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(prediction with ⊥ = -1, certified radius, clean prediction) from the float64 logits, the bound on
         their rounding and the frozen constant (verified against the current weights)."""
-        logits, error = self.exact_forward(x)
-        j, radius, ok = self.certify_logits(logits, error, epsilon)
+        logits, error = self.exact_forward(x)  # verifies the frozen constant, which needs no second check here
+        j, radius, ok = self.certify_logits(logits, error, epsilon, float(self.lipschitz_frozen))
         return torch.where(ok, j, torch.full_like(j, BOTTOM)), radius, j
 
     def predict_with_bottom(self, x: Tensor, epsilon: float | None = None) -> Tensor:
