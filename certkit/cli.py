@@ -859,6 +859,7 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
     """
     from certkit.distributed import barrier, world
     from certkit.gloro.certify import certify_gloro_dataset
+    from certkit.report import floor_figure
 
     if mode != "certify":
         raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
@@ -894,7 +895,7 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
             g = summary["gloro"]
             print(
                 f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
-                f"VRA {g['vra']:.4f}, rejection rate {g['rejection_rate']:.4f} "
+                f"VRA {floor_figure(g['vra'], 4)}, rejection rate {g['rejection_rate']:.4f} "
                 f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
             )
         print(f"wrote {args.out}")

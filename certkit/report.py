@@ -187,6 +187,16 @@ def mean_samples(results: ResultsLike) -> float | None:
     return float(res.samples.mean())
 
 
+def floor_figure(x: float, places: int = 3) -> str:
+    """``x`` written with ``places`` decimals, rounded *down*: a certified figure printed to nearest could
+    claim more than was proved (2 of 3 certified would read 0.667). The scaled value is first rounded at
+    1e-6 of its last place so that a ratio k/N stored a hair below its decimal (0.29 is 0.28999...) does not
+    lose a unit; for a fraction of N < 2,000,000 rows that never lifts a figure above its true value (its
+    distance to the next unit is 0 or at least 1/N of it)."""
+    scaled = math.floor(round(float(x) * 10**places, 6))
+    return f"{scaled / 10**places:.{places}f}"
+
+
 def radius_label(r: float) -> str:
     """``r`` written so that it reads back as exactly ``r``: ``{r:g}`` (as the summary's keys) where that is
     exact, else the shortest decimal that round-trips. A column's figures are computed at ``r`` itself, so a
@@ -210,12 +220,12 @@ def _table(
     rows = []
     for name, res in loaded.items():
         has_radius = res.radius is not None
-        cells = [name, str(len(res)), f"{acr(res):.3f}" if has_radius else "-"]
+        cells = [name, str(len(res)), floor_figure(acr(res)) if has_radius else "-"]
         if with_samples:
             samples = mean_samples(res)
             cells.append(f"{samples:.0f}" if samples is not None else "-")
         for r in grid:
-            cells.append(f"{certified_accuracy(res, r):.3f}" if has_radius or r == 0 else "-")
+            cells.append(floor_figure(certified_accuracy(res, r)) if has_radius or r == 0 else "-")
         cells.append(f"{abstain_rate(res):.3f}")
         rows.append(cells)
     return head, rows
@@ -281,7 +291,7 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
     out = []
     for name, res in certify.items():
         s = settings[name]
-        about = [f"ACR {acr(res):.3f}"]
+        about = [f"ACR {floor_figure(acr(res))}"]
         about += [
             f"{sym}={s[k]:,}" if k == "n" else f"{sym}={s[k]:g}"
             for k, sym in (("sigma", "σ"), ("n", "n"), ("alpha", "α"))

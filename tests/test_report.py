@@ -110,9 +110,26 @@ def test_peer_results_give_the_published_acr(sigma, method, published):
 def test_markdown_table_and_plot(hand_built: Path, tmp_path: Path):
     table = report.markdown_table({"hand": hand_built}, radii=[0.0, 0.5])
     assert table.splitlines()[0] == "| name | N | ACR | r=0 | r=0.5 | abstain |"
-    assert table.splitlines()[2] == "| hand | 5 | 0.261 | 0.600 | 0.200 | 0.200 |"
+    # ACR 1.303 / 5 = 0.2606 is printed rounded down: 0.260, not 0.261
+    assert table.splitlines()[2] == "| hand | 5 | 0.260 | 0.600 | 0.200 | 0.200 |"
     png = report.plot_curves({"hand": hand_built, "again": hand_built}, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_certified_figures_are_rounded_down_never_up(tmp_path: Path):
+    # two of three images certified at 0.5: 0.6666..., which to nearest would read 0.667
+    path = tmp_path / "thirds.tsv"
+    rows = [f"{i}\t1\t1\t{r}\t1\t0:00:01" for i, r in enumerate((0.5, 0.5, 0.0))]
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "\n".join(rows) + "\n")
+    assert report.markdown_table({"t": path}, radii=[0.5]).splitlines()[2] == "| t | 3 | 0.333 | 0.666 | 0.000 |"
+    assert "ACR 0.333" in report.curves({"t": path})[0].label
+    # against integer arithmetic: every fraction k/N up to N = 1,000 at 3 places and as a percent at 1 place,
+    # including those whose float sits a hair below their decimal (0.29 is 0.28999...)
+    for n in range(1, 1001):
+        for k in range(n + 1):
+            assert report.floor_figure(k / n) == f"{k * 1000 // n / 1000:.3f}"
+            assert report.floor_figure(100 * (k / n), 1) == f"{k * 1000 // n / 10:.1f}"
+    assert report.floor_figure(0.29) == "0.290" and report.floor_figure(0.6669, 4) == "0.6669"
 
 
 def test_column_labels_are_the_radii_their_figures_are_computed_at(tmp_path: Path):
@@ -157,7 +174,7 @@ def test_report_files_table_default_grid_and_samples_column(hand_built: Path, tm
     lines = text.splitlines()
     # grid 0, 0.25, ... up to the largest radius present (0.953)
     assert lines[0] == "| name | N | ACR | samples/input | r=0 | r=0.25 | r=0.5 | r=0.75 | abstain |"
-    assert lines[2] == "| hand | 5 | 0.261 | - | 0.600 | 0.400 | 0.200 | 0.200 | 0.200 |"
+    assert lines[2] == "| hand | 5 | 0.260 | - | 0.600 | 0.400 | 0.200 | 0.200 | 0.200 |"
     assert lines[3] == "| adaptive | 2 | 0.250 | 700 | 0.500 | 0.500 | 0.500 | 0.000 | 0.500 |"
     assert "plot" not in text
     # without a samples column anywhere there is no samples column
@@ -213,7 +230,7 @@ def test_report_command_errors_are_one_line(tmp_path: Path, hand_built: Path, ca
     assert ".xyz" in capsys.readouterr().err
     assert main(["report", str(hand_built), "--radii", "0,0.5", "--plot", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
-    assert "| hand | 5 | 0.261 | 0.600 | 0.200 | 0.200 |" in out and f"plot: {tmp_path / 'c.png'}" in out
+    assert "| hand | 5 | 0.260 | 0.600 | 0.200 | 0.200 |" in out and f"plot: {tmp_path / 'c.png'}" in out
     with pytest.raises(CertkitError, match="radii"):
         report.report_files([str(hand_built)], radii=[-0.5], plot=None)
 
@@ -240,9 +257,10 @@ def test_curves_mark_the_largest_radius_n_allows_and_name_their_settings(tmp_pat
     mine = _certkit_file(tmp_path / "m.tsv", 0.25, 2000, 0.001, [0.1, 0.3, 0.5])
     got = report.curves({"mine": mine, "reference": hand_built})
     assert got[0].max_radius == pytest.approx(max_radius(0.25, 2000, 0.001))
-    assert got[0].label == "mine (ACR 0.300, σ=0.25, n=2,000, α=0.001, N=3)"
+    # the file floors the float 0.3 (0.29999...) to 0.299999, so the mean is a hair under 0.3: 0.299
+    assert got[0].label == "mine (ACR 0.299, σ=0.25, n=2,000, α=0.001, N=3)"
     # a reference file has no settings: no mark, and no settings it cannot vouch for in its label
-    assert got[1].max_radius is None and got[1].label == "reference (ACR 0.261, N=5)"
+    assert got[1].max_radius is None and got[1].label == "reference (ACR 0.260, N=5)"
     # one grid for all, reaching past every file's largest radius and its mark
     assert got[0].radii is got[1].radii and got[0].radii[-1] >= max(0.953, got[0].max_radius)
     assert got[0].accuracy[0] == 1.0 and got[0].accuracy[-1] == 0.0
@@ -274,4 +292,4 @@ def test_latex_table(hand_built: Path):
     tex = report.report_files([hand_built], radii=[0.0, 0.5], labels=["Gaussian_σ"], latex=True)
     lines = tex.splitlines()
     assert lines[0] == "\\begin{tabular}{lrrrrr}" and lines[-1] == "\\end{tabular}"
-    assert "Gaussian\\_σ & 5 & 0.261 & 0.600 & 0.200 & 0.200 \\\\" in lines
+    assert "Gaussian\\_σ & 5 & 0.260 & 0.600 & 0.200 & 0.200 \\\\" in lines

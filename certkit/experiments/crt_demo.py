@@ -246,8 +246,8 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         lines.append(
             f"| {label} | {f['seconds']:.1f} | {direct_s / f['seconds']:.2f}x | {f['passes']:,} | "
             f"{direct_passes / f['passes']:.2f}x | "
-            f"{(f['clean_acc'] or 0) * 100:.1f}% | {f['acr']:.3f} | "
-            + " | ".join(f"{a * 100:.1f}%" for a in acc)
+            f"{(f['clean_acc'] or 0) * 100:.1f}% | {report.floor_figure(f['acr'])} | "
+            + " | ".join(f"{report.floor_figure(a * 100, 1)}%" for a in acc)
             + " |"
         )
     ch = figures["chain"]

@@ -365,7 +365,10 @@ def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
 
 def table(rows: Sequence[Row], plan: Plan) -> str:
     """The comparison as Markdown: ACR, published ACR (full test set and same images), paired difference
-    with its standard error, and certified accuracy certkit / published at each radius of ``RADII``."""
+    with its standard error, and certified accuracy certkit / published at each radius of ``RADII``, every
+    figure rounded down (:func:`certkit.report.floor_figure`)."""
+    from certkit.report import floor_figure
+
     head = (
         "| method | sigma | images | ACR | published ACR (all / same images) | difference ± SE | "
         + " | ".join(f"r={r:g}" for r in RADII)
@@ -380,12 +383,15 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
         "|" + "---|" * (head.count("|") - 1),
     ]
     for r in rows:
-        acc = " | ".join(f"{100 * x:.1f} / {100 * y:.1f}" for x, y in zip(r.accuracy, r.published_accuracy))
+        acc = " | ".join(
+            f"{floor_figure(100 * x, 1)} / {floor_figure(100 * y, 1)}" for x, y in zip(r.accuracy, r.published_accuracy)
+        )
         secs = f"{r.train_seconds:.0f}" if r.train_seconds is not None else "–"
         mark = " (partial)" if r.partial else ""
         lines.append(
-            f"| {r.method}{mark} | {r.sigma:g} | {r.images} | {r.acr:.3f} | {r.published_acr:.3f} / "
-            f"{r.published_acr_same_images:.3f} | {r.diff:+.3f} ± {r.diff_se:.3f} | {acc} | {secs} |"
+            f"| {r.method}{mark} | {r.sigma:g} | {r.images} | {floor_figure(r.acr)} | "
+            f"{floor_figure(r.published_acr)} / {floor_figure(r.published_acr_same_images)} | "
+            f"{r.diff:+.3f} ± {r.diff_se:.3f} | {acc} | {secs} |"
         )
     ledgers = [r.ledger for r in rows if r.ledger]
     if ledgers:
