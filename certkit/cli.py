@@ -222,7 +222,9 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--teacher-arch",
         default=None,
-        help="architecture of a reference teacher file that records none (CRT's and MACER's files)",
+        help="architecture of a reference teacher file that records none (CRT's and MACER's files); for a "
+        "teacher run of your own model (trained with --arch pkg.module:factory), that pkg.module:factory, which "
+        "builds the module its weights load into (never imported because model.json names it)",
     )
     t.add_argument(
         "--teacher-normalization",
@@ -542,13 +544,13 @@ def _factory(spec: str, what: str) -> Any:
     return factory()
 
 
-def _factory_model(spec: str) -> Any:
-    """``--arch pkg.module:factory``: the module it returns."""
+def _factory_model(spec: str, flag: str = "--arch") -> Any:
+    """``--arch pkg.module:factory`` (or ``--teacher-arch``, named by ``flag``): the module it returns."""
     from torch import nn
 
-    model = _factory(spec, "arch")
+    model = _factory(spec, flag.removeprefix("--"))
     if not isinstance(model, nn.Module):
-        raise CertkitError(f"--arch {spec}: the factory must return an nn.Module, not {type(model).__name__}")
+        raise CertkitError(f"{flag} {spec}: the factory must return an nn.Module, not {type(model).__name__}")
     return model
 
 
@@ -595,13 +597,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     data = _factory_data(args.dataset) if ":" in args.dataset else {"dataset": args.dataset}
     arch = _factory_model(args.arch) if ":" in args.arch else args.arch
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    teacher_model = None
+    if method == "crt" and args.teacher is not None and Path(args.teacher).is_dir():  # a run of your own model?
+        flags = ("--teacher-arch", "--teacher-normalization")
+        teacher_model = _run_factory_model(args.teacher, args.teacher_arch, args.teacher_normalization, flags, False)
     trainer = build_trainer(
         arch=arch,
         method=method,
         sigma=args.sigma,
         out=args.out,
         teacher=args.teacher,
-        teacher_arch=args.teacher_arch,
+        teacher_model=teacher_model,
+        teacher_arch=None if teacher_model is not None else args.teacher_arch,
         teacher_normalization=args.teacher_normalization,
         recipe=args.recipe,
         hparams={k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")},
@@ -720,53 +727,66 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
 
 
 def _own_model(args: argparse.Namespace) -> Any:
-    """``certify``/``predict`` of a certkit run of your own model: the untrained module built by the factory
-    that ``--arch`` names, for :func:`certkit.reference.load_any` to load the run's weights into (None for
-    any other checkpoint). The factory is imported only because the command line names it, and only once
-    it is the spec the run's model.json records: a checkpoint never chooses code to run."""
+    """``certify``/``predict`` of a certkit run of your own model: the untrained module that ``--arch`` builds
+    (see :func:`_run_factory_model`), None for any other checkpoint."""
+    return _run_factory_model(
+        args.run, args.arch, args.normalization, ("--arch", "--normalization"), args.dataset is None
+    )
+
+
+def _run_factory_model(
+    run: str | Path, arch: str | None, normalization: str | None, flags: tuple[str, str], hint_dataset: bool
+) -> Any:
+    """The untrained module built by the factory that ``arch`` names, for :func:`certkit.reference.load_any` to
+    load the run's checked weights into, when ``run`` is a certkit run of your own model (None for any other
+    checkpoint). The factory is imported only because the command line names it (``flags[0]``: ``--arch``,
+    or ``--teacher-arch`` for a CRT teacher), and only once it is the spec the run's model.json records: a
+    checkpoint never chooses code to run. ``hint_dataset``: the message for a missing spec also names the
+    run's dataset factory."""
     from certkit.checkpoint import read_meta
     from certkit.reference import is_reference_checkpoint
 
-    own_arch = args.arch is not None and ":" in args.arch
-    if is_reference_checkpoint(args.run):
+    arch_flag, norm_flag = flags
+    own_arch = arch is not None and ":" in arch
+    if is_reference_checkpoint(run):
         if own_arch:
             raise CertkitError(
-                f"--arch {args.arch}: a factory builds your own model for a certkit run of it; {args.run} is a "
-                "reference checkpoint, whose --arch is an architecture name"
+                f"{arch_flag} {arch}: a factory builds your own model for a certkit run of it; {run} is a "
+                f"reference checkpoint, whose {arch_flag} is an architecture name"
             )
         return None
-    meta = read_meta(args.run)
+    meta = read_meta(run)
     recorded = meta["arch"]
     if recorded.startswith("custom:"):  # a module given from Python: no factory names it
         if own_arch:
             raise CertkitError(
-                f"--arch {args.arch}: {args.run} was trained on a module given from Python ({recorded}), which no "
+                f"{arch_flag} {arch}: {run} was trained on a module given from Python ({recorded}), which no "
                 "factory names; load it with certkit.load(run, model=<an untrained instance of your module>)"
             )
         return None
     if ":" not in recorded:
         if own_arch:
             raise CertkitError(
-                f"--arch {args.arch}: {args.run} is a run of certkit's architecture {recorded!r}, which it records; "
-                "--arch pkg.module:factory is for a run of your own model"
+                f"{arch_flag} {arch}: {run} is a run of certkit's architecture {recorded!r}, which it records; "
+                f"{arch_flag} pkg.module:factory is for a run of your own model"
             )
         return None
-    if args.arch is None:
+    if arch is None:
         data = meta.get("dataset")
-        also = f" --dataset {data}" if args.dataset is None and isinstance(data, str) and ":" in data else ""
+        also = f" --dataset {data}" if hint_dataset and isinstance(data, str) and ":" in data else ""
         raise CertkitError(
-            f"{args.run}: a run of your own model; pass --arch {recorded}{also} to build it (certkit imports a "
+            f"{run}: a run of your own model; pass {arch_flag} {recorded}{also} to build it (certkit imports a "
             "factory only when the command line names it, never because model.json does)"
         )
-    if args.arch != recorded:
+    if arch != recorded:
         raise CertkitError(
-            f"--arch {args.arch}: {args.run} was trained with --arch {recorded} (its model.json); pass that one"
+            f"{arch_flag} {arch}: {run} was trained with --arch {recorded} (its model.json); pass that one"
         )
-    if args.normalization is not None:
+    if normalization is not None:
         raise CertkitError(
-            "--normalization describes reference .pth/.pth.tar files; your own model holds its own input layer"
+            f"{norm_flag} describes reference .pth/.pth.tar files; your own model holds its own input layer"
         )
-    return _factory_model(args.arch)
+    return _factory_model(arch, arch_flag)
 
 
 def _factory_split(spec: str, split: str, run: str, meta: dict[str, Any]) -> tuple[Any, Any]:

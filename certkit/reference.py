@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from certkit.checkpoint import load_with_meta, make_meta
+from certkit.checkpoint import load_with_meta, make_meta, read_meta
 from certkit.data import DatasetInfo, dataset_info
 from certkit.errors import CertkitError, first_line
 from certkit.fileio import atomic_write_bytes, check_output, sha256_file
@@ -279,8 +279,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     anything else would certify a different function there.
     """
     check_output(out, "--out")
-    model, meta = load_with_meta(run)
-    assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
+    meta = read_meta(run)  # the architecture is checked before any weights load (your own model would not)
     arch = meta["arch"]
     if meta.get("method") == "gloro" or "gloro" in meta:
         raise CertkitError(
@@ -294,6 +293,8 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     dataset = meta.get("dataset")
     if dataset is None:
         raise CertkitError(f"{run}: model.json names no dataset, so the reference input layer is unknown")
+    model, meta = load_with_meta(run)
+    assert isinstance(model, nn.Sequential)  # a run of a certkit architecture: input layer, then the network
     mean, std = _first_layer("standard", dataset_info(dataset))
     have = {k: v.flatten() for k, v in model[0].state_dict().items()}
     if not (torch.equal(have["mean"], torch.tensor(mean)) and torch.equal(have["std"], torch.tensor(std))):

@@ -223,6 +223,87 @@ def test_a_run_of_a_module_given_from_python_points_to_certkit_load(
     assert "custom" not in sys.modules
 
 
+def crt_argv(teacher: Path, out: Path, *teacher_flags: str) -> list[str]:
+    return [
+        "train", "--method", "crt", "--teacher", str(teacher), *teacher_flags, "--arch", ARCH, "--dataset", DATA,
+        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def test_own_model_run_teaches_crt_with_teacher_arch(importable: Path, tmp_path: Path) -> None:
+    """``--teacher-arch pkg.module:factory`` builds the teacher run's module, its checked weights load into it,
+    and the student's lineage names that run; the student teaches the next generation the same way."""
+    from certkit.checkpoint import sha256_file
+
+    student = tmp_path / "student"
+    assert main(crt_argv(importable, student, "--teacher-arch", ARCH)) == 0
+    meta = json.loads((student / "model.json").read_text())
+    assert meta["teacher"]["sha256"] == sha256_file(importable / "model.safetensors")
+    assert meta["teacher"]["arch"] == ARCH and [g["method"] for g in meta["lineage"]] == ["gaussian"]
+    assert main(crt_argv(student, tmp_path / "gen2", "--teacher-arch", ARCH)) == 0
+    lineage = json.loads((tmp_path / "gen2" / "model.json").read_text())["lineage"]
+    assert [g["method"] for g in lineage] == ["gaussian", "crt"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        ([], [f"pass --teacher-arch {ARCH} to build it"]),
+        (["--teacher-arch", f"{MODULE}:other_model"], [f"--teacher-arch {MODULE}:other_model", f"--arch {ARCH}"]),
+        (["--teacher-arch", ARCH, "--teacher-normalization", "none"], ["--teacher-normalization describes"]),
+    ],
+    ids=["missing", "other-arch", "normalization"],
+)
+def test_own_model_teacher_mistakes_are_one_line(
+    flags: list[str], words: list[str], importable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(crt_argv(importable, tmp_path / "s", *flags)) == 2
+    line = one_error_line(capsys)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "s" / "model.json").exists()
+
+
+def test_tampered_teacher_weights_are_refused(
+    importable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The teacher's weights load through the checked path, not into the factory's fresh module unchecked."""
+    run = tmp_path / "run"
+    shutil.copytree(importable, run)
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert main(crt_argv(run, tmp_path / "s", "--teacher-arch", ARCH)) == 2
+    assert "SHA-256 does not match" in one_error_line(capsys)
+
+
+def test_a_teacher_factory_model_json_names_is_never_imported(
+    own_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ck_marker_mod.py").write_text(MARKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(own_run.parent))
+    run = tmp_path / "run"
+    shutil.copytree(own_run, run)
+    meta = json.loads((run / "model.json").read_text())
+    meta["arch"] = "ck_marker_mod:make_model"
+    (run / "model.json").write_text(json.dumps(meta))
+    for flags in ([], ["--teacher-arch", ARCH]):
+        assert main(crt_argv(run, tmp_path / "s", *flags)) == 2
+        assert "ck_marker_mod:make_model" in one_error_line(capsys)
+    assert not (tmp_path / "imported.marker").exists()
+    assert "ck_marker_mod" not in sys.modules
+
+
+def test_export_refuses_an_own_model_run_in_one_line(
+    own_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reference certify.py builds only its own architectures; the refusal says so before any import."""
+    assert main(["export", str(own_run), "--format", "reference", "--out", str(tmp_path / "x.pth")]) == 2
+    assert f"the reference certify.py cannot build '{ARCH}'" in one_error_line(capsys)
+    assert not (tmp_path / "x.pth").exists()
+
+
 def test_help_explains_factories(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["certify", "--help"])
@@ -230,3 +311,7 @@ def test_help_explains_factories(capsys: pytest.CaptureFixture[str]) -> None:
     assert "a run of your own model (trained with --arch pkg.module:factory)" in text
     assert "never because model.json names it" in text
     assert "or pkg.module:factory, your own data: the factory's test split" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "for a teacher run of your own model (trained with --arch pkg.module:factory), that" in text
