@@ -41,8 +41,27 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy certkit
 
+# `make bench` runs, one after another at their documented default sizes (hours on 2 CPU cores; the figures'
+# commands are in docs/benchmarks.md): certify_throughput, train_throughput, methods, adaptive, gloro,
+# lenet_floor, crt_speedup (re-reports demo-out/quick, training the demo's runs there first if absent),
+# amp_quality (skipped, saying so, on a CPU without bf16 instructions) and vs_official (skipped, saying so,
+# without the official code in ../shared/peer-code/smoothmix). Not run, and said so: official_certify (needs a
+# trained run, --run RUN, and statsmodels) and profile_gpu (a GPU; benchmarks/gpu.sh is the GPU session).
 bench: $(STAMP) data
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/certify_throughput.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/methods.py
+	$(PY) benchmarks/adaptive.py
+	$(PY) benchmarks/gloro.py
+	$(PY) benchmarks/lenet_floor.py
+	$(PY) benchmarks/crt_speedup.py
+	@if $(PY) -c 'import sys; from certkit.precision import cpu_has_native_bf16; sys.exit(not cpu_has_native_bf16())'; then \
+	  echo "$(PY) benchmarks/amp_quality.py"; $(PY) benchmarks/amp_quality.py || exit 1; \
+	else echo "bench: amp_quality.py skipped: this CPU has no bf16 instructions (AVX512-BF16 or AMX)"; fi
+	@if [ -f ../shared/peer-code/smoothmix/code/train.py ]; then \
+	  echo "$(PY) benchmarks/vs_official.py"; $(PY) benchmarks/vs_official.py || exit 1; \
+	else echo "bench: vs_official.py skipped: no official code in ../shared/peer-code/smoothmix (a checkout of jh-jeong/smoothmix)"; fi
+	@echo "bench: not run: official_certify.py (needs --run RUN, a trained Fashion-MNIST run, and statsmodels), profile_gpu.py (a GPU; see benchmarks/gpu.sh)"
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -26,6 +26,8 @@ import numpy as np
 from certkit import checkpoint, report
 from certkit.allocator import keep_freed_memory
 from certkit.data import dataset_info, load_dataset
+from certkit.errors import CertkitError
+from certkit.precision import autocast_dtype
 from certkit.smoothing.runner import RunPlan, certify_dataset
 from certkit.smoothing.smooth import Smooth
 from certkit.train import STATE, select_device, train
@@ -91,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(seeds) < 2:
         p.error("--seeds needs two seeds or more: their spread is the scale of the comparison")
     a.device = select_device(a.device)
+    try:  # before the fp32 trainings, not after them: a CPU without bf16 instructions is refused
+        autocast_dtype("bf16", a.device)
+    except CertkitError as e:
+        p.error(str(e))
     a.test = load_dataset(DATASET, "test")
     diffs: list[float] = []
     seconds = {"off": 0.0, "bf16": 0.0}

@@ -11,7 +11,8 @@ input for the certifiers):
 * **certkit** -- :meth:`certkit.Smooth.certify_batch` on groups of inputs exactly as
   :func:`certkit.certify_dataset` forms them (:meth:`certkit.RunPlan.group_size`: the n0 copies of several
   inputs share one forward batch), per-input seeded noise written into one reused buffer, votes counted on the
-  device. ``--channels-last``, ``--compile`` and ``--amp`` are certkit's speed options (amp: CUDA only).
+  device. ``--channels-last``, ``--compile`` and ``--amp`` are certkit's speed options (amp: bf16 or fp16 on
+  CUDA, bf16 on a CPU with AVX512-BF16 or AMX).
   ``--shared-noise G``: groups of G inputs vote on the same draws (one generator per group, as
   ``certkit certify --shared-noise G``), so the first layer runs once per input and once per draw
   (:mod:`certkit.smoothing.stem`); each certificate keeps its guarantee, certificates of a group are dependent.

@@ -159,7 +159,10 @@ def main() -> None:
         f"n0={args.rs_n0}, n={args.rs_n}, alpha={args.rs_alpha:g} |"
     )
     print(f"| training | {args.epochs} epochs, {gloro_train_s:.0f}s | {args.rs_epochs} epochs, {rs_train_s:.0f}s |")
-    print(f"| clean accuracy | {gm['clean_accuracy']:.4f} | {rs_clean:.4f} (smoothed, certified at radius 0) |")
+    print(
+        f"| clean accuracy (GloRo) / smoothed accuracy (RS) | {gm['clean_accuracy']:.4f} (clean) "
+        f"| {rs_clean:.4f} (smoothed: certified at radius 0, not the base network's clean accuracy) |"
+    )
     print(f"| certified at {eps:g} | VRA {gm['vra']:.4f} (deterministic) | {rs_acc:.4f} (with prob. 1-alpha) |")
     print(f"| rejected / abstained | {gm['rejection_rate']:.4f} | {rs_summary['abstain_rate']:.4f} |")
     print(

@@ -8,7 +8,9 @@
 # the short LeNet certification in large batches before the test suite, which can take the rest:
 #   env          the GPU and torch
 #   graphtest    the CUDA-graph training step against the eager one (tests/test_compiled_step.py)
-#   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto
+#   train        benchmarks/vs_official.py on CUDA: gaussian and smoothmix, certkit --compile auto, the official
+#                scripts with --workers 0 (as every published ratio)
+#   trainworkers the same with the official scripts at their own default, --workers 4 (--official-workers 4)
 #   crt          benchmarks/crt_speedup.py at the GPU sizes
 #   certlenet    benchmarks/certify_throughput.py, LeNet, n = 100,000, bf16 + channels-last + compile, Philox
 #   certlenetbig the same in forward batches of 32,768 copies (what --batch auto picks on a GPU is larger
@@ -77,6 +79,7 @@ run_stage() {
         GRAPH_OK=$LAST_RC
         ;;
     train) stage train 150 $VS --methods gaussian,smoothmix ;;
+    trainworkers) stage trainworkers 150 $VS --methods gaussian,smoothmix --official-workers 4 ;;
     crt) [ "$GRAPH_OK" -eq 0 ] && stage crt 200 python3 benchmarks/crt_speedup.py --train-subset 20000 --teacher-epochs 3 --epochs 3 \
         --certify-images 300 --n 10000 --device cuda --out "$SCRATCH/crt" ;;
     certlenet) stage certlenet 120 $CT --rng philox ;;
@@ -94,7 +97,7 @@ run_stage() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env graphtest certlenetbig tests profile certlenet crt train certresnet certlenettorch trainon trainother)
+[ ${#stages[@]} -eq 0 ] && stages=(env graphtest certlenetbig tests profile certlenet crt train trainworkers certresnet certlenettorch trainon trainother)
 for s in "${stages[@]}"; do
     run_stage "$s"
 done

@@ -12,12 +12,15 @@ SmoothAdv ε = 255/256, T = 10, m = 4; MACER k = 16, λ = 16; SmoothMix m = 4, T
 the run's length (``--published-schedules`` keeps them): warm-ups of 10 epochs become ``round(E·10/90)``
 (at least 1) and MACER's 31-epoch deferral ``round(E·31/90)``. Neither changes the cost of an epoch.
 
-"s/epoch" is the trainer's wall-clock of the fastest training epoch (no per-epoch test; the fastest is
-the one least disturbed by other jobs and start-up costs), and the slowdowns are its ratios; "CPU s/epoch"
-is the process's CPU time per epoch (mean), a cross-check on a machine shared with other jobs, where
-wall-clock includes waiting. "passes/img" counts the noisy samples that went forward through the network
-per training image and epoch (attack passes included), from the cost ledger. "clean acc" is the base
-classifier on the clean certified images; "smoothed acc" is the certified accuracy at radius 0.
+The methods train in turns, an epoch each (epoch e of every method, then epoch e + 1; the method that goes
+first moves on by one each epoch), so that a change in the machine's speed during the run hits all of them
+alike; the certifications follow. "s/epoch" is the trainer's wall-clock of the fastest training epoch (no
+per-epoch test; the fastest is the one least disturbed by other jobs and start-up costs), and the slowdowns
+are its ratios; "CPU s/epoch" is the process's CPU time per epoch (mean), a cross-check on a machine shared
+with other jobs, where wall-clock includes waiting. "passes/img" counts the noisy samples that went forward
+through the network per training image and epoch (attack passes included), from the cost ledger. "clean
+acc" is the base classifier on the clean certified images; "smoothed acc" is the certified accuracy at
+radius 0.
 
 The default size (2 epochs on 3,000 images; 150 test images, n = 1,000; one thread) takes about eight
 minutes on an idle CPU core and up to about fifteen on a busy two-core machine; ``--epochs``,
@@ -109,7 +112,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_method(method: str, args: argparse.Namespace, train_data: Any, test_data: Any, out_dir: Path) -> dict[str, Any]:
+def make_trainer(method: str, args: argparse.Namespace, train_data: Any) -> Trainer:
     info = dataset_info("fashion-mnist")
     cls = get_objective(method)
     defaults = cls.defaults(info.family, args.sigma)
@@ -121,10 +124,50 @@ def run_method(method: str, args: argparse.Namespace, train_data: Any, test_data
         epochs=args.epochs, batch_size=args.batch_size, optimizer="sgd", lr=args.lr, schedule="cosine", seed=args.seed
     )
     log(f"[{method}] training: {objective!r}")
-    trainer = Trainer(model, objective, train_data, None, config, out_dir=None, device="cpu", progress=False, log=log)
-    cpu_began = time.process_time()
-    trainer.fit()
-    cpu_per_epoch = (time.process_time() - cpu_began) / args.epochs
+    return Trainer(
+        model,
+        objective,
+        train_data,
+        None,
+        config,
+        out_dir=None,
+        device="cpu",
+        progress=False,
+        log=lambda msg: log(f"[{method}] {msg}"),  # the methods' epoch lines interleave: say whose
+    )
+
+
+def train_in_turns(trainers: dict[str, Trainer]) -> dict[str, float]:
+    """Train every trainer to its last epoch, an epoch of each in turn (the first of each round moving on by
+    one every round); returns each method's process CPU seconds of training."""
+    runs = {method: t.fit_epochs() for method, t in trainers.items()}
+    cpu = dict.fromkeys(trainers, 0.0)
+    rnd = 0
+    while runs:
+        order = list(runs)
+        for method in order[rnd % len(order) :] + order[: rnd % len(order)]:
+            began = time.process_time()
+            finished = next(runs[method], None) is None
+            cpu[method] += time.process_time() - began
+            if finished:
+                del runs[method]
+        rnd += 1
+    return cpu
+
+
+def run_method(
+    method: str,
+    trainer: Trainer,
+    cpu_seconds: float,
+    args: argparse.Namespace,
+    train_data: Any,
+    test_data: Any,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The figures of one trained method, with its certification."""
+    info = dataset_info("fashion-mnist")
+    model, objective = trainer.model, trainer.objective  # prepare_model returns the model itself for these
+    cpu_per_epoch = cpu_seconds / args.epochs
     totals = trainer.ledger.totals()
     # the fastest epoch: the one least disturbed by other jobs (and by one-off start-up costs)
     seconds_per_epoch = min(e["seconds"] for e in trainer.ledger.epochs)
@@ -190,7 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     train_data = load_dataset("fashion-mnist", "train", args.data_dir).subset(args.train_subset)
     test_data = load_dataset("fashion-mnist", "test", args.data_dir).subset(args.certify_images)
     began = time.perf_counter()
-    rows = [run_method(m, args, train_data, test_data, out_dir) for m in args.methods]
+    trainers = {m: make_trainer(m, args, train_data) for m in args.methods}
+    cpu = train_in_turns(trainers)
+    rows = [run_method(m, trainers[m], cpu[m], args, train_data, test_data, out_dir) for m in args.methods]
     total = time.perf_counter() - began
 
     print(

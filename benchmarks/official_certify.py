@@ -37,7 +37,10 @@ certkit dependency; ``pip install statsmodels``).
     PYTHONPATH=. python benchmarks/official_certify.py --run RUN [--images 20] [--N 10000] [--n0 100]
                     [--alpha 0.001] [--threads 1] [--peer-code DIR] [--keep DIR]
 
-Last line: ``official_certify: <agreement> prediction agreement, mean |dradius| <x> over K images (N=...)``.
+Last line: ``official_certify: <agreement> prediction agreement, mean |dradius| <x> (the <S> rows predicting
+the same class) over K images (N=...)``: the agreement is over all K rows, the radius difference over the S
+rows where both sides predict the same class (not abstain). Relative paths are resolved against the
+directory the script is started in.
 """
 
 from __future__ import annotations
@@ -234,6 +237,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.images < 1 or a.N < 1 or a.n0 < 1 or a.threads < 1 or not 0 < a.alpha < 1:
         p.error("--images, --N, --n0 and --threads must be >= 1 and --alpha in (0, 1)")
+    # the subprocesses run in the scratch folder: the paths they are handed must not depend on where we started
+    for name in ("run", "peer_code", "source", "keep"):
+        if getattr(a, name) is not None:
+            setattr(a, name, getattr(a, name).resolve())
     return a
 
 
@@ -251,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"official_certify: {c.agreement:.1%} prediction agreement, mean |dradius| {c.mean_abs_dradius:.5f} "
-        f"over {c.rows} images (N={a.N})"
+        f"(the {c.same_class} rows predicting the same class) over {c.rows} images (N={a.N})"
     )
     if c.agreement < MIN_AGREEMENT:
         print(f"official_certify: FAILED: predictions agree on fewer than {MIN_AGREEMENT:.0%} of rows", file=sys.stderr)

@@ -13,8 +13,9 @@
     python benchmarks/profile_gpu.py --device cuda          # about a minute on a GPU
     python benchmarks/profile_gpu.py --device cpu --n 2000  # the same on a CPU (no captures there)
 
-Last line: ``profile_gpu: certify <wall> ms/batch wall, <busy> ms/batch device; first epoch +<s> s (warm-up
-<w> s, captures <c> s)``.
+Last line: ``profile_gpu: certify <wall> ms/batch wall, <busy> ms/batch device; first epoch <±s> s (warm-up
+<w> s, captures <c> s)``, where <±s> is the first epoch's time minus the mean of the other two, with its sign
+(negative when the first epoch was the fastest).
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def main() -> None:
     wall, busy = profile_certification(args, device)
     surplus, warmup, captures = profile_training(args, device)
     print(
-        f"profile_gpu: certify {wall:.3f} ms/batch wall, {busy:.3f} ms/batch device; first epoch +{surplus:.3f} s "
+        f"profile_gpu: certify {wall:.3f} ms/batch wall, {busy:.3f} ms/batch device; first epoch {surplus:+.3f} s "
         f"(warm-up {warmup:.3f} s, captures {captures:.3f} s)"
     )
 

@@ -29,8 +29,14 @@ a target is only as good as that spread.
 What each side's epoch time includes:
 
 - official: the second column of its ``logs/.../log.txt`` (printed to 3 significant digits): the
-  training epoch with its DataLoader (``--workers 0``, one image converted at a time), per-step
-  ``.item()`` calls and prints, plus the test pass over the 16 test images and the per-epoch scalar logging;
+  training epoch with its DataLoader, per-step ``.item()`` calls and prints, plus the test pass over the 16
+  test images and the per-epoch scalar logging. The DataLoader runs with ``--workers 0`` by default
+  (``--official-workers`` changes it), where the official scripts' own default is 4: each image is converted
+  (PIL, ``ToTensor``) in the training process, one after another, and that time is in the official epoch.
+  On the 2-core development machine, four loader processes would compete with the two training threads for
+  the same cores; on a many-core GPU host they would overlap the conversion with the GPU's work, so there
+  ``--workers 0`` is expected to make the official side slower than at its default, and the ratio lower (by
+  how much was not measured);
 - certkit: the ``seconds`` of each epoch in the run's ``metrics.jsonl`` (``python -m certkit train``):
   the training loop only (``--test-subset 0``, and certkit never counts its per-epoch test).
 
@@ -49,7 +55,11 @@ is installed and otherwise supplies a writer that drops the per-epoch scalars (t
 ``statsmodels`` is needed only by their certifier, which is not run.
 
     python benchmarks/vs_official.py [--methods gaussian,smoothmix] [--batches 4] [--rounds 2]
-                                     [--threads 1] [--device cpu] [--amp bf16] [--keep DIR]
+                                     [--threads 1] [--device cpu] [--amp bf16] [--official-workers 0]
+                                     [--keep DIR]
+
+Relative paths (``--keep``, ``--peer-code``, ``--source``) are resolved against the directory the script is
+started in (the subprocesses run in the scratch folder).
 
 ``--amp bf16`` times certkit (and the ``--floor`` loop) under bf16 autocast against the official code in
 fp32: a speed option that changes the arithmetic, whose effect on the trained models is measured apart
@@ -110,12 +120,13 @@ except ImportError:  # no tensorboard package: the scripts only log per-epoch sc
 '''
 
 
-#: ``--floor``: the least time any trainer can take for Gaussian training with these kernels — a bare loop of
-#: the same arithmetic (LeNet in channels-last, as certkit runs it, the K batches held as one tensor, no
-#: loader, logging, checks or progress; glibc's malloc set as certkit's CLI sets it), so the gap between it
-#: and certkit is certkit's own overhead and the gap between it and the official code is what kernels alone
-#: give. With ``--amp bf16`` it runs under the same bf16 autocast as certkit. Prints one line of per-epoch
-#: seconds.
+#: ``--floor``: the least time an eager trainer can take for Gaussian training with these kernels — a bare loop of
+#: the same arithmetic (LeNet in channels-last, as certkit runs it, the K batches held as one tensor on the
+#: device, no loader, logging, checks or progress; glibc's malloc set as certkit's CLI sets it), so the gap
+#: between it and certkit is certkit's own overhead and the gap between it and the official code is what
+#: kernels alone give. It runs on ``--device``, as both sides do (eagerly: on CUDA certkit's captured step is
+#: then below it). With ``--amp bf16`` it runs under the same bf16 autocast as certkit. Prints one line of
+#: per-epoch seconds.
 FLOOR_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
@@ -125,21 +136,31 @@ from certkit.data import read_idx_pair
 from certkit.models import create_model
 keep_freed_memory()
 raw, epochs, batch, amp = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "bf16"
+device = torch.device(sys.argv[5])
 x, y = read_idx_pair(raw, "train")
-x = x.float().div(255)
+x, y = x.float().div(255).to(device), y.to(device)
 torch.manual_seed(0)
-model = create_model("lenet", 10, (1, 28, 28)).to(memory_format=torch.channels_last).train()
+model = create_model("lenet", 10, (1, 28, 28)).to(device).to(memory_format=torch.channels_last).train()
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 seconds = []
 for _ in range(epochs):
+    sync()
     start = time.perf_counter()
-    for i in torch.randperm(len(x)).split(batch):
+    for i in torch.randperm(len(x), device=device).split(batch):
         xb = x[i]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(xb + 0.25 * torch.randn_like(xb)), y[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync()
     seconds.append(time.perf_counter() - start)
 print(json.dumps(seconds))
 """
@@ -271,7 +292,9 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], what: str) -> None:
         raise CertkitError(f"{what} exited with status {done.returncode}:\n{tail}")
 
 
-def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[str, str]) -> list[float]:
+def run_official(
+    method: str, code: Path, run_id: int, epochs: int, env: dict[str, str], workers: int = 0
+) -> list[float]:
     cmd = [
         sys.executable,
         METHODS[method].script,
@@ -288,7 +311,7 @@ def run_official(method: str, code: Path, run_id: int, epochs: int, env: dict[st
         "--batch",
         str(BATCH),
         "--workers",
-        "0",
+        str(workers),
         "--id",
         str(run_id),
         *METHODS[method].official,
@@ -348,9 +371,9 @@ def run_certkit(
     return certkit_epoch_seconds(out / "metrics.jsonl")
 
 
-def run_floor(raw: Path, epochs: int, amp: str, env: dict[str, str]) -> list[float]:
+def run_floor(raw: Path, epochs: int, amp: str, env: dict[str, str], device: str = "cpu") -> list[float]:
     done = subprocess.run(
-        [sys.executable, "-c", FLOOR_SCRIPT, str(raw), str(epochs), str(BATCH), amp],
+        [sys.executable, "-c", FLOOR_SCRIPT, str(raw), str(epochs), str(BATCH), amp, device],
         env=env,
         capture_output=True,
         text=True,
@@ -420,14 +443,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the official scripts with glibc's malloc set as certkit's CLI sets it (MALLOC_MMAP_THRESHOLD_, "
         "MALLOC_TRIM_THRESHOLD_)",
     )
+    p.add_argument(
+        "--official-workers",
+        type=int,
+        default=0,
+        help="the official scripts' --workers (DataLoader processes; their own default is 4): 0 converts each "
+        "image in the training process, and that time is in the official epoch",
+    )
     p.add_argument("--keep", type=Path, default=None, help="keep the scratch folders (data, runs, logs) here")
     p.add_argument("--peer-code", type=Path, default=PEER_CODE, help="the official repository (its code/ is run)")
     p.add_argument("--source", type=Path, default=None, help="Fashion-MNIST IDX folder (default: certkit's)")
     p.add_argument(
         "--floor",
         action="store_true",
-        help="also time a bare Gaussian loop of the same arithmetic (the least any trainer can take with these "
-        "kernels) in the same rounds, and print floor_ratio_gaussian",
+        help="also time a bare Gaussian loop of the same arithmetic (the least an eager trainer can take with "
+        "these kernels) on --device in the same rounds, and print floor_ratio_gaussian",
     )
     a = p.parse_args(argv)
     a.methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -437,8 +467,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in a.methods if m not in METHODS]
     if unknown or not a.methods:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    if a.batches < 1 or a.rounds < 1 or a.epochs < 2 or a.threads < 1:
-        p.error("--batches, --rounds and --threads must be >= 1 and --epochs >= 2")
+    if a.batches < 1 or a.rounds < 1 or a.epochs < 2 or a.threads < 1 or a.official_workers < 0:
+        p.error("--batches, --rounds and --threads must be >= 1, --epochs >= 2 and --official-workers >= 0")
+    # the subprocesses run in the scratch folder: the paths they are handed must not depend on where we started
+    for name in ("keep", "peer_code", "source"):
+        if getattr(a, name) is not None:
+            setattr(a, name, getattr(a, name).resolve())
     return a
 
 
@@ -474,9 +508,9 @@ def measure(a: argparse.Namespace, scratch: Path) -> dict[str, dict[str, list[fl
             for side in sides:
                 kind, _, amp = side.partition(" ")
                 if kind == "floor":
-                    secs = run_floor(raw, a.epochs, amp, certkit_env)
+                    secs = run_floor(raw, a.epochs, amp, certkit_env, a.device)
                 elif kind == "official":
-                    secs = run_official(method, code, run_id, a.epochs, official_env)
+                    secs = run_official(method, code, run_id, a.epochs, official_env, a.official_workers)
                 else:
                     out = runs / f"{method}-{amp}-{r}"
                     secs = run_certkit(method, raw, out, a.epochs, amp, a, certkit_env)
@@ -504,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"device {a.device}, certkit --compile {a.compile} --amp {','.join(a.amp)}, {a.threads} thread(s) each side, "
         f"{a.batches} batches of {BATCH} per epoch, "
-        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s); the official code in fp32"
+        f"{a.epochs} epochs per run ({a.epochs - 1} timed), {a.rounds} round(s); the official code in fp32 "
+        f"with --workers {a.official_workers} (its default: 4)"
         + (", with certkit's malloc setting" if a.official_keep_freed_memory else ""),
         flush=True,
     )

@@ -633,7 +633,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     """Load the checkpoint, resolve sigma and the dataset, then run the certifier over the test set."""
     from certkit import reference
     from certkit.data import dataset_info, load_dataset
-    from certkit.distributed import barrier, world
+    from certkit.distributed import barrier, wait_for_all, world
     from certkit.fileio import check_output
     from certkit.reference import check_fits_dataset
     from certkit.results import sidecar_path, summary_path
@@ -647,6 +647,8 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
 
     check_output(args.out, "--out")
     _refuse_overwriting(args.run, [Path(args.out), sidecar_path(args.out), summary_path(args.out)], "--out")
+    if args.shard is not None and world()[1] > 1:
+        raise CertkitError("--shard splits a run by hand; under torchrun the ranks split it among themselves: drop it")
     if args.sigma is not None:  # fails before the checkpoint and dataset loads, which the sampler's check follows
         check_sigma(args.sigma)
     device = select_device(args.device)
@@ -690,9 +692,16 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         warnings.warn(f"certifying at sigma={sigma}, the model was trained at sigma={meta['sigma']}", stacklevel=2)
     shard, out = args.shard, args.out
     rank, size = world()
-    auto_shard = shard is None and size > 1
+    auto_shard = size > 1
     if auto_shard:
         shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
+        if rank == 0 and not args.overwrite and Path(args.out).exists():
+            from certkit.fileio import PidLock
+            from certkit.results import split_into_shards
+
+            with PidLock(args.out):  # resumed as one process would: its rows go to the shards that plan them
+                split_into_shards(args.out, [f"{args.out}.shard{r}of{size}" for r in range(size)])
+        barrier()
     plan = RunPlan(
         mode=mode,
         n0=getattr(args, "n0", 100),
@@ -719,7 +728,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         resume=not args.overwrite,
     )
     if auto_shard:
-        barrier()
+        wait_for_all()
         if rank == 0:
             _merge_own_shards([f"{args.out}.shard{r}of{size}" for r in range(size)], args.out)
     if rank == 0:
@@ -840,19 +849,37 @@ def _auto_batch(smoothed: Any, dataset_size: int, in_shape: Sequence[int], plan:
 
 def _merge_own_shards(shards: list[str], out: str) -> None:
     """Rank 0's last step under torchrun: merge the ranks' shard files into ``out``, write its summary (with
-    the speed check the ranks ran, which is the same on every rank) and remove the shard files it merged."""
+    the speed checks the ranks ran on their own shards' first inputs, combined) and remove the shard files
+    it merged. The summary is computed from the file's radii, floored to six digits (a single process
+    summarises the rows it proved from their exact radii): lower by at most that rounding, never higher."""
     import json
 
+    from certkit.fileio import PidLock
     from certkit.results import merge_results, sidecar_path, summary_path
     from certkit.summary import write_summary
 
-    merge_results(shards, out)
-    first_summary = summary_path(shards[0])
-    speed_check = json.loads(first_summary.read_text()).get("speed_check") if first_summary.exists() else None
-    write_summary(out, extra={"speed_check": speed_check} if speed_check else None)
+    checks = []
+    for shard in shards:
+        summary = summary_path(shard)
+        if summary.exists() and json.loads(summary.read_text()).get("speed_check"):
+            checks.append(json.loads(summary.read_text())["speed_check"])
+    with PidLock(out):
+        merge_results(shards, out)
+        write_summary(out, extra={"speed_check": _combined_speed_check(checks)} if checks else None)
     for shard in shards:
         for path in (Path(shard), sidecar_path(shard), summary_path(shard)):
             path.unlink(missing_ok=True)
+
+
+def _combined_speed_check(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' vote checks as one: every input checked, the mean agreement over all of them, the lowest."""
+    inputs = sum((len(c["inputs"]) for c in checks), 0)
+    return dict(
+        checks[0],
+        inputs=sorted(i for c in checks for i in c["inputs"]),
+        vote_agreement=sum(c["vote_agreement"] * len(c["inputs"]) for c in checks) / max(inputs, 1),
+        min_input_agreement=min(c["min_input_agreement"] for c in checks),
+    )
 
 
 #: the certify flags of randomized smoothing's sampling and forward passes, by their namespace name: a GloRo
@@ -875,9 +902,9 @@ _SMOOTHING_ONLY = (
 def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.Namespace, mode: str) -> None:
     """``certkit certify RUN`` for a GloRo checkpoint: certify, print the three metrics, write the TSV.
 
-    Under torchrun without ``--shard`` rank 0 does the (one-pass, fast) work alone and the others wait.
+    Under torchrun rank 0 does the (one-pass, fast) work alone and the others wait.
     """
-    from certkit.distributed import barrier, world
+    from certkit.distributed import wait_for_all, world
     from certkit.gloro.certify import certify_gloro_dataset
     from certkit.report import floor_figure
 
@@ -896,7 +923,7 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
             "a GloRo net certifies without sampling, in one float64 pass"
         )
     rank, size = world()
-    if rank == 0 or args.shard is not None:
+    if rank == 0:  # one float64 pass per batch: rank 0 alone certifies, the others wait (cmd_certify refuses --shard)
         dataset = args.dataset or meta.get("dataset")
         summary = certify_gloro_dataset(
             model,
@@ -919,8 +946,8 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
                 f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
             )
         print(f"wrote {args.out}")
-    if size > 1 and args.shard is None:
-        barrier()
+    if size > 1:
+        wait_for_all()
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -147,13 +147,18 @@ class ArrayDataset:
         ``rank``/``world_size`` give each DDP process a disjoint, equally sized share of the same permutation.
         """
         order = epoch_order(len(self), shuffle, generator, rank, world_size).to(self.device)
+        # the permutation is the same on every rank; the crops and flips are each rank's own, drawn from a
+        # stream the shared generator seeds apart per rank
+        crops = generator
+        if self.augment and generator is not None:
+            crops = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)) + rank)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             if drop_last and len(idx) < batch_size:
                 break
             x = self.images[idx].float().div_(255)
             if self.augment:
-                x = random_crop_flip(x, padding=4, generator=generator)
+                x = random_crop_flip(x, padding=4, generator=crops)
             yield x, self.labels[idx]
 
 

@@ -18,11 +18,18 @@ torchrun parses abbreviated options even after the script's name, so ``--n`` (an
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from certkit.errors import CertkitError
+
+#: how long a rank that has finished its share may wait for the others (see :func:`wait_for_all`)
+WAIT_TIMEOUT = timedelta(days=30)
+_wait_group: Any = None  # a ProcessGroup once torchrun's ranks have joined
 
 
 def world() -> tuple[int, int]:
@@ -45,22 +52,50 @@ def init_from_env(device: str = "auto") -> bool:
     of their LOCAL_RANK, so more local ranks than GPUs is refused before anything is placed on a device
     that does not exist.
     """
+    global _wait_group
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or not dist.is_available() or dist.is_initialized():
         return dist.is_available() and dist.is_initialized()
     if not uses_cuda(device):
         dist.init_process_group("gloo")
-        return True
-    local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-    if local_rank >= gpus:
-        raise CertkitError(
-            f"torchrun started local rank {local_rank} but this machine has {gpus} GPU(s): use "
-            f"--nproc-per-node {gpus} or less, or --device cpu"
-        )
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl")
+    else:
+        if device.startswith("cuda:"):
+            raise CertkitError(
+                f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; pass --device cuda"
+            )
+        local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise CertkitError(
+                f"torchrun started local rank {local_rank} but this machine has {gpus} GPU(s): use "
+                f"--nproc-per-node {gpus} or less, or --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+    # made here, while every rank is at the same point: creating a group is itself a collective
+    _wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     return True
 
 
 def barrier() -> None:
+    """Wait for every rank, within the process group's own timeout (minutes): for points the ranks reach
+    together, such as the end of a training epoch."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_all() -> None:
+    """Wait for every rank to finish its share of a certification. Shares take unequal times (an already
+    finished shard on resume, adaptive sampling, GloRo certified by rank 0 alone), longer than the process
+    group's timeout after which a plain barrier fails the whole job, so the wait runs on a gloo group of its
+    own with a timeout of :data:`WAIT_TIMEOUT`."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_wait_group)
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """``values`` summed element-wise over all ranks (as they are outside torchrun), in float64 on ``device``
+    (NCCL reduces GPU tensors only)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return [float(v) for v in values]
+    total = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
+from certkit.distributed import sum_over_ranks
 from certkit.errors import CertkitError, first_line
 from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
@@ -454,23 +455,28 @@ class Trainer:
             for xc, yc in zip(x.chunk(chunks), y.chunk(chunks)):
                 runner(xc, yc)
             bar.update(1, note=running_loss)
-        if c.check_finite and runner.steps and not bool(torch.isfinite(runner.totals["loss"])):
+        self._sync()
+        seconds = time.perf_counter() - start
+        # under torchrun the epoch's figures are every rank's together: the loss sums (one rank's non-finite
+        # step has already reached every rank's weights through the gradient all-reduce, so every rank must
+        # stop, before rank 0 saves them), the steps and the image passes (the ledger's cost is the job's)
+        passes = {k: v for counter in self.counters for k, v in counter.take().items()}
+        summed = sum_over_ranks([runner.steps, *map(float, runner.totals.values()), *passes.values()], self.device)
+        steps, totals = int(summed[0]), dict(zip(runner.totals, summed[1 : 1 + len(runner.totals)]))
+        if c.check_finite and steps and not math.isfinite(totals["loss"]):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
                 "(lower the learning rate or the method's attack strength)"
             )
-        self._sync()
-        seconds = time.perf_counter() - start
         bar.close()
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         # epochs count from 1 in metrics.jsonl and the ledger, as on the console
-        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": runner.steps}
-        for counter in self.counters:
-            cost.update(counter.take())
+        cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps}
+        cost.update({k: int(v) for k, v in zip(passes, summed[1 + len(runner.totals) :])})
         self.ledger.epochs.append(cost)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
-        record.update({k: float(v) / max(runner.steps, 1) for k, v in runner.totals.items()})
+        record.update({k: v / max(steps, 1) for k, v in totals.items()})
         return record
 
     def _constants(self) -> tuple[object, ...]:
@@ -584,6 +590,9 @@ class Trainer:
                     name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
                     # a setting the run could not record computed what its declared default computes
                     saved[name], now[name] = old.get(k, added.get((group, k))), new.get(k)
+        # --batch-size is per process: another process count changes the batch each optimizer step sees
+        saved["torchrun --nproc-per-node"] = saved_meta.get("world_size", 1)
+        now["torchrun --nproc-per-node"] = self.world_size
         saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))  # as stored: tuples become lists
         for k in saved:
             if saved[k] != now[k]:

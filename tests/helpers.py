@@ -19,6 +19,7 @@ from scipy.stats import norm
 from torch import nn
 
 from certkit import ABSTAIN
+from certkit.data import ArrayDataset, dataset_info
 
 # --- dataset files ------------------------------------------------------------------------------------------
 
@@ -55,6 +56,19 @@ def make_cifar_dataset(root: Path, per_batch: int = 8, seed: int = 0) -> Path:
         with open(folder / name, "wb") as f:
             pickle.dump(batch, f, protocol=2)
     return root
+
+
+# --- in-memory datasets -------------------------------------------------------------------------------------
+
+
+def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
+    """A learnable synthetic MNIST-shaped set: the class is encoded as a bright block."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, 0, 2 * y : 2 * y + 6, 4:24] = 250
+    return ArrayDataset(dataset_info("mnist"), images, labels)
 
 
 # --- command lines -------------------------------------------------------------------------------------------

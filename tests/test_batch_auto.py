@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from certkit.errors import CertkitError
 from certkit.models import create_model
 from certkit.results import read_results
 from certkit.smoothing import autobatch
-from certkit.smoothing.autobatch import MIN_AUTO_BATCH, auto_batch_size, batch_cap, fastest
+from certkit.smoothing.autobatch import MAX_CPU_BATCH, MIN_AUTO_BATCH, auto_batch_size, batch_cap, fastest
 from certkit.smoothing.smooth import Smooth
 from helpers import make_idx_dataset
 
@@ -102,6 +103,52 @@ def test_the_speed_probe_stops_after_two_doublings_without_a_five_percent_gain()
     tried.clear()
     # 0.44 s spent on 128..512: 1024, guessed at twice the last (0.34 s), would pass 0.7 s: the probe stops
     assert fastest(seconds, 128, 16384, budget_s=0.7) == 512 and tried == [128, 256, 512]
+
+
+class OnAFakeClock(nn.Module):
+    """A linear classifier whose forward pass of ``rows`` rows advances a fake clock by ``rows / rate[rows]``
+    seconds, so which size the speed probe finds fastest is known in advance; it records each pass's rows."""
+
+    def __init__(self, rate: dict[int, float]) -> None:
+        super().__init__()
+        self.rate, self.now, self.passes = rate, 0.0, []
+        self.linear = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes.append(len(x))
+        self.now += len(x) / self.rate[len(x)]
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("cap", "expected", "tried"),
+    [
+        # throughput peaks at 1024 rows; 2048 and 4096 are slower, so the probe stops there
+        (2**17, 1024, [128, 256, 512, 1024, 2048, 4096]),
+        (512, 512, [128, 256, 512]),  # the cap bounds the sizes tried, below the peak
+    ],
+    ids=["peak-at-1024", "capped-at-512"],
+)
+def test_the_speed_probe_returns_the_size_its_timings_find_fastest(
+    cap: int, expected: int, tried: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert MIN_AUTO_BATCH == 128  # the rates below start there
+    rate = {128: 1000.0, 256: 2000.0, 512: 4000.0, 1024: 8000.0, 2048: 5000.0, 4096: 3000.0}
+    model = OnAFakeClock(rate)
+    monkeypatch.setattr(autobatch, "time", SimpleNamespace(perf_counter=lambda: model.now))
+    calls: list[tuple[int, int, float]] = []
+    real_fastest = autobatch.fastest
+
+    def recorded(seconds, start: int, limit: int, budget_s: float) -> int:
+        calls.append((start, limit, budget_s))
+        return real_fastest(seconds, start, limit, budget_s)
+
+    monkeypatch.setattr(autobatch, "fastest", recorded)
+    smoothed = Smooth(model, 3, 0.25)
+    assert auto_batch_size(smoothed, (1, 4, 4), cap, probe="speed", repeats=2, budget_s=1000.0) == expected
+    assert calls == [(MIN_AUTO_BATCH, min(cap, MAX_CPU_BATCH), 500.0)]
+    # each size was timed by running that many noisy copies through the network, ``repeats`` times
+    assert model.passes == [rows for rows in tried for _ in range(2)]
 
 
 def test_the_cap_holds_one_group_of_inputs_within_the_bounds() -> None:

@@ -61,6 +61,7 @@ def test_compiled_step_trains_the_eager_weights(method: str) -> None:
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), k
 
 
+@pytest.mark.slow  # a real torch.compile (inductor's C++ build on CPU; far slower with a cold cache)
 def test_compiled_step_drops_the_last_partial_batch() -> None:
     """Fixed shapes: 40 images in batches of 16 are two compiled steps (the eager step also takes the 8)."""
     eager = trainer("gaussian", mlp(), n=40, compile="off")

@@ -18,8 +18,7 @@ from certkit.models import create_model
 from certkit.objectives.crt import CRT, transfer_distance
 from certkit.objectives.gaussian import Gaussian
 from certkit.train import TrainConfig, Trainer, train
-from helpers import make_idx_dataset, train_argv
-from tests.test_train import tiny_data
+from helpers import make_idx_dataset, tiny_data, train_argv
 
 
 def _linear(seed: int, classes: int = 10) -> nn.Module:

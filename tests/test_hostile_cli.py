@@ -391,7 +391,11 @@ def assert_one_line_refusal(code: int, err: str, words: list[str], tmp: Path) ->
     return line
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name",
+    # a measured case runs two processes (the wrapper and certkit): the slow tier
+    [pytest.param(name, marks=pytest.mark.slow) if case[3] else name for name, case in CASES.items()],
+)
 def test_hostile_command_line_is_refused_in_one_line(
     name: str, run_dir: Path, fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,7 +2,8 @@
 
 A killed training run resumed with ``--resume`` must end with exactly the weights of an uninterrupted run
 (CPU, fixed seed); a killed certification re-run with the same ``--out`` must end with exactly the rows of
-an uninterrupted one, no index lost or duplicated.
+an uninterrupted one, no index lost or duplicated. Those tests run processes and are slow; the refusals of
+non-finite images at the end run in-process, in the fast tier.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from safetensors.torch import load_file
 from certkit.errors import CertkitError
 from certkit.results import read_results
 from helpers import make_idx_dataset, train_argv
-
-pytestmark = pytest.mark.slow  # every test runs certkit in subprocesses, killing some mid-run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -47,6 +46,7 @@ def kill_when(proc: subprocess.Popen[bytes], ready, timeout: float = 120.0) -> N
     assert proc.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow  # trains in subprocesses, killing one mid-run
 def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=600, n_test=50)
     args = train_argv(
@@ -74,6 +74,7 @@ def test_training_killed_mid_run_resumes_to_identical_weights(tmp_path: Path) ->
     assert len(metrics.read_text().splitlines()) == 6  # one line per epoch, none duplicated
 
 
+@pytest.mark.slow  # trains in subprocesses, killing one
 def test_training_killed_before_first_epoch_starts_over(tmp_path: Path) -> None:
     data = make_idx_dataset(tmp_path / "data", n_train=200, n_test=20)
     args = train_argv(data, dataset="mnist", arch="smallcnn", batch_size=50, out=tmp_path / "run")
@@ -96,6 +97,7 @@ def lenet_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return out, data
 
 
+@pytest.mark.slow  # trains, then certifies in subprocesses, killing one
 def test_certification_killed_mid_run_resumes_without_loss_or_duplicates(
     lenet_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -132,6 +134,7 @@ def test_certification_killed_mid_run_resumes_without_loss_or_duplicates(
         np.testing.assert_array_equal(getattr(a, col), getattr(b, col))
 
 
+@pytest.mark.slow  # trains and certifies in subprocesses
 def test_certify_refuses_a_file_from_another_model(lenet_run: tuple[Path, Path], tmp_path: Path) -> None:
     run, data = lenet_run
     tsv = tmp_path / "r.tsv"
@@ -146,6 +149,7 @@ def test_certify_refuses_a_file_from_another_model(lenet_run: tuple[Path, Path],
     assert tsv.read_bytes() == before
 
 
+@pytest.mark.slow  # three subprocesses
 def test_errors_from_processes_are_one_line_without_traceback(tmp_path: Path) -> None:
     not_results = tmp_path / "notes.txt"
     not_results.write_text("hello\tworld\n1\t2\n")

@@ -272,6 +272,42 @@ def test_the_file_torchrun_ranks_merge_is_resumed_and_grown_by_an_unsharded_run(
         assert getattr(grown, column).tolist() == getattr(whole, column).tolist()
 
 
+def test_merge_takes_no_cut_last_line_for_a_row(tmp_path: Path):
+    """A shard killed mid-row ends in an unterminated line; as resuming does, merge does not take it for a row
+    (a cut number would pass as a smaller one), so the row is missing and the merge refused."""
+    settings = {**SETTINGS, "dataset_size": 4}
+    shards = [tmp_path / f"s{i}.tsv" for i in range(2)]
+    for i, p in enumerate(shards):
+        _write_rows(p, planned_indices(4, 1, -1, (i, 2)), {**settings, "shard": [i, 2]}).close()
+    shards[1].write_bytes(shards[1].read_bytes()[:-4])  # the newline and three characters of the last row
+    with pytest.raises(CertkitError, match="1 planned indices are missing from the shards"):
+        merge_results(shards, tmp_path / "m.tsv")
+
+
+def test_an_existing_file_is_split_into_the_shards_that_plan_its_rows(tmp_path: Path):
+    """Under torchrun an existing --out is resumed: its rows go to the shard files whose plan holds them, with
+    the sidecar each shard would have, and merging those gives the file back; a shard left by an interrupted
+    run is kept as it is."""
+    from certkit.results import split_into_shards
+
+    settings = {**SETTINGS, "dataset_size": 20, "skip": 2, "max": 13}
+    out = tmp_path / "r.tsv"
+    _write_rows(out, planned_indices(20, 2, 13), settings).close()
+    shards = [tmp_path / f"r.tsv.shard{r}of3" for r in range(3)]
+    split_into_shards(out, shards)
+    for r, shard in enumerate(shards):
+        assert read_results(shard).idx.tolist() == planned_indices(20, 2, 13, (r, 3))
+        with ResultWriter(shard, "certify", {**settings, "shard": [r, 3]}) as w:  # resumes: settings match
+            assert w.done_indices == set(planned_indices(20, 2, 13, (r, 3)))
+    assert merge_results(shards, tmp_path / "again.tsv").read_text() == out.read_text()
+    shards[0].write_text(shards[0].read_text().splitlines()[0] + "\n")  # an interrupted run's own shard
+    split_into_shards(out, shards)
+    assert read_results(shards[0]).idx.tolist() == []
+    # a file that is itself one shard of a run is not split again
+    with pytest.raises(CertkitError, match="holds shard 1/3 of a run"):
+        split_into_shards(shards[1], [tmp_path / "x0", tmp_path / "x1"])
+
+
 def test_merge_refusals(tmp_path: Path):
     settings = {**SETTINGS, "dataset_size": 6}
     a, b, c = tmp_path / "a.tsv", tmp_path / "b.tsv", tmp_path / "c.tsv"

@@ -263,7 +263,7 @@ class Images:
         return self.images[i], i % 10
 
 
-@pytest.mark.slow  # four dataset runs, each with its vote-agreement check
+@pytest.mark.slow  # four shared-noise dataset runs, each with its vote-agreement check, and one without
 def test_dataset_runs_with_shared_noise(tmp_path: Path):
     torch.manual_seed(0)
     model, data = create_model("lenet", 10, (1, 28, 28)), Images()
@@ -281,7 +281,10 @@ def test_dataset_runs_with_shared_noise(tmp_path: Path):
     run(model, data, out=tmp_path / "s1.tsv", shard=(1, 2), **common)
     shard = read_results(tmp_path / "s1.tsv")
     assert shard.radius.tolist() == whole.radius[1::2].tolist()
-    # it differs from independent noise, and resuming without the flag is refused
+    # it differs from independent noise (the same seed, each input drawing its own), and resuming without the
+    # flag is refused
+    run(model, data, out=tmp_path / "independent.tsv", **{**common, "shared_noise": 0})
+    assert read_results(tmp_path / "independent.tsv").radius.tolist() != whole.radius.tolist()
     with pytest.raises(CertkitError, match="shared_noise"):
         run(model, data, out=tmp_path / "whole.tsv", **{**common, "shared_noise": 0})
     with pytest.raises(CertkitError, match="at least 2"):

@@ -304,18 +304,32 @@ def test_channels_last_votes_through_a_copy_and_agrees_with_fp32():
     from certkit.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("lenet", 10, (1, 28, 28))
+    # three input channels: a (B, 1, H, W) batch would be channels-last and contiguous at once
+    model = create_model("lenet", 10, (3, 28, 28))
     model.train()
     fast = Smooth(model, 10, 0.25, channels_last=True)
     conv = model[1].features[3].weight  # 20 input channels: the two layouts differ
     assert conv.is_contiguous() and not conv.is_contiguous(
         memory_format=torch.channels_last
     )  # caller's model untouched
-    xs = torch.rand(3, 1, 28, 28)
+    # the copy that votes has its convolutions in channels-last, and each batch reaches it in that layout
+    voting = fast.voter.network
+    assert voting is not model
+    convs = [m.weight for m in voting.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous() for w in convs)
+    layouts: list[tuple[bool, bool]] = []
+    voting.register_forward_pre_hook(
+        lambda _, args: layouts.append(
+            (args[0].is_contiguous(memory_format=torch.channels_last), args[0].is_contiguous())
+        )
+    )
+    xs = torch.rand(3, 3, 28, 28)
     assert fast.sampler.vote_agreement(xs, num=300, batch_size=300).min() >= 0.99
     gens = lambda: [input_generator(0, i) for i in range(3)]  # noqa: E731
     plain = Smooth(model, 10, 0.25).certify_batch(xs, 20, 300, 0.01, 300, gens())
     quick = fast.certify_batch(xs, 20, 300, 0.01, 300, gens())
+    assert layouts and set(layouts) == {(True, False)}
     assert [c.prediction for c in quick] == [c.prediction for c in plain]
     assert all(abs(a.radius - b.radius) < 0.02 for a, b in zip(quick, plain))
     assert model.training and fast.voter.network.training  # modes restored on both
@@ -337,8 +351,14 @@ def test_amp_votes_agree_with_fp32_and_certify_batch_runs(device: str, amp: str,
     model = create_model("lenet", 10, (1, 28, 28)).to(device)
     xs = torch.rand(4, 1, 28, 28)
     fast = Smooth(model, 10, 0.25, amp=amp, channels_last=True)
+    # the voting network runs in the reduced precision: its logits (the last linear layer's output) and
+    # the output of every convolution have the autocast dtype, never float32
+    dtypes: set[torch.dtype] = set()
+    for module in [fast.voter.network, *(m for m in fast.voter.network.modules() if isinstance(m, nn.Conv2d))]:
+        module.register_forward_hook(lambda _, __, out: dtypes.add(out.dtype))
     assert fast.sampler.vote_agreement(xs, num=2000, batch_size=1000).min() >= 0.99
     certs = fast.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, device) for i in range(4)])
+    assert dtypes == {torch.bfloat16 if amp == "bf16" else torch.float16}
     plain = Smooth(model, 10, 0.25)  # the caller's model was left contiguous
     reference = plain.certify_batch(xs, 100, 1000, 0.001, 1000, [input_generator(0, i, device) for i in range(4)])
     # same noise, votes nearly all equal: the radii stay close

@@ -20,16 +20,7 @@ from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
 from certkit.recipes import get_recipe
 from certkit.train import STATE, TrainConfig, Trainer, recipe, train
-
-
-def tiny_data(n: int = 64, seed: int = 0) -> ArrayDataset:
-    """A learnable synthetic MNIST-shaped set: the class is encoded as a bright block."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 10, (n,), generator=g)
-    images = torch.randint(0, 60, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i, y in enumerate(labels.tolist()):
-        images[i, 0, 2 * y : 2 * y + 6, 4:24] = 250
-    return ArrayDataset(dataset_info("mnist"), images, labels)
+from helpers import tiny_data
 
 
 def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step", **config: Any) -> Trainer:

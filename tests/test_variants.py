@@ -287,6 +287,7 @@ def test_recipe_values_and_mismatches() -> None:
         get_recipe("nope")
 
 
+@pytest.mark.slow  # a subprocess
 def test_list_recipes_cli() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "certkit", "list", "recipes"], capture_output=True, text=True, check=True
