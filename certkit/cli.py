@@ -695,13 +695,6 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     auto_shard = size > 1
     if auto_shard:
         shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
-        if rank == 0 and not args.overwrite and Path(args.out).exists():
-            from certkit.fileio import PidLock
-            from certkit.results import split_into_shards
-
-            with PidLock(args.out):  # resumed as one process would: its rows go to the shards that plan them
-                split_into_shards(args.out, [f"{args.out}.shard{r}of{size}" for r in range(size)])
-        barrier()
     plan = RunPlan(
         mode=mode,
         n0=getattr(args, "n0", 100),
@@ -714,17 +707,32 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         seed=args.seed,
         adaptive=AdaptiveSchedule() if getattr(args, "adaptive", False) else None,
     )
+    settings_extra = {"checkpoint": str(args.run), "dataset": dataset, "split": args.split}
     voter = Voter(model, info.num_classes, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
     smoothed = Smooth.from_sampler(sampler_for(voter, float(sigma), args.shared_noise, args.rng))
     if args.batch == "auto":
         plan = dataclasses.replace(plan, batch_size=_auto_batch(smoothed, len(data), info.in_shape, plan, rank == 0))
+    if auto_shard:
+        if rank == 0 and not args.overwrite and Path(args.out).exists():
+            # resumed as one process resumes it (the same checks), its rows handed to the shards that plan them
+            from certkit.results import resume_into_shards
+            from certkit.smoothing.runner import run_settings
+
+            resume_into_shards(
+                args.out,
+                [f"{args.out}.shard{r}of{size}" for r in range(size)],
+                mode,
+                run_settings(smoothed, data, dataclasses.replace(plan, shard=None), settings_extra),
+                ("samples",) if plan.adaptive is not None else (),
+            )
+        barrier()
     certify_dataset(
         smoothed,
         data,
         plan,
         out=out,
         progress=rank == 0,
-        settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
+        settings_extra=settings_extra,
         resume=not args.overwrite,
     )
     if auto_shard:
@@ -904,6 +912,8 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
 
     Under torchrun rank 0 does the (one-pass, fast) work alone and the others wait.
     """
+    from fractions import Fraction
+
     from certkit.distributed import wait_for_all, world
     from certkit.gloro.certify import certify_gloro_dataset
     from certkit.report import floor_figure
@@ -942,7 +952,9 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
             g = summary["gloro"]
             print(
                 f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
-                f"VRA {floor_figure(g['vra'], 4)}, rejection rate {g['rejection_rate']:.4f} "
+                # the summary's VRA is a count over N as a float: the count, recovered exactly, floored
+                f"VRA {floor_figure(Fraction(round(g['vra'] * g['N']), g['N']), 4)}, "
+                f"rejection rate {g['rejection_rate']:.4f} "
                 f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
             )
         print(f"wrote {args.out}")

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 
 #: how long a rank that has finished its share may wait for the others (see :func:`wait_for_all`)
 WAIT_TIMEOUT = timedelta(days=30)
@@ -78,8 +78,7 @@ def init_from_env(device: str = "auto") -> bool:
 def barrier() -> None:
     """Wait for every rank, within the process group's own timeout (minutes): for points the ranks reach
     together, such as the end of a training epoch."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    _wait(None)
 
 
 def wait_for_all() -> None:
@@ -87,8 +86,19 @@ def wait_for_all() -> None:
     finished shard on resume, adaptive sampling, GloRo certified by rank 0 alone), longer than the process
     group's timeout after which a plain barrier fails the whole job, so the wait runs on a gloo group of its
     own with a timeout of :data:`WAIT_TIMEOUT`."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier(group=_wait_group)
+    _wait(_wait_group)
+
+
+def _wait(group: Any) -> None:
+    """A barrier whose failure, when another rank has stopped (with its own error message, say a mistake
+    that rank 0 found), is one line here too rather than a report of an unexpected error."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier(group=group)
+    except (RuntimeError, dist.DistError) as e:
+        why = "another process of this job stopped (its message says why)" if "closed" in str(e) else first_line(e)
+        raise CertkitError(f"rank {dist.get_rank()}: {why}") from None
 
 
 def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:

@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import overload
 
@@ -187,14 +188,34 @@ def mean_samples(results: ResultsLike) -> float | None:
     return float(res.samples.mean())
 
 
-def floor_figure(x: float, places: int = 3) -> str:
-    """``x`` written with ``places`` decimals, rounded *down*: a certified figure printed to nearest could
-    claim more than was proved (2 of 3 certified would read 0.667). The scaled value is first rounded at
-    1e-6 of its last place so that a ratio k/N stored a hair below its decimal (0.29 is 0.28999...) does not
-    lose a unit; for a fraction of N < 2,000,000 rows that never lifts a figure above its true value (its
-    distance to the next unit is 0 or at least 1/N of it)."""
-    scaled = math.floor(round(float(x) * 10**places, 6))
-    return f"{scaled / 10**places:.{places}f}"
+def floor_figure(value: Fraction | float, places: int = 3) -> str:
+    """``value`` written with ``places`` decimals, rounded *down* on its exact value: a certified figure
+    printed to nearest could claim more than was proved (2 of 3 certified would read 0.667). Give a ratio of
+    counts as a :class:`~fractions.Fraction` (:func:`exact_accuracy`, :func:`exact_acr`): the float 0.29 is
+    0.28999..., whose floor would understate 29 of 100 as 0.289."""
+    scaled = math.floor(Fraction(value) * 10**places)
+    sign, digits = ("-" if scaled < 0 else ""), str(abs(scaled)).rjust(places + 1, "0")
+    return f"{sign}{digits[:-places] or '0'}.{digits[-places:]}" if places else f"{scaled}"
+
+
+def exact_acr(results: ResultsLike) -> Fraction:
+    """:func:`acr` as an exact fraction of the file's radii (for :func:`floor_figure`: a float mean can round
+    above the mean of the radii the file proves)."""
+    res = load(results)
+    if len(res) == 0:
+        return Fraction(0)
+    radii = _radii_of(res)[res.correct.astype(bool)]
+    return sum(map(Fraction, radii.tolist()), Fraction(0)) / len(res)
+
+
+def exact_accuracy(results: ResultsLike, r: float) -> Fraction:
+    """:func:`certified_accuracy` at one radius as a fraction of counts (for :func:`floor_figure`)."""
+    res = load(results)
+    certified_accuracy(res, r)  # refuses a radius a PREDICT file cannot answer
+    if len(res) == 0:
+        return Fraction(0)
+    ok = res.correct.astype(bool) if res.radius is None else res.correct.astype(bool) & (res.radius >= r)
+    return Fraction(int(ok.sum()), len(res))
 
 
 def radius_label(r: float) -> str:
@@ -220,12 +241,12 @@ def _table(
     rows = []
     for name, res in loaded.items():
         has_radius = res.radius is not None
-        cells = [name, str(len(res)), floor_figure(acr(res)) if has_radius else "-"]
+        cells = [name, str(len(res)), floor_figure(exact_acr(res)) if has_radius else "-"]
         if with_samples:
             samples = mean_samples(res)
             cells.append(f"{samples:.0f}" if samples is not None else "-")
         for r in grid:
-            cells.append(floor_figure(certified_accuracy(res, r)) if has_radius or r == 0 else "-")
+            cells.append(floor_figure(exact_accuracy(res, r)) if has_radius or r == 0 else "-")
         cells.append(f"{abstain_rate(res):.3f}")
         rows.append(cells)
     return head, rows
@@ -291,7 +312,7 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
     out = []
     for name, res in certify.items():
         s = settings[name]
-        about = [f"ACR {floor_figure(acr(res))}"]
+        about = [f"ACR {floor_figure(exact_acr(res))}"]
         about += [
             f"{sym}={s[k]:,}" if k == "n" else f"{sym}={s[k]:g}"
             for k, sym in (("sigma", "σ"), ("n", "n"), ("alpha", "α"))

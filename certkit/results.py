@@ -572,33 +572,35 @@ def planned_indices(
     return indices
 
 
-def split_into_shards(out_path: str | os.PathLike, shard_paths: Sequence[str | os.PathLike]) -> None:
-    """Hand the rows of an existing result file ``out_path`` to the shard files of a run split K ways (a
-    torchrun certification, whose rank r writes ``shard_paths[r]`` and rank 0 merges them back into
-    ``out_path``), each with the sidecar it would have had as shard r of K: the run then resumes ``out_path``
-    as a single process would, its settings checked against the file's and only the missing rows computed.
-    A shard file that exists already (left by an interrupted run) holds those rows already and is left as
-    it is."""
-    if Path(out_path).stat().st_size == 0:  # killed before its header was written: nothing to resume
-        return
-    meta = read_sidecar(out_path)
-    settings = meta["settings"]
-    skip = settings.get("skip", 1)
-    if not isinstance(skip, int) or isinstance(skip, bool) or skip < 1:
-        raise CertkitError(f"{sidecar_path(out_path)}: malformed plan settings (skip {skip!r})")
-    if settings.get("shard") is not None:
-        raise CertkitError(
-            f"{out_path} holds shard {settings['shard'][0]}/{settings['shard'][1]} of a run; under torchrun give "
-            "the whole run's file, or another output file"
-        )
-    table = _load_table(out_path, keep_partial=False)
+def resume_into_shards(
+    out_path: str | os.PathLike,
+    shard_paths: Sequence[str | os.PathLike],
+    kind: str,
+    settings: Mapping[str, Any],
+    extra_columns: Sequence[str] = (),
+) -> None:
+    """Resume the result file ``out_path`` as a run split K ways (a torchrun certification, whose rank r
+    writes ``shard_paths[r]`` and rank 0 merges them back into ``out_path``): ``out_path`` is opened as the
+    unsharded run with ``settings`` would open it (the same checks, refusals and repairs), and its rows go to
+    the shard files whose plan holds them, each with the sidecar it would have as shard r of K, so that only
+    the missing rows are computed. A shard file that exists already (left by an interrupted split run) is
+    left as it is: its own resume checks it."""
     parts = len(shard_paths)
-    for part, path in enumerate(shard_paths):
-        if Path(path).exists():
-            continue
-        rows = [fields for _, fields in table.rows if (int(fields[0]) // skip) % parts == part]
-        atomic_write_json(sidecar_path(path), dict(meta, settings=dict(settings, shard=[part, parts])))
-        atomic_write_text(path, "\t".join(meta["columns"]) + "\n" + "".join("\t".join(f) + "\n" for f in rows))
+    with ResultWriter(out_path, kind, settings, resume=True, extra_columns=extra_columns) as whole:
+        skip = int(whole.settings.get("skip") or 1)
+        table = _load_table(out_path, keep_partial=False)
+        for part, path in enumerate(shard_paths):
+            if Path(path).exists():
+                continue
+            rows = [fields for _, fields in table.rows if (int(fields[0]) // skip) % parts == part]
+            side = {
+                "format": SIDECAR_FORMAT,
+                "kind": kind,
+                "columns": list(whole.columns),
+                "settings": normalise_settings(dict(settings, shard=[part, parts])),
+            }
+            atomic_write_json(sidecar_path(path), side)
+            atomic_write_text(path, "\t".join(whole.columns) + "\n" + "".join("\t".join(f) + "\n" for f in rows))
 
 
 def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:

@@ -323,10 +323,12 @@ def test_torchrun_certify_resumes_an_existing_file_and_refuses_other_settings(dd
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _rows(out) == unsharded
     assert out.read_text().splitlines()[1].endswith("\t0:00:09")
-    before = out.read_bytes()
+    before, files = out.read_bytes(), sorted(tmp_path.iterdir())
     proc = _torchrun_certify(ddp_run, out, "--seed", "4")
-    assert proc.returncode != 0 and "settings differ in seed" in proc.stderr
-    assert out.read_bytes() == before
+    assert proc.returncode != 0 and "certkit: error: cannot resume" in proc.stderr and "differ in seed" in proc.stderr
+    # rank 0 found it; the other rank says in one line that it stopped, not that something unexpected happened
+    assert "unexpected" not in proc.stderr
+    assert out.read_bytes() == before and sorted(tmp_path.iterdir()) == files  # no shard files left behind
 
 
 @slow
@@ -352,3 +354,16 @@ def test_each_rank_crops_and_flips_its_own_way():
 
     assert torch.equal(first_batch(0, 1), first_batch(0, 1))  # a rank's draws follow the seed
     assert not torch.equal(first_batch(0, 1), first_batch(1, 1))
+
+
+def test_the_ranks_vote_checks_combine_into_one():
+    """Each rank checks the first inputs of its own shard; the merged summary holds all of them, the mean
+    agreement weighted by inputs and the lowest input's agreement."""
+    from certkit.cli import _combined_speed_check
+
+    rank0 = {"options": {"amp": "bf16"}, "vote_agreement": 1.0, "min_input_agreement": 1.0, "inputs": [0, 2]}
+    rank1 = {"options": {"amp": "bf16"}, "vote_agreement": 0.998, "min_input_agreement": 0.995, "inputs": [1, 3, 5]}
+    combined = _combined_speed_check([rank0, rank1])
+    assert combined["inputs"] == [0, 1, 2, 3, 5] and combined["options"] == {"amp": "bf16"}
+    assert combined["vote_agreement"] == pytest.approx((2 * 1.0 + 3 * 0.998) / 5)
+    assert combined["min_input_agreement"] == 0.995

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -136,13 +137,21 @@ def test_certified_figures_are_rounded_down_never_up(tmp_path: Path):
     path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "\n".join(rows) + "\n")
     assert report.markdown_table({"t": path}, radii=[0.5]).splitlines()[2] == "| t | 3 | 0.333 | 0.666 | 0.000 |"
     assert "ACR 0.333" in report.curves({"t": path})[0].label
-    # against integer arithmetic: every fraction k/N up to N = 1,000 at 3 places and as a percent at 1 place,
-    # including those whose float sits a hair below their decimal (0.29 is 0.28999...)
+    # against integer arithmetic: every fraction k/N up to N = 1,000 at 3 places and as a percent at 1 place
     for n in range(1, 1001):
         for k in range(n + 1):
-            assert report.floor_figure(k / n) == f"{k * 1000 // n / 1000:.3f}"
-            assert report.floor_figure(100 * (k / n), 1) == f"{k * 1000 // n / 10:.1f}"
-    assert report.floor_figure(0.29) == "0.290" and report.floor_figure(0.6669, 4) == "0.6669"
+            assert report.floor_figure(Fraction(k, n)) == f"{k * 1000 // n / 1000:.3f}"
+            assert report.floor_figure(Fraction(k, n) * 100, 1) == f"{k * 1000 // n / 10:.1f}"
+    # a float is floored on its exact value: 0.29 is 0.28999..., which is why counts are given as fractions
+    assert report.floor_figure(0.29) == "0.289" and report.floor_figure(Fraction(29, 100)) == "0.290"
+    assert report.floor_figure(0.5) == "0.500" and report.floor_figure(-0.0005) == "-0.001"
+    # an ACR 4e-10 below 0.26 is printed below it (rounding the mean at any precision coarser than that, before
+    # flooring, would print 0.260)
+    path = tmp_path / "acr.tsv"
+    rows = [f"{i}\t1\t1\t0.26\t1\t0:00:01" for i in range(9999)] + ["9999\t1\t1\t0.259996\t1\t0:00:01"]
+    path.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n" + "\n".join(rows) + "\n")
+    assert Fraction(26, 100) - Fraction(5, 10**10) < report.exact_acr(path) < Fraction(26, 100)
+    assert report.markdown_table({"a": path}, radii=[0.26]).splitlines()[2] == "| a | 10000 | 0.259 | 0.999 | 0.000 |"
 
 
 def test_column_labels_are_the_radii_their_figures_are_computed_at(tmp_path: Path):

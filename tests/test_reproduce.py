@@ -70,7 +70,9 @@ def test_reproduce_trains_certifies_compares_paired_and_resumes(tmp_path: Path) 
     assert row.published_acr == pytest.approx(np.mean(theirs.correct * theirs.radius))
     # certified accuracy is compared on the same images too
     same = theirs.correct[mine.idx].astype(bool), theirs.radius[mine.idx]
-    assert row.published_accuracy.tolist() == pytest.approx([np.mean(same[0] & (same[1] >= r)) for r in rp.RADII])
+    assert [float(a) for a in row.published_accuracy] == pytest.approx(
+        [np.mean(same[0] & (same[1] >= r)) for r in rp.RADII]
+    )
     assert not row.partial
 
     # a second call trains nothing (the finished run is only checked against the protocol) and certifies

@@ -279,33 +279,43 @@ def test_merge_takes_no_cut_last_line_for_a_row(tmp_path: Path):
     shards = [tmp_path / f"s{i}.tsv" for i in range(2)]
     for i, p in enumerate(shards):
         _write_rows(p, planned_indices(4, 1, -1, (i, 2)), {**settings, "shard": [i, 2]}).close()
-    shards[1].write_bytes(shards[1].read_bytes()[:-4])  # the newline and three characters of the last row
+    # the newline and the last character: "0:00:01" cut to "0:00:0", which still reads as a time (0 s)
+    shards[1].write_bytes(shards[1].read_bytes()[:-2])
     with pytest.raises(CertkitError, match="1 planned indices are missing from the shards"):
         merge_results(shards, tmp_path / "m.tsv")
 
 
-def test_an_existing_file_is_split_into_the_shards_that_plan_its_rows(tmp_path: Path):
-    """Under torchrun an existing --out is resumed: its rows go to the shard files whose plan holds them, with
-    the sidecar each shard would have, and merging those gives the file back; a shard left by an interrupted
-    run is kept as it is."""
-    from certkit.results import split_into_shards
+def test_an_existing_file_is_resumed_into_the_shards_that_plan_its_rows(tmp_path: Path):
+    """Under torchrun an existing --out is resumed as one process resumes it: the same refusals, nothing
+    written when refused; its rows go to the shard files whose plan holds them, with the sidecar each shard's
+    own run writes, and merging those gives the file back; a shard left by an interrupted run is kept."""
+    from certkit.results import resume_into_shards
 
     settings = {**SETTINGS, "dataset_size": 20, "skip": 2, "max": 13}
     out = tmp_path / "r.tsv"
     _write_rows(out, planned_indices(20, 2, 13), settings).close()
     shards = [tmp_path / f"r.tsv.shard{r}of3" for r in range(3)]
-    split_into_shards(out, shards)
+    with pytest.raises(CertkitError, match="settings differ in seed"):
+        resume_into_shards(out, shards, "certify", {**settings, "seed": 4})
+    assert not any(p.exists() for p in shards)
+    resume_into_shards(out, shards, "certify", settings)
+    assert merge_results(shards, tmp_path / "again.tsv").read_text() == out.read_text()
+    for shard in shards:
+        shard.unlink()
+    grown = {**settings, "max": -1}  # a larger --max grows the file, as for one process
+    resume_into_shards(out, shards, "certify", grown)
     for r, shard in enumerate(shards):
         assert read_results(shard).idx.tolist() == planned_indices(20, 2, 13, (r, 3))
-        with ResultWriter(shard, "certify", {**settings, "shard": [r, 3]}) as w:  # resumes: settings match
+        with ResultWriter(shard, "certify", {**grown, "shard": [r, 3]}) as w:  # its own run resumes it
             assert w.done_indices == set(planned_indices(20, 2, 13, (r, 3)))
-    assert merge_results(shards, tmp_path / "again.tsv").read_text() == out.read_text()
     shards[0].write_text(shards[0].read_text().splitlines()[0] + "\n")  # an interrupted run's own shard
-    split_into_shards(out, shards)
+    resume_into_shards(out, shards, "certify", grown)
     assert read_results(shards[0]).idx.tolist() == []
-    # a file that is itself one shard of a run is not split again
-    with pytest.raises(CertkitError, match="holds shard 1/3 of a run"):
-        split_into_shards(shards[1], [tmp_path / "x0", tmp_path / "x1"])
+    # a file killed before its header was complete starts afresh, as for one process
+    early = tmp_path / "early.tsv"
+    early.write_text("idx\tlab")
+    resume_into_shards(early, [tmp_path / "e0", tmp_path / "e1"], "certify", settings)
+    assert read_results(tmp_path / "e0").idx.tolist() == [] and read_results(early).idx.tolist() == []
 
 
 def test_merge_refusals(tmp_path: Path):

@@ -242,11 +242,11 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     ]
     for label, key in zip(named, ("teacher", "crt", "direct")):
         f = figures[key]
-        acc = report.certified_accuracy(f["tsv"], radii)
+        acc = [report.exact_accuracy(f["tsv"], r) for r in radii]
         lines.append(
             f"| {label} | {f['seconds']:.1f} | {direct_s / f['seconds']:.2f}x | {f['passes']:,} | "
             f"{direct_passes / f['passes']:.2f}x | "
-            f"{(f['clean_acc'] or 0) * 100:.1f}% | {report.floor_figure(f['acr'])} | "
+            f"{(f['clean_acc'] or 0) * 100:.1f}% | {report.floor_figure(report.exact_acr(f['tsv']))} | "
             + " | ".join(f"{report.floor_figure(a * 100, 1)}%" for a in acc)
             + " |"
         )

@@ -31,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
@@ -280,18 +281,19 @@ def certify_step(plan: Plan, method: str, sigma: float) -> Failure | None:
 
 @dataclass
 class Row:
-    """One line of the comparison table."""
+    """One line of the comparison table; ACRs and certified accuracies as exact fractions of the files' rows,
+    which the table rounds down."""
 
     method: str
     sigma: float
     images: int
-    acr: float
-    published_acr: float
-    published_acr_same_images: float
+    acr: Fraction
+    published_acr: Fraction
+    published_acr_same_images: Fraction
     diff: float
     diff_se: float
-    accuracy: np.ndarray
-    published_accuracy: np.ndarray
+    accuracy: list[Fraction]
+    published_accuracy: list[Fraction]
     train_seconds: float | None
     partial: bool
     ledger: str | None = None
@@ -303,7 +305,7 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     The difference's standard error is that of the mean of per-image differences of correct x radius over
     the images both files certified; the published full-test-set ACR is shown beside it.
     """
-    from certkit.report import acr, certified_accuracy, paired
+    from certkit.report import exact_accuracy, exact_acr, paired
     from certkit.results import read_results, summary_path
 
     mine_path = certify_path(plan.out, method, sigma, plan.n, plan.skip)
@@ -326,13 +328,13 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
         method=method,
         sigma=sigma,
         images=len(mine),
-        acr=acr(mine),
-        published_acr=acr(theirs),
-        published_acr_same_images=float(np.mean(b)),
+        acr=exact_acr(mine),
+        published_acr=exact_acr(theirs),
+        published_acr_same_images=sum(map(Fraction, b.tolist()), Fraction(0)) / len(b),
         diff=diff,
         diff_se=se,
-        accuracy=np.asarray(certified_accuracy(mine, RADII)),
-        published_accuracy=np.array([np.mean(b_correct & (b_radius >= r)) for r in RADII]),
+        accuracy=[exact_accuracy(mine, r) for r in RADII],
+        published_accuracy=[Fraction(int(np.sum(b_correct & (b_radius >= r))), len(b)) for r in RADII],
         train_seconds=float(seconds) if seconds is not None else None,
         partial=not summary_path(mine_path).exists(),
         ledger=cost_ledger(method, sigma, meta.get("cost", {})),
@@ -365,8 +367,9 @@ def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
 
 def table(rows: Sequence[Row], plan: Plan) -> str:
     """The comparison as Markdown: ACR, published ACR (full test set and same images), paired difference
-    with its standard error, and certified accuracy certkit / published at each radius of ``RADII``, every
-    figure rounded down (:func:`certkit.report.floor_figure`)."""
+    with its standard error (to nearest: a statistic, not a certified figure), and certified accuracy
+    certkit / published at each radius of ``RADII``, the certified figures rounded down
+    (:func:`certkit.report.floor_figure`)."""
     from certkit.report import floor_figure
 
     head = (

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet, check_epsilon
+from certkit.report import floor_figure
 from certkit.results import ResultWriter, planned_indices, read_results
 from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.summary import write_summary
@@ -132,7 +134,7 @@ def certify_gloro_dataset(
                 tally[0] += 1
                 tally[1] += j == label
                 tally[2] += ok and j == label
-        return f"acc={tally[1] / tally[0]:.3f} vra={tally[2] / tally[0]:.3f}"
+        return f"acc={floor_figure(Fraction(tally[1], tally[0]))} vra={floor_figure(Fraction(tally[2], tally[0]))}"
 
     complete = run_planned(
         out,

@@ -29,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from certkit.errors import CertkitError
 from certkit.fileio import check_output
 from certkit.progress import Progress
+from certkit.report import floor_figure
 from certkit.results import ResultWriter, planned_indices
 from certkit.smoothing.samplers import NOISE_BLOCK, Generators
 from certkit.smoothing.smooth import Smooth
@@ -148,6 +150,24 @@ class RunPlan:
         return settings
 
 
+def run_settings(
+    smoothed: Smooth, dataset: Dataset, plan: RunPlan, settings_extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The settings :func:`certify_dataset` records in the result file's sidecar, which a resumed run must
+    match: the plan's, sigma, which rows of which images by which weights, the noise mode, and ``settings_extra``."""
+    settings: dict[str, Any] = {
+        **plan.settings(),
+        "sigma": smoothed.sigma,
+        **plan_settings(smoothed.model, dataset, plan.skip, plan.max_idx, plan.shard),
+    }
+    if smoothed.shared_noise:
+        settings["shared_noise"] = smoothed.shared_noise
+    if smoothed.sampler.rng != "torch":  # recorded only when not the default, so older files still resume
+        settings["rng"] = smoothed.sampler.rng
+    settings.update(dict(settings_extra or {}))
+    return settings
+
+
 def certify_dataset(
     smoothed: Smooth,
     dataset: Dataset,
@@ -177,16 +197,7 @@ def certify_dataset(
     check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
     indices = plan.indices(len(dataset))
     shared_noise = smoothed.shared_noise
-    settings: dict[str, Any] = {
-        **plan.settings(),
-        "sigma": smoothed.sigma,
-        **plan_settings(smoothed.model, dataset, plan.skip, plan.max_idx, plan.shard),
-    }
-    if shared_noise:
-        settings["shared_noise"] = shared_noise
-    if smoothed.sampler.rng != "torch":  # recorded only when not the default, so older files still resume
-        settings["rng"] = smoothed.sampler.rng
-    settings.update(dict(settings_extra or {}))
+    settings = run_settings(smoothed, dataset, plan, settings_extra)
     speed_check = _speed_check(smoothed, dataset, indices, plan.batch_size, plan.seed)
     score = _RunningScore()
 
@@ -429,7 +440,8 @@ class _RunningScore:
         self.radius_sum += radius if correct else 0.0
 
     def describe(self, mode: str) -> str:
-        acc = self.correct / max(1, self.count)
+        """Rounded down, as every certified figure certkit prints."""
+        acc = floor_figure(Fraction(self.correct, max(1, self.count)))
         if mode == "predict":
-            return f"acc={acc:.3f}"
-        return f"acc={acc:.3f} acr={self.radius_sum / max(1, self.count):.3f}"
+            return f"acc={acc}"
+        return f"acc={acc} acr={floor_figure(self.radius_sum / max(1, self.count))}"
