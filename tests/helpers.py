@@ -12,14 +12,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.stats import norm
 from torch import nn
 
-from certkit import ABSTAIN
+from certkit import ABSTAIN, checkpoint
 from certkit.data import ArrayDataset, dataset_info
+from certkit.models import create_model
+from certkit.objectives import Objective
+from certkit.train import TrainConfig, Trainer
 
 # --- dataset files ------------------------------------------------------------------------------------------
 
@@ -136,3 +140,22 @@ def benchmark_module(name: str) -> Iterator[ModuleType]:
         for key, module in list(sys.modules.items()):
             if Path(getattr(module, "__file__", None) or "/").parent == folder or key == name:
                 del sys.modules[key]
+
+
+def quiet_trainer(
+    arch: str,
+    in_shape: tuple[int, ...],
+    objective: Objective,
+    train: Any,
+    test: Any,
+    cfg: TrainConfig,
+    out: Any,
+    normalization: tuple[Any, Any] = (None, None),
+) -> Trainer:
+    """A CPU trainer of certkit's ``arch`` (10 classes, input layer ``normalization`` = (mean, std)) that
+    prints nothing, for the tests' small runs; the caller seeds the initial weights."""
+    model = create_model(arch, 10, in_shape, *normalization)
+    meta = checkpoint.make_meta(arch, "mnist", 0.25, "gaussian")
+    return Trainer(
+        model, objective, train, test, cfg, out_dir=out, meta=meta, device="cpu", progress=False, log=lambda m: None
+    )

@@ -73,6 +73,13 @@ def make_data():
 TINY = ["--n0", "10", "--n", "50", "--max", "2", "--batch", "50", "--device", "cpu"]
 
 
+def crt_argv(teacher: Path, out: Path, *teacher_flags: str) -> list[str]:
+    return [
+        "train", "--method", "crt", "--teacher", str(teacher), *teacher_flags, "--arch", ARCH, "--dataset", DATA,
+        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A one-epoch run of the factories' model on the factories' data (the folder also holds the module)."""
@@ -169,21 +176,31 @@ def test_tampered_weights_are_refused(importable: Path, tmp_path: Path, capsys: 
     argv = ["certify", str(run), "--arch", ARCH, "--dataset", DATA, *TINY, "--out", str(tmp_path / "c.tsv")]
     assert main(argv) == 2
     assert "SHA-256 does not match" in one_error_line(capsys)
+    # a CRT teacher's weights load through the same checked path, not into the factory's module unchecked
+    assert main(crt_argv(run, tmp_path / "s", "--teacher-arch", ARCH)) == 2
+    assert "SHA-256 does not match" in one_error_line(capsys)
 
 
-def test_a_factory_model_json_names_is_never_imported(
-    own_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """model.json naming a module whose import leaves a marker: certify without --arch, or with another spec
-    than the one recorded, refuses without importing it."""
+def run_naming_the_marker(own_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **recorded: str) -> Path:
+    """A copy of the run whose model.json names ``ck_marker_mod:make_model`` (and ``recorded``), a module on
+    sys.path whose import leaves ``imported.marker`` in ``tmp_path``."""
     (tmp_path / "ck_marker_mod.py").write_text(MARKER)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.syspath_prepend(str(own_run.parent))
     run = tmp_path / "run"
     shutil.copytree(own_run, run)
     meta = json.loads((run / "model.json").read_text())
-    meta.update(arch="ck_marker_mod:make_model", dataset="ck_marker_mod:make_data")
+    meta.update(arch="ck_marker_mod:make_model", **recorded)
     (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_a_factory_model_json_names_is_never_imported(
+    own_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """model.json naming a module whose import leaves a marker: certify without --arch, or with another spec
+    than the one recorded, and train with it as a CRT teacher likewise, refuse without importing it."""
+    run = run_naming_the_marker(own_run, tmp_path, monkeypatch, dataset="ck_marker_mod:make_data")
     assert main(["certify", str(run), *TINY, "--out", str(tmp_path / "c.tsv")]) == 2
     assert "pass --arch ck_marker_mod:make_model --dataset ck_marker_mod:make_data" in one_error_line(capsys)
     assert main(["predict", str(run), "--dataset", DATA, "--n", "50", "--out", str(tmp_path / "p.tsv")]) == 2
@@ -191,6 +208,10 @@ def test_a_factory_model_json_names_is_never_imported(
     # the user's --arch spec differs from the recorded one: neither is imported
     assert main(["certify", str(run), "--arch", ARCH, "--dataset", DATA, *TINY, "--out", str(tmp_path / "c.tsv")]) == 2
     assert "trained with --arch ck_marker_mod:make_model" in one_error_line(capsys)
+    # nor as a CRT teacher, without --teacher-arch or with another spec
+    for flags in ([], ["--teacher-arch", ARCH]):
+        assert main(crt_argv(run, tmp_path / "s", *flags)) == 2
+        assert "ck_marker_mod:make_model" in one_error_line(capsys)
     assert not (tmp_path / "imported.marker").exists()
     assert "ck_marker_mod" not in sys.modules
 
@@ -221,13 +242,6 @@ def test_a_run_of_a_module_given_from_python_points_to_certkit_load(
         assert main(["certify", str(run), *extra, "--dataset", DATA, *TINY, "--out", str(tmp_path / "c.tsv")]) == 2
         assert "certkit.load(run, model=" in one_error_line(capsys)
     assert "custom" not in sys.modules
-
-
-def crt_argv(teacher: Path, out: Path, *teacher_flags: str) -> list[str]:
-    return [
-        "train", "--method", "crt", "--teacher", str(teacher), *teacher_flags, "--arch", ARCH, "--dataset", DATA,
-        "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out),
-    ]  # fmt: skip
 
 
 def test_own_model_run_teaches_crt_with_teacher_arch(importable: Path, tmp_path: Path) -> None:
@@ -261,38 +275,6 @@ def test_own_model_teacher_mistakes_are_one_line(
     line = one_error_line(capsys)
     assert all(w in line for w in words), line
     assert not (tmp_path / "s" / "model.json").exists()
-
-
-def test_tampered_teacher_weights_are_refused(
-    importable: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The teacher's weights load through the checked path, not into the factory's fresh module unchecked."""
-    run = tmp_path / "run"
-    shutil.copytree(importable, run)
-    weights = run / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
-    assert main(crt_argv(run, tmp_path / "s", "--teacher-arch", ARCH)) == 2
-    assert "SHA-256 does not match" in one_error_line(capsys)
-
-
-def test_a_teacher_factory_model_json_names_is_never_imported(
-    own_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (tmp_path / "ck_marker_mod.py").write_text(MARKER)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(own_run.parent))
-    run = tmp_path / "run"
-    shutil.copytree(own_run, run)
-    meta = json.loads((run / "model.json").read_text())
-    meta["arch"] = "ck_marker_mod:make_model"
-    (run / "model.json").write_text(json.dumps(meta))
-    for flags in ([], ["--teacher-arch", ARCH]):
-        assert main(crt_argv(run, tmp_path / "s", *flags)) == 2
-        assert "ck_marker_mod:make_model" in one_error_line(capsys)
-    assert not (tmp_path / "imported.marker").exists()
-    assert "ck_marker_mod" not in sys.modules
 
 
 def test_export_refuses_an_own_model_run_in_one_line(

@@ -21,13 +21,12 @@ from certkit import checkpoint
 from certkit.cli import main
 from certkit.data import dataset_info, load_dataset
 from certkit.errors import CertkitError
-from certkit.models import create_model
 from certkit.objectives import Objective
 from certkit.objectives.gaussian import Gaussian
 from certkit.objectives.smoothmix import SmoothMix
 from certkit.results import read_results, summary_path
 from certkit.train import TrainConfig, Trainer
-from helpers import write_idx
+from helpers import quiet_trainer, write_idx
 
 #: the multi-process tests (torchrun, gloo) are slow; the in-process ones at the end are not
 slow = pytest.mark.slow
@@ -57,23 +56,11 @@ def make_block_dataset(root: Path, n_train: int = 24, n_test: int = 10, seed: in
 def _trainer(data_dir: str, out: str | None, objective: Objective | None = None, seed: int = 0) -> Trainer:
     """The tests' LeNet trainer: 3 epochs of batch 4 per process; ``seed`` sets this process's initial weights."""
     info = dataset_info("mnist")
-    train = load_dataset("mnist", "train", data_dir)
     cfg = TrainConfig(epochs=3, batch_size=4, lr=0.1, schedule="constant", seed=0)
     torch.manual_seed(seed)
-    model = create_model("lenet", info.num_classes, info.in_shape, info.mean, info.std)
-    meta = checkpoint.make_meta("lenet", "mnist", 0.25, "gaussian")
-    return Trainer(
-        model,
-        objective or Gaussian(0.25),
-        train,
-        None,
-        cfg,
-        out_dir=out,
-        meta=meta,
-        device="cpu",
-        progress=False,
-        log=lambda m: None,
-    )
+    train = load_dataset("mnist", "train", data_dir)
+    objective = objective or Gaussian(0.25)
+    return quiet_trainer("lenet", info.in_shape, objective, train, None, cfg, out, (info.mean, info.std))
 
 
 def _train_worker(rank: int, init_file: str, data_dir: str, run_dir: str, dump_dir: str) -> None:

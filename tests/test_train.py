@@ -20,27 +20,14 @@ from certkit.models import create_model
 from certkit.objectives.gaussian import Gaussian
 from certkit.recipes import get_recipe
 from certkit.train import STATE, TrainConfig, Trainer, recipe, train
-from helpers import tiny_data
+from helpers import quiet_trainer, tiny_data
 
 
 def _trainer(out: Path | None, epochs: int = 3, seed: int = 0, schedule: str = "step", **config: Any) -> Trainer:
     torch.manual_seed(123)
-    model = create_model("smallcnn", 10, (1, 28, 28))
     settings: dict[str, Any] = dict(epochs=epochs, batch_size=16, lr=0.05, lr_step=2, seed=seed, test_batch_size=32)
     cfg = TrainConfig(**{**settings, "schedule": schedule, **config})
-    meta = checkpoint.make_meta("smallcnn", "mnist", 0.25, "gaussian")
-    return Trainer(
-        model,
-        Gaussian(0.25),
-        tiny_data(),
-        tiny_data(32, seed=1),
-        cfg,
-        out_dir=out,
-        meta=meta,
-        device="cpu",
-        progress=False,
-        log=lambda m: None,
-    )
+    return quiet_trainer("smallcnn", (1, 28, 28), Gaussian(0.25), tiny_data(), tiny_data(32, seed=1), cfg, out)
 
 
 def test_two_runs_taking_turns_train_what_each_trains_alone(tmp_path: Path) -> None:
