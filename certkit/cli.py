@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import numbers
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -232,12 +233,14 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
         default=None,
         help="input layer of a reference teacher file (as certify's --normalization)",
     )
-    t.add_argument("--train-subset", type=_positive_int, default=None, help="use only the first N training images")
+    t.add_argument(
+        "--train-subset", type=_positive_int, default=None, help="use only the first N training images (default: all)"
+    )
     t.add_argument(
         "--test-subset",
         type=_int_at_least(0),
         default=None,
-        help="evaluate on the first N test images each epoch (0: no per-epoch test)",
+        help="evaluate on the first N test images each epoch (0: no per-epoch test; default: the whole test split)",
     )
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
     t.add_argument(
@@ -301,7 +304,7 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
         default=1000,
         help="noisy samples per forward pass, or auto: a power of two found once and printed (on CUDA half the "
         "largest that fits; on CPU the fastest of a short timing probe). Certificates are the same for any "
-        "batch of 100 or more",
+        "batch of 100 or more. For a GloRo net: images per batch",
     )
     c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
     c.add_argument(
@@ -444,7 +447,7 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     def add(name: str, declare: Callable[[argparse.ArgumentParser], None] | None, help: str, **kwargs: Any) -> None:
-        sub.add_parser(name, help=help, **kwargs).declare = declare
+        sub.add_parser(name, help=help, formatter_class=_Formatter, **kwargs).declare = declare
 
     add(
         "train",
@@ -456,7 +459,6 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "values for the dataset and sigma; the resolved values are written to OUT/model.json. Your own model and "
         "data: --arch pkg.module:factory (returns an nn.Module) and --dataset pkg.module:factory (returns "
         "train and test torch Datasets and the class count).",
-        formatter_class=_Formatter,
     )
     add(
         "certify",
@@ -471,7 +473,6 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "it, as --epsilon is for smoothing. A run of your own model (trained with --arch pkg.module:factory) "
         "certifies with the same --arch, and your own data with --dataset pkg.module:factory; certkit imports "
         "only the factories the command line names.",
-        formatter_class=_Formatter,
     )
     add(
         "predict",
@@ -481,7 +482,6 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "abstain (-1) when p > alpha. A run of your own model (trained with --arch pkg.module:factory) "
         "predicts with the same --arch, and your own data with --dataset pkg.module:factory; certkit imports "
         "only the factories the command line names.",
-        formatter_class=_Formatter,
     )
     add("report", _report_arguments, help="ACR and certified accuracy of result files, as a Markdown table and a plot")
     add(
@@ -505,7 +505,6 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "dataset's files and --certify-flags are checked before the first step; a step that fails does not stop "
         "the others, and the command then exits with the first failure's error line: status 2 when every failure "
         "was a mistake to fix, else 1.",
-        formatter_class=_Formatter,
     )
     add(
         "export",
@@ -1049,7 +1048,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     held, shown = _HeldWarnings(), warnings.showwarning
     warnings.showwarning = held.hold
     log.addFilter(held)
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # what torchrun needs after "-m certkit" (see certkit.distributed) works without it too
+        argv = argv[1:]
+    debug = "--debug" in argv
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "certify", "predict", "demo"):
@@ -1081,6 +1083,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("certkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output left (`certkit report ... | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
+        return 1
     except Exception as e:  # a bug, or a failure no check foresaw: one line unless asked for the traceback
         if debug:
             raise

@@ -153,6 +153,10 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+#: settings whose key is not the flag that sets them, as a refused resume names them
+_SETTING_NAMES = {"noise_block": "noise_block (set by a --batch below 100)"}
+
+
 class ResultWriter:
     """Append-only writer of one result file, one flushed row per image, resumable.
 
@@ -230,8 +234,10 @@ class ResultWriter:
         ]
         differing = [k for k in differing if k not in recorded_later]
         if differing and differing != ["max"]:
+            # max alone may change (checked below), so it is no reason here
+            named = [_SETTING_NAMES.get(k, k) for k in differing if k != "max"]
             raise CertkitError(
-                f"cannot resume {self.path}: settings differ in {', '.join(differing)} "
+                f"cannot resume {self.path}: settings differ in {', '.join(named)} "
                 "(use the same settings, or another output file)"
             )
         complete = data[: data.rfind(b"\n") + 1]

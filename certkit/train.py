@@ -128,20 +128,24 @@ class TrainConfig:
         choices=("off", "bf16"),
     )
 
+    @staticmethod
+    def flag(name: str) -> str:
+        """The command-line flag of setting ``name`` (``gamma`` is ``--lr-gamma``: ``--gamma`` is MACER's)."""
+        flags = next(f.metadata["flags"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+        return flags[0] if flags else "--" + name.replace("_", "-")
+
     def __post_init__(self) -> None:
         self.milestones = tuple(int(m) for m in self.milestones)
         for name in ("epochs", "batch_size", "lr_step", "test_batch_size"):
             if getattr(self, name) < 1:
-                raise CertkitError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                raise CertkitError(f"{self.flag(name)} must be >= 1 (got {getattr(self, name)})")
         if self.lr_step_lag < 0:
             raise CertkitError(f"--lr-step-lag must be >= 0 (got {self.lr_step_lag})")
         if not 0 < self.lr < math.inf:
             raise CertkitError(f"--lr must be a finite number > 0 (got {self.lr})")
         for name in ("momentum", "weight_decay", "gamma", "lr_final"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise CertkitError(
-                    f"--{name.replace('_', '-')} must be a finite number >= 0 (got {getattr(self, name)})"
-                )
+                raise CertkitError(f"{self.flag(name)} must be a finite number >= 0 (got {getattr(self, name)})")
         if not 0 <= self.seed < 2**63:  # torch.manual_seed and the derived seeds take non-negative 63-bit seeds
             raise CertkitError(f"--seed must be an integer in 0..2^63-1 (got {self.seed})")
         if self.optimizer not in ("sgd", "adam"):
@@ -154,9 +158,7 @@ class TrainConfig:
             ("amp", ("off", "bf16")),
         ):
             if getattr(self, name) not in valid:
-                raise CertkitError(
-                    f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; valid: {', '.join(valid)}"
-                )
+                raise CertkitError(f"unknown {self.flag(name)} {getattr(self, name)!r}; valid: {', '.join(valid)}")
 
     @classmethod
     def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
@@ -570,10 +572,7 @@ class Trainer:
         optimisation setting, so what ``model.json`` records is what ran. ``epochs`` alone may grow; that
         is checked by the caller."""
         current = self.checkpoint_meta(0)
-        flag = {
-            f.name: (f.metadata["flags"] or ["--" + f.name.replace("_", "-")])[0]
-            for f in dataclasses.fields(TrainConfig)
-        }
+        flag = {f.name: TrainConfig.flag(f.name) for f in dataclasses.fields(TrainConfig)}
         # declared defaults: a setting a run started under an older certkit could not record
         added = {("train", f.name): f.default for f in dataclasses.fields(TrainConfig)}
         added.update({("hparams", f.name): f.default for f in dataclasses.fields(self.objective.Params)})

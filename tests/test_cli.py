@@ -121,6 +121,11 @@ def test_certify_resumes_and_refuses_other_settings(
     code, _, err = run(capsys, *base, "--n", "300")
     assert code == 2 and "settings differ in n" in err and len(err.strip().splitlines()) == 1
     assert tsv.read_bytes() == before
+    # a larger --max may come with the refused change: it is no reason and not named; a --batch below 100
+    # changes the noise blocks, named with the flag that did it
+    code, _, err = run(capsys, *base, "--n", "300", "--max", "9", "--batch", "50")
+    assert code == 2 and "settings differ in n, noise_block (set by a --batch below 100) (" in err
+    assert tsv.read_bytes() == before
 
 
 def test_certify_grows_with_a_larger_max_and_refuses_a_smaller_one(
@@ -163,6 +168,7 @@ def test_certify_grows_with_a_larger_max_and_refuses_a_smaller_one(
         (["train", "--method", "crt"], "needs --teacher"),
         (["train", "--method", "crt", "--teacher", "no/such/run"], "not a certkit run"),
         (["train", "--epochs", "0"], "must be >= 1"),
+        (["train", "--lr-gamma", "nan"], "--lr-gamma must be a finite number >= 0"),  # not MACER's --gamma
         (["certify", "RUN", "--shard", "3/2"], "0 <= i < k"),
     ],
 )
@@ -243,3 +249,24 @@ def test_written_files_take_the_mode_the_umask_gives(
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
         n: oct(0o666 & ~umask) for n in written
     }
+
+
+def test_a_leading_double_dash_is_what_torchrun_needs_and_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--", "list")
+    assert code == 0 and "datasets:" in out
+
+
+def test_a_reader_that_leaves_early_is_no_error(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """`certkit report ... | head`: the pipe closes before the table is written; that is not a failure to report."""
+    import subprocess
+    import sys
+
+    tsv = tmp_path / "r.tsv"
+    assert run(capsys, "certify", str(trained), "--n0", "20", "--n", "200", "--max", "2", "--out", str(tsv))[0] == 0
+    radii = ",".join(f"{i / 10000:.4f}" for i in range(12000))  # a header of 130 kB: more than a pipe holds
+    cmd = [sys.executable, "-m", "certkit", "report", str(tsv), "--radii", radii]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 1
+    assert proc.stderr is not None and proc.stderr.read() == b""
