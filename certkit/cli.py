@@ -632,7 +632,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     """Load the checkpoint, resolve sigma and the dataset, then run the certifier over the test set."""
     from certkit import reference
     from certkit.data import dataset_info, load_dataset
-    from certkit.distributed import barrier, wait_for_all, world
+    from certkit.distributed import wait_for_all, world
     from certkit.fileio import check_output
     from certkit.reference import check_fits_dataset
     from certkit.results import sidecar_path, summary_path
@@ -724,7 +724,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
                 run_settings(smoothed, data, dataclasses.replace(plan, shard=None), settings_extra),
                 ("samples",) if plan.adaptive is not None else (),
             )
-        barrier()
+        wait_for_all()  # on the gloo group: rank 0's refusal reads as one line on the others, on NCCL too
     certify_dataset(
         smoothed,
         data,

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_item, dataset_info, load_dataset
-from certkit.distributed import sum_over_ranks
+from certkit.distributed import barrier, sum_over_ranks
 from certkit.errors import CertkitError, first_line
 from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
 from certkit.methods import build_objective, get_objective
@@ -412,7 +412,7 @@ class Trainer:
                 self.save(epoch)
                 self.metric_logs.write(self.history)
             if self.world_size > 1:
-                dist.barrier()
+                barrier()  # rank 0 has saved; a failure there is one line on the other ranks too
             yield record
         # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does;
         # that moves the weights, so captured steps (which hold their old addresses) are dropped first
