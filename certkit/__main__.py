@@ -1,7 +1,5 @@
 """``python -m certkit`` (used by ``torchrun ... -m certkit train``)."""
 
-import sys
+from certkit.cli import run
 
-from certkit.cli import main
-
-sys.exit(main())
+run()

@@ -157,7 +157,7 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
         if not meta["cli"]:
             continue
         parse = meta["parse"] or {"int": int, "float": float, "str": str}[str(f.type)]
-        flags = meta["flags"] or ["--" + f.name.replace("_", "-")]  # the metavar follows the first flag: LR_GAMMA
+        flags = meta["flags"] or [TrainConfig.flag(f.name)]  # the metavar follows the first flag: LR_GAMMA
         group.add_argument(
             *flags,
             dest=f.name,
@@ -412,7 +412,9 @@ def _demo_arguments(d: argparse.ArgumentParser) -> None:
         help="the literature's settings (90 epochs, full test set, n=100,000): hours on CPU",
     )
     d.add_argument("--out", default="demo-out", help="output directory")
-    d.add_argument("--data-dir", default=None, help="Fashion-MNIST folder")
+    d.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST folder (default: $CERTKIT_DATA, then the Debian package's)"
+    )
     d.add_argument("--device", default="auto", help="auto (cuda when present, else cpu), cpu, cuda or cuda:N")
 
 
@@ -1040,6 +1042,21 @@ class _HeldWarnings:
         return True
 
 
+def run() -> None:
+    """The ``certkit`` command and ``python -m certkit``: :func:`main`, then its status as the exit status. When
+    the reader of the output has gone, standard output is pointed at /dev/null first, or the interpreter's own
+    final flush would fail again with a message; done here, not in :func:`main`, which a program may call."""
+    status = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        status = status or 1
+    sys.exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"certkit: warning: {msg}\n"
     from certkit.progress import log, log_to_stderr
@@ -1083,23 +1100,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("certkit: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader of the output left (`certkit report ... | head`): nothing to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush would fail again
-        return 1
+    except BrokenPipeError as e:
+        if not _stdout_closed():
+            return _unexpected(e, debug)
+        return 1  # the reader of the output left (`certkit report ... | head`): nothing to report
     except Exception as e:  # a bug, or a failure no check foresaw: one line unless asked for the traceback
-        if debug:
-            raise
-        what = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(
-            f"certkit: error: unexpected {type(e).__name__}{': ' + what if what else ''} (certkit {__version__}); "
-            "rerun with --debug for the traceback and report it",
-            file=sys.stderr,
-        )
-        return 1
+        return _unexpected(e, debug)
     finally:
         log.removeFilter(held)
         warnings.showwarning = shown
         _shutdown_distributed()
+
+
+def _unexpected(e: Exception, debug: bool) -> int:
+    """A bug, or a failure no check foresaw: one line unless asked for the traceback (``--debug``)."""
+    if debug:
+        raise e
+    what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    print(
+        f"certkit: error: unexpected {type(e).__name__}{': ' + what if what else ''} (certkit {__version__}); "
+        "rerun with --debug for the traceback and report it",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (not some other broken pipe, such as one a
+    user's factory opened)."""
+    import select
+    import stat
+
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR is reported whatever is asked for: set when the read end is closed
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # a stream without a descriptor (a test's capture)
+        return False
 
 
 def _shutdown_distributed() -> None:

@@ -77,7 +77,8 @@ def init_from_env(device: str = "auto") -> bool:
 
 def barrier() -> None:
     """Wait for every rank, within the process group's own timeout (minutes): for points the ranks reach
-    together, such as the end of a training epoch."""
+    together, such as the end of a training epoch. On gloo a rank that stopped meanwhile makes this one line
+    here too; under NCCL torchrun stops the waiting ranks itself."""
     _wait(None)
 
 
@@ -97,8 +98,9 @@ def _wait(group: Any) -> None:
     try:
         dist.barrier(group=group)
     except (RuntimeError, dist.DistError) as e:
-        why = "another process of this job stopped (its message says why)" if "closed" in str(e) else first_line(e)
-        raise CertkitError(f"rank {dist.get_rank()}: {why}") from None
+        detail = first_line(e)[:160]
+        why = f"another process of this job stopped (its message says why; here: {detail})"
+        raise CertkitError(f"rank {dist.get_rank()}: {why if 'closed' in detail else detail}") from None
 
 
 def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:

@@ -89,13 +89,13 @@ class TrainConfig:
     weight_decay: float = setting(1e-4, "weight decay")
     schedule: str = setting(
         "step",
-        "LR schedule: step (x gamma every lr_step epochs, the first decay lr_step_lag epochs late), multistep "
-        "(x gamma at milestones), cosine, "
+        "LR schedule: step (x --lr-gamma every lr_step epochs, the first decay lr_step_lag epochs late), multistep "
+        "(x --lr-gamma at milestones), cosine, "
         "exp (to lr_final), half-exp (constant for the first half, then exponential to lr_final: GloRo's ICML "
         "code, Leino et al. 2021), constant",
         choices=SCHEDULES,
     )
-    lr_step: int = setting(30, "step schedule: epochs between x gamma decays")
+    lr_step: int = setting(30, "step schedule: epochs between x --lr-gamma decays")
     lr_step_lag: int = setting(
         0,
         "step schedule: epochs by which every decay comes late; 0 = torch's StepLR (Cohen et al.'s code); the "
@@ -412,7 +412,7 @@ class Trainer:
                 self.save(epoch)
                 self.metric_logs.write(self.history)
             if self.world_size > 1:
-                barrier()  # rank 0 has saved; a failure there is one line on the other ranks too
+                barrier()  # rank 0 has saved (on gloo a failure there is one line on the other ranks too)
             yield record
         # back to the layout a checkpoint loads in, so the finished model computes exactly what a loaded one does;
         # that moves the weights, so captured steps (which hold their old addresses) are dropped first

@@ -270,3 +270,18 @@ def test_a_reader_that_leaves_early_is_no_error(trained: Path, tmp_path: Path, c
     proc.stdout.close()
     assert proc.wait(timeout=120) == 1
     assert proc.stderr is not None and proc.stderr.read() == b""
+
+
+def test_a_broken_pipe_elsewhere_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Only a closed standard output ends quietly; a broken pipe of something else (a user's factory) is
+    reported like any unexpected failure, and main() leaves its caller's standard output as it was."""
+    import certkit.cli as cli
+
+    def broken(args: object) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    code, _, err = run(capsys, "list")
+    assert code == 1 and "certkit: error: unexpected BrokenPipeError" in err
+    print("still captured")
+    assert capsys.readouterr().out == "still captured\n"
