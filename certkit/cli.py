@@ -528,20 +528,20 @@ def certify_namespace(flags: Sequence[str] = ()) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _factory(spec: str, what: str) -> Any:
-    """Call ``pkg.module:factory`` (your own model or data on the command line). A spec that names no
-    importable function is the user's to fix; what the function itself raises is left as it is."""
+def _factory(spec: str, flag: str) -> Any:
+    """Call ``pkg.module:factory`` (your own model or data on the command line, given to ``flag``). A spec
+    that names no importable function is the user's to fix; what the function itself raises is left as it is."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr or module_name.startswith("."):
         raise CertkitError(
-            f"--{what} expects pkg.module:factory (an absolute module name, a function in it), not {spec!r}"
+            f"{flag} expects pkg.module:factory (an absolute module name, a function in it), not {spec!r}"
         )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise CertkitError(f"--{what} {spec}: cannot import it ({first_line(e)})") from None
+        raise CertkitError(f"{flag} {spec}: cannot import it ({first_line(e)})") from None
     if not callable(factory):
-        raise CertkitError(f"--{what} {spec}: {attr} is a {type(factory).__name__}, not a function")
+        raise CertkitError(f"{flag} {spec}: {attr} is a {type(factory).__name__}, not a function")
     return factory()
 
 
@@ -549,7 +549,7 @@ def _factory_model(spec: str, flag: str = "--arch") -> Any:
     """``--arch pkg.module:factory`` (or ``--teacher-arch``, named by ``flag``): the module it returns."""
     from torch import nn
 
-    model = _factory(spec, flag.removeprefix("--"))
+    model = _factory(spec, flag)
     if not isinstance(model, nn.Module):
         raise CertkitError(f"{flag} {spec}: the factory must return an nn.Module, not {type(model).__name__}")
     return model
@@ -560,7 +560,7 @@ def _factory_data(spec: str) -> dict[str, Any]:
     refused before any work when the class count is not a positive integer or a split holds no items."""
     from certkit.data import as_training_data
 
-    made = _factory(spec, "dataset")
+    made = _factory(spec, "--dataset")
     if not (isinstance(made, tuple) and len(made) == 3):
         raise CertkitError(f"--dataset {spec}: the factory must return (train, test, num_classes)")
     train, test, classes = made
@@ -694,8 +694,9 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     shard, out = args.shard, args.out
     rank, size = world()
     auto_shard = size > 1
+    shards = [f"{args.out}.shard{r}of{size}" for r in range(size)]  # what each rank writes under torchrun
     if auto_shard:
-        shard, out = (rank, size), f"{args.out}.shard{rank}of{size}"
+        shard, out = (rank, size), shards[rank]
     plan = RunPlan(
         mode=mode,
         n0=getattr(args, "n0", 100),
@@ -721,7 +722,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
 
             resume_into_shards(
                 args.out,
-                [f"{args.out}.shard{r}of{size}" for r in range(size)],
+                shards,
                 mode,
                 run_settings(smoothed, data, dataclasses.replace(plan, shard=None), settings_extra),
                 ("samples",) if plan.adaptive is not None else (),
@@ -739,7 +740,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     if auto_shard:
         wait_for_all()
         if rank == 0:
-            _merge_own_shards([f"{args.out}.shard{r}of{size}" for r in range(size)], args.out)
+            _merge_own_shards(shards, args.out)
     if rank == 0:
         print(f"wrote {args.out}")
 
@@ -867,11 +868,8 @@ def _merge_own_shards(shards: list[str], out: str) -> None:
     from certkit.results import merge_results, sidecar_path, summary_path
     from certkit.summary import write_summary
 
-    checks = []
-    for shard in shards:
-        summary = summary_path(shard)
-        if summary.exists() and json.loads(summary.read_text()).get("speed_check"):
-            checks.append(json.loads(summary.read_text())["speed_check"])
+    summaries = [json.loads(summary_path(shard).read_text()) for shard in shards if summary_path(shard).exists()]
+    checks = [s["speed_check"] for s in summaries if s.get("speed_check")]
     with PidLock(out):
         merge_results(shards, out)
         write_summary(out, extra={"speed_check": _combined_speed_check(checks)} if checks else None)

@@ -98,16 +98,18 @@ def certified_accuracy(results: ResultsLike, radii: float | Sequence[float] | np
     res = load(results)
     scalar = np.ndim(radii) == 0
     grid = np.atleast_1d(np.asarray(radii, dtype=np.float64))
-    if len(res) == 0:
-        out = np.zeros(len(grid))
-    elif res.radius is None:
-        if np.any(grid != 0):
-            raise CertkitError(f"{res.path or 'results'}: a PREDICT file has no radii; only r = 0 is defined")
-        out = np.full(len(grid), float(res.correct.mean()))
-    else:
-        correct = res.correct.astype(bool)
-        out = np.array([np.mean(correct & (res.radius >= r)) for r in grid])
+    out = np.array([np.mean(_certified_rows(res, r)) if len(res) else 0.0 for r in grid])
     return float(out[0]) if scalar else out
+
+
+def _certified_rows(res: Results, r: float) -> np.ndarray:
+    """Which rows are certified correct at radius >= r; a PREDICT file answers only r = 0 (its correct rows)."""
+    correct = res.correct.astype(bool)
+    if res.radius is not None:
+        return correct & (res.radius >= r)
+    if r != 0:
+        raise CertkitError(f"{res.path or 'results'}: a PREDICT file has no radii; only r = 0 is defined")
+    return correct
 
 
 def abstain_rate(results: ResultsLike) -> float:
@@ -198,24 +200,22 @@ def floor_figure(value: Fraction | float, places: int = 3) -> str:
     return f"{sign}{digits[:-places] or '0'}.{digits[-places:]}" if places else f"{scaled}"
 
 
+def exact_mean(values: np.ndarray) -> Fraction:
+    """The mean of ``values`` (floats or booleans) as an exact fraction (0 for none), for :func:`floor_figure`:
+    a float mean can round above the mean of the values."""
+    return sum(map(Fraction, values.tolist()), Fraction(0)) / max(len(values), 1)
+
+
 def exact_acr(results: ResultsLike) -> Fraction:
-    """:func:`acr` as an exact fraction of the file's radii (for :func:`floor_figure`: a float mean can round
-    above the mean of the radii the file proves)."""
+    """:func:`acr` as an exact fraction of the file's radii."""
     res = load(results)
-    if len(res) == 0:
-        return Fraction(0)
-    radii = _radii_of(res)[res.correct.astype(bool)]
-    return sum(map(Fraction, radii.tolist()), Fraction(0)) / len(res)
+    return exact_mean(res.correct * _radii_of(res)) if len(res) else Fraction(0)
 
 
 def exact_accuracy(results: ResultsLike, r: float) -> Fraction:
-    """:func:`certified_accuracy` at one radius as a fraction of counts (for :func:`floor_figure`)."""
+    """:func:`certified_accuracy` at one radius as a fraction of counts."""
     res = load(results)
-    certified_accuracy(res, r)  # refuses a radius a PREDICT file cannot answer
-    if len(res) == 0:
-        return Fraction(0)
-    ok = res.correct.astype(bool) if res.radius is None else res.correct.astype(bool) & (res.radius >= r)
-    return Fraction(int(ok.sum()), len(res))
+    return exact_mean(_certified_rows(res, r)) if len(res) else Fraction(0)
 
 
 def radius_label(r: float) -> str:

@@ -153,6 +153,12 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def write_sidecar(path: str | os.PathLike, kind: str, columns: Sequence[str], settings: Mapping[str, Any]) -> None:
+    """Write the settings file beside result file ``path`` (the layout :func:`read_sidecar` reads), atomically."""
+    side = {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(columns), "settings": dict(settings)}
+    atomic_write_json(sidecar_path(path), side)
+
+
 #: settings whose key is not the flag that sets them, as a refused resume names them
 _SETTING_NAMES = {"noise_block": "noise_block (set by a --batch below 100)"}
 
@@ -199,10 +205,7 @@ class ResultWriter:
                 self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - the writer owns it; close() closes it
             else:
                 summary_path(self.path).unlink(missing_ok=True)  # a replaced file's summary no longer holds
-                atomic_write_json(
-                    sidecar_path(self.path),
-                    {"format": SIDECAR_FORMAT, "kind": kind, "columns": list(self.columns), "settings": self.settings},
-                )
+                write_sidecar(self.path, kind, self.columns, self.settings)
                 self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - as above
                 self._file.write(header)
                 self._flush()
@@ -599,13 +602,7 @@ def resume_into_shards(
             if Path(path).exists():
                 continue
             rows = [fields for _, fields in table.rows if (int(fields[0]) // skip) % parts == part]
-            side = {
-                "format": SIDECAR_FORMAT,
-                "kind": kind,
-                "columns": list(whole.columns),
-                "settings": normalise_settings(dict(settings, shard=[part, parts])),
-            }
-            atomic_write_json(sidecar_path(path), side)
+            write_sidecar(path, kind, whole.columns, normalise_settings(dict(settings, shard=[part, parts])))
             atomic_write_text(path, "\t".join(whole.columns) + "\n" + "".join("\t".join(f) + "\n" for f in rows))
 
 
@@ -669,9 +666,6 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     # rows: each file's valid rows verbatim (no re-formatting), ordered by index
     rows = sorted((int(fields[0]), "\t".join(fields)) for table in tables for _, fields in table.rows)
     header = "\t".join(first["columns"]) + "\n"
-    atomic_write_json(
-        sidecar_path(out_path),
-        {"format": SIDECAR_FORMAT, "kind": first["kind"], "columns": first["columns"], "settings": settings},
-    )
+    write_sidecar(out_path, first["kind"], first["columns"], settings)
     atomic_write_text(out_path, header + "".join(line + "\n" for _, line in rows))
     return out_path

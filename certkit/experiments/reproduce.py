@@ -35,8 +35,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
 from certkit.errors import CertkitError
 from certkit.fileio import check_output
 
@@ -305,7 +303,7 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     The difference's standard error is that of the mean of per-image differences of correct x radius over
     the images both files certified; the published full-test-set ACR is shown beside it.
     """
-    from certkit.report import exact_accuracy, exact_acr, paired
+    from certkit.report import exact_accuracy, exact_acr, exact_mean, paired
     from certkit.results import read_results, summary_path
 
     mine_path = certify_path(plan.out, method, sigma, plan.n, plan.skip)
@@ -330,11 +328,11 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
         images=len(mine),
         acr=exact_acr(mine),
         published_acr=exact_acr(theirs),
-        published_acr_same_images=sum(map(Fraction, b.tolist()), Fraction(0)) / len(b),
+        published_acr_same_images=exact_mean(b),
         diff=diff,
         diff_se=se,
         accuracy=[exact_accuracy(mine, r) for r in RADII],
-        published_accuracy=[Fraction(int(np.sum(b_correct & (b_radius >= r))), len(b)) for r in RADII],
+        published_accuracy=[exact_mean(b_correct & (b_radius >= r)) for r in RADII],
         train_seconds=float(seconds) if seconds is not None else None,
         partial=not summary_path(mine_path).exists(),
         ledger=cost_ledger(method, sigma, meta.get("cost", {})),
