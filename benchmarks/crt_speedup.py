@@ -35,6 +35,7 @@ from certkit.allocator import keep_freed_memory
 from certkit.checkpoint import read_meta
 from certkit.errors import CertkitError
 from certkit.experiments.crt_demo import CompareConfig, compare, render
+from certkit.report import floor_ratio
 from certkit.train import STATE
 
 STUDENTS = ("crt", "direct")
@@ -136,7 +137,9 @@ def main() -> None:
             line = " | ".join(cells)
         lines.append(line)
     print("\n".join(lines))
-    rest = f"crt_pass_ratio {figures['pass_ratio']:.2f}x; acr_ratio {figures['acr_ratio']:.3f}"
+    rest = (
+        f"crt_pass_ratio {floor_ratio(figures['pass_ratio'], 1)}x; acr_ratio {floor_ratio(figures['acr_ratio'], 1, 3)}"
+    )
     if note is None:
         print(
             f"crt_speedup: not measured (this call trained {what_trained(before, figures)}: "
@@ -144,7 +147,8 @@ def main() -> None:
         )
     else:
         lo, hi = figures["speedup_epochs"]
-        print(f"crt_speedup: {figures['speedup']:.2f}x ({note}; epoch pairs {lo:.1f}–{hi:.1f}x; {rest})")
+        pairs = f"{floor_ratio(lo, 1, 1)}–{floor_ratio(hi, 1, 1)}x"
+        print(f"crt_speedup: {floor_ratio(figures['speedup'], 1)}x ({note}; epoch pairs {pairs}; {rest})")
 
 
 if __name__ == "__main__":

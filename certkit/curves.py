@@ -42,6 +42,11 @@ def read_metrics(run: str | os.PathLike) -> list[dict[str, float]]:
             raise CertkitError(f"{path}:{number}: not a JSON line") from None
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise CertkitError(f"{path}:{number}: expected an object with an integer 'epoch'")
+        # what the plot draws must be numbers: matplotlib would draw strings silently, as categories
+        for key in ("loss", *(key for key, _ in ACCURACIES)):
+            value = record.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CertkitError(f"{path}:{number}: {key!r} is {value!r}, not a number")
         epochs.append(record)
     if not epochs:
         raise CertkitError(f"{path}: no completed epoch yet")
@@ -78,7 +83,8 @@ def plot_training_curves(
     ax_acc.set_ylabel("accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # runs that recorded no accuracy leave that panel empty
+            ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)

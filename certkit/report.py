@@ -69,20 +69,65 @@ class Paired:
         return a, b
 
     def acr_difference(self) -> tuple[float, float]:
-        """ACR of ``a`` minus ACR of ``b`` over the common images, and its standard error: that of the mean of
-        per-image differences, which is small when both files saw the same noise on the same images."""
+        """ACR of ``a`` minus ACR of ``b`` over the common images, and the standard error of that mean of
+        per-image differences (NaN where undefined: no image, or one noise group).
+
+        Images certified on shared noise (a file's ``shared_noise`` G: G consecutive planned images vote on
+        one noise stream) have correlated errors, so the error is the cluster-robust one over the groups
+        that either file shared; with independent rows every image is its own cluster and it is the usual
+        sd / sqrt(n). It is small when the same image is about as hard for both models."""
         first, second = self.certified()
         d = first - second
-        se = float(np.std(d, ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-        return float(np.mean(d)) if len(d) else float("nan"), se
+        if not len(d):
+            return float("nan"), float("nan")
+        clusters = _union_of_partitions(_noise_groups(self.a, self.rows_a), _noise_groups(self.b, self.rows_b))
+        sums = np.bincount(clusters, weights=d - d.mean())
+        c = len(sums)
+        se = math.sqrt(c / (c - 1) * float(np.sum(sums**2))) / len(d) if c > 1 else float("nan")
+        return float(np.mean(d)), se
+
+
+def _noise_groups(res: Results, rows: np.ndarray) -> np.ndarray:
+    """The shared-noise group each of ``rows`` was certified in (as the certifier keys it: planned position
+    over G), or the row's own image where the file shared no noise."""
+    idx = res.idx[rows].astype(np.int64)
+    group = int(res.settings.get("shared_noise") or 1)
+    return idx // int(res.settings.get("skip") or 1) // group if group > 1 else idx
+
+
+def _union_of_partitions(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Cluster numbers 0..c-1 of the finest partition coarser than both labelings: rows that share a label
+    in either are in one cluster."""
+    parent = list(range(len(first)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for labels in (first, second):
+        seen: dict[int, int] = {}
+        for i, label in enumerate(labels.tolist()):
+            parent[root(i)] = root(seen.setdefault(label, i))
+    return np.unique([root(i) for i in range(len(first))], return_inverse=True)[1]
 
 
 def paired(a: ResultsLike, b: ResultsLike) -> Paired:
-    """``a`` and ``b`` restricted to the dataset indices both contain, in ``a``'s order."""
+    """``a`` and ``b`` restricted to the dataset indices both contain, in ``a``'s order; two files that give
+    one index different labels are not of the same images, which is an error."""
     first, second = load(a), load(b)
     pos = {int(i): k for k, i in enumerate(second.idx)}
     rows_a = np.array([k for k, i in enumerate(first.idx) if int(i) in pos], dtype=np.int64)
     rows_b = np.array([pos[int(first.idx[k])] for k in rows_a], dtype=np.int64)
+    differ = np.flatnonzero(first.label[rows_a] != second.label[rows_b])
+    if len(differ):
+        k = int(differ[0])
+        raise CertkitError(
+            f"{first.path or 'results'} and {second.path or 'results'} give image {int(first.idx[rows_a[k]])} "
+            f"labels {int(first.label[rows_a[k]])} and {int(second.label[rows_b[k]])} ({len(differ)} such "
+            "images): they are not certifications of the same images"
+        )
     return Paired(first, second, rows_a, rows_b)
 
 
@@ -200,6 +245,15 @@ def floor_figure(value: Fraction | float, places: int = 3) -> str:
     return f"{sign}{digits[:-places] or '0'}.{digits[-places:]}" if places else f"{scaled}"
 
 
+def floor_ratio(numerator: Fraction | float, denominator: Fraction | float, places: int = 2) -> str:
+    """``numerator / denominator`` rounded down on its exact value, "–" where it is undefined (a denominator
+    that is not positive, a value that is not finite): a ratio that carries a claim (a speedup, a cost
+    saved, the share of ACR a cheaper model keeps) printed to nearest could claim more than was measured."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator) and denominator > 0):
+        return "–"
+    return floor_figure(Fraction(numerator) / Fraction(denominator), places)
+
+
 def exact_mean(values: np.ndarray) -> Fraction:
     """The mean of ``values`` (floats or booleans) as an exact fraction (0 for none), for :func:`floor_figure`:
     a float mean can round above the mean of the values."""
@@ -284,10 +338,12 @@ def latex_table(named_results: Mapping[str, ResultsLike], radii: Sequence[float]
 
 @dataclass
 class Curve:
-    """What one file contributes to a plot: its certified-accuracy curve, the largest radius its settings
-    allow (``sigma * PhiInv(alpha^(1/n))``, where its curve must fall to 0; None when the file does not say
-    its sigma, n and alpha) and a legend label that carries those settings."""
+    """What one file contributes to a plot: its name (the key it came under), its certified-accuracy
+    curve, the largest radius its settings allow (``sigma * PhiInv(alpha^(1/n))``, where its curve must fall
+    to 0; None when the file does not say its sigma, n and alpha) and a legend label that carries those
+    settings."""
 
+    name: str
     label: str
     radii: np.ndarray
     accuracy: np.ndarray
@@ -319,36 +375,52 @@ def curves(named_results: Mapping[str, ResultsLike], step: float = 0.01) -> list
             if s.get(k)
         ]
         about.append(f"N={len(res):,}")
-        out.append(Curve(f"{name} ({', '.join(about)})", grid, certified_accuracy(res, grid), bounds[name]))
+        label = f"{name} ({', '.join(about)})"
+        out.append(Curve(name, label, grid, certified_accuracy(res, grid), bounds[name]))
     return out
 
 
-LINE_STYLES = ("-", "--", "-.", ":")
+#: one per curve in turn; dotted is left out, as it marks the sampling limits
+LINE_STYLES: tuple[str | tuple[int, tuple[int, ...]], ...] = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
+#: a curve's colour and line style, as matplotlib takes them
+Style = tuple[str, str | tuple[int, tuple[int, ...]]]
 
 
 def plot_curves(
-    named_results: Mapping[str, ResultsLike], path: str | os.PathLike, step: float = 0.01, title: str | None = None
+    named_results: Mapping[str, ResultsLike],
+    path: str | os.PathLike,
+    step: float = 0.01,
+    title: str | None = None,
+    styles: Mapping[str, Style] | None = None,
 ) -> Path:
     """Certified accuracy against radius for every file on one plot, saved atomically; the format follows
     the suffix of ``path`` (``.png``, ``.pdf``, ``.svg``).
 
-    Every curve has its own colour *and* line style, so identical curves stay visible, and a dotted vertical
-    mark of its colour at the largest radius its n allows: a curve that drops to 0 there has hit the
-    sampling limit, not the model's.
+    Every curve has its own colour *and* line style (or the one ``styles`` gives its name), so identical
+    curves stay visible, and a dotted vertical mark of its colour at the largest radius its n allows: a
+    curve that drops to 0 there has hit the sampling limit, not the model's. The legend goes below the
+    axes, where it hides no curve.
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = curves(named_results, step)
     for k, curve in enumerate(drawn):
-        (line,) = ax.plot(curve.radii, curve.accuracy, LINE_STYLES[k % len(LINE_STYLES)], label=curve.label, lw=1.6)
+        color, style = (styles or {}).get(curve.name, (f"C{k % 10}", LINE_STYLES[k % len(LINE_STYLES)]))
+        ax.plot(curve.radii, curve.accuracy, color=color, ls=style, label=curve.label, lw=1.6)
         if curve.max_radius is not None:
-            ax.axvline(curve.max_radius, color=line.get_color(), ls=":", lw=1.0, alpha=0.8)
+            ax.axvline(curve.max_radius, color=color, ls=":", lw=1.0, alpha=0.8)
     ax.set_xlabel("L2 radius (pixels in [0, 1])")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     marked = any(curve.max_radius is not None for curve in drawn)
-    ax.legend(fontsize="small", title="dotted: largest radius n allows" if marked else None, title_fontsize="small")
+    ax.legend(
+        fontsize="small",
+        title="dotted: largest radius n allows" if marked else None,
+        title_fontsize="small",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.14),
+    )
     if title:
         ax.set_title(title)
     return save_figure(fig, path)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 
 from certkit.cli import main
-from certkit.curves import read_metrics
+from certkit.curves import plot_training_curves, read_metrics
 from certkit.errors import CertkitError
 
 
@@ -51,6 +52,8 @@ def test_curves_cli_plots_several_runs(tmp_path: Path, capsys: pytest.CaptureFix
         ("", "no completed epoch"),
         ("{oops\n", ":1: not a JSON line"),
         ('{"loss": 1}\n', "integer 'epoch'"),
+        ('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": "high"}\n', ":2: 'loss' is 'high', not a number"),
+        ('{"epoch": 1, "loss": 0.5, "test_clean_acc": true}\n', "'test_clean_acc' is True, not a number"),
     ],
 )
 def test_bad_runs_are_one_line(
@@ -65,3 +68,12 @@ def test_bad_runs_are_one_line(
     assert main(["curves", str(run), "--plot", str(tmp_path / "c.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "c.png").exists()
+
+
+def test_a_run_without_accuracies_plots_without_warnings(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.4}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing to show
+        assert plot_training_curves([run], tmp_path / "c.png").stat().st_size > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from certkit.experiments.crt_demo import CompareConfig, compare, render
+from certkit.report import floor_ratio
 
 pytestmark = pytest.mark.slow  # the demo pipeline
 
@@ -63,13 +64,13 @@ def test_compare_trains_certifies_and_reports(fmnist_root: Path, tmp_path: Path)
     text = render(cfg, figures, plot=tmp_path / "curves.png")
     assert text.splitlines()[-4].startswith("crt_speedup: ") and "acr_ratio: " in text
     lo, hi = figures["speedup_epochs"]
-    assert f"(wall clock; epoch pairs {lo:.1f}–{hi:.1f}x)" in text
+    assert f"(wall clock; epoch pairs {floor_ratio(lo, 1, 1)}–{floor_ratio(hi, 1, 1)}x)" in text
     assert "CRT: transfer weight 0.5, batch 32, lr 0.02;" in text
-    assert f"crt_pass_ratio: {figures['pass_ratio']:.2f}x" in text
+    assert f"crt_pass_ratio: {floor_ratio(figures['pass_ratio'], 1)}x" in text
     header, *rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert "| image passes | pass ratio vs direct |" in header and len(rows) == 3
     crt_row = next(r for r in rows if "CRT" in r)
-    assert f"| {figures['crt']['passes']:,} | {figures['pass_ratio']:.2f}x |" in crt_row
+    assert f"| {figures['crt']['passes']:,} | {floor_ratio(figures['pass_ratio'], 1)}x |" in crt_row
     assert (tmp_path / "curves.png").stat().st_size > 0
 
     again = compare(cfg, tmp_path, log=lambda m: None)  # everything resumes: nothing is trained twice

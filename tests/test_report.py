@@ -79,6 +79,70 @@ def test_paired_difference_is_over_the_common_images_in_the_first_files_order(ha
     assert se == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4))
 
 
+def _shared_noise_file(path: Path, certified: list[float], skip: int, group: int) -> Path:
+    """A certkit result file of images 0, skip, 2 skip, ... (label 0, all correct), certified on shared noise
+    in groups of ``group`` when it is above 1."""
+    from certkit.results import ResultWriter
+
+    settings = {"sigma": 0.25, "n": 1000, "alpha": 0.001, "skip": skip, "shared_noise": group if group > 1 else 0}
+    with ResultWriter(path, "certify", settings) as w:
+        for k, r in enumerate(certified):
+            w.write_certify(k * skip, 0, 0, r, 0.1)
+    return path
+
+
+def _cluster_se(d: list[float], clusters: list[int]) -> float:
+    """The cluster-robust standard error of the mean of ``d``, written out from its definition."""
+    mean = sum(d) / len(d)
+    sums: dict[int, float] = {}
+    for x, c in zip(d, clusters):
+        sums[c] = sums.get(c, 0.0) + (x - mean)
+    c = len(sums)
+    return math.sqrt(c / (c - 1) * sum(v * v for v in sums.values())) / len(d)
+
+
+def test_paired_error_counts_images_on_shared_noise_as_one_cluster(tmp_path: Path):
+    """Images certified on one noise stream have correlated errors: the standard error of the difference is
+    computed over their groups, which here (differences alike within a group) is larger than the
+    independent-rows formula would claim."""
+    rng = np.random.default_rng(0)
+    shift = np.repeat(rng.normal(0, 0.1, 6), 4)  # 6 groups of 4 images that move together
+    mine = [float(v) for v in np.round(0.5 + shift + rng.normal(0, 0.01, 24), 4)]
+    theirs = [0.5] * 24
+    a = _shared_noise_file(tmp_path / "a.tsv", mine, skip=3, group=4)
+    b = _shared_noise_file(tmp_path / "b.tsv", theirs, skip=3, group=1)
+    d = [x - 0.5 for x in report.paired(a, b).certified()[0].tolist()]
+    diff, se = report.paired(a, b).acr_difference()
+    assert diff == pytest.approx(sum(d) / 24)
+    assert se == pytest.approx(_cluster_se(d, [k // 4 for k in range(24)]))
+    mean = sum(d) / 24
+    independent = math.sqrt(sum((x - mean) ** 2 for x in d) / 23 / 24)
+    assert se > 1.5 * independent
+    # the grouping is the certifier's: planned position over G, whichever file shares the noise
+    assert report.paired(b, a).acr_difference()[1] == pytest.approx(se)
+    # groups of either file join: G = 4 in one and G = 6 in the other leave clusters 0-11 and 12-23
+    c = _shared_noise_file(tmp_path / "c.tsv", theirs, skip=3, group=6)
+    assert report.paired(a, c).acr_difference()[1] == pytest.approx(_cluster_se(d, [k // 12 for k in range(24)]))
+    # one group only: no spread to estimate the error from
+    one = _shared_noise_file(tmp_path / "one.tsv", mine[:4], skip=3, group=4)
+    assert math.isnan(report.paired(one, b).acr_difference()[1])
+
+
+def test_paired_files_must_agree_on_labels(hand_built: Path, tmp_path: Path):
+    other = tmp_path / "other.tsv"
+    other.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t0.9\t1\t0:00:01\n1\t7\t7\t0.5\t1\t0:00:01\n")
+    with pytest.raises(CertkitError, match=r"give image 1 labels 2 and 7 \(1 such images\)"):
+        report.paired(hand_built, other)
+
+
+def test_ratios_that_carry_a_claim_are_rounded_down():
+    assert report.floor_ratio(32, 3) == "10.66" and report.floor_ratio(Fraction(32, 3), 1, 1) == "10.6"
+    assert report.floor_ratio(0.99, 1, 3) == "0.989"  # the float 0.99 is 0.98999...: floored as it is
+    assert report.floor_ratio(Fraction(99, 100), 1, 3) == "0.990"
+    for undefined in [(1, 0), (1, -2), (float("nan"), 1), (1, float("inf"))]:
+        assert report.floor_ratio(*undefined) == "–"
+
+
 @pytest.mark.parametrize("rho", [0.001, 0.05])
 @pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 0.2])
 @pytest.mark.parametrize("n", [100, 500, 1000, 10_000, 100_000])

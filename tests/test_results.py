@@ -340,10 +340,28 @@ def test_merge_refusals(tmp_path: Path):
         merge_results([a, c], tmp_path / "m.tsv")
 
 
+def test_a_radius_above_what_n_allows_is_flagged_with_slack_only_for_other_tools_files(tmp_path: Path):
+    """certkit floors its radii, so any excess in its own file is a bug; a reference file (no sidecar) may
+    round to nearest at three significant digits."""
+    from certkit.smoothing.statistics import max_radius
+
+    bound = max_radius(0.25, 1000, 0.001)
+    over = float(f"{bound * 1.003:.6f}")  # 0.3% above: inside the reference's rounding, not certkit's floor
+    mine = tmp_path / "mine.tsv"
+    with ResultWriter(mine, "certify", {"sigma": 0.25, "n": 1000, "alpha": 0.001}) as out:
+        out.write_certify(0, 1, 1, over, 1.0)
+    assert write_summary(mine)["radius_bound_violated"] is True
+    theirs = tmp_path / "theirs.tsv"
+    theirs.write_text(f"idx\tlabel\tpredict\tradius\tcorrect\ttime\n0\t1\t1\t{over}\t1\t0:00:01\n")
+    settings = {"sigma": 0.25, "n": 1000, "alpha": 0.001}
+    assert write_summary(theirs, settings=settings)["radius_bound_violated"] is False
+    assert write_summary(mine, settings=settings)["radius_bound_violated"] is True
+
+
 def test_summary_beside_the_file(tmp_path: Path):
     path = tmp_path / "run.tsv"
     with ResultWriter(path, "certify", {"sigma": 0.25, "n": 100_000, "alpha": 0.001}) as out:
-        out.write_certify(0, 1, 1, 0.953, 1.0)
+        out.write_certify(0, 1, 1, 0.95, 1.0)  # below the largest radius n allows, 0.95286
         out.write_certify(1, 2, 2, 0.3, 1.0)
         out.write_certify(2, 3, 4, 0.7, 1.0)
         out.write_certify(3, 4, -1, 0.0, 3.0)
@@ -351,7 +369,7 @@ def test_summary_beside_the_file(tmp_path: Path):
     assert summary_path(path) == tmp_path / "run.summary.json"
     on_disk = json.loads(summary_path(path).read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert on_disk["N"] == 4 and on_disk["acr"] == pytest.approx((0.953 + 0.3) / 4, abs=1e-5)
+    assert on_disk["N"] == 4 and on_disk["acr"] == pytest.approx((0.95 + 0.3) / 4, abs=1e-5)
     assert on_disk["certified_accuracy"] == {"0": 0.5, "0.25": 0.5, "0.5": 0.25, "0.75": 0.25}
     assert on_disk["abstain_rate"] == 0.25 and on_disk["radius_bound_violated"] is False
     assert on_disk["parameters"]["sigma"] == 0.25 and on_disk["seconds_per_image"] == pytest.approx(1.5)

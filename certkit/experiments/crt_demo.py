@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -191,17 +192,24 @@ def compare(
             "passes": image_passes(meta["cost"]["total"]),
             "epoch_seconds": [e["seconds"] for e in meta["cost"]["epochs"]],
         }
+    return with_ratios(figures, cfg.generations)
+
+
+def with_ratios(figures: dict[str, Any], generations: int) -> dict[str, Any]:
+    """``figures`` of the teacher and the two students with what the demo sets against each other added: the
+    CRT student's speedup over the direct one (whole runs and each epoch pair), their image-pass and ACR
+    ratios, and the cost of a chain of ``generations`` students."""
     direct, crt, teacher = figures["direct"]["seconds"], figures["crt"]["seconds"], figures["teacher"]["seconds"]
     figures["speedup"] = direct / crt
     # epoch i of each student ran back to back (they take turns), so each pair saw the same load of the
     # moment; their spread is how much the load moved the wall-clock ratio, which the total cannot show
     pairs = [d / c for d, c in zip(figures["direct"]["epoch_seconds"], figures["crt"]["epoch_seconds"])]
     figures["speedup_epochs"] = (min(pairs), max(pairs))
-    figures["pass_ratio"] = figures["direct"]["passes"] / figures["crt"]["passes"]
-    figures["acr_ratio"] = (
-        figures["crt"]["acr"] / figures["direct"]["acr"] if figures["direct"]["acr"] else float("nan")
-    )
-    g = cfg.generations
+    # exact, so that the printed figures can round them down (report.floor_ratio)
+    figures["pass_ratio"] = Fraction(figures["direct"]["passes"], figures["crt"]["passes"])
+    crt_acr, direct_acr = (report.exact_acr(figures[name]["tsv"]) for name in ("crt", "direct"))
+    figures["acr_ratio"] = crt_acr / direct_acr if direct_acr else float("nan")
+    g = generations
     figures["chain"] = {
         "generations": g,
         "crt_seconds": teacher + g * crt,
@@ -244,9 +252,10 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
         f = figures[key]
         acc = [report.exact_accuracy(f["tsv"], r) for r in radii]
         lines.append(
-            f"| {label} | {f['seconds']:.1f} | {direct_s / f['seconds']:.2f}x | {f['passes']:,} | "
-            f"{direct_passes / f['passes']:.2f}x | "
-            f"{(f['clean_acc'] or 0) * 100:.1f}% | {report.floor_figure(report.exact_acr(f['tsv']))} | "
+            f"| {label} | {f['seconds']:.1f} | {report.floor_ratio(direct_s, f['seconds'])}x | {f['passes']:,} | "
+            f"{report.floor_ratio(direct_passes, f['passes'])}x | "
+            f"{'–' if f['clean_acc'] is None else report.floor_figure(100 * Fraction(f['clean_acc']), 1) + '%'} | "
+            f"{report.floor_figure(report.exact_acr(f['tsv']))} | "
             + " | ".join(f"{report.floor_figure(a * 100, 1)}%" for a in acc)
             + " |"
         )
@@ -254,14 +263,15 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     lo, hi = figures["speedup_epochs"]
     lines += [
         "",
-        f"crt_speedup: {figures['speedup']:.2f}x (wall clock; epoch pairs {lo:.1f}–{hi:.1f}x)  "
-        f"crt_pass_ratio: {figures['pass_ratio']:.2f}x "
-        f"(forward+backward image passes)  acr_ratio: {figures['acr_ratio']:.3f}",
+        f"crt_speedup: {report.floor_ratio(figures['speedup'], 1)}x (wall clock; epoch pairs "
+        f"{report.floor_ratio(lo, 1, 1)}–{report.floor_ratio(hi, 1, 1)}x)  "
+        f"crt_pass_ratio: {report.floor_ratio(figures['pass_ratio'], 1)}x "
+        f"(forward+backward image passes)  acr_ratio: {report.floor_ratio(figures['acr_ratio'], 1, 3)}",
         f"teacher cost (paid once): {figures['teacher']['seconds']:.1f}s",
         f"{ch['generations']}-generation chain: CRT {ch['crt_seconds']:.1f}s "
         f"(teacher + {ch['generations']} students) vs "
         f"{figures['direct']['method']} {ch['direct_seconds']:.1f}s ({ch['generations']} trainings): "
-        f"{ch['reduction'] * 100:.1f}% cumulative cost reduction",
+        f"{report.floor_ratio(100 * ch['reduction'], 1, 1)}% cumulative cost reduction",
     ]
     if plot is not None:
         report.plot_curves(named, plot)

@@ -27,16 +27,22 @@ differ on those images, not which images were drawn.
 from __future__ import annotations
 
 import argparse
+import math
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from certkit.errors import CertkitError
-from certkit.fileio import check_output
+from certkit.fileio import atomic_write_text, check_output
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from certkit.results import Results
 
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 T = TypeVar("T")
@@ -300,10 +306,12 @@ class Row:
 def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row | None:
     """certkit's certification of (method, sigma) against the published file, paired on the same images.
 
-    The difference's standard error is that of the mean of per-image differences of correct x radius over
-    the images both files certified; the published full-test-set ACR is shown beside it.
+    Every figure of the row is over the images both files certified (the published full-test-set ACR is
+    shown beside them); the difference's standard error is :meth:`certkit.report.Paired.acr_difference`'s.
+    A file certified at other settings than the plan's (see :func:`check_certification`) is refused, not
+    tabled under the plan's header.
     """
-    from certkit.report import exact_accuracy, exact_acr, exact_mean, paired
+    from certkit.report import exact_acr, exact_mean, paired
     from certkit.results import read_results, summary_path
 
     mine_path = certify_path(plan.out, method, sigma, plan.n, plan.skip)
@@ -314,29 +322,64 @@ def compare(plan: Plan, method: str, sigma: float, published_dir: Path) -> Row |
     mine, theirs = read_results(mine_path), read_results(theirs_path)
     if len(mine) == 0 or mine.radius is None or theirs.radius is None:
         return None
+    check_certification(mine, plan, sigma)
     pair = paired(mine, theirs)
     if not len(pair.rows_a):
         return None
-    b = pair.certified()[1]
-    b_correct, b_radius = theirs.correct[pair.rows_b].astype(bool), theirs.radius[pair.rows_b]
+    a, b = pair.certified()
     diff, se = pair.acr_difference()
     meta = _run_meta(run_dir(plan.out, method, sigma))
     seconds = meta.get("cost", {}).get("total", {}).get("seconds")
     return Row(
         method=method,
         sigma=sigma,
-        images=len(mine),
-        acr=exact_acr(mine),
+        images=len(a),
+        acr=exact_mean(a),
         published_acr=exact_acr(theirs),
         published_acr_same_images=exact_mean(b),
         diff=diff,
         diff_se=se,
-        accuracy=[exact_accuracy(mine, r) for r in RADII],
-        published_accuracy=[exact_mean(b_correct & (b_radius >= r)) for r in RADII],
+        accuracy=_accuracies(mine, pair.rows_a),
+        published_accuracy=_accuracies(theirs, pair.rows_b),
         train_seconds=float(seconds) if seconds is not None else None,
         partial=not summary_path(mine_path).exists(),
         ledger=cost_ledger(method, sigma, meta.get("cost", {})),
     )
+
+
+def _accuracies(res: Results, rows: np.ndarray) -> list[Fraction]:
+    """Certified accuracy at each radius of ``RADII`` over ``rows`` of ``res``, as exact fractions."""
+    from certkit.report import exact_mean
+
+    assert res.radius is not None  # compare() takes CERTIFY files only
+    correct, radius = res.correct[rows].astype(bool), res.radius[rows]
+    return [exact_mean(correct & (radius >= r)) for r in RADII]
+
+
+def check_certification(res: Results, plan: Plan, sigma: float) -> None:
+    """Refuse a result file whose settings sidecar says it is not the certification the table's header
+    describes (another sigma, n, n0, alpha, subset, dataset or split, one shard, adaptive sampling):
+    tabled under the plan's header, its figures would claim another experiment's settings."""
+    p = plan.protocol
+    expected: dict[str, object] = {
+        "sigma": sigma,
+        "n": plan.n,
+        "n0": p.n0,
+        "alpha": p.alpha,
+        "skip": plan.skip,
+        "max": -1,
+        "dataset": p.dataset,
+        "split": "test",
+        "shard": None,
+        "adaptive": None,
+    }
+    got = res.settings
+    differ = [f"{key} {got.get(key)!r}, not {want!r}" for key, want in expected.items() if got.get(key) != want]
+    if differ:
+        raise CertkitError(
+            f"{res.path}: certified with {'; '.join(differ)} (this table's settings); certify it again "
+            "(remove the file, or reproduce with another --out)"
+        )
 
 
 def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
@@ -352,15 +395,34 @@ def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
     for teacher in cost["ancestors"]:
         total = teacher.get("total", {})
         t_seconds, t_passes = float(total.get("seconds", teacher.get("seconds", 0.0))), image_passes(total)
-        by_clock = f"{t_seconds / seconds:.1f}x" if seconds > 0 else "–"
-        by_passes = f"{t_passes / passes:.1f}x" if passes > 0 else "–"
         parts.append(
             f"its teacher {teacher.get('arch', '?')} {teacher.get('method', '?')} {t_seconds:,.0f} s, "
-            f"{t_passes:,} image passes: {by_clock} less by the clock, {by_passes} by image passes"
+            f"{t_passes:,} image passes: {_times(seconds, t_seconds)} by the clock, "
+            f"{_times(passes, t_passes)} by image passes"
         )
     return f"{method} sigma={sigma:g}: {seconds:,.0f} s, {passes:,} image passes (teacher forwards included); " + (
         "; ".join(parts)
     )
+
+
+def _times(student: float, teacher: float) -> str:
+    """How many times less the student cost than its teacher ("2.0x more" when it cost more), rounded down:
+    a saving printed to nearest could claim more than was measured."""
+    from certkit.report import floor_ratio
+
+    if student <= 0 or teacher <= 0:
+        return "–"
+    if teacher >= student:
+        return f"{floor_ratio(teacher, student, 1)}x less"
+    return f"{floor_ratio(student, teacher, 1)}x more"
+
+
+def _every(skip: int) -> str:
+    """``every 10th test image``, ``every 2nd``, ``every 3rd``; ``every test image`` for 1."""
+    if skip == 1:
+        return "every test image"
+    suffix = "th" if skip % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(skip % 10, "th")
+    return f"every {skip}{suffix} test image"
 
 
 def table(rows: Sequence[Row], plan: Plan) -> str:
@@ -370,6 +432,7 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
     (:func:`certkit.report.floor_figure`)."""
     from certkit.report import floor_figure
 
+    published_n = f" (the published files: n = {plan.protocol.n:,})" if plan.n != plan.protocol.n else ""
     head = (
         "| method | sigma | images | ACR | published ACR (all / same images) | difference ± SE | "
         + " | ".join(f"r={r:g}" for r in RADII)
@@ -377,7 +440,7 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
     )
     lines = [
         f"Protocol `{plan.protocol.name}`: {plan.protocol.description}. CERTIFY n0 = {plan.protocol.n0}, "
-        f"n = {plan.n:,}, alpha = {plan.protocol.alpha}, every {plan.skip}th test image. "
+        f"n = {plan.n:,}{published_n}, alpha = {plan.protocol.alpha}, {_every(plan.skip)}. "
         "Certified accuracy in % as certkit / published, both on the same images.",
         "",
         head,
@@ -392,7 +455,7 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
         lines.append(
             f"| {r.method}{mark} | {r.sigma:g} | {r.images} | {floor_figure(r.acr)} | "
             f"{floor_figure(r.published_acr)} / {floor_figure(r.published_acr_same_images)} | "
-            f"{r.diff:+.3f} ± {r.diff_se:.3f} | {acc} | {secs} |"
+            f"{r.diff:+.3f} ± {_statistic(r.diff_se)} | {acc} | {secs} |"
         )
     ledgers = [r.ledger for r in rows if r.ledger]
     if ledgers:
@@ -400,16 +463,25 @@ def table(rows: Sequence[Row], plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _statistic(value: float) -> str:
+    """A standard error to three decimals; "–" where it is undefined (one image, or one noise group)."""
+    return f"{value:.3f}" if math.isfinite(value) else "–"
+
+
 def plot(rows: Sequence[Row], plan: Plan, published_dir: Path, path: Path) -> None:
-    """certkit's curves (solid) over the published ones of the same method and sigma (dashed)."""
-    from certkit.report import plot_curves
+    """certkit's curves (solid) over the published ones of the same method and sigma (dashed, the same
+    colour)."""
+    from certkit.report import Style, plot_curves
 
     named: dict[str, Path] = {}
-    for r in rows:
-        named[f"certkit {r.method} σ={r.sigma:g}"] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
+    styles: dict[str, Style] = {}
+    for k, r in enumerate(rows):
         stem = plan.protocol.published[r.method]
-        named[f"published {stem} σ={r.sigma:g}"] = published_dir / f"sigma_{sigma_tag(r.sigma)}" / f"{stem}.tsv"
-    plot_curves(named, path, title=f"{plan.protocol.name}: certkit vs published")
+        mine, theirs = f"certkit {r.method} σ={r.sigma:g}", f"published {stem} σ={r.sigma:g}"
+        named[mine] = certify_path(plan.out, r.method, r.sigma, plan.n, plan.skip)
+        named[theirs] = published_dir / f"sigma_{sigma_tag(r.sigma)}" / f"{stem}.tsv"
+        styles[mine], styles[theirs] = (f"C{k % 10}", "-"), (f"C{k % 10}", "--")
+    plot_curves(named, path, title=f"{plan.protocol.name}: certkit vs published", styles=styles)
 
 
 def run(plan: Plan, published_dir: Path | None) -> tuple[str, list[Failure]]:
@@ -441,7 +513,7 @@ def report(plan: Plan, published_dir: Path | None) -> str:
         return "no certification finished yet; nothing to compare\n"
     text = table(rows, plan)
     table_path, plot_path = (plan.out / f"reproduction-{plan.protocol.name}.{ext}" for ext in ("md", "png"))
-    table_path.write_text(text)
+    atomic_write_text(table_path, text)
     plot(rows, plan, published_dir, plot_path)
     return text + f"\ntable: {table_path}\nplot: {plot_path}\n"
 
@@ -538,11 +610,16 @@ _CERTIFY_SETTINGS = {
     "out": "--out",
 }
 
+#: the certify flags a reproduction may pass on: how fast it runs and which noise it draws (each speed option
+#: is checked against the fp32 network's votes), never what it certifies
+_CERTIFY_FREE = ("batch", "seed", "amp", "channels_last", "compile", "rng", "shared_noise", "debug")
+
 
 def check_settings(plan: Plan, certify_namespace: Callable[[Sequence[str]], argparse.Namespace]) -> None:
     """Refuse before the first step what a step's process would refuse only when it starts, some after
     hours of training: the device, the dataset's files, and ``--certify-flags`` that certify does not take or
-    that would override what reproduce sets (the protocol's n0 and alpha, --N, --certify-skip, the output).
+    that would override what reproduce sets (the protocol's n0 and alpha, --N, --certify-skip, the output)
+    or change what the protocol certifies (its sigma, images, dataset, sampling).
     ``certify_namespace`` parses flags as ``certkit certify`` would (the CLI's, passed in: the CLI imports
     this module, not the other way round)."""
     from certkit.data import load_dataset
@@ -566,6 +643,16 @@ def check_settings(plan: Plan, certify_namespace: Callable[[Sequence[str]], argp
         raise CertkitError(
             f"--certify-flags: {' and '.join(overridden)} set by reproduce itself (the protocol's n0 and alpha; "
             "--N, --certify-skip, --device, --data-dir and --out of reproduce)"
+        )
+    fixed = [
+        "--" + dest.replace("_", "-")
+        for dest, value in vars(given).items()
+        if dest not in _CERTIFY_SETTINGS and dest not in _CERTIFY_FREE and value != getattr(unset_values, dest)
+    ]
+    if fixed:
+        raise CertkitError(
+            f"--certify-flags: {' and '.join(fixed)} would change what the protocol certifies; it takes only "
+            + " ".join("--" + dest.replace("_", "-") for dest in _CERTIFY_FREE)
         )
 
 
