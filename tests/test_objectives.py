@@ -19,6 +19,7 @@ from certkit.gloro.layers import MinMax
 from certkit.gloro.model import GloroNet
 from certkit.gloro.objective import Gloro
 from certkit.methods import get_objective, registry
+from certkit.models import Normalize
 from certkit.objectives import Objective
 from certkit.objectives._smoothing import (
     DivergenceError,
@@ -27,7 +28,6 @@ from certkit.objectives._smoothing import (
     noisy_logits,
     smoothed_nll,
 )
-from certkit.models import Normalize
 from certkit.objectives.consistency import Consistency
 from certkit.objectives.crt import CRT
 from certkit.objectives.macer import Macer
