@@ -29,7 +29,7 @@ Conventions every objective follows:
   parameter gradients off), restored afterwards.
 * The loss and its parts are computed in fp32 from the network's logits, cast with ``.float()`` where they
   come out of the model (free in fp32): under ``--amp`` the network runs in bf16 or fp16, but CPU autocast,
-  unlike CUDA's, runs ``softmax``, ``log_softmax`` and ``pow`` in bf16, whose 8-bit mantissa loses small
+  unlike CUDA's, runs ``softmax``, ``log_softmax`` and ``pow`` in bf16, whose 8-bit significand loses small
   terms such as Consistency's KL between nearly agreeing draws.
 * The loss's named parts are returned as detached 0-d tensors (no ``.item()`` per step, which would
   synchronise the GPU); the trainer averages them over the epoch.
