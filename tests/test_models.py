@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from certkit.errors import CertkitError
 from certkit.models import Normalize, create_model, layers, list_models, model_spec
@@ -288,3 +290,61 @@ def test_one_channel_nets_have_a_wide_hidden_layer_and_a_plain_head(arch: str) -
     hidden, head = (m for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert type(hidden) is WideLinear and type(head) is torch.nn.Linear
     assert "1.classifier.1.weight" in model.state_dict() and "1.classifier.3.weight" in model.state_dict()
+
+
+def _with_torch_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` whose certkit fast-path layers are the torch classes they compute (same state)."""
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m.__class__ = layers.torch_type(m)
+    return plain
+
+
+def test_double_backward_through_lenet_is_torchs() -> None:
+    """An input-gradient penalty (a backward with ``create_graph=True``, then its own backward) through LeNet's
+    FirstConv, Pool2x2 and WideLinear: every parameter's gradient is the one torch's layers give. oneDNN's
+    matmul has no derivative, so a backward built on it would hand the hidden layer a zero gradient."""
+    torch.manual_seed(0)
+    ours = create_model("lenet", 10, (1, 28, 28))
+    plain = _with_torch_layers(ours)
+    assert {type(m) for m in plain.modules()}.isdisjoint({FirstConv, Pool2x2, WideLinear})
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 3, 5, 9])
+    results = []
+    for model in (ours, plain):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(F.cross_entropy(model(xi), y), [xi], create_graph=True)
+        results.append(torch.autograd.grad(gx.pow(2).sum(), list(model.parameters())))
+    for name, a, b in zip([n for n, _ in ours.named_parameters()], *results):
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["wide_linear", "first_conv", "pool"])
+def test_fast_layers_under_torch_func_and_forward_ad_are_torchs(kind: str) -> None:
+    """``torch.func.grad``, ``jvp``, ``vmap`` and forward-mode dual tensors through each fast-path layer give
+    what torch's layer gives (the fast paths have no batching rule or forward derivative, so they step
+    aside)."""
+    torch.manual_seed(0)
+    ours: torch.nn.Module = {
+        "wide_linear": lambda: WideLinear(32, 16),
+        "first_conv": lambda: FirstConv(1, 4, 3, padding=1),
+        "pool": Pool2x2,
+    }[kind]()
+    plain = _with_torch_layers(ours)
+    shape = (5, 32) if kind == "wide_linear" else (2, 1, 8, 8)
+    x, v = torch.randn(shape), torch.randn(shape)
+    many = torch.randn(3, *shape)
+
+    def value(layer: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda t: layer(t).sin().sum()
+
+    for got, want in [
+        (torch.func.grad(value(ours))(x), torch.func.grad(value(plain))(x)),
+        (torch.func.jvp(ours, (x,), (v,))[1], torch.func.jvp(plain, (x,), (v,))[1]),
+        (torch.func.vmap(ours)(many), torch.func.vmap(plain)(many)),
+        (torch.func.vmap(torch.func.grad(value(ours)))(many), torch.func.vmap(torch.func.grad(value(plain)))(many)),
+    ]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with forward_ad.dual_level():
+        tangents = [forward_ad.unpack_dual(layer(forward_ad.make_dual(x, v))).tangent for layer in (ours, plain)]
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-5, atol=1e-6)

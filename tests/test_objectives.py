@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from certkit.errors import CertkitError
+from certkit.gloro.layers import MinMax
+from certkit.gloro.model import GloroNet
+from certkit.gloro.objective import Gloro
 from certkit.methods import get_objective, registry
+from certkit.models import Normalize
 from certkit.objectives import Objective
 from certkit.objectives._smoothing import (
     DivergenceError,
@@ -24,6 +29,7 @@ from certkit.objectives._smoothing import (
     smoothed_nll,
 )
 from certkit.objectives.consistency import Consistency
+from certkit.objectives.crt import CRT
 from certkit.objectives.macer import Macer
 from certkit.objectives.smoothadv import SmoothAdv
 from certkit.objectives.smoothmix import SmoothMix
@@ -563,3 +569,74 @@ def test_fashion_mnist_one_epoch_beats_chance(name: str, fmnist) -> None:
     rec = history[-1]
     assert math.isfinite(rec["loss"])
     assert rec["test_noisy_acc"] > 0.3, rec
+
+
+# --------------------------------------------------------------------------------------------------
+# precision and modes
+# --------------------------------------------------------------------------------------------------
+class Bf16Logits(nn.Module):
+    """A linear classifier whose logits are rounded to bf16, returned as bf16 or, with ``widen``, as the fp32
+    numbers of the same values. Its products are elementwise, which autocast leaves in fp32 forwards and
+    backwards (an attack's backward runs inside the autocast region): the two differ in the logits' dtype
+    alone."""
+
+    def __init__(self, widen: bool, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = nn.Parameter(torch.randn(3, math.prod(SHAPE), generator=g) / 3)
+        self.bias = nn.Parameter(torch.randn(3, generator=g))
+        self.widen = widen
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = ((x.flatten(1).unsqueeze(1) * self.weight).sum(-1) + self.bias).bfloat16()
+        return out.float() if self.widen else out
+
+
+BF16_CASES: dict[str, Callable[[bool], Objective]] = {
+    **{name: (lambda widen, name=name: small(name)) for name in MINE},
+    "smoothadv-ddn": lambda widen: small("smoothadv", attack="ddn"),
+    "consistency-adv": lambda widen: small("consistency", adv_training=True, epsilon=0.5, num_steps=2, warmup=1),
+    "gaussian": lambda widen: get_objective("gaussian")(0.25),
+    "crt": lambda widen: CRT(0.25, teacher=Bf16Logits(widen, seed=5)),
+    "crt-softmax-mixed": lambda widen: CRT(0.25, teacher=Bf16Logits(widen, seed=5), alpha=0.5, match="softmax"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BF16_CASES))
+def test_losses_under_cpu_bf16_autocast_are_fp32_arithmetic_on_the_logits(case: str) -> None:
+    """Under CPU bf16 autocast (``--amp bf16``), which runs softmax, log_softmax and pow in bf16, every loss
+    and part is fp32 and equals what fp32 arithmetic gives on the same (bf16-valued) logits, attacks included:
+    the README's "losses kept in fp32"."""
+    results = []
+    for widen in (False, True):
+        model = Bf16Logits(widen)
+        obj = BF16_CASES[case](widen)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not widen):
+            loss, parts = obj(model, *batch())
+        assert loss.dtype == torch.float32, case
+        assert all(v.dtype == torch.float32 for v in parts.values()), {k: v.dtype for k, v in parts.items()}
+        results.append({"loss": loss.detach(), **parts})
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("robust_loss", ["kl", "trades_ce"])
+def test_gloro_loss_under_cpu_bf16_autocast_is_fp32(robust_loss: str) -> None:
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), 16), MinMax(), nn.Linear(16, 3))
+    net = GloroNet(nn.Sequential(Normalize([0.0], [1.0]), body), SHAPE, epsilon=0.3)
+    obj = Gloro(epsilon=0.3, lbd=1.0, robust_loss=robust_loss, power_iterations=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, parts = obj(obj.prepare_model(net, SHAPE), *batch())
+    assert loss.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in parts.values()), {k: v.dtype for k, v in parts.items()}
+
+
+def test_attacks_restore_each_submodules_own_mode() -> None:
+    """A BatchNorm the caller put in eval mode (frozen statistics) inside a train-mode net is still in eval
+    mode after an attack, and the rest is back in train mode."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    net.train()
+    net[2].eval()
+    small("smoothadv")(net, *batch())
+    assert [m.training for m in net] == [True, True, False, True, True]

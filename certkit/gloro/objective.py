@@ -226,7 +226,7 @@ class Gloro(Objective):
     # --- the loss -----------------------------------------------------------------------------------
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         net = self.bind(model)
-        logits = model(x)
+        logits = model(x).float()  # fp32 loss under --amp (objectives.base)
         k_sub = net.lipschitz_constant(self.hp.power_iterations)
         eps = self.train_epsilon()
         bottom = (

@@ -6,7 +6,18 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.modules import module as module_hooks
+
+
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (grad, jvp, vmap, ...) or a forward-mode AD level is active.
+
+    The fast paths below are autograd Functions without ``setup_context``, a jvp or a batching rule, and an
+    ``out=`` maximum: those transforms refuse them, while torch's own layers support them. Under a transform
+    the layers therefore run torch's; both checks read a flag, so the fast paths keep their speed.
+    """
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 class Normalize(nn.Module):
@@ -104,7 +115,8 @@ class FirstConv(nn.Conv2d):
     The same function and parameters (a checkpoint does not tell them apart); only when a gradient with
     respect to the input is asked for in fp32 on CPU — an attack step — it is computed by
     :func:`single_channel_input_gradient` instead of oneDNN. Everything else (training passes, whose inputs
-    need no gradient, CUDA, autocast, other shapes) runs ``nn.Conv2d`` itself.
+    need no gradient, CUDA, autocast, other shapes, ``torch.func`` transforms and forward-mode AD) runs
+    ``nn.Conv2d`` itself.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,6 +136,7 @@ class FirstConv(nn.Conv2d):
             and isinstance(self.padding, tuple)
             and self.padding[0] == self.padding[1]
             and self.kernel_size[0] == self.kernel_size[1]
+            and not _transformed()
         ):
             return _SingleChannelConv.apply(x, self.weight, self.bias, self.padding[0])
         return super().forward(x)
@@ -146,15 +159,17 @@ class Pool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2)`` that skips the argmax indices when no gradient can flow through it on CPU.
 
     Inference (certification, evaluation, a CRT teacher's forward pass) runs :func:`max_pool_2x2`; a pass
-    that needs the backward, and every pass on another device (where torch's pool is one kernel launch
-    against three), runs ``nn.MaxPool2d`` itself, so training and its gradients are unchanged.
+    that needs the backward, every pass on another device (where torch's pool is one kernel launch against
+    three) and every pass under a ``torch.func`` transform or forward-mode AD (the ``out=`` maximum has
+    neither a batching rule nor a forward derivative) runs ``nn.MaxPool2d`` itself, so training and its
+    gradients are unchanged.
     """
 
     def __init__(self) -> None:
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or _transformed():
             return super().forward(x)
         return max_pool_2x2(x)
 
@@ -165,7 +180,12 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """A linear layer whose forward and both gradient products run on oneDNN."""
+    """A linear layer whose forward and both gradient products run on oneDNN.
+
+    oneDNN's matmul has no derivative of its own, so a backward that builds a graph (``create_graph=True``:
+    an input-gradient penalty, a Hessian-vector product) computes the products with ``torch.mm`` instead,
+    whose derivative autograd knows; through oneDNN that graph would treat them as constants and give zero
+    second-order gradients without an error."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -177,11 +197,17 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        # oneDNN reads the transposed views through their strides, faster than copying them first
-        if ctx.needs_input_grad[0]:  # grad_out @ weight: a linear layer with weight.T
-            grad_x = _onednn_linear(grad_out, weight.t(), None)
-        if ctx.needs_input_grad[1]:  # grad_out.T @ x
-            grad_w = _onednn_linear(grad_out.t(), x.t(), None)
+        if torch.is_grad_enabled():  # a double backward: differentiable products
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_out.mm(weight)
+            if ctx.needs_input_grad[1]:
+                grad_w = grad_out.t().mm(x)
+        else:
+            # oneDNN reads the transposed views through their strides, faster than copying them first
+            if ctx.needs_input_grad[0]:  # grad_out @ weight: a linear layer with weight.T
+                grad_x = _onednn_linear(grad_out, weight.t(), None)
+            if ctx.needs_input_grad[1]:  # grad_out.T @ x
+                grad_w = _onednn_linear(grad_out.t(), x.t(), None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum(0)
         return grad_x, grad_w, grad_b
@@ -196,8 +222,9 @@ class WideLinear(nn.Linear):
     torch runs a CPU linear layer in fp32 on the BLAS it was built with (MKL), which on the AMD EPYC this
     project is developed on reaches about half the rate of oneDNN's matmul, the library that already runs the
     convolutions, and the hidden layer is a sizeable share of LeNet's training step. The same parameters and
-    function, rounded in another summation order; CUDA, autocast, torch.compile, other dtypes and inputs
-    that are not a non-empty batch of vectors run ``nn.Linear`` itself. Narrow layers (a 10-class head) are
+    function, rounded in another summation order (a double backward computes its products with ``torch.mm``);
+    CUDA, autocast, torch.compile, ``torch.func`` transforms, forward-mode AD, other dtypes and inputs that are
+    not a non-empty batch of vectors run ``nn.Linear`` itself. Narrow layers (a 10-class head) are
     faster on MKL and stay ``nn.Linear`` (figures: docs/benchmarks.md).
     """
 
@@ -211,6 +238,7 @@ class WideLinear(nn.Linear):
             and self.weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")
             and not torch.compiler.is_compiling()  # inductor lowers oneDNN's matmul for frozen weights only
+            and not _transformed()
         ):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):

@@ -63,12 +63,13 @@ def draw_noises(x: Tensor, m: int, sigma: float) -> Tensor:
 
 
 def noisy_logits(model: nn.Module, x: Tensor, noises: Tensor) -> Tensor:
-    """Logits of every noisy copy ``x + n_j`` in one forward pass of ``m·B`` samples: ``(m, B, K)``.
+    """Logits of every noisy copy ``x + n_j`` in one forward pass of ``m·B`` samples: ``(m, B, K)``, in fp32
+    whatever precision the network ran in (the losses' convention, :mod:`certkit.objectives.base`).
 
     The noisy points are not clipped to [0, 1], as in every reference implementation and in certification.
     """
     m, b = noises.shape[0], x.shape[0]
-    out = model((x.unsqueeze(0) + noises).flatten(0, 1))
+    out = model((x.unsqueeze(0) + noises).flatten(0, 1)).float()
     return out.view(m, b, -1)
 
 

@@ -27,6 +27,10 @@ Conventions every objective follows:
   before one backward, which DDP's reducer takes: it sums a parameter's gradient over both before
   reducing it); attacks run inside ``with eval_mode(model) as net:`` on the unwrapped ``net`` (eval mode,
   parameter gradients off), restored afterwards.
+* The loss and its parts are computed in fp32 from the network's logits, cast with ``.float()`` where they
+  come out of the model (free in fp32): under ``--amp`` the network runs in bf16 or fp16, but CPU autocast,
+  unlike CUDA's, runs ``softmax``, ``log_softmax`` and ``pow`` in bf16, whose 8-bit significand loses small
+  terms such as Consistency's KL between nearly agreeing draws.
 * The loss's named parts are returned as detached 0-d tensors (no ``.item()`` per step, which would
   synchronise the GPU); the trainer averages them over the epoch.
 * ``graph_safe``: a method whose step has no host synchronisation and no data-dependent shapes declares
@@ -358,13 +362,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run an attack with the model in eval mode and parameter gradients off, then restore both.
+    """Run an attack with the model in eval mode and parameter gradients off, then restore both, module by
+    module and parameter by parameter: a submodule the caller keeps in eval mode (a BatchNorm with frozen
+    statistics) stays in eval mode, where ``model.train()`` would switch it back to train mode.
 
     Yields the *unwrapped* module: attack passes take no parameter gradients, so a DDP wrapper would only
     broadcast buffers and prepare its reducer for them. Use it as ``with eval_mode(model) as net: ... net(x)``.
     """
     model = unwrap(model)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -374,4 +380,5 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag_ in flags:
             p.requires_grad_(flag_)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training

@@ -180,12 +180,13 @@ class CRT(Objective):
         return {"teacher": dict(self.record), "lineage": list(self.lineage)}
 
     def outputs(self, model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(student logits, teacher logits, noisy input) for one shared noise draw."""
+        """(student logits, teacher logits, noisy input) for one shared noise draw; the logits in fp32 whatever
+        precision the networks ran in (the loss's convention, :mod:`certkit.objectives.base`)."""
         noisy = x + self.noise(x)
         with torch.no_grad():
             self.teacher.eval()  # in case someone switched it back: train mode would update batch statistics
-            t = self.teacher(noisy)
-        return model(noisy), t, noisy
+            t = self.teacher(noisy).float()
+        return model(noisy).float(), t, noisy
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         s, t, _ = self.outputs(model, x)

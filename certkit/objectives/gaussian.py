@@ -29,7 +29,7 @@ class Gaussian(Objective):
         return ()  # no schedule
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = model(x + self.noise(x))
+        logits = model(x + self.noise(x)).float()  # fp32 loss under --amp (objectives.base)
         loss = F.cross_entropy(logits, y)
         acc = (logits.argmax(1) == y).float().mean()
         return loss, {"ce": loss.detach(), "acc": acc}

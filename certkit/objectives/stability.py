@@ -82,8 +82,9 @@ class Stability(Objective):
     hp: StabilityHypers
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits_clean = model(x)
-        logits_noisy = model(x + self.noise(x))
+        # fp32 loss terms under --amp (objectives.base)
+        logits_clean = model(x).float()
+        logits_noisy = model(x + self.noise(x)).float()
         ce = F.cross_entropy(logits_clean, y)
         target = F.softmax(logits_clean.detach() if self.hp.detach_target else logits_clean, dim=1)
         stab = -(target * F.log_softmax(logits_noisy, dim=1)).sum(1).mean()
