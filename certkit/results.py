@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -484,7 +485,8 @@ def _load_table(path: str | os.PathLike, keep_partial: bool = True) -> _Table:
 
 def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> str | None:
     """What is wrong with one row of the right width, or None: idx an int >= 0, label >= 0, predict >= -1
-    (abstain), correct 0 or 1, radius finite in [0, MAX_RADIUS], time a duration, extra counts ints."""
+    (abstain), correct 0 or 1 and equal to predict == label, radius finite in [0, MAX_RADIUS] (0 for an
+    abstention), time a duration, extra counts ints."""
 
     def integer(name: str, low: int) -> bool:
         text = fields[column[name]]
@@ -495,6 +497,11 @@ def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> s
             return f"{name} must be an integer >= {low} (got {fields[column[name]]!r})"
     if fields[column["correct"]] not in ("0", "1"):
         return f"correct must be 0 or 1 (got {fields[column['correct']]!r})"
+    # correct is derived in every format (prediction == label; an abstention is never correct): a row that
+    # says otherwise would count a wrong or abstained image as certified
+    label, predict = int(fields[column["label"]]), int(fields[column["predict"]])
+    if fields[column["correct"]] != str(int(predict == label)):
+        return f"correct must be {int(predict == label)} for predict {predict} and label {label}"
     if "certified_eps" in column and fields[column["certified_eps"]] not in ("0", "1"):
         return f"certified_eps must be 0 or 1 (got {fields[column['certified_eps']]!r})"
     for name in ("samples", "clean_predict"):
@@ -509,6 +516,8 @@ def _check_row(fields: Sequence[str], column: Mapping[str, int], kind: str) -> s
         return f"time must be a finite duration >= 0 (got {fields[column['time']]!r})"
     if not (math.isfinite(radius) and 0 <= radius <= MAX_RADIUS):
         return f"radius must be finite, in [0, {MAX_RADIUS:g}] (got {fields[column['radius']]!r})"
+    if predict == -1 and radius != 0:
+        return f"an abstention (predict -1) certifies no radius (got {fields[column['radius']]!r})"
     return None
 
 
@@ -525,20 +534,13 @@ class _Plan:
     @classmethod
     def of(cls, settings: Mapping[str, Any], source: str | os.PathLike) -> _Plan | None:
         """The plan the settings record, None when they record none (a library run without a dataset)."""
+        part, parts = _shard_of(settings, source) or (0, 1)
         if "dataset_size" not in settings:
             return None
         size, skip, max_idx = settings["dataset_size"], settings.get("skip", 1), settings.get("max", -1)
-        shard = settings.get("shard") or [0, 1]
-        values = [size, skip, max_idx, *shard] if isinstance(shard, list) else [None]
-        if (
-            len(values) != 5
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-            or size < 0
-            or skip < 1
-            or not 0 <= shard[0] < shard[1]
-        ):
+        if not all(_bounded_int(v) for v in (size, skip, max_idx)) or size < 0 or skip < 1:
             raise CertkitError(f"{sidecar_path(source)}: malformed plan settings (dataset_size, skip, max, shard)")
-        return cls(size if max_idx < 0 else min(max_idx, size), skip, shard[0], shard[1])
+        return cls(size if max_idx < 0 else min(max_idx, size), skip, part, parts)
 
     def __contains__(self, i: int) -> bool:
         return 0 <= i < self.stop and i % self.skip == 0 and (i // self.skip) % self.parts == self.part
@@ -554,6 +556,24 @@ class _Plan:
                     f"{path}:{number}: index {fields[0]} is not in the run's plan "
                     "(dataset_size, skip, max, shard in its settings file)"
                 )
+
+
+def _bounded_int(value: Any) -> bool:
+    """An int (not a bool) whose size an index may have: a settings file cannot make a plan's arithmetic
+    overflow or a merge allocate a list of its length."""
+    return isinstance(value, int) and not isinstance(value, bool) and -1 <= value <= MAX_INDEX
+
+
+def _shard_of(settings: Mapping[str, Any], source: str | os.PathLike) -> tuple[int, int] | None:
+    """The ``[i, k]`` shard the settings record (0 <= i < k), None for an unsharded run."""
+    shard = settings.get("shard")
+    if shard is None:
+        return None
+    if not (isinstance(shard, list) and len(shard) == 2 and all(_bounded_int(v) for v in shard)) or not (
+        0 <= shard[0] < shard[1]
+    ):
+        raise CertkitError(f"{sidecar_path(source)}: malformed shard {shard!r} (expected [i, k], 0 <= i < k)")
+    return shard[0], shard[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -623,24 +643,33 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     metas = [read_sidecar(p) for p in shard_paths]
     tables = [_load_table(p, keep_partial=False) for p in shard_paths]  # a cut last line is not a row
     first = metas[0]
+    for path, meta, table in zip(shard_paths, metas, tables):
+        if (meta["kind"], tuple(meta["columns"])) != (table.kind, table.header):
+            raise CertkitError(
+                f"{path}: its header ({' '.join(table.header)}) is not the {meta['kind']} columns its settings "
+                f"file names ({' '.join(meta['columns'])})"
+            )
     for path, meta in zip(shard_paths[1:], metas[1:]):
         if meta["kind"] != first["kind"] or meta["columns"] != first["columns"]:
             raise CertkitError(f"cannot merge {path} with {shard_paths[0]}: different kinds of result file")
         differing = _differing_keys(first["settings"], meta["settings"], ignore=("shard",))
         if differing:
             raise CertkitError(f"cannot merge {path} with {shard_paths[0]}: settings differ in {', '.join(differing)}")
-    shards = [m["settings"].get("shard") for m in metas]
-    if any(s is not None for s in shards):
-        if any(s is None for s in shards):
+    shards = [_shard_of(m["settings"], p) for m, p in zip(metas, shard_paths)]
+    sharded = [s for s in shards if s is not None]
+    if sharded:
+        if len(sharded) != len(shards):
             raise CertkitError("cannot merge sharded and unsharded result files")
-        counts = {int(s[1]) for s in shards}
+        counts = {k for _, k in sharded}
         if len(counts) != 1:
             raise CertkitError(f"cannot merge shards of different shard counts {sorted(counts)}")
         k = counts.pop()
-        have = sorted(int(s[0]) for s in shards)
-        if have != list(range(k)):
-            missing = sorted(set(range(k)) - set(have))
-            raise CertkitError(f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {missing or 'none'})")
+        have = sorted(i for i, _ in sharded)
+        if len(have) != k or any(i != j for j, i in enumerate(have)):
+            present = set(have)
+            missing = [str(j) for j in itertools.islice((j for j in range(k) if j not in present), 10)]
+            listed = ", ".join(missing + ["..."] * (len(missing) == 10)) or "none"
+            raise CertkitError(f"shards must be 0..{k - 1} of {k}, each once (got {have}; missing {listed})")
     seen: dict[int, str] = {}
     for path, meta, table in zip(shard_paths, metas, tables):
         plan = _Plan.of(meta["settings"], path)

@@ -11,6 +11,7 @@ import torch
 
 from certkit.errors import CertkitError
 from certkit.results import (
+    CERTIFY_COLUMNS,
     ResultWriter,
     format_radius,
     format_time,
@@ -20,6 +21,7 @@ from certkit.results import (
     read_results,
     sidecar_path,
     summary_path,
+    write_sidecar,
 )
 from certkit.summary import write_summary
 
@@ -318,6 +320,67 @@ def test_an_existing_file_is_resumed_into_the_shards_that_plan_its_rows(tmp_path
     assert read_results(tmp_path / "e0").idx.tolist() == [] and read_results(early).idx.tolist() == []
 
 
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("0\t3\t5\t2.0\t1", "correct must be 0 for predict 5 and label 3"),  # a wrong prediction marked correct
+        ("0\t3\t-1\t0.0\t1", "correct must be 0 for predict -1 and label 3"),  # so is an abstention
+        ("0\t3\t3\t0.5\t0", "correct must be 1 for predict 3 and label 3"),
+        ("0\t3\t-1\t3.0\t0", r"an abstention \(predict -1\) certifies no radius"),
+    ],
+)
+def test_a_row_that_contradicts_itself_is_refused(tmp_path: Path, row: str, message: str):
+    """correct is predict == label in every format: a row that says otherwise would count in ACR and
+    certified accuracy an image that was not certified correct, on reading and on resume."""
+    path = tmp_path / "lie.tsv"
+    path.write_text(f"idx\tlabel\tpredict\tradius\tcorrect\ttime\n{row}\t0:00:01\n")
+    with pytest.raises(CertkitError, match=rf"lie\.tsv:2: {message}"):
+        read_results(path)
+    write_sidecar(path, "certify", CERTIFY_COLUMNS, SETTINGS)
+    with pytest.raises(CertkitError, match=message):
+        ResultWriter(path, "certify", SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "shard, message",
+    [
+        ([0, 10**9], r"missing 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, \.\.\.\)"),  # no list of a billion shards
+        (["b", 2], "malformed shard"),
+        (3, "malformed shard"),
+        ([1], "malformed shard"),
+        ({"1": 2}, "malformed shard"),
+        ([2, 2], "malformed shard"),
+        ([0, 2**64], "malformed shard"),
+    ],
+)
+def test_merge_checks_shard_settings_before_using_them(tmp_path: Path, shard: object, message: str):
+    a = tmp_path / "a.tsv"
+    _write_rows(a, [0], SETTINGS).close()
+    side = json.loads(sidecar_path(a).read_text())
+    side["settings"]["shard"] = shard
+    sidecar_path(a).write_text(json.dumps(side))
+    with pytest.raises(CertkitError, match=message):
+        merge_results([a], tmp_path / "m.tsv")
+
+
+def test_merge_refuses_a_plan_too_large_to_count(tmp_path: Path):
+    a = tmp_path / "a.tsv"
+    _write_rows(a, [0], {**SETTINGS, "dataset_size": 10**30}).close()
+    with pytest.raises(CertkitError, match="malformed plan settings"):
+        merge_results([a], tmp_path / "m.tsv")
+
+
+def test_merge_refuses_a_shard_whose_header_is_not_its_settings_files(tmp_path: Path):
+    settings = {**SETTINGS, "dataset_size": 2}
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    _write_rows(a, [0], {**settings, "shard": [0, 2]}).close()
+    _write_rows(b, [1], {**settings, "shard": [1, 2]}).close()
+    a.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\tsamples\n0\t0\t0\t0.0\t1\t0:00:01\t100\n")
+    with pytest.raises(CertkitError, match=r"a\.tsv: its header \(idx label predict radius correct time samples\)"):
+        merge_results([a, b], tmp_path / "m.tsv")
+    assert not (tmp_path / "m.tsv").exists()
+
+
 def test_merge_refusals(tmp_path: Path):
     settings = {**SETTINGS, "dataset_size": 6}
     a, b, c = tmp_path / "a.tsv", tmp_path / "b.tsv", tmp_path / "c.tsv"
@@ -333,7 +396,7 @@ def test_merge_refusals(tmp_path: Path):
     _write_rows(whole_c, [2, 3, 4, 5], settings).close()
     with pytest.raises(CertkitError, match="index 2 appears in both"):
         merge_results([whole_a, whole_c], tmp_path / "m.tsv")
-    with pytest.raises(CertkitError, match="missing \\[1\\]"):
+    with pytest.raises(CertkitError, match=r"missing 1\)"):
         merge_results([a], tmp_path / "m.tsv")
     _write_rows(c, [1, 3], {**settings, "shard": [1, 2]}, resume=False).close()
     with pytest.raises(CertkitError, match="missing from the shards"):
