@@ -11,7 +11,9 @@ first layer normalizes, so noise and radii are in pixel units.
 
 Nothing is ever downloaded: a missing or corrupt file raises :class:`CertkitError` naming the file and what
 was expected. The CIFAR-10 python batches are pickles; they are read with an unpickler that can only
-rebuild numpy arrays, lists, dicts and strings, so a tampered batch file cannot run code.
+rebuild arrays of plain numbers, lists, dicts and strings, and that hands no numpy global to the file (its
+arrays are built by certkit from bytes of the declared size), so a tampered batch file can neither run
+code nor make numpy read memory the file chose.
 """
 
 from __future__ import annotations
@@ -572,7 +574,7 @@ class _PendingArray:
             raise pickle.UnpicklingError("refusing an array state that numpy never writes")
         shape, dtype, fortran, raw = state
         if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
-            raise pickle.UnpicklingError(f"refusing an array of shape {shape!r}")
+            raise pickle.UnpicklingError("refusing an array whose shape is not a tuple of sizes")
         if not (isinstance(dtype, _Dtype) and dtype.plain and isinstance(raw, bytes)):
             return
         if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
@@ -602,12 +604,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def _reconstruct(self, subtype: object, shape: object, dtype: object) -> _PendingArray:
         """numpy's array reconstructor, which allocates ``shape`` of ``dtype`` (a placeholder ``(0,)`` of
         int8 in every file numpy writes); here nothing is allocated, and a dtype other than plain numbers is
-        refused. A method, like ``_encode``, so that a file's state cannot set attributes on a shared function."""
+        refused. A method, like ``_encode``: a file's state (BUILD) cannot set a bound method's attributes, so
+        it cannot change the defaults of a function that every later read shares."""
         if not isinstance(subtype, _NdarrayName):
             raise pickle.UnpicklingError("refusing to reconstruct anything but a numpy array")
         named = dtype if isinstance(dtype, _Dtype) else _Dtype(dtype)
         if not named.plain:
-            raise pickle.UnpicklingError(f"refusing an array of shape {shape} and dtype {named.dtype}")
+            raise pickle.UnpicklingError(f"refusing an array of dtype {named.dtype}")
         return _PendingArray()
 
     def find_class(self, module: str, name: str) -> Callable[..., object]:
@@ -624,9 +627,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 def _require_file(path: Path, what: str) -> bool:
     """Whether ``path`` is a regular file (False when nothing is there); a path that exists but is another
-    kind (a FIFO, which blocks a reader forever, a directory, a device, a symlink loop) is refused."""
-    require_regular(path, what)
-    return path.is_file()
+    kind (a FIFO, which blocks a reader forever, a directory, a device, a symlink loop) is refused. Under a
+    folder that is a file nothing is there, and the caller's message for a missing file says so."""
+    if path.is_file():
+        return True
+    if os.path.lexists(path):
+        require_regular(path, what)
+    return False
 
 
 def _unpickle_batch(path: Path) -> object:
