@@ -11,13 +11,14 @@ first layer normalizes, so noise and radii are in pixel units.
 
 Nothing is ever downloaded: a missing or corrupt file raises :class:`CertkitError` naming the file and what
 was expected. The CIFAR-10 python batches are pickles; they are read with an unpickler that can only
-rebuild numpy arrays, lists, dicts and strings, so a tampered batch file cannot run code.
+rebuild arrays of plain numbers, lists, dicts and strings, and that hands no numpy global to the file (its
+arrays are built by certkit from bytes of the declared size), so a tampered batch file can neither run
+code nor make numpy read memory the file chose.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import io
 import math
@@ -30,7 +31,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
 from certkit.errors import CertkitError, first_line
+from certkit.fileio import require_regular
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -192,6 +194,7 @@ def _open_image(path: str) -> Any:
     or truncated image is the user's to fix, like any other malformed dataset file)."""
     from PIL import Image, UnidentifiedImageError
 
+    require_regular(path, "image")  # opening a FIFO would block for ever
     try:
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
@@ -456,7 +459,7 @@ MAX_IDX_BYTES = 600_000 * 28 * 28
 def _find(root: Path, stem: str, name: str) -> Path:
     folders = [root, root / _TORCHVISION_FOLDERS[name] / "raw"]
     for candidate in (folder / f"{stem}{suffix}" for folder in folders for suffix in (".gz", "")):
-        if candidate.is_file():
+        if _require_file(candidate, "IDX file"):
             return candidate
     hint = ""
     if str(root) == FASHION_MNIST_ROOT:
@@ -520,62 +523,147 @@ def read_idx_pair(root: Path, split: str, name: str = "fashion-mnist") -> tuple[
 #: unpickler builds, whatever the file asks for
 MAX_CIFAR_BATCH_BYTES = 64 << 20
 MAX_PICKLE_OPS = 200_000
+#: images in each CIFAR-10 batch file, the five training batches and the test batch alike
+CIFAR_BATCH_IMAGES = 10_000
 
 
-def _reconstruct_small(
-    reconstruct: Callable[..., np.ndarray], subtype: type, shape: tuple[int, ...], dtype: Any
-) -> np.ndarray:
-    """numpy's array reconstructor, limited to what a batch holds: it allocates the shape it is given,
-    so a crafted shape (or an object array, filled element by element) could ask for any amount of memory."""
-    dt = np.dtype(dtype)
-    if dt.hasobject or math.prod(shape) * dt.itemsize > MAX_CIFAR_BATCH_BYTES:
-        raise pickle.UnpicklingError(f"refusing an array of shape {shape} and dtype {dt}")
-    return reconstruct(subtype, shape, dtype)
+class _NdarrayName:
+    """Stands for ``numpy.ndarray`` in a batch. numpy's array reconstructor is handed the class by name, but
+    the class itself, called with a buffer, builds an array over memory the file chooses (an object array of
+    forged pointers that crashes the interpreter, a huge array of zero strides), so the file never gets it."""
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise pickle.UnpicklingError("refusing to call numpy.ndarray")
+
+
+def _text(value: object) -> object:
+    """A batch written by Python 2 spells its strings as bytes (read with ``encoding='bytes'``)."""
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+class _Dtype:
+    """A dtype the file names, kept away from numpy: numpy's own dtype unpickling lets the file's state set
+    the dtype's flags, and a uint8 dtype flagged as holding objects makes numpy read the bytes as pointers.
+    The file's state is accepted only when it is the one numpy writes for that dtype."""
+
+    def __init__(self, name: object, align: object = False, copy: object = False) -> None:
+        name = _text(name)
+        if not isinstance(name, str):
+            raise pickle.UnpicklingError(f"refusing a dtype named by {type(name).__name__}")
+        self.dtype = np.dtype(name)
+        #: plain numbers: no objects, fields, sub-arrays or dates, so any bytes are a valid value
+        self.plain = self.dtype.kind in "biuf" and self.dtype.fields is None and self.dtype.subdtype is None
+
+    def __setstate__(self, state: object) -> None:
+        if not isinstance(state, tuple) or tuple(map(_text, state)) != self.dtype.__reduce__()[2]:
+            raise pickle.UnpicklingError(f"refusing a {self.dtype} dtype whose pickled state numpy never writes")
+
+
+class _PendingArray:
+    """What numpy's ``_reconstruct`` returns, before the pickle's state fills it in: the array is built here
+    from the state's bytes (a read-only view, no copy), and only for a plain dtype and bytes of exactly the
+    shape's size. Any other state (an object array's list, say) leaves no array, which the batch's checks
+    then refuse as not image data or labels."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == 5 and state[0] == 1:
+            state = state[1:]  # the format version numpy has written since 2006; older files lack it
+        if not isinstance(state, tuple) or len(state) != 4:
+            raise pickle.UnpicklingError("refusing an array state that numpy never writes")
+        shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
+            raise pickle.UnpicklingError("refusing an array whose shape is not a tuple of sizes")
+        if not (isinstance(dtype, _Dtype) and dtype.plain and isinstance(raw, bytes)):
+            return
+        if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
+            raise pickle.UnpicklingError(f"{len(raw)} data bytes for an array of shape {shape} and dtype {dtype.dtype}")
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C")
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays and plain containers; refuses every other global, so no code can run."""
+    """Rebuilds numpy arrays of numbers and plain containers through certkit's own stand-ins for the few
+    globals a batch names; no global is ever imported, so no code can run, and what the file builds is
+    bounded by its size, its opcode count and one budget for the bytes that ``_codecs.encode`` copies."""
 
-    _ALLOWED = frozenset(
-        {
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("_codecs", "encode"),
-        }
-    )
-    _RECONSTRUCT = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")})
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data), encoding="bytes")
+        self._encoded = 0
 
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._RECONSTRUCT:
-            return functools.partial(_reconstruct_small, super().find_class(module, name))
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
+    def _encode(self, text: object, encoding: object = "utf-8") -> bytes:
+        """``_codecs.encode``, how Python 3 spells bytes in a protocol 2 pickle (latin-1 text). Each call
+        copies, so a file encoding one long string many times would otherwise ask for terabytes."""
+        if not isinstance(text, str) or encoding != "latin1":
+            raise pickle.UnpicklingError("refusing _codecs.encode of anything but text to latin1")
+        self._encoded += len(text)
+        if self._encoded > MAX_CIFAR_BATCH_BYTES:
+            raise pickle.UnpicklingError(f"encodes more than {MAX_CIFAR_BATCH_BYTES} bytes")
+        return text.encode("latin1")
+
+    def _reconstruct(self, subtype: object, shape: object, dtype: object) -> _PendingArray:
+        """numpy's array reconstructor, which allocates ``shape`` of ``dtype`` (a placeholder ``(0,)`` of
+        int8 in every file numpy writes); here nothing is allocated, and a dtype other than plain numbers is
+        refused. A method, like ``_encode``: a file's state (BUILD) cannot set a bound method's attributes, so
+        it cannot change the defaults of a function that every later read shares."""
+        if not isinstance(subtype, _NdarrayName):
+            raise pickle.UnpicklingError("refusing to reconstruct anything but a numpy array")
+        named = dtype if isinstance(dtype, _Dtype) else _Dtype(dtype)
+        if not named.plain:
+            raise pickle.UnpicklingError(f"refusing an array of dtype {named.dtype}")
+        return _PendingArray()
+
+    def find_class(self, module: str, name: str) -> Callable[..., object]:
+        if (module, name) in (("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")):
+            return self._reconstruct
+        if (module, name) == ("numpy", "ndarray"):
+            return _NdarrayName()
+        if (module, name) == ("numpy", "dtype"):
+            return _Dtype
+        if (module, name) == ("_codecs", "encode"):
+            return self._encode
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _require_file(path: Path, what: str) -> bool:
+    """Whether ``path`` is a regular file (False when nothing is there); a path that exists but is another
+    kind (a FIFO, which blocks a reader forever, a directory, a device, a symlink loop) is refused. Under a
+    folder that is a file nothing is there, and the caller's message for a missing file says so."""
+    if path.is_file():
+        return True
+    if os.path.lexists(path):
+        require_regular(path, what)
+    return False
 
 
 def _unpickle_batch(path: Path) -> object:
     """The batch's object, after checking the file's size and opcode count against the limits above: each
     opcode builds at most one object, so the count bounds the objects (shared nested lists included)."""
-    size = path.stat().st_size
-    if size > MAX_CIFAR_BATCH_BYTES:
-        raise CertkitError(f"{path}: {size} bytes, larger than any CIFAR-10 batch ({MAX_CIFAR_BATCH_BYTES} at most)")
-    with open(path, "rb") as f:
-        data = f.read(size)  # a file that grew since would be cut short and fail to unpickle
     try:
+        size = path.stat().st_size
+        if size > MAX_CIFAR_BATCH_BYTES:
+            raise CertkitError(
+                f"{path}: {size} bytes, larger than any CIFAR-10 batch ({MAX_CIFAR_BATCH_BYTES} at most)"
+            )
+        with open(path, "rb") as f:
+            data = f.read(size)  # a file that grew since would be cut short and fail to unpickle
         for count, _ in enumerate(pickletools.genops(data), start=1):
             if count > MAX_PICKLE_OPS:
                 raise CertkitError(f"{path}: more than {MAX_PICKLE_OPS} pickle operations; not a CIFAR-10 batch")
-        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+        batch = _ArrayOnlyUnpickler(data).load()
     except CertkitError:
         raise
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot read it ({e.strerror or e})") from None
     except Exception as e:  # any unpickling failure means a corrupt or hostile file
-        raise CertkitError(f"{path}: not a CIFAR-10 batch ({e})") from None
+        raise CertkitError(f"{path}: not a CIFAR-10 batch ({first_line(e)})") from None
+    if isinstance(batch, dict):
+        return {k: v.array if isinstance(v, _PendingArray) else v for k, v in batch.items()}
+    return batch
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    if not path.is_file():
+    if not _require_file(path, "CIFAR-10 batch"):
         raise CertkitError(f"{path}: missing; expected a CIFAR-10 python batch (cifar-10-batches-py)")
     batch = _unpickle_batch(path)
     if not isinstance(batch, dict):
@@ -584,23 +672,30 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = batch.get(b"labels", batch.get("labels"))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise CertkitError(f"{path}: not a CIFAR-10 batch (expected data: a uint8 array of shape (N, 3072))")
-    flat_ints = isinstance(labels, list) and all(type(v) is int for v in labels)
-    int_array = isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu"
-    if not (flat_ints or int_array):
+    if not _integer_labels(labels):
         raise CertkitError(f"{path}: not a CIFAR-10 batch (expected labels: a flat list of integers)")
-    labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(data):
         raise CertkitError(f"{path}: {len(labels)} labels for {len(data)} images")
     if len(labels) == 0:
         raise CertkitError(f"{path}: holds 0 images")
+    if len(labels) > CIFAR_BATCH_IMAGES:
+        raise CertkitError(f"{path}: holds {len(labels)} images; a CIFAR-10 batch holds {CIFAR_BATCH_IMAGES}")
     _check_labels(path, labels)
-    return data.reshape(-1, 3, 32, 32), labels
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
-def _check_labels(path: Path, labels: np.ndarray) -> None:
+def _integer_labels(labels: object) -> TypeGuard[np.ndarray | list[int]]:
+    """A flat list of Python ints (how CIFAR-10 stores them) or a 1-d integer array."""
+    if isinstance(labels, list):
+        return all(type(v) is int for v in labels)
+    return isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu"
+
+
+def _check_labels(path: Path, labels: np.ndarray | list[int]) -> None:
     """The labels of a ten-class file (MNIST-like, CIFAR-10), refused naming the file, which the held
-    dataset's own label check no longer knows."""
-    low, high = int(labels.min()), int(labels.max())
+    dataset's own label check no longer knows. A list is checked as Python ints, before any conversion
+    to int64 could overflow."""
+    low, high = (min(labels), max(labels)) if isinstance(labels, list) else (int(labels.min()), int(labels.max()))
     if low < 0 or high > 9:
         raise CertkitError(f"{path}: labels outside 0..9 (found {low if low < 0 else high})")
 
@@ -609,6 +704,11 @@ def read_cifar10(root: Path, split: str) -> tuple[Tensor, Tensor]:
     folder = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     parts = [_read_cifar_batch(folder / n) for n in names]
+    counts = {n: len(p[1]) for n, p in zip(names, parts, strict=True)}
+    if len(set(counts.values())) > 1:
+        # a real set holds 10,000 in each; small test sets hold fewer, but a set of unequal batches is cut short
+        listed = ", ".join(f"{n} {c}" for n, c in counts.items())
+        raise CertkitError(f"{folder}: the training batches hold different numbers of images ({listed})")
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     return torch.from_numpy(images.copy()), torch.from_numpy(labels)

@@ -347,6 +347,7 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
     arrays and decoded image files cannot hold one (uint8, and pixels in [0, 1]).
     """
     from certkit.data import ArrayDataset, FolderDataset
+    from certkit.fileio import require_regular
 
     h = hashlib.sha256()
     identity: dict[str, Any] = {}
@@ -361,7 +362,13 @@ def dataset_identity(dataset: Dataset) -> dict[str, Any]:
             h.update(t.numpy())  # type: ignore[arg-type]  # numpy's stubs declare the buffer protocol only for Python >= 3.12
     elif type(dataset) is FolderDataset:
         for path, label in dataset._folder.samples[: len(dataset)]:  # type: ignore[attr-defined]
-            h.update(f"{Path(path).relative_to(dataset.root)}|{os.path.getsize(path)}|{label}\n".encode())
+            # a FIFO would block the image reader for ever; a symlink loop or a dangling link has no size
+            require_regular(path, "image")
+            try:
+                size = os.path.getsize(path)
+            except OSError as e:
+                raise CertkitError(f"{path}: cannot read it ({e.strerror or e})") from None
+            h.update(f"{Path(path).relative_to(dataset.root)}|{size}|{label}\n".encode())
     else:
         for i in range(len(dataset)):
             x, label = _image(dataset, i)
