@@ -140,6 +140,13 @@ def test_a_damaged_resume_record_is_a_one_line_error(tmp_path: Path, edit: Calla
         _trainer(run, epochs=2).resume()
 
 
+def _rewrite_resume_tensors(run: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Replace the resume file's tensors by ``edit(tensors)``, the record kept."""
+    with safe_open(str(run / STATE), framework="pt") as f:
+        metadata = f.metadata()
+    (run / STATE).write_bytes(checkpoint.state_to_bytes(edit(st_load((run / STATE).read_bytes())), metadata))
+
+
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -157,11 +164,7 @@ def test_damaged_optimizer_state_is_refused_before_it_is_used(
     part = _trainer(run, epochs=2)
     part.history.append(part.train_epoch(0))
     part.save(0)
-    raw = st_load((run / STATE).read_bytes())
-    with safe_open(str(run / STATE), framework="pt") as f:
-        metadata = f.metadata()
-    key = next(k for k in raw if k.endswith("momentum_buffer"))
-    (run / STATE).write_bytes(checkpoint.state_to_bytes(edit(raw, key), metadata))
+    _rewrite_resume_tensors(run, lambda raw: edit(raw, next(k for k in raw if k.endswith("momentum_buffer"))))
     with pytest.raises(CertkitError, match=f"cannot resume from it \\(optim.*{match}"):
         _trainer(run, epochs=2).resume()
 
@@ -211,12 +214,10 @@ def test_resume_weights_of_another_shape_are_a_one_line_error(tmp_path: Path) ->
     part = _trainer(run, epochs=2)
     part.history.append(part.train_epoch(0))
     part.save(0)
-    raw = st_load((run / STATE).read_bytes())
-    with safe_open(str(run / STATE), framework="pt") as f:
-        metadata = f.metadata()
-    name = next(k for k in raw if k.startswith("model.") and k.endswith("weight"))
-    raw[name] = torch.zeros(3)
-    (run / STATE).write_bytes(checkpoint.state_to_bytes(raw, metadata))
+    _rewrite_resume_tensors(
+        run,
+        lambda raw: {**raw, next(k for k in raw if k.startswith("model.") and k.endswith("weight")): torch.zeros(3)},
+    )
     with pytest.raises(CertkitError, match="cannot resume from it"):
         _trainer(run, epochs=2).resume()
 
