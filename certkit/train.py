@@ -645,12 +645,15 @@ class Trainer:
             tensors = st_load(path.read_bytes())
         except Exception as e:  # a corrupt resume file must not be half-used
             raise CertkitError(f"{path}: cannot resume from it ({e})") from None
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        problem = _resume_record_problem(info) or _optimizer_tensors_problem(tensors, params)
+        problem = _resume_record_problem(info)
         if problem:
             raise CertkitError(f"{path}: cannot resume from it ({problem})")
         meta = info["meta"]
-        self._check_same_run(path, meta)
+        self._check_same_run(path, meta)  # another architecture is said as such, not as misshapen tensors
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        problem = _optimizer_tensors_problem(tensors, params)
+        if problem:
+            raise CertkitError(f"{path}: cannot resume from it ({problem})")
         saved_train = meta.get("train", {})
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
