@@ -18,7 +18,6 @@ containers and refuses every other pickled object.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -34,7 +33,7 @@ from torch import nn
 from certkit import __version__
 from certkit.data import dataset_info
 from certkit.errors import CertkitError, first_line
-from certkit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from certkit.fileio import atomic_write_bytes, atomic_write_json, read_json, require_regular, sha256_file
 from certkit.models import create_model, wrapper
 
 FORMAT = "certkit-checkpoint/1"
@@ -115,12 +114,9 @@ def make_meta(
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     _, meta_path = run_paths(path)
-    if not meta_path.is_file():
+    if not meta_path.exists():
         raise CertkitError(f"{meta_path}: missing; a certkit checkpoint needs {META} beside {WEIGHTS}")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CertkitError(f"{meta_path}: not valid JSON ({e})") from None
+    meta = read_json(meta_path, "checkpoint metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CertkitError(f"{meta_path}: not a certkit checkpoint (expected format {FORMAT!r})")
     problem = meta_problem(meta)
@@ -153,6 +149,10 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
             return f"missing field {key!r}"
     if not isinstance(meta["arch"], str):
         return "'arch' must be a string"
+    # a list or mapping here would reach the registries' dict lookups as an unhashable key
+    for key in ("dataset", "method", "wrapper"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            return f"{key!r} must be a string (got {meta[key]!r})"
     if not (_is_int(meta["num_classes"]) and 1 <= meta["num_classes"] <= MAX_CLASSES):
         return f"'num_classes' must be an integer in 1..{MAX_CLASSES:,} (got {meta['num_classes']!r})"
     shape = meta["in_shape"]
@@ -218,12 +218,15 @@ def build_model(meta: dict[str, Any], model: nn.Module | None = None) -> nn.Modu
 
 def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file, checking its hash and tensor specs against ``meta`` when given."""
-    if not weights.is_file():
+    if not weights.exists():
         raise CertkitError(f"{weights}: missing")
+    require_regular(weights, "weights file")
     if meta is not None and sha256_file(weights) != meta["weights"]["sha256"]:  # read_meta made sure there is one
         raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
     try:
         state = st_load(weights.read_bytes())
+    except OSError as e:
+        raise CertkitError(f"{weights}: cannot read it ({e.strerror or e})") from None
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CertkitError(f"{weights}: not a valid safetensors file ({e})") from None
     if meta is not None and tensor_specs(state) != meta["weights"].get("tensors"):
@@ -241,13 +244,38 @@ def load_with_meta(
     """
     weights, _ = run_paths(path)
     meta = read_meta(path)
-    state = read_weights(weights, meta)
-    model = build_model(meta, model)
+    state = read_weights(weights, meta)  # as large as the file, which holds them
+    # the architecture is first built on the meta device, which allocates nothing: a crafted model.json (100,000
+    # classes at 1024x1024) beside a tiny weights file would otherwise have certkit allocate gigabytes before
+    # any check could refuse it
+    if model is None:
+        with torch.device("meta"):
+            skeleton = build_model(meta)
+    else:  # the user's module is built already: wrapped once, it is its own skeleton
+        model = skeleton = build_model(meta, model)
+    misfit = _misfit(tensor_specs(skeleton.state_dict()), tensor_specs(state))
+    if misfit:
+        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({misfit})")
+    if model is None:
+        model = build_model(meta)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first_line(e)})") from None
     return model.to(device).eval(), meta
+
+
+def _misfit(want: dict[str, dict[str, Any]], have: dict[str, dict[str, Any]]) -> str | None:
+    """The first way the file's tensors (``have``) differ from those the model takes (``want``): a missing or
+    unexpected name, another shape or dtype."""
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or unexpected:
+        return f"missing {', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}"
+    for name, spec in want.items():
+        got = have[name]
+        if got != spec:
+            return f"{name}: the file has {got['dtype']} {got['shape']}, it takes {spec['dtype']} {spec['shape']}"
+    return None
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", model: nn.Module | None = None) -> nn.Module:

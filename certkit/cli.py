@@ -576,6 +576,7 @@ def _refuse_overwriting(run: str, outputs: Sequence[Path], flag: str) -> None:
     """Refuse outputs that are files the command reads its model from: the run's own (weights, metadata,
     training state, metrics) or the reference checkpoint itself, as ``merge`` refuses its inputs."""
     from certkit.checkpoint import META, WEIGHTS
+    from certkit.fileio import resolved
     from certkit.train import METRICS, STATE
     from certkit.trainlog import CSV
 
@@ -583,9 +584,9 @@ def _refuse_overwriting(run: str, outputs: Sequence[Path], flag: str) -> None:
     if source.name == META:  # a run named by its model.json: the run folder is what is read
         source = source.parent
     read = [source / name for name in (WEIGHTS, META, STATE, METRICS, CSV)] if source.is_dir() else [source]
-    protected = {path.resolve() for path in read}
+    protected = {resolved(path) for path in read}
     for path in outputs:
-        if path.resolve() in protected:
+        if resolved(path) in protected:
             raise CertkitError(f"{flag} {outputs[0]}: writing {path} would overwrite the run it reads ({run})")
 
 

@@ -8,14 +8,13 @@ accuracy). This module reads those lines back and draws loss and accuracy agains
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 from certkit.figures import pyplot, save_figure
-from certkit.fileio import check_output
+from certkit.fileio import check_output, parse_json, require_regular
 
 METRICS = "metrics.jsonl"
 #: accuracy-like keys drawn on the accuracy panel, in this order, with their legend names
@@ -30,16 +29,18 @@ def read_metrics(run: str | os.PathLike) -> list[dict[str, float]]:
     """
     path = Path(run)
     path = path / METRICS if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists():
         raise CertkitError(f"{run}: no {METRICS} (is it a certkit run folder?)")
+    require_regular(path, METRICS)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CertkitError(f"{path}: cannot read it ({first_line(e)})") from None
     epochs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise CertkitError(f"{path}:{number}: not a JSON line") from None
+        record = parse_json(line, f"{path}:{number}")
         if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
             raise CertkitError(f"{path}:{number}: expected an object with an integer 'epoch'")
         # what the plot draws must be numbers: matplotlib would draw strings silently, as categories

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from certkit.errors import CertkitError
+from certkit.errors import CertkitError, first_line
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -70,11 +70,47 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The file's SHA-256; a file that cannot be read (permissions, an I/O error) is the user's to fix."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot read it ({e.strerror or e})") from None
     return h.hexdigest()
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``text`` parsed as JSON; text that is not JSON, or nests deeper than the parser's recursion allows (a
+    crafted file of a hundred thousand brackets), is refused in one line naming ``where``."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CertkitError(f"{where}: not valid JSON ({first_line(e)})") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON document in file ``path`` (the ``what``, for the messages): a file that is not regular, cannot
+    be read, is not UTF-8 or is not JSON is refused in one line. A missing file is the caller's to word
+    (each names what should be there), so it is checked before this is called."""
+    require_regular(path, what)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CertkitError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise CertkitError(f"{path}: not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    return parse_json(text, str(path))
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """``path`` made absolute with its symlinks followed; a symlink loop is refused in one line (Python 3.11
+    raises RuntimeError for one, later versions OSError)."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as e:
+        raise CertkitError(f"{path}: cannot resolve it ({first_line(e)})") from None
 
 
 def require_regular(path: str | os.PathLike, what: str = "file") -> None:
@@ -103,16 +139,16 @@ def check_output(path: str | os.PathLike, flag: str, *, directory: bool = False)
     if not str(path).strip():
         raise CertkitError(f"{flag} is empty; give a {'directory' if directory else 'file'} path")
     target = Path(path)
-    resolved = target.resolve()
+    absolute = resolved(target)
     for tree in SYSTEM_TREES:
-        if resolved == tree or tree in resolved.parents:
+        if absolute == tree or tree in absolute.parents:
             raise CertkitError(f"{flag} {path}: under {tree}, a kernel file system; choose a normal folder")
     if directory:
         if target.exists() and not target.is_dir():
             raise CertkitError(f"{flag} {path}: exists and is not a directory; {flag} names a run directory")
     else:
         require_regular(target, f"{flag} file")
-    existing = target if directory and target.is_dir() else resolved.parent
+    existing = target if directory and target.is_dir() else absolute.parent
     if not directory and not existing.is_dir():
         raise CertkitError(f"{flag} {path}: its folder {existing} does not exist")
     while directory and not existing.exists():  # a run directory is created with its parents

@@ -178,7 +178,7 @@ def _check_state(
         raise CertkitError(f"{path}: state_dict does not fit certkit's {arch!r} ({'; '.join(parts)})")
     params = [name for name, _ in model[1].named_parameters()]
     last, first = params[-1], params[0]  # the output layer's bias, the first layer's weight
-    if body[last].shape[0] != want[last].shape[0]:
+    if body[last].dim() >= 1 and body[last].shape[0] != want[last].shape[0]:  # 0-d: the shape loop names it
         raise CertkitError(
             f"{path}: checkpoint has {body[last].shape[0]} classes ({origin[last]}), "
             f"dataset {info.name} has {info.num_classes}"

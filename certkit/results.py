@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from certkit.errors import CertkitError
-from certkit.fileio import PidLock, atomic_write_json, atomic_write_text, check_output, require_regular
+from certkit.fileio import PidLock, atomic_write_json, atomic_write_text, check_output, read_json, require_regular
 
 CERTIFY_COLUMNS = ("idx", "label", "predict", "radius", "correct", "time")
 PREDICT_COLUMNS = ("idx", "label", "predict", "correct", "time")
@@ -130,13 +130,9 @@ def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of result file ``path`` (``{"format", "kind", "columns", "settings"}``)."""
     side = sidecar_path(path)
-    require_regular(side, "settings file")
-    try:
-        meta = json.loads(side.read_text())
-    except FileNotFoundError:
-        raise CertkitError(f"{path}: no settings file {side.name} beside it") from None
-    except (ValueError, UnicodeDecodeError):
-        raise CertkitError(f"{side}: not a certkit settings file (invalid JSON)") from None
+    if not side.exists():
+        raise CertkitError(f"{path}: no settings file {side.name} beside it")
+    meta = read_json(side, "settings file")
     if (
         not isinstance(meta, dict)
         or meta.get("format") != SIDECAR_FORMAT

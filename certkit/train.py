@@ -543,8 +543,15 @@ class Trainer:
     def save(self, epoch: int) -> None:
         """Write the resume state (one atomic file), then the published checkpoint, then the metrics."""
         assert self.out_dir is not None
+        weights = self.model.state_dict()
+        # the loss checked before the epoch's last step does not vouch for the weights after it
+        if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+            raise CertkitError(
+                f"training diverged at epoch {epoch + 1}: the weights became NaN or inf, so they were not saved "
+                "(lower the learning rate or the method's attack strength)"
+            )
         meta = self.checkpoint_meta(epoch)
-        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state = {f"model.{k}": v for k, v in weights.items()}
         opt_state = self.optimizer.state_dict()
         for pid, pstate in opt_state["state"].items():
             for k, v in pstate.items():
@@ -642,7 +649,11 @@ class Trainer:
         if problem:
             raise CertkitError(f"{path}: cannot resume from it ({problem})")
         meta = info["meta"]
-        self._check_same_run(path, meta)
+        self._check_same_run(path, meta)  # another architecture is said as such, not as misshapen tensors
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        problem = _optimizer_tensors_problem(tensors, params)
+        if problem:
+            raise CertkitError(f"{path}: cannot resume from it ({problem})")
         saved_train = meta.get("train", {})
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
@@ -686,16 +697,58 @@ def _first_item(data: Any, split: str) -> tuple[Tensor, int]:
 
 def _resume_record_problem(info: Any) -> str | None:
     """What is wrong with a parsed resume record, if anything: a damaged or foreign one is refused whole,
-    before any of it is used."""
+    before any of it is used (a value of the wrong type would otherwise fail half-way through resuming, or
+    worse, be taken: a negative epoch trains past the epochs the checkpoint says it has)."""
     if not isinstance(info, dict):
         return "its record is not a mapping"
     kinds: dict[str, type] = {"epoch": int, "meta": dict, "history": list, "optimizer": dict, "scheduler": dict}
     for key, kind in kinds.items():
-        if not isinstance(info.get(key), kind):
+        if not isinstance(info.get(key), kind) or isinstance(info[key], bool):
             return f"its record has no valid {key!r}"
-    optimizer = info["optimizer"]
-    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("plain_state"), dict):
+    epoch, meta = info["epoch"], info["meta"]
+    if epoch < 0 or meta.get("epochs_completed", epoch + 1) != epoch + 1:
+        return f"its epoch {epoch} is not the last of the {meta.get('epochs_completed')!r} epochs its metadata records"
+    if not all(isinstance(meta.get(k, {}), dict) for k in ("hparams", "train", "cost")):
+        return "its metadata's 'hparams', 'train' or 'cost' is not a mapping"
+    if not all(isinstance(e, dict) and _is_count(e.get("epoch")) for e in info["history"]):
+        return "its history is not a list of per-epoch records"
+    optimizer, scheduler = info["optimizer"], info["scheduler"]
+    groups, plain = optimizer.get("param_groups"), optimizer.get("plain_state")
+    if not (
+        isinstance(groups, list)
+        and all(isinstance(g, dict) for g in groups)
+        and isinstance(plain, dict)
+        and all(k.isdecimal() and isinstance(v, dict) for k, v in plain.items())
+    ):
         return "its optimizer record is malformed"
+    position = (scheduler.get(k, 0) for k in ("last_epoch", "_step_count"))
+    last_lr = scheduler.get("_last_lr", [])
+    if not all(_is_count(v) for v in position) or not (
+        isinstance(last_lr, list) and all(isinstance(v, float) and math.isfinite(v) for v in last_lr)
+    ):
+        return "its scheduler position is malformed"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _optimizer_tensors_problem(tensors: Mapping[str, Tensor], params: list[Tensor]) -> str | None:
+    """What is wrong with a resume file's optimizer tensors (``optim.<parameter index>.<name>``), if anything:
+    each must belong to a parameter of this model, be a scalar (Adam's step count) or have that parameter's
+    shape, and be finite (a NaN momentum would turn the weights NaN in the first step, after the loss was
+    computed, and the run would publish them)."""
+    for key, value in tensors.items():
+        if not key.startswith("optim."):
+            continue
+        pid, _, name = key[len("optim.") :].partition(".")
+        if not (pid.isdecimal() and int(pid) < len(params) and name):
+            return f"{key} names no parameter of this model"
+        if value.dim() and value.shape != params[int(pid)].shape:
+            return f"{key} has shape {list(value.shape)}, its parameter {list(params[int(pid)].shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"{key} holds NaN or inf"
     return None
 
 

@@ -50,7 +50,7 @@ def test_curves_cli_plots_several_runs(tmp_path: Path, capsys: pytest.CaptureFix
     [
         (None, "no metrics.jsonl"),
         ("", "no completed epoch"),
-        ("{oops\n", ":1: not a JSON line"),
+        ("{oops\n", ":1: not valid JSON"),
         ('{"loss": 1}\n', "integer 'epoch'"),
         ('{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": "high"}\n', ":2: 'loss' is 'high', not a number"),
         ('{"epoch": 1, "loss": 0.5, "test_clean_acc": true}\n', "'test_clean_acc' is True, not a number"),

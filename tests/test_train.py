@@ -113,7 +113,22 @@ def test_an_adam_run_saved_by_a_captured_step_resumes_on_cpu(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     "edit",
-    [lambda r: {}, lambda r: [r], lambda r: {**r, "epoch": "1"}, lambda r: {**r, "optimizer": {"param_groups": 1}}],
+    [
+        lambda r: {},
+        lambda r: [r],
+        lambda r: {**r, "epoch": "1"},
+        lambda r: {**r, "optimizer": {"param_groups": 1}},
+        lambda r: {**r, "epoch": -5},  # would train from epoch -4 on, past the epochs model.json records
+        lambda r: {**r, "epoch": True},
+        lambda r: {**r, "epoch": 3},
+        lambda r: {**r, "history": [1, 2]},
+        lambda r: {**r, "meta": {**r["meta"], "hparams": [1, 2]}},
+        lambda r: {**r, "meta": {**r["meta"], "hparams": "ab"}},
+        lambda r: {**r, "meta": {**r["meta"], "cost": "x"}},
+        lambda r: {**r, "scheduler": {**r["scheduler"], "last_epoch": "abc"}},
+        lambda r: {**r, "scheduler": {**r["scheduler"], "_last_lr": "abc"}},
+        lambda r: {**r, "optimizer": {**r["optimizer"], "plain_state": {"x": {}}}},
+    ],
 )
 def test_a_damaged_resume_record_is_a_one_line_error(tmp_path: Path, edit: Callable[[Any], Any]) -> None:
     run = tmp_path / "run"
@@ -123,6 +138,46 @@ def test_a_damaged_resume_record_is_a_one_line_error(tmp_path: Path, edit: Calla
     _rewrite_resume_record(run, edit)
     with pytest.raises(CertkitError, match="cannot resume from it"):
         _trainer(run, epochs=2).resume()
+
+
+def _rewrite_resume_tensors(run: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+    """Replace the resume file's tensors by ``edit(tensors)``, the record kept."""
+    with safe_open(str(run / STATE), framework="pt") as f:
+        metadata = f.metadata()
+    (run / STATE).write_bytes(checkpoint.state_to_bytes(edit(st_load((run / STATE).read_bytes())), metadata))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t, k: {**t, k: torch.full_like(t[k], float("nan"))}, "holds NaN or inf"),
+        (lambda t, k: {**t, k: torch.zeros(3)}, "has shape"),
+        (lambda t, k: {**t, "optim.99.momentum_buffer": torch.zeros(1)}, "names no parameter"),
+    ],
+)
+def test_damaged_optimizer_state_is_refused_before_it_is_used(
+    tmp_path: Path, edit: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor]], match: str
+) -> None:
+    """A NaN momentum would make the first step's weights NaN after the loss was checked, and the run would
+    publish them; a momentum of another shape would fail inside the first step."""
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=2)
+    part.history.append(part.train_epoch(0))
+    part.save(0)
+    _rewrite_resume_tensors(run, lambda raw: edit(raw, next(k for k in raw if k.endswith("momentum_buffer"))))
+    with pytest.raises(CertkitError, match=f"cannot resume from it \\(optim.*{match}"):
+        _trainer(run, epochs=2).resume()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    part = _trainer(run, epochs=2)
+    part.history.append(part.train_epoch(0))
+    with torch.no_grad():
+        next(part.model.parameters())[0].fill_(float("nan"))
+    with pytest.raises(CertkitError, match="training diverged at epoch 1: the weights became NaN or inf"):
+        part.save(0)
+    assert not any(run.glob("*.safetensors"))
 
 
 def test_a_run_saved_with_torchs_steplr_state_resumes_on_its_schedule(tmp_path: Path) -> None:
@@ -159,12 +214,10 @@ def test_resume_weights_of_another_shape_are_a_one_line_error(tmp_path: Path) ->
     part = _trainer(run, epochs=2)
     part.history.append(part.train_epoch(0))
     part.save(0)
-    raw = st_load((run / STATE).read_bytes())
-    with safe_open(str(run / STATE), framework="pt") as f:
-        metadata = f.metadata()
-    name = next(k for k in raw if k.startswith("model.") and k.endswith("weight"))
-    raw[name] = torch.zeros(3)
-    (run / STATE).write_bytes(checkpoint.state_to_bytes(raw, metadata))
+    _rewrite_resume_tensors(
+        run,
+        lambda raw: {**raw, next(k for k in raw if k.startswith("model.") and k.endswith("weight")): torch.zeros(3)},
+    )
     with pytest.raises(CertkitError, match="cannot resume from it"):
         _trainer(run, epochs=2).resume()
 

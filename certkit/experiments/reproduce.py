@@ -133,11 +133,26 @@ def training_complete(run: Path) -> bool:
 
 
 def _run_meta(run: Path) -> dict:
-    """The run's model.json, or {} before its first epoch is saved."""
-    import json
+    """The run's model.json, or {} before its first epoch is saved; a damaged one (the user's own output, which
+    a crash or an edit may have left so) is named in one line."""
+    from certkit.fileio import read_json
 
     path = run / "model.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists():
+        return {}
+    meta = read_json(path, "run metadata")
+    train = meta.get("train", {}) if isinstance(meta, dict) else None
+    cost = meta.get("cost", {}) if isinstance(meta, dict) else None
+    total = cost.get("total", {}) if isinstance(cost, dict) else None
+    if not (
+        isinstance(train, dict)
+        and isinstance(train.get("epochs", 0), int)
+        and isinstance(meta.get("epochs_completed", 0), int)
+        and isinstance(total, dict)
+        and isinstance(total.get("seconds", 0), (int, float))
+    ):
+        raise CertkitError(f"{path}: not a run's metadata (its 'epochs_completed', 'train' or 'cost' is malformed)")
+    return meta
 
 
 @dataclass
