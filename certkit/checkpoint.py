@@ -245,19 +245,17 @@ def load_with_meta(
     weights, _ = run_paths(path)
     meta = read_meta(path)
     state = read_weights(weights, meta)  # as large as the file, which holds them
-    # the architecture is first built on the meta device, which allocates nothing: a crafted model.json (100,000
-    # classes at 1024x1024) beside a tiny weights file would otherwise have certkit allocate gigabytes before
-    # any check could refuse it
     if model is None:
+        # certkit builds the architecture model.json names, first on the meta device, which allocates
+        # nothing: a crafted model.json (100,000 classes at 1024x1024) beside a tiny weights file would
+        # otherwise have it allocate gigabytes before any check could refuse it. A module of the user's own
+        # is built already (lazy layers and another float dtype included) and load_state_dict checks it.
         with torch.device("meta"):
             skeleton = build_model(meta)
-    else:  # the user's module is built already: wrapped once, it is its own skeleton
-        model = skeleton = build_model(meta, model)
-    misfit = _misfit(tensor_specs(skeleton.state_dict()), tensor_specs(state))
-    if misfit:
-        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({misfit})")
-    if model is None:
-        model = build_model(meta)
+        misfit = _misfit(tensor_specs(skeleton.state_dict()), tensor_specs(state))
+        if misfit:
+            raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({misfit})")
+    model = build_model(meta, model)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -550,7 +550,10 @@ class _Dtype:
         name = _text(name)
         if not isinstance(name, str):
             raise pickle.UnpicklingError(f"refusing a dtype named by {type(name).__name__}")
-        self.dtype = np.dtype(name)
+        try:  # numpy's own error would quote the name, as long as the file made it
+            self.dtype = np.dtype(name)
+        except TypeError:
+            raise pickle.UnpicklingError("refusing an unknown dtype") from None
         #: plain numbers: no objects, fields, sub-arrays or dates, so any bytes are a valid value
         self.plain = self.dtype.kind in "biuf" and self.dtype.fields is None and self.dtype.subdtype is None
 
@@ -578,7 +581,7 @@ class _PendingArray:
         if not (isinstance(dtype, _Dtype) and dtype.plain and isinstance(raw, bytes)):
             return
         if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
-            raise pickle.UnpicklingError(f"{len(raw)} data bytes for an array of shape {shape} and dtype {dtype.dtype}")
+            raise pickle.UnpicklingError(f"{len(raw)} data bytes, not the number its shape and dtype need")
         self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C")
 
 

@@ -254,6 +254,13 @@ def floor_ratio(numerator: Fraction | float, denominator: Fraction | float, plac
     return floor_figure(Fraction(numerator) / Fraction(denominator), places)
 
 
+def count_ratio(value: float, most: int = 10**6) -> Fraction:
+    """The fraction k/N (N <= ``most``) nearest to ``value``: a count ratio that was stored as a float (an
+    accuracy in a run's metrics), recovered exactly, so that :func:`floor_figure` rounds the count down and
+    not the float's error: 848/1000 stored as 0.84799999... would otherwise print 84.7%."""
+    return Fraction(value).limit_denominator(most)
+
+
 def exact_mean(values: np.ndarray) -> Fraction:
     """The mean of ``values`` (floats or booleans) as an exact fraction (0 for none), for :func:`floor_figure`:
     a float mean can round above the mean of the values."""

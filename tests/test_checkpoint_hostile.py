@@ -167,3 +167,25 @@ def test_reproduce_names_a_damaged_model_json(tmp_path: Path, edit: Callable[[Pa
     edit(run / "model.json")
     with pytest.raises(CertkitError, match=rf"{run / 'model.json'}: .*{match}"):
         _run_meta(run)
+
+
+def test_a_module_of_your_own_loads_as_before_lazy_or_in_another_dtype(tmp_path: Path) -> None:
+    """The meta-device check is for architectures certkit builds from model.json; a module the user built
+    (lazy layers not yet initialised, float64) is loaded by load_state_dict as it always was."""
+    from torch import nn
+
+    def lazy() -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+
+    trained = lazy()
+    trained(torch.rand(2, 1, 28, 28))
+    meta = checkpoint.make_meta("mine", "fashion-mnist", 0.25, "gaussian")
+    meta.pop("normalization")
+    checkpoint.save(trained, tmp_path / "lazy", meta)
+    loaded = checkpoint.load(tmp_path / "lazy", model=lazy())
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(loaded(x), trained.eval()(x))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    checkpoint.save(plain, tmp_path / "plain", meta)
+    double = checkpoint.load(tmp_path / "plain", model=nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).double())
+    assert double[1].weight.dtype == torch.float64 and torch.equal(double[1].weight.float(), plain[1].weight)

@@ -164,6 +164,21 @@ def test_other_misuse_of_the_allowed_globals_is_refused(tmp_path: Path, payload:
     refused(lambda: load_test(tmp_path), str(target), message)
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [
+        batch2(array2((1,) * 100_000, b"u1", b"\0\0"), int_list([0])),
+        batch2(array2((1, 3072), b"z" * 1_000_000, b"\0" * 3072), int_list([0])),
+    ],
+    ids=["a-shape-of-100000-dimensions", "a-dtype-named-by-a-megabyte"],
+)
+def test_a_refusal_does_not_quote_what_the_file_made_as_long_as_it_liked(tmp_path: Path, payload: bytes) -> None:
+    target = write_test_batch(tmp_path, payload)
+    with pytest.raises(CertkitError) as refusal:
+        load_test(tmp_path)
+    assert len(str(refusal.value)) < 300 + len(str(target)), str(refusal.value)[:300]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # CIFAR-10: counts and labels
 # ----------------------------------------------------------------------------------------------------------

@@ -640,3 +640,18 @@ def test_attacks_restore_each_submodules_own_mode() -> None:
     net[2].eval()
     small("smoothadv")(net, *batch())
     assert [m.training for m in net] == [True, True, False, True, True]
+
+
+def test_attacks_restore_modes_through_each_modules_own_train() -> None:
+    """A module may override train() (GloroNet does): restoring its mode goes through it."""
+
+    calls: list[bool] = []
+
+    class Counting(nn.Linear):
+        def train(self, mode: bool = True) -> Counting:
+            calls.append(mode)
+            return super().train(mode)
+
+    net = nn.Sequential(nn.Flatten(), Counting(math.prod(SHAPE), 3)).train()
+    small("smoothadv")(net, *batch())
+    assert calls[-1] is True and net[1].training

@@ -251,10 +251,13 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     for label, key in zip(named, ("teacher", "crt", "direct")):
         f = figures[key]
         acc = [report.exact_accuracy(f["tsv"], r) for r in radii]
+        clean = (
+            "–" if f["clean_acc"] is None else report.floor_figure(100 * report.count_ratio(f["clean_acc"]), 1) + "%"
+        )
         lines.append(
             f"| {label} | {f['seconds']:.1f} | {report.floor_ratio(direct_s, f['seconds'])}x | {f['passes']:,} | "
             f"{report.floor_ratio(direct_passes, f['passes'])}x | "
-            f"{'–' if f['clean_acc'] is None else report.floor_figure(100 * Fraction(f['clean_acc']), 1) + '%'} | "
+            f"{clean} | "
             f"{report.floor_figure(report.exact_acr(f['tsv']))} | "
             + " | ".join(f"{report.floor_figure(a * 100, 1)}%" for a in acc)
             + " |"

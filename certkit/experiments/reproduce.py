@@ -421,15 +421,15 @@ def cost_ledger(method: str, sigma: float, cost: dict) -> str | None:
 
 
 def _times(student: float, teacher: float) -> str:
-    """How many times less the student cost than its teacher ("2.0x more" when it cost more), rounded down:
-    a saving printed to nearest could claim more than was measured."""
+    """How many times less the student cost than its teacher, rounded down, or how many times more, rounded
+    up: either way the student's cost is never printed better than it was measured."""
     from certkit.report import floor_ratio
 
     if student <= 0 or teacher <= 0:
         return "–"
     if teacher >= student:
         return f"{floor_ratio(teacher, student, 1)}x less"
-    return f"{floor_ratio(student, teacher, 1)}x more"
+    return f"{math.ceil(Fraction(student) / Fraction(teacher) * 10) / 10:.1f}x more"
 
 
 def _every(skip: int) -> str:

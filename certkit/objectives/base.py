@@ -380,5 +380,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p, flag_ in flags:
             p.requires_grad_(flag_)
+        # through train(), which a module may override (GloroNet's): the whole model first, then, parents
+        # before children, each module the caller had left in the other mode
+        model.train(modes[0][1])
         for m, training in modes:
-            m.training = training
+            if m.training != training:
+                m.train(training)
