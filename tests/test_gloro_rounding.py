@@ -232,3 +232,23 @@ def test_a_dense_layer_on_rows_allows_for_the_bias_of_every_row() -> None:
     norms = x.flatten(1).norm(dim=1).tolist()
     assert all(e <= gain * n + offset for e, n in zip(errors, norms))
     assert max(e - gain * n - offset / math.sqrt(400) for e, n in zip(errors, norms)) > 0  # one bias: too few
+
+
+def test_head_row_distances_are_rounded_up_even_at_safety_one() -> None:
+    """Head rows 1 and −3·2^-26: their float32 distance rounds to 1, below the exact 1 + 3·2^-26, so the float32
+    constant put the radius of x = 1 (exactly 1: the margin x·(w0 − w1) over ‖w0 − w1‖) at 1 + 4e-8 and, with
+    ``safety=1.0``, certified ε = 1 + 1e-8 although x − (1 + 5e-9), inside that ball, is class 1. The float64
+    distance, raised by its rounding, refuses it and keeps the radius at most the exact one."""
+    body = nn.Sequential(nn.Flatten(), nn.Linear(1, 2, bias=False))
+    with torch.no_grad():
+        body[1].weight.copy_(torch.tensor([[1.0], [-3 * 2.0**-26]]))
+    net = GloroNet(body, (1, 1, 1), epsilon=1.0).eval()
+    net.freeze(safety=1.0)
+    assert net.certification_constant() == 1.0
+    w0, w1 = (Fraction(float(v)) for v in body[1].weight.flatten())
+    eps, x = 1.0 + 1e-8, 1.0
+    inside = Fraction(x) - (1 + Fraction(5, 10**9))
+    assert inside * (w0 - w1) < 0 and x - inside < Fraction(eps)  # exactly: class 1 inside the ε-ball
+    pred, radius, clean = net.certify(torch.tensor([[[[x]]]]), eps)
+    assert clean.item() == 0 and pred.item() == -1
+    assert 0 < radius.item() <= x

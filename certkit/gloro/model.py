@@ -130,6 +130,26 @@ def pairwise_distances(weight: Tensor, max_entries: int = 1 << 24) -> Tensor:
     return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
 
 
+def margin_upper_bounds(weight: Tensor, lipschitz: float) -> Tensor:
+    """Float64 ``(C, C)`` upper bounds on ``K_ji = lipschitz·‖w_j − w_i‖``, for certificates.
+
+    :func:`pairwise_distances` in the head's own float32 rounds each distance to nearest, possibly *down*
+    (4.5e-8 relative per rounding), and no margin allowance covers that: with a safety factor of 1 a point
+    whose class flips inside its ball certified. So the distances of a certificate are computed in float64
+    from the weights, and raised by their rounding (``u`` = 2^-53, ``d`` weights per row). The computed sum
+    of squares is at least the exact one times ``(1 − u)^(d+2)``: the rounded difference enters squared (two
+    factors), the square rounds once, and a sum of ``d`` non-negative terms rounds each at most ``d − 1`` times
+    in any order. Subnormal squares (float64 weights only) add at most ``2^-1075`` each, which the clamp to
+    the smallest normal number keeps within ``(1 − u)^-d`` more of the sum. The square root halves those
+    exponents and rounds once, the products with ``lipschitz`` and with the factor below once each: the
+    result times ``(1 − u)^-(d+4)`` is an upper bound, and ``1 + rounding_coefficient(d + 4)``, i.e.
+    ``1 + 2(d+4)u`` (exact in float64), exceeds that factor.
+    """
+    d = weight.shape[1]
+    distances = pairwise_distances(weight.detach().to(torch.float64))
+    return (lipschitz * distances) * (1.0 + rounding_coefficient(d + 4))
+
+
 class GloroNet(nn.Sequential):
     """A Sequential classifier whose last module (possibly nested) is a ``Linear`` head, made self-certifying.
 
@@ -397,7 +417,9 @@ class GloroNet(nn.Sequential):
         """``(C, C)`` matrix ``K[j, i] = K_sub·‖w_j − w_i‖``, the Lipschitz constant of ``y_j − y_i``.
 
         ``lipschitz`` None takes :meth:`lipschitz_constant`: in training mode the power-iteration estimate,
-        which is for the loss helpers only (it approaches the true constant from below).
+        which is for the loss helpers only (it approaches the true constant from below). It is computed in
+        the head's dtype and rounded to nearest, which suits a loss; certificates take
+        :func:`margin_upper_bounds` instead.
         """
         k = self.lipschitz_constant() if lipschitz is None else lipschitz
         w = self.head.weight
@@ -439,7 +461,7 @@ class GloroNet(nn.Sequential):
         """
         eps = check_epsilon(self.eval_epsilon if epsilon is None else epsilon)
         k = self.certification_constant() if lipschitz is None else lipschitz
-        kmat = self.margin_constants(k).to(logits.dtype)
+        kmat = margin_upper_bounds(self.head.weight, float(k)).to(logits.dtype)
         j = logits.argmax(1, keepdim=True)
         growth = error.growth.to(logits.dtype)
         kj = kmat[j[:, 0]] + growth[j] + growth
