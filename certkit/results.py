@@ -157,7 +157,12 @@ def write_sidecar(path: str | os.PathLike, kind: str, columns: Sequence[str], se
 
 
 #: settings whose key is not the flag that sets them, as a refused resume names them
-_SETTING_NAMES = {"noise_block": "noise_block (set by a --batch below 100)"}
+_SETTING_NAMES = {
+    "noise_block": "noise_block (set by a --batch below 100)",
+    "noise_streams": "noise_streams (how each input's noise is seeded, changed 2026-11-29: certify a file of an "
+    "older certkit again)",
+    "speed_options": "speed_options (--amp, --channels-last, --compile)",
+}
 
 
 class ResultWriter:

@@ -47,10 +47,10 @@ def stream_draws(key: tuple[int, int], first: int, count: int, width: int = 784)
 
 
 def test_a_draw_does_not_depend_on_the_rows_around_it():
-    key = PhiloxStream.from_seeds(input_seeds(0, 3)).key
+    key = PhiloxStream.from_key(input_seeds(0, 3).value(64)).key
     whole = stream_draws(key, 0, 300)
     assert torch.equal(torch.cat([stream_draws(key, 0, 100), stream_draws(key, 100, 200)]), whole)
-    other = PhiloxStream.from_seeds(input_seeds(0, 4)).key
+    other = PhiloxStream.from_key(input_seeds(0, 4).value(64)).key
     mixed = standard_normal(
         torch.tensor([key[0], other[0], key[0]]),
         torch.tensor([key[1], other[1], key[1]]),
@@ -64,7 +64,7 @@ def test_a_draw_does_not_depend_on_the_rows_around_it():
 
 
 def test_the_normals_are_standard_normal_and_uncorrelated():
-    key = PhiloxStream.from_seeds(input_seeds(0, 0)).key
+    key = PhiloxStream.from_key(input_seeds(0, 0).value(64)).key
     z = stream_draws(key, 0, 400).double()  # 313,600 draws
     assert z.dtype == torch.float64 and torch.isfinite(z).all()
     # each of the four Box-Muller lanes (radius from w0/w2, cos or sin) on its own, and all of them
@@ -77,7 +77,7 @@ def test_the_normals_are_standard_normal_and_uncorrelated():
     tol = 5 / np.sqrt(z.numel())
     assert abs(np.corrcoef(z[:, :-1].flatten(), z[:, 1:].flatten())[0, 1]) < tol
     assert abs(np.corrcoef(z[:-1].flatten(), z[1:].flatten())[0, 1]) < tol
-    neighbour = stream_draws(PhiloxStream.from_seeds(input_seeds(0, 1)).key, 0, 400).double()
+    neighbour = stream_draws(PhiloxStream.from_key(input_seeds(0, 1).value(64)).key, 0, 400).double()
     assert abs(np.corrcoef(z.flatten(), neighbour.flatten())[0, 1]) < tol
     # the tails are there: |z| > 4 has probability 6.3e-5, so about 20 of 313,600
     assert 5 <= int((z.abs() > 4).sum()) <= 45
@@ -110,7 +110,7 @@ def test_per_input_counts_are_the_votes_on_the_documented_draws_whatever_the_bat
     model, sigma = linear_model(), 0.5
     smoothed = Smooth(model, 3, sigma, rng="philox")
     xs = torch.rand(3, 1, 4, 4)
-    keys = [PhiloxStream.from_seeds(input_seeds(9, i)).key for i in range(3)]
+    keys = [PhiloxStream.from_key(input_seeds(9, i).value(64)).key for i in range(3)]
     streams = [PhiloxStream(k) for k in keys]
     counts = smoothed.sampler.counts(xs, [250, 130, 40], 200, streams)
     for i, (num, key) in enumerate(zip((250, 130, 40), keys)):
@@ -153,7 +153,7 @@ def test_the_guarantee_holds_with_counter_based_noise():
     smoothed = Smooth(HalfSpace(w, 0.0), 2, sigma, rng="philox")
     xs = x.unsqueeze(0).expand(trials, -1, -1, -1)
     certs = smoothed.certify_batch(
-        xs, 10, 100, alpha, 10_000, [PhiloxStream.from_seeds(input_seeds(1, i)) for i in range(trials)]
+        xs, 10, 100, alpha, 10_000, [PhiloxStream.from_key(input_seeds(1, i).value(64)) for i in range(trials)]
     )
     assert false_certificates(certs, 1, true_radius) <= binom.ppf(1 - 1e-4, trials, alpha)
     assert sum(c.prediction == 1 for c in certs) > trials / 2

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -95,11 +94,10 @@ class PhiloxStream:
         self.position = 0
 
     @classmethod
-    def from_seeds(cls, seeds: np.random.SeedSequence) -> PhiloxStream:
-        """The stream keyed by the first two 32-bit words of ``seeds`` (the same derivation, per input and
-        per family, as the torch generators' seeds)."""
-        k0, k1 = seeds.generate_state(2, dtype=np.uint32)
-        return cls((int(k0), int(k1)))
+    def from_key(cls, key: int) -> PhiloxStream:
+        """The stream of 64-bit key ``key`` (a run's streams are distinct keys:
+        :class:`~certkit.smoothing.samplers.StreamKey`)."""
+        return cls((key & 0xFFFF_FFFF, key >> 32))
 
     @classmethod
     def from_global_rng(cls) -> PhiloxStream:

@@ -41,7 +41,7 @@ from certkit.fileio import check_output
 from certkit.progress import Progress
 from certkit.report import floor_figure
 from certkit.results import ResultWriter, planned_indices
-from certkit.smoothing.samplers import NOISE_BLOCK, Generators
+from certkit.smoothing.samplers import NOISE_BLOCK, NOISE_STREAMS, Generators
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import (
     AdaptiveSchedule,
@@ -164,6 +164,10 @@ def run_settings(
         settings["shared_noise"] = smoothed.shared_noise
     if smoothed.sampler.rng != "torch":  # recorded only when not the default, so older files still resume
         settings["rng"] = smoothed.sampler.rng
+    # how the noise streams are seeded, and how the network is run (a row certifies the network as run:
+    # resumed with other speed options, one file would hold certificates of two classifiers)
+    settings["noise_streams"] = NOISE_STREAMS
+    settings["speed_options"] = smoothed.sampler.speed_options
     settings.update(dict(settings_extra or {}))
     return settings
 

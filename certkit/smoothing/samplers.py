@@ -48,23 +48,55 @@ NoiseStream = torch.Generator | PhiloxStream | None
 Generators = Sequence[NoiseStream]
 
 
-def input_seeds(seed: int, idx: int) -> np.random.SeedSequence:
-    """The seeds of the noise of dataset index ``idx`` under run seed ``seed``.
+#: how the noise streams are derived from (run seed, index), recorded in every result file's settings: a
+#: file certified under another derivation cannot be continued (its rows and the new ones would come from
+#: two families of streams). 2: streams of one run are distinct by construction (2026-11-29); before, a CPU
+#: generator kept 32 bits of a hashed seed, so two inputs of one run could draw the same noise.
+NOISE_STREAMS = 2
 
-    Seeding per input, rather than one stream for the run, is what makes a result independent of batch
-    size, shard count and resume point. ``(seed, idx)`` goes through NumPy's SeedSequence so neighbouring
-    indices get unrelated streams (``seed + idx`` would make run 1's input 0 equal run 0's input 1).
+#: each stream of a run is ``base + offset`` in its generator's seed space: the vote check 0, input ``i``
+#: 1 + 2i, shared-noise group ``g`` 2 + 2g, so no two streams of a run coincide
+_CHECK, _INPUT, _GROUP = 0, 1, 2
+
+
+class StreamKey:
+    """Names one noise stream of a run: the run ``seed`` and the stream's ``offset`` (see above).
+
+    A stream's seed is ``(base(seed) + offset) mod 2^w``, with ``base`` hashed from the run seed (NumPy's
+    SeedSequence of its two 32-bit words, so neighbouring run seeds get unrelated bases) and ``w`` the
+    generator's seed width: 32 for a CPU ``torch.Generator`` (an mt19937, which keeps 32 bits of its seed),
+    63 for a CUDA one, 64 for a Philox key. Within a run the streams are therefore distinct by construction
+    (for indices below 2^31 on CPU), which the summary's high-probability bound over independent rows needs;
+    seeding per input rather than one stream per run is what makes a result independent of batch size,
+    shard count and resume point. Two runs of different seeds may share a stream on CPU (2^32 seeds in
+    all); ``--rng philox`` keys streams by 64 bits.
     """
-    return np.random.SeedSequence([int(seed), int(idx)])
+
+    def __init__(self, seed: int, offset: int) -> None:
+        self.seed, self.offset = int(seed), int(offset)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StreamKey) and (self.seed, self.offset) == (other.seed, other.offset)
+
+    def __hash__(self) -> int:
+        return hash((self.seed, self.offset))
+
+    def value(self, bits: int) -> int:
+        """The stream's seed in a space of ``2^bits`` values."""
+        words = [self.seed & 0xFFFF_FFFF, self.seed >> 32]  # fixed width: seed 2^32 is not seed 0's input 1
+        low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+        return ((int(high) << 32 | int(low)) + self.offset) % (1 << bits)
 
 
-def group_seeds(seed: int, group: int) -> np.random.SeedSequence:
-    """The seeds of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``).
+def input_seeds(seed: int, idx: int) -> StreamKey:
+    """The noise stream of dataset index ``idx`` under run seed ``seed``."""
+    return StreamKey(seed, _INPUT + 2 * int(idx))
 
-    A separate family from :func:`input_seeds` (its own spawn key), so a group's stream is never the
-    stream of some single input.
-    """
-    return np.random.SeedSequence([int(seed), int(group)], spawn_key=(1,))
+
+def group_seeds(seed: int, group: int) -> StreamKey:
+    """The noise stream of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``):
+    never the stream of a single input of the run."""
+    return StreamKey(seed, _GROUP + 2 * int(group))
 
 
 def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -80,16 +112,15 @@ def shared_generator(seed: int, group: int, device: torch.device | str = "cpu") 
 def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator of the speed-option vote check (:meth:`Smooth.vote_agreement`) under run seed ``seed``.
 
-    A family of its own (spawn key 2), so the check never replays the draws that certify an input: a
-    speed option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
+    A stream of its own (offset 0), so the check never replays the draws that certify an input: a speed
+    option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
     """
-    return _seeded_generator(np.random.SeedSequence([int(seed)], spawn_key=(2,)), device)
+    return _seeded_generator(StreamKey(seed, _CHECK), device)
 
 
-def _seeded_generator(seeds: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
-    state = seeds.generate_state(1, dtype=np.uint64)[0]
+def _seeded_generator(key: StreamKey, device: torch.device | str) -> torch.Generator:
     gen = torch.Generator(device=torch.device(device))
-    gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    gen.manual_seed(key.value(32 if gen.device.type == "cpu" else 63))
     return gen
 
 
@@ -118,10 +149,10 @@ class Sampler:
         """The one noise stream of shared-noise group ``group`` under run seed ``seed``."""
         return self._stream(group_seeds(seed, group))
 
-    def _stream(self, seeds: np.random.SeedSequence) -> torch.Generator | PhiloxStream:
+    def _stream(self, key: StreamKey) -> torch.Generator | PhiloxStream:
         if self.rng == "philox":
-            return PhiloxStream.from_seeds(seeds)
-        return _seeded_generator(seeds, self.voter.device)
+            return PhiloxStream.from_key(key.value(64))
+        return _seeded_generator(key, self.voter.device)
 
     @property
     def speed_options(self) -> dict[str, object]:
