@@ -313,8 +313,11 @@ def test_torchrun_certify_resumes_an_existing_file_and_refuses_other_settings(dd
     before, files = out.read_bytes(), sorted(tmp_path.iterdir())
     proc = _torchrun_certify(ddp_run, out, "--seed", "4")
     assert proc.returncode != 0 and "certkit: error: cannot resume" in proc.stderr and "differ in seed" in proc.stderr
-    # rank 0 found it; the other rank says in one line that it stopped, not that something unexpected happened
-    assert "rank 1: another process of this job stopped" in proc.stderr and "unexpected" not in proc.stderr
+    # rank 0 found it; the other rank, unless torchrun stopped it first (a race a loaded machine can lose),
+    # says in one line that it stopped, never that something unexpected happened
+    assert "unexpected" not in proc.stderr
+    rank1 = [line for line in proc.stderr.splitlines() if "rank 1:" in line]
+    assert all("rank 1: another process of this job stopped" in line for line in rank1), rank1
     assert out.read_bytes() == before and sorted(tmp_path.iterdir()) == files  # no shard files left behind
 
 
