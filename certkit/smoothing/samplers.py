@@ -25,6 +25,7 @@ How the network itself is run (eval mode, speed options, the logit-shape check) 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import cast
 
@@ -83,9 +84,15 @@ class StreamKey:
 
     def value(self, bits: int) -> int:
         """The stream's seed in a space of ``2^bits`` values."""
-        words = [self.seed & 0xFFFF_FFFF, self.seed >> 32]  # fixed width: seed 2^32 is not seed 0's input 1
-        low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-        return ((int(high) << 32 | int(low)) + self.offset) % (1 << bits)
+        return (_base(self.seed) + self.offset) % (1 << bits)
+
+
+@functools.lru_cache(maxsize=64)
+def _base(seed: int) -> int:
+    """The 64-bit base of run seed ``seed``'s streams (hashed once per seed, not once per input)."""
+    words = [seed & 0xFFFF_FFFF, seed >> 32]  # fixed width: seed 2^32 is not seed 0's input 1
+    low, high = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return int(high) << 32 | int(low)
 
 
 def input_seeds(seed: int, idx: int) -> StreamKey:
