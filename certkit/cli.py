@@ -912,11 +912,9 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
 
     Under torchrun rank 0 does the (one-pass, fast) work alone and the others wait.
     """
-    from fractions import Fraction
-
     from certkit.distributed import wait_for_all, world
     from certkit.gloro.certify import certify_gloro_dataset
-    from certkit.report import floor_figure
+    from certkit.report import count_ratio, floor_figure
 
     if mode != "certify":
         raise CertkitError(f"{args.run} is a GloRo net, which certifies deterministically: use `certkit certify`")
@@ -952,8 +950,7 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
             g = summary["gloro"]
             print(
                 f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "
-                # the summary's VRA is a count over N as a float: the count, recovered exactly, floored
-                f"VRA {floor_figure(Fraction(round(g['vra'] * g['N']), g['N']), 4)}, "
+                f"VRA {floor_figure(count_ratio(g['vra'], g['N']), 4)}, "
                 f"rejection rate {g['rejection_rate']:.4f} "
                 f"(K_sub {g['lipschitz']['lipschitz_bound']:.6g}, {g['certify_seconds']:.2f}s of forward passes)"
             )

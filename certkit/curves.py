@@ -12,9 +12,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from certkit.errors import CertkitError, first_line
+from certkit.errors import CertkitError
 from certkit.figures import pyplot, save_figure
-from certkit.fileio import check_output, parse_json, require_regular
+from certkit.fileio import check_output, parse_json, read_text
 
 METRICS = "metrics.jsonl"
 #: accuracy-like keys drawn on the accuracy panel, in this order, with their legend names
@@ -31,13 +31,8 @@ def read_metrics(run: str | os.PathLike) -> list[dict[str, float]]:
     path = path / METRICS if path.is_dir() else path
     if not path.exists():
         raise CertkitError(f"{run}: no {METRICS} (is it a certkit run folder?)")
-    require_regular(path, METRICS)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CertkitError(f"{path}: cannot read it ({first_line(e)})") from None
     epochs = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(read_text(path, METRICS).splitlines(), start=1):
         if not line.strip():
             continue
         record = parse_json(line, f"{path}:{number}")

@@ -90,18 +90,22 @@ def parse_json(text: str, where: str) -> Any:
         raise CertkitError(f"{where}: not valid JSON ({first_line(e)})") from None
 
 
-def read_json(path: str | os.PathLike, what: str) -> Any:
-    """The JSON document in file ``path`` (the ``what``, for the messages): a file that is not regular, cannot
-    be read, is not UTF-8 or is not JSON is refused in one line. A missing file is the caller's to word
-    (each names what should be there), so it is checked before this is called."""
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """The UTF-8 text of file ``path`` (the ``what``, for the messages): a file that is not regular, cannot
+    be read or is not UTF-8 is refused in one line. A missing file is the caller's to word (each names what
+    should be there), so it is checked before this is called."""
     require_regular(path, what)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise CertkitError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise CertkitError(f"{path}: not valid JSON (not UTF-8: {e.reason} at byte {e.start})") from None
-    return parse_json(text, str(path))
+        raise CertkitError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON document in file ``path``: :func:`read_text`, then :func:`parse_json`."""
+    return parse_json(read_text(path, what), str(path))
 
 
 def resolved(path: str | os.PathLike) -> Path:

@@ -28,7 +28,7 @@ import numpy as np
 from certkit.errors import CertkitError
 from certkit.figures import pyplot, save_figure
 from certkit.fileio import check_output
-from certkit.results import Results, read_results
+from certkit.results import Results, read_results, shared_noise_group
 from certkit.smoothing.statistics import max_radius
 
 ResultsLike = Results | str | os.PathLike
@@ -92,7 +92,7 @@ def _noise_groups(res: Results, rows: np.ndarray) -> np.ndarray:
     over G), or the row's own image where the file shared no noise."""
     idx = res.idx[rows].astype(np.int64)
     group = int(res.settings.get("shared_noise") or 1)
-    return idx // int(res.settings.get("skip") or 1) // group if group > 1 else idx
+    return shared_noise_group(idx, int(res.settings.get("skip") or 1), group) if group > 1 else idx
 
 
 def _union_of_partitions(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -254,11 +254,14 @@ def floor_ratio(numerator: Fraction | float, denominator: Fraction | float, plac
     return floor_figure(Fraction(numerator) / Fraction(denominator), places)
 
 
-def count_ratio(value: float, most: int = 10**6) -> Fraction:
-    """The fraction k/N (N <= ``most``) nearest to ``value``: a count ratio that was stored as a float (an
-    accuracy in a run's metrics), recovered exactly, so that :func:`floor_figure` rounds the count down and
-    not the float's error: 848/1000 stored as 0.84799999... would otherwise print 84.7%."""
-    return Fraction(value).limit_denominator(most)
+def count_ratio(value: float, total: int | None = None) -> Fraction:
+    """A count ratio k/N that was stored as a float (an accuracy in a run's metrics, GloRo's VRA in its
+    summary), recovered exactly, so that :func:`floor_figure` rounds the count down and not the float's
+    error: 848/1000 stored as 0.84799999... would otherwise print 84.7%. With ``total`` (N) known, k is the
+    nearest count; else the fraction of denominator at most 10^6 nearest to ``value``."""
+    if total:
+        return Fraction(round(value * total), total)
+    return Fraction(value).limit_denominator(10**6)
 
 
 def exact_mean(values: np.ndarray) -> Fraction:

@@ -602,6 +602,14 @@ def planned_indices(
     return indices
 
 
+def shared_noise_group(idx: Any, skip: int, group: int) -> Any:
+    """The shared-noise group of planned dataset index ``idx`` (an int or an array of them): its position in
+    the unsharded plan over the group size ``group``, so that a group is the same whatever the shard, resume
+    point or batch (the key the certifier seeds a group's stream with, and what a comparison of its rows
+    counts as one cluster)."""
+    return idx // skip // group
+
+
 def resume_into_shards(
     out_path: str | os.PathLike,
     shard_paths: Sequence[str | os.PathLike],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from certkit import report
 from certkit.experiments.crt_demo import CompareConfig, render, with_ratios
 from certkit.results import ResultWriter
 
@@ -19,6 +20,7 @@ def _student(path: Path, radii: list[float], seconds: float, passes: int, clean_
         "seconds": seconds,
         "clean_acc": clean_acc,
         "tsv": str(path),
+        "acr": report.exact_acr(path),
         "passes": passes,
         "epoch_seconds": [seconds / 2, seconds / 2],
     }

@@ -186,7 +186,7 @@ def compare(
             "method": meta["method"],
             "seconds": meta["cost"]["total"]["seconds"],
             "clean_acc": meta["metrics"].get("test_clean_acc"),
-            "acr": report.acr(tsv),
+            "acr": report.exact_acr(tsv),  # exact, so that the printed figures can round it down
             "tsv": str(tsv),
             "cost": meta["cost"]["total"],
             "passes": image_passes(meta["cost"]["total"]),
@@ -207,7 +207,7 @@ def with_ratios(figures: dict[str, Any], generations: int) -> dict[str, Any]:
     figures["speedup_epochs"] = (min(pairs), max(pairs))
     # exact, so that the printed figures can round them down (report.floor_ratio)
     figures["pass_ratio"] = Fraction(figures["direct"]["passes"], figures["crt"]["passes"])
-    crt_acr, direct_acr = (report.exact_acr(figures[name]["tsv"]) for name in ("crt", "direct"))
+    crt_acr, direct_acr = figures["crt"]["acr"], figures["direct"]["acr"]
     figures["acr_ratio"] = crt_acr / direct_acr if direct_acr else float("nan")
     g = generations
     figures["chain"] = {
@@ -250,7 +250,8 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
     ]
     for label, key in zip(named, ("teacher", "crt", "direct")):
         f = figures[key]
-        acc = [report.exact_accuracy(f["tsv"], r) for r in radii]
+        rows = report.load(f["tsv"])  # read once for every radius
+        acc = [report.exact_accuracy(rows, r) for r in radii]
         clean = (
             "–" if f["clean_acc"] is None else report.floor_figure(100 * report.count_ratio(f["clean_acc"]), 1) + "%"
         )
@@ -258,7 +259,7 @@ def render(cfg: CompareConfig, figures: dict[str, Any], plot: Path | None = None
             f"| {label} | {f['seconds']:.1f} | {report.floor_ratio(direct_s, f['seconds'])}x | {f['passes']:,} | "
             f"{report.floor_ratio(direct_passes, f['passes'])}x | "
             f"{clean} | "
-            f"{report.floor_figure(report.exact_acr(f['tsv']))} | "
+            f"{report.floor_figure(f['acr'])} | "
             + " | ".join(f"{report.floor_figure(a * 100, 1)}%" for a in acc)
             + " |"
         )

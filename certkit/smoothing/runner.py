@@ -40,7 +40,7 @@ from certkit.errors import CertkitError
 from certkit.fileio import check_output
 from certkit.progress import Progress
 from certkit.report import floor_figure
-from certkit.results import ResultWriter, planned_indices
+from certkit.results import ResultWriter, planned_indices, shared_noise_group
 from certkit.smoothing.samplers import NOISE_BLOCK, NOISE_STREAMS, Generators
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import (
@@ -213,7 +213,7 @@ def certify_dataset(
             return [(list(range(len(group))), [sampler.input_stream(plan.seed, idx) for idx in group])]
         keys: dict[int, list[int]] = {}
         for pos, idx in enumerate(group):
-            keys.setdefault(idx // plan.skip // shared_noise, []).append(pos)
+            keys.setdefault(shared_noise_group(idx, plan.skip, shared_noise), []).append(pos)
         return [(pos, [sampler.group_stream(plan.seed, key)]) for key, pos in keys.items()]
 
     def sample(xs: Tensor, generators: Generators) -> list[Any]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -60,6 +61,7 @@ NOISE_STREAMS = 2
 _CHECK, _INPUT, _GROUP = 0, 1, 2
 
 
+@dataclass(frozen=True)
 class StreamKey:
     """Names one noise stream of a run: the run ``seed`` and the stream's ``offset`` (see above).
 
@@ -73,14 +75,8 @@ class StreamKey:
     all); ``--rng philox`` keys streams by 64 bits.
     """
 
-    def __init__(self, seed: int, offset: int) -> None:
-        self.seed, self.offset = int(seed), int(offset)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StreamKey) and (self.seed, self.offset) == (other.seed, other.offset)
-
-    def __hash__(self) -> int:
-        return hash((self.seed, self.offset))
+    seed: int
+    offset: int
 
     def value(self, bits: int) -> int:
         """The stream's seed in a space of ``2^bits`` values."""
@@ -97,13 +93,13 @@ def _base(seed: int) -> int:
 
 def input_seeds(seed: int, idx: int) -> StreamKey:
     """The noise stream of dataset index ``idx`` under run seed ``seed``."""
-    return StreamKey(seed, _INPUT + 2 * int(idx))
+    return StreamKey(int(seed), _INPUT + 2 * int(idx))
 
 
 def group_seeds(seed: int, group: int) -> StreamKey:
     """The noise stream of shared-noise group ``group`` under run seed ``seed`` (``Smooth(shared_noise=G)``):
     never the stream of a single input of the run."""
-    return StreamKey(seed, _GROUP + 2 * int(group))
+    return StreamKey(int(seed), _GROUP + 2 * int(group))
 
 
 def input_generator(seed: int, idx: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -122,7 +118,7 @@ def check_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gene
     A stream of its own (offset 0), so the check never replays the draws that certify an input: a speed
     option tuned, or lucky, on those draws would otherwise pass on exactly the votes that count.
     """
-    return _seeded_generator(StreamKey(seed, _CHECK), device)
+    return _seeded_generator(StreamKey(int(seed), _CHECK), device)
 
 
 def _seeded_generator(key: StreamKey, device: torch.device | str) -> torch.Generator:
