@@ -63,7 +63,19 @@ def environment() -> dict[str, str]:
 
 
 def state_to_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata)
+    """The tensors as a safetensors file; one that shares memory with a tensor already taken is copied.
+
+    Tied weights (one parameter under two names) share memory, which safetensors refuses to write; the copy
+    stores the same values under both names, and loading puts them into the one parameter the module ties.
+    """
+    seen: set[int] = set()
+    tensors = {}
+    for name, value in state.items():
+        t = value.detach().contiguous().cpu()
+        storage = t.untyped_storage().data_ptr()
+        tensors[name] = t.clone() if storage in seen else t
+        seen.add(storage)
+    return st_save(tensors, metadata=metadata)
 
 
 def save(model: nn.Module, run_dir: str | os.PathLike, meta: dict[str, Any]) -> Path:
@@ -126,10 +138,28 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 #: bounds on what a model.json may ask certkit to build: ImageNet-21k has 21,841 classes and 224x224
-#: colour images; beyond these a crafted file would only ask the allocator for gigabytes of weights
+#: colour images, hyperspectral images a few hundred bands; beyond these a crafted file would only ask the
+#: allocator for gigabytes (an image of MAX_VALUES float32 values is 256 MiB)
 MAX_CLASSES = 100_000
-MAX_CHANNELS = 4
-MAX_SIDE = 1024
+MAX_CHANNELS = 1024
+MAX_SIDE = 4096
+MAX_VALUES = 1 << 26
+
+
+def shape_problem(shape: Any) -> str | None:
+    """What keeps ``shape`` from being a model.json's ``in_shape`` (None: nothing).
+
+    The trainer asks this of the first training image before any work, so that it never writes a run that
+    loading would refuse.
+    """
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_is_int(v) and v >= 1 for v in shape)):
+        return f"the image shape must be (channels, height, width) of positive integers (got {shape!r})"
+    if shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIDE or math.prod(shape) > MAX_VALUES:
+        return (
+            f"image shape {tuple(shape)} is beyond certkit's bounds ({MAX_CHANNELS} channels, sides of "
+            f"{MAX_SIDE}, {MAX_VALUES:,} values)"
+        )
+    return None
 
 
 def _is_int(v: Any) -> bool:
@@ -156,14 +186,9 @@ def meta_problem(meta: dict[str, Any]) -> str | None:
     if not (_is_int(meta["num_classes"]) and 1 <= meta["num_classes"] <= MAX_CLASSES):
         return f"'num_classes' must be an integer in 1..{MAX_CLASSES:,} (got {meta['num_classes']!r})"
     shape = meta["in_shape"]
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 3
-        and all(_is_int(v) for v in shape)
-        and 1 <= shape[0] <= MAX_CHANNELS
-        and all(1 <= v <= MAX_SIDE for v in shape[1:])
-    ):
-        return f"'in_shape' must be [channels 1..{MAX_CHANNELS}, height, width 1..{MAX_SIDE}] (got {shape!r})"
+    problem = shape_problem(shape) if isinstance(shape, list) else "must be a list"
+    if problem:
+        return f"'in_shape': {problem}"
     sigma = meta.get("sigma")
     if sigma is not None and not (_is_number(sigma) and sigma > 0):
         return f"'sigma' must be a positive finite number (got {sigma!r})"
@@ -259,19 +284,22 @@ def load_with_meta(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CertkitError(f"{weights}: weights do not fit architecture {meta['arch']!r} ({first_line(e)})") from None
+        misfit = _misfit(tensor_specs(model.state_dict()), tensor_specs(state), dtype=False)
+        raise CertkitError(
+            f"{weights}: weights do not fit architecture {meta['arch']!r} ({misfit or first_line(e)})"
+        ) from None
     return model.to(device).eval(), meta
 
 
-def _misfit(want: dict[str, dict[str, Any]], have: dict[str, dict[str, Any]]) -> str | None:
+def _misfit(want: dict[str, dict[str, Any]], have: dict[str, dict[str, Any]], dtype: bool = True) -> str | None:
     """The first way the file's tensors (``have``) differ from those the model takes (``want``): a missing or
-    unexpected name, another shape or dtype."""
+    unexpected name, another shape or (with ``dtype``; a module of your own converts on loading) dtype."""
     missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or unexpected:
         return f"missing {', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'}"
     for name, spec in want.items():
         got = have[name]
-        if got != spec:
+        if got["shape"] != spec["shape"] or (dtype and got != spec):
             return f"{name}: the file has {got['dtype']} {got['shape']}, it takes {spec['dtype']} {spec['shape']}"
     return None
 

@@ -215,8 +215,8 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--sigma",
         type=float,
-        default=0.25,
-        help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma)",
+        default=None,
+        help="Gaussian noise level in [0,1] pixel units (train sigma = certify sigma; default 0.25; gloro takes none)",
     )
     t.add_argument("--out", required=True, help="run directory (model.safetensors, model.json, metrics.jsonl)")
     t.add_argument("--teacher", default=None, help="CRT teacher: a certkit run directory or a reference .pth/.pth.tar")

@@ -28,7 +28,7 @@ import pickletools
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeGuard
@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeGuard
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
@@ -402,16 +402,104 @@ def check_item(item: Any, where: str = "dataset item 0") -> tuple[Tensor, int]:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise CertkitError(f"{where}: expected a float image tensor (C, H, W), got {shape}")
     low, high = float(x.min()), float(x.max())
-    if low < 0 or high > 1:
-        cause = (
-            "0-255 pixels? divide by 255" if high > 1.5 else "normalized images? certkit normalizes inside the model"
-        )
+    cause = off_scale_cause(low, high)
+    if cause:
         warnings.warn(
             f"{where}: pixel values span [{low:g}, {high:g}], outside [0, 1] ({cause}); "
             "sigma and radii are in [0, 1] pixel units",
             stacklevel=3,
         )
-    return x, int(y)
+    return x, class_label(y, where)
+
+
+def class_label(y: Any, where: str) -> int:
+    """A label as a class index: an integer or a one-element integer tensor (a one-hot or soft label is not
+    one: every objective and certificate here is about a single true class)."""
+    if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point() and y.dtype != torch.bool:
+        return int(y)
+    if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
+        return int(y)
+    got = f"a tensor of shape {tuple(y.shape)} ({y.dtype})" if isinstance(y, Tensor) else type(y).__name__
+    raise CertkitError(f"{where}: the label must be a class index (an integer), got {got}")
+
+
+def check_fit(
+    model: nn.Module,
+    others: Mapping[str, nn.Module],
+    image: Tensor,
+    label: int,
+    num_classes: int | None,
+    where: str = "dataset item 0",
+) -> int:
+    """One image through ``model`` (and ``others``, e.g. a teacher) in eval mode: the class count, or a
+    one-line error for a model that does not fit the image, logits of the wrong width, or a bad label.
+
+    Eval mode and no gradients, so batch statistics, parameters and the random streams are untouched.
+    """
+    widths = {}
+    for name, module in {"model": model, **others}.items():
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(image.unsqueeze(0))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise CertkitError(
+                f"the {name} does not fit images of shape {tuple(image.shape)}: {first_line(e)}"
+            ) from None
+        finally:
+            module.train(was_training)
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise CertkitError(f"the {name} must return logits of shape (N, classes), got {shape} for one image")
+        widths[name] = int(out.shape[1])
+    classes = widths["model"] if num_classes is None else int(num_classes)
+    for name, width in widths.items():
+        if width != classes:
+            raise CertkitError(f"the {name} outputs {width} logits but the dataset has {classes} classes")
+    if not 0 <= label < classes:
+        raise CertkitError(f"{where} has label {label}, outside 0..{classes - 1}")
+    return classes
+
+
+def off_scale_cause(low: float, high: float) -> str | None:
+    """The likely reason pixels span [low, high] instead of [0, 1], or None if they don't.
+
+    Noise and every radius are in [0, 1] pixel units, so images on another scale train and certify without an
+    error, in units nobody asked for. A negative value is the mark of normalized images (their maximum passes
+    2 for MNIST or CIFAR-10 statistics, so the maximum alone would misread them as 0-255).
+    """
+    if low >= 0 and high <= 1:
+        return None
+    if low < 0:
+        return "normalized images? certkit normalizes inside the model"
+    if high > 1.5:
+        return "0-255 pixels? divide by 255"
+    return "pixels a little above 1? clamp them to [0, 1]"
+
+
+def check_pixels(x: Tensor, where: str) -> None:
+    """Refuse integer images and warn on float images outside [0, 1] before certification.
+
+    An integer image would be promoted silently and certified in 0-255 units: a uint8 image certifies at the
+    largest radius n allows, since noise of sigma 0.25 is nothing on that scale. The warning's text is the
+    same for every input and is raised here (``stacklevel=1``), so Python's warning registry shows it once per
+    process however many images or batches carry it.
+    """
+    if not x.is_floating_point():
+        raise CertkitError(
+            f"{where}: {str(x.dtype).removeprefix('torch.')} pixels; certkit certifies float images in [0, 1] "
+            "(divide by 255)"
+        )
+    if x.numel() == 0:
+        return
+    cause = off_scale_cause(float(x.min()), float(x.max()))
+    if cause:
+        warnings.warn(
+            f"certification inputs have pixel values outside [0, 1] ({cause}); sigma and radii are in [0, 1] "
+            "pixel units",
+            stacklevel=1,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ and CRT, :mod:`certkit.gloro` for GloRo), so neither imports the other. A new me
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,7 +63,7 @@ def build_objective(
         return method
     cls = get_objective(method)
     if cls is CRT:
-        return CRT(
+        crt = CRT(
             sigma,
             teacher,
             teacher_model=teacher_model,
@@ -73,6 +74,14 @@ def build_objective(
             family=family,
             **dict(hparams or {}),
         )
+        if isinstance(teacher, nn.Module):
+            warnings.warn(
+                "the teacher is a module, without its model.json: the run records no teacher lineage or training "
+                "cost and cannot check the teacher's sigma; pass the teacher's run directory instead (with "
+                "teacher_model= for a module of your own) to record them",
+                stacklevel=3,
+            )
+        return crt
     if teacher_given:
         raise CertkitError(f"--teacher and its options are only used by --method crt, not {method!r}")
     return cls(sigma, family=family, **dict(hparams or {}))

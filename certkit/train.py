@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,7 +36,7 @@ from safetensors.torch import load as st_load
 from torch import Tensor, nn
 
 from certkit import __version__, checkpoint
-from certkit.data import as_training_data, check_item, dataset_info, load_dataset
+from certkit.data import as_training_data, check_fit, check_item, dataset_info, load_dataset
 from certkit.distributed import barrier, sum_over_ranks
 from certkit.errors import CertkitError, first_line
 from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
@@ -72,6 +73,12 @@ COMPILE_MODES = ("auto", "graph", "on", "off")
 
 def _milestones(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
+
+
+#: a setting's declared type -> the values it takes (numpy's numbers too, never a bool for a number), so that
+#: epochs="2" is one line here rather than a comparison error deep in the trainer
+_SETTING_KINDS: dict[str, type] = {"int": numbers.Integral, "float": numbers.Real, "str": str, "bool": bool}
+_KIND_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "True or False"}
 
 
 @dataclass
@@ -135,6 +142,13 @@ class TrainConfig:
         return flags[0] if flags else "--" + name.replace("_", "-")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind = _SETTING_KINDS.get(str(f.type))
+            value = getattr(self, f.name)
+            if kind is not None and not (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))):
+                raise CertkitError(f"{self.flag(f.name)} must be {_KIND_NAMES[str(f.type)]} (got {value!r})")
+        if not all(isinstance(m, numbers.Integral) for m in self.milestones):
+            raise CertkitError(f"--milestones must be integers (got {self.milestones!r})")
         self.milestones = tuple(int(m) for m in self.milestones)
         for name in ("epochs", "batch_size", "lr_step", "test_batch_size"):
             if getattr(self, name) < 1:
@@ -267,11 +281,13 @@ class Trainer:
     and pixels outside [0, 1] a warning. ``model.json`` gets ``arch``, ``num_classes`` and ``in_shape``
     from ``meta`` when given, else from the module and that probe, so every run loads again.
 
-    Example::
+    Example (without ``meta`` the run names no architecture of certkit's, so it loads into a module you
+    build; :func:`build_trainer` takes names and records them, and ``certkit.load(run)`` alone rebuilds that)::
 
         model = create_model("lenet", 10, (1, 28, 28))
         trainer = Trainer(model, Gaussian(sigma=0.25), train, test, TrainConfig(epochs=2), out_dir="runs/g")
         trainer.fit()
+        model = certkit.load("runs/g", model=create_model("lenet", 10, (1, 28, 28)))
     """
 
     def __init__(
@@ -301,12 +317,15 @@ class Trainer:
         self.meta = dict(meta or {})
         self.meta.setdefault("arch", f"custom:{type(unwrap(model)).__name__}")
         self.meta.setdefault("in_shape", list(image.shape))
+        problem = checkpoint.shape_problem(self.meta["in_shape"])
+        if problem:
+            raise CertkitError(f"training data: {problem}")
         self.model = objective.prepare_model(model, tuple(image.shape)).to(self.device)
         counted = objective.counted_modules()
         for module in counted.values():
             module.to(self.device)
         self.meta["num_classes"] = check_fit(
-            self.model, counted, image.to(self.device), label, self.meta.get("num_classes")
+            self.model, counted, image.to(self.device), label, self.meta.get("num_classes"), "training item 0"
         )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress  # None: a bar on a terminal, else a log line every CERTKIT_PROGRESS_SECONDS
@@ -809,40 +828,6 @@ def _count_from_one(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return epochs
 
 
-def check_fit(
-    model: nn.Module, others: Mapping[str, nn.Module], image: Tensor, label: int, num_classes: int | None
-) -> int:
-    """One image through ``model`` (and ``others``, e.g. a teacher) in eval mode: the class count, or a
-    one-line error for a model that does not fit the image, logits of the wrong width, or a bad label.
-
-    Eval mode and no gradients, so batch statistics, parameters and the random streams are untouched.
-    """
-    widths = {}
-    for name, module in {"model": model, **others}.items():
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                out = module(image.unsqueeze(0))
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise CertkitError(
-                f"the {name} does not fit images of shape {tuple(image.shape)}: {first_line(e)}"
-            ) from None
-        finally:
-            module.train(was_training)
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise CertkitError(f"the {name} must return logits of shape (N, classes), got {shape} for one image")
-        widths[name] = int(out.shape[1])
-    classes = widths["model"] if num_classes is None else int(num_classes)
-    for name, width in widths.items():
-        if width != classes:
-            raise CertkitError(f"the {name} outputs {width} logits but the dataset has {classes} classes")
-    if not 0 <= label < classes:
-        raise CertkitError(f"training item 0 has label {label}, outside 0..{classes - 1}")
-    return classes
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Recipes and the one-call API (names become objects here and in the CLI)
 # ---------------------------------------------------------------------------------------------------------
@@ -866,11 +851,29 @@ def recipe(family: str, method: str | type[Objective]) -> dict[str, Any]:
     return base
 
 
+#: the noise level of a method named without one: the literature's most reported setting for MNIST-like data
+DEFAULT_SIGMA = 0.25
+
+
+def _method_sigma(method: str | Objective, sigma: float | None) -> float | None:
+    """The sigma to build ``method`` with: a σ beside an objective that carries another, or given to a method
+    that takes none, would be dropped without a word, so both are refused."""
+    if isinstance(method, Objective):
+        if sigma is not None and sigma != method.sigma:
+            raise CertkitError(f"sigma={sigma} given beside a {method.name} objective built with sigma={method.sigma}")
+        return method.sigma
+    if not get_objective(method).uses_sigma:
+        if sigma is not None:
+            raise CertkitError(f"method {method!r} takes no sigma")
+        return None
+    return DEFAULT_SIGMA if sigma is None else sigma
+
+
 def build_trainer(
     dataset: Any = "fashion-mnist",
     arch: str | nn.Module = "lenet",
     method: str | Objective = "gaussian",
-    sigma: float = 0.25,
+    sigma: float | None = None,
     out: str | os.PathLike | None = None,
     hparams: Mapping[str, Any] | None = None,
     teacher: str | os.PathLike | nn.Module | None = None,
@@ -887,6 +890,7 @@ def build_trainer(
     num_classes: int | None = None,
     meta: Mapping[str, Any] | None = None,
     recipe: str | None = None,
+    family: str | None = None,
     metric_logs: tuple[str, ...] = (),
     log: Callable[[str], None] | None = None,
     **config: Any,
@@ -895,7 +899,9 @@ def build_trainer(
 
     ``dataset`` is a name or your own torch ``Dataset``/``DataLoader`` (then ``test_data`` is its test split
     and ``num_classes`` its class count, None = the model's logit count; hyperparameters and the recipe are
-    the MNIST-like published ones). ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
+    the published ones of ``family``: 'mnist', the default, 'cifar10' or 'imagenet'; a named dataset brings its
+    own). ``sigma`` defaults to 0.25 for a method named here; an :class:`Objective` brings its own, and GloRo
+    takes none. ``recipe`` names a published recipe (:mod:`certkit.recipes`): its
     optimisation settings and method hyperparameters sit between the defaults and what is given here. A CRT
     ``teacher`` is a run directory, a reference checkpoint or a module; ``teacher_model`` is an untrained
     instance of your own module to load a teacher run into, ``teacher_arch`` and ``teacher_normalization``
@@ -924,7 +930,10 @@ def build_trainer(
     classes = info.num_classes if info is not None else num_classes
     if isinstance(arch, str):
         model_spec(arch)  # unknown names fail before any data is read
-    family = family_key(info.family if info else DEFAULT_FAMILY)
+    if info is not None and family is not None and family_key(family) != family_key(info.family):
+        raise CertkitError(f"dataset {dataset!r} is of the {info.family} family, not {family!r}")
+    family = family_key(info.family if info else family or DEFAULT_FAMILY)
+    sigma = _method_sigma(method, sigma)
     if recipe is not None:
         published = get_recipe(recipe)
         check_recipe(published, family, method.name if isinstance(method, Objective) else method)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,47 @@ def test_own_module_trains_saves_loads_and_certifies(runs: dict[str, Path], meth
     assert len(read_results(tmp_path / "p.tsv")) == 6
 
 
+class Tied(nn.Module):
+    """Input and output embeddings tied: one parameter under two names in the state dict."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.encode = nn.Linear(channels * 8 * 8, 3, bias=False)
+        self.decode = nn.Linear(3, 3)
+        self.mirror = nn.Linear(channels * 8 * 8, 3, bias=False)
+        self.mirror.weight = self.encode.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        return self.decode(self.encode(flat) + self.mirror(flat))
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_tied_weights_and_many_channels_save_load_and_certify(tmp_path: Path, channels: int) -> None:
+    """A run that trains must load: multispectral images (6 bands) and tied weights included."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(12, channels, 8, 8, generator=g), torch.arange(12) % 3)
+    torch.manual_seed(0)
+    certkit.train(data, Tied(channels), "gaussian", out=tmp_path, epochs=1, batch_size=6, device="cpu", progress=False)
+    assert json.loads((tmp_path / "model.json").read_text())["in_shape"] == [channels, 8, 8]
+    model = certkit.load(tmp_path, model=Tied(channels))
+    assert model.mirror.weight is model.encode.weight  # the module's own tie, filled once
+    saved = certkit.checkpoint.read_weights(tmp_path / "model.safetensors")
+    assert torch.equal(saved["mirror.weight"], saved["encode.weight"])
+    summary = certify_dataset(
+        Smooth(model, 3, 0.25), data, RunPlan(n0=10, n=100, max_idx=2), out=tmp_path / "c.tsv", progress=False
+    )
+    assert summary is not None and summary["N"] == 2
+
+
+def test_an_image_shape_loading_would_refuse_is_refused_before_training(tmp_path: Path) -> None:
+    data = TensorDataset(torch.rand(2, 1, 8, 5000), torch.tensor([0, 1]))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(40_000, 3))
+    with pytest.raises(CertkitError, match=r"training data: image shape \(1, 8, 5000\) is beyond"):
+        certkit.train(data, model, "gaussian", out=tmp_path / "r", device="cpu", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_dataloader_trains_with_its_own_batches() -> None:
     loader = DataLoader(tensors(), batch_size=12, shuffle=False)
     trainer = Trainer(
@@ -115,14 +157,45 @@ def test_mismatches_are_one_line_errors_before_any_work(tmp_path: Path) -> None:
         certkit.train(
             tensors(), nn.Sequential(nn.Flatten(), nn.Linear(10, 3)), "gaussian", out=tmp_path / "b", device="cpu"
         )
-    with pytest.raises(CertkitError, match="teacher outputs 5 logits"):
+    with pytest.raises(CertkitError, match="teacher outputs 5 logits"), pytest.warns(UserWarning, match="no teacher"):
         certkit.train(tensors(), mlp(), "crt", teacher=mlp(5), out=tmp_path / "c", device="cpu")
+    with pytest.raises(CertkitError, match="this teacher is already a module"):
+        certkit.train(tensors(), mlp(), "crt", teacher=mlp(), teacher_model=mlp(), device="cpu")
     with pytest.raises(CertkitError, match=r"label 3, outside 0\.\.2"):
         certkit.train(TensorDataset(torch.rand(4, *SHAPE), torch.tensor([3, 0, 1, 2])), mlp(), "gaussian", device="cpu")
     assert not any(tmp_path.iterdir())  # nothing written
     pixels = TensorDataset(torch.rand(16, *SHAPE) * 255, torch.arange(16) % 3)
     with pytest.warns(UserWarning, match="0-255 pixels"):
         Trainer(mlp(), build_objective("gaussian", 0.25), pixels, None, TrainConfig(epochs=1), device="cpu")
+    normalized = TensorDataset((torch.rand(16, *SHAPE) - 0.286) / 0.353, torch.arange(16) % 3)
+    with pytest.warns(UserWarning, match="normalized images"):  # its maximum, 2.02, passes the 0-255 test
+        Trainer(mlp(), build_objective("gaussian", 0.25), normalized, None, TrainConfig(epochs=1), device="cpu")
+
+
+def test_certification_refuses_integer_pixels_and_names_the_scale_of_off_range_ones(tmp_path: Path) -> None:
+    """Noise and radii are in [0, 1] pixel units: a uint8 image would certify at the largest radius n allows."""
+    smooth = Smooth(mlp(), 3, 0.25)
+    x = tensors(1)[0][0]
+    with pytest.raises(CertkitError, match=r"uint8 pixels; certkit certifies float images in \[0, 1\]"):
+        smooth.certify((x * 255).to(torch.uint8), 10, 100, 0.001, 100)
+    with pytest.raises(CertkitError, match="dataset item 0: uint8 pixels"):
+        data = TensorDataset((torch.rand(2, *SHAPE) * 255).to(torch.uint8), torch.tensor([0, 1]))
+        certify_dataset(smooth, data, RunPlan(n0=10, n=100), out=tmp_path / "u8.tsv", progress=False)
+    with pytest.raises(CertkitError, match="not a ndarray"):
+        smooth.predict(x.numpy(), 100, 0.001, 100)  # type: ignore[arg-type]
+    cases = [
+        (x * 255, "0-255 pixels"),
+        ((x - 0.3) / 0.35, "normalized images"),
+        (x.index_fill(1, torch.tensor([0]), 1.2), "a little above 1"),
+    ]
+    for image, cause in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            smooth.certify(image, 10, 100, 0.001, 100)
+        assert [str(w.message) for w in caught if cause in str(w.message)], cause
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an image in [0, 1] warns nothing
+        smooth.certify(x, 10, 100, 0.001, 100)
 
 
 @pytest.mark.parametrize(
@@ -233,3 +306,66 @@ def test_readme_section_runs_as_written(tmp_path: Path, monkeypatch: pytest.Monk
     for run in ("runs/mine", "runs/student"):
         assert json.loads((tmp_path / run / "model.json").read_text())["epochs_completed"] == 2
     assert json.loads((tmp_path / "runs/student/model.json").read_text())["teacher"]["path"] == "runs/mine"
+
+
+def test_the_public_names_resolve_list_and_carry_their_types() -> None:
+    lazy = certkit._LAZY  # type: ignore[attr-defined]
+    assert set(certkit.__all__) == {*lazy, "__version__"}
+    assert set(certkit.__all__) <= set(dir(certkit))  # tab completion lists them before first use
+    for name in lazy:
+        assert getattr(certkit, name) is getattr(__import__(lazy[name], fromlist=[name]), name)
+    assert callable(certkit.train) and certkit.Trainer.__module__ == "certkit.train"
+    assert (Path(certkit.__file__).parent / "py.typed").is_file()  # PEP 561: the hints reach your programs
+
+
+def test_own_data_takes_a_dataset_familys_published_settings() -> None:
+    from certkit.objectives import SmoothMix
+
+    trainer = certkit.build_trainer(tensors(), mlp(), "smoothmix", family="cifar10", device="cpu", progress=False)
+    assert trainer.objective.hparams == SmoothMix(0.25, family="cifar10").hparams
+    assert trainer.config == TrainConfig.for_method("cifar10", SmoothMix)
+    assert trainer.config != TrainConfig.for_method("mnist", SmoothMix)
+    with pytest.raises(CertkitError, match="is of the mnist family, not 'cifar10'"):
+        certkit.build_trainer("fashion-mnist", "lenet", family="cifar10", device="cpu")
+
+
+def test_a_sigma_that_would_be_dropped_is_refused() -> None:
+    with pytest.raises(CertkitError, match=r"sigma=0\.25 given beside a gaussian objective built with sigma=0\.5"):
+        certkit.build_trainer(tensors(), mlp(), build_objective("gaussian", 0.5), sigma=0.25, device="cpu")
+    with pytest.raises(CertkitError, match="method 'gloro' takes no sigma"):
+        certkit.build_trainer(tensors(), mlp(), "gloro", sigma=0.25, device="cpu")
+    assert (
+        certkit.build_trainer(tensors(), mlp(), build_objective("gaussian", 0.5), device="cpu").objective.sigma == 0.5
+    )
+    assert certkit.build_trainer(tensors(), mlp(), "gaussian", device="cpu").objective.sigma == 0.25
+
+
+def test_certification_mistakes_are_one_line_errors_with_nothing_written(tmp_path: Path) -> None:
+    smooth, out = Smooth(mlp(), 3, 0.25), tmp_path / "c.tsv"
+    wrong_shape = TensorDataset(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    with pytest.raises(CertkitError, match=r"the model does not fit images of shape \(3, 8, 8\)"):
+        certify_dataset(smooth, wrong_shape, RunPlan(n0=10, n=100), out=out, progress=False)
+    with pytest.raises(CertkitError, match=r"dataset item 0 has label 7, outside 0\.\.2"):
+        certify_dataset(smooth, TensorDataset(torch.rand(1, *SHAPE), torch.tensor([7])), out=out, progress=False)
+    with pytest.raises(CertkitError, match=r"for a DataLoader, pass loader\.dataset"):
+        certify_dataset(smooth, DataLoader(tensors(4)), out=out, progress=False)  # type: ignore[arg-type]
+    with pytest.raises(CertkitError, match=r"plan must be a certkit\.RunPlan, not a dict"):
+        certify_dataset(smooth, tensors(4), {"n": 100}, out=out, progress=False)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+    certify_dataset(smooth, tensors(2), RunPlan(n0=10, n=100), out=out, progress=False)  # the same out, now right
+    assert len(read_results(out)) == 2
+
+
+def test_training_refuses_labels_that_are_not_class_indices_and_settings_of_the_wrong_type() -> None:
+    one_hot = TensorDataset(torch.rand(4, *SHAPE), torch.eye(3)[[0, 1, 2, 0]])
+    with pytest.raises(CertkitError, match=r"training item 0: the label must be a class index .* shape \(3,\)"):
+        certkit.build_trainer(one_hot, mlp(), "gaussian", device="cpu")
+    with pytest.raises(CertkitError, match="--epochs must be an integer"):
+        certkit.build_trainer(tensors(), mlp(), "gaussian", epochs="2", device="cpu")
+
+
+def test_loading_into_another_module_names_the_first_tensor_that_differs(runs: dict[str, Path]) -> None:
+    with pytest.raises(CertkitError, match=r"3\.weight: the file has float32 \[3, 32\], it takes float32 \[5, 32\]"):
+        certkit.load(runs["gaussian"], model=mlp(5))
+    with pytest.raises(CertkitError, match=r"missing 0\.bias, 0\.weight; unexpected 1\.bias, 1\.weight, 3\.bias"):
+        certkit.load(runs["gaussian"], model=nn.Sequential(nn.Linear(64, 32), nn.Flatten()))

@@ -89,8 +89,10 @@ def certify_gloro_dataset(
     """Certify every planned index of ``dataset`` in one forward pass per batch; returns the summary.
 
     ``epsilon`` (None: the net's own) decides which points are rejected. The summary (None if the run
-    ended incomplete) holds ``clean_accuracy``, ``vra``, ``rejection_rate``, ``epsilon``, the bound and
-    ``certify_seconds`` (forward passes of this session only, bound verification excluded).
+    ended incomplete) is the smoothing summary's layout (ACR, certified accuracy by radius) plus, under
+    ``summary["gloro"]``, ``clean_accuracy``, ``vra``, ``rejection_rate``, ``epsilon``, the bound
+    (``lipschitz``) and ``certify_seconds`` (forward passes of this session only, bound verification
+    excluded).
     """
     if not isinstance(net, GloroNet):
         raise CertkitError(

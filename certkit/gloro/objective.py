@@ -198,7 +198,8 @@ class Gloro(Objective):
         if not isinstance(net, GloroNet):
             raise CertkitError(
                 f"method 'gloro' trains a GloroNet (one of the gloro-* architectures), not a {type(net).__name__}; "
-                "use certkit.train.train(..., method='gloro') or GloroNet(model, in_shape, epsilon)"
+                "wrap it, GloroNet(model, in_shape, epsilon), or train it with certkit.train(data, model, 'gloro'), "
+                "which wraps an nn.Sequential"
             )
         if net.eval_epsilon != self.hp.epsilon:
             net.epsilon.fill_(self.hp.epsilon)

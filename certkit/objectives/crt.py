@@ -76,6 +76,7 @@ class CRT(Objective):
         sigma: noise level in [0, 1] pixel units (must equal the teacher's; a mismatch is warned about).
         teacher: the teacher, any architecture with the student's classes: a module, a certkit run
             directory, or a reference ``.pth``/``.pth.tar`` checkpoint (then ``dataset`` names its data).
+            A module is frozen in place (eval mode, no gradients), as the teacher loaded from a file is.
         teacher_meta: the ``model.json`` of a teacher given as a module (its sigma, lineage and cost), if any.
         teacher_model: for a teacher run of your own module, an untrained instance of it to load into.
         num_classes: the dataset's class count, checked against the teacher's when known.
@@ -119,6 +120,11 @@ class CRT(Objective):
         if teacher is None:
             raise CertkitError("--method crt needs --teacher RUN_DIR (a certkit run) or a reference .pth.tar")
         if isinstance(teacher, nn.Module):
+            if any(v is not None for v in (teacher_model, teacher_arch, teacher_normalization)):
+                raise CertkitError(
+                    "teacher_model, teacher_arch and teacher_normalization say how to read a teacher file; "
+                    "this teacher is already a module"
+                )
             info = dict(teacher_meta or {})
         else:
             path = str(teacher)

@@ -35,7 +35,9 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
+from certkit.data import check_fit, check_pixels, class_label
 from certkit.errors import CertkitError
 from certkit.fileio import check_output
 from certkit.progress import Progress
@@ -188,7 +190,8 @@ def certify_dataset(
     ``Dataset``). Writes ``out`` (TSV, one flushed row per image, time = that image's wall-clock share of its
     group, split in proportion to the samples each input used), its settings sidecar (with
     ``settings_extra``), and once every planned index is done, the summary beside it (returned). Returns
-    None if the run ended incomplete. ``resume`` continues a file with the same settings.
+    None if the run ended incomplete. The summary's ``certified_accuracy`` maps each radius, as a string (the
+    JSON file's keys), to a fraction. ``resume`` continues a file with the same settings.
 
     When ``smoothed`` runs with a speed option (channels-last, amp, compile, the shared-noise stem split), a
     vote check runs first (:func:`_speed_check`), and the run is refused if the network does not vote as the
@@ -198,8 +201,20 @@ def certify_dataset(
     ``p // G`` in the unsharded plan) votes on one noise stream; every certificate keeps its guarantee, but
     the certificates of a group are not independent of each other.
     """
+    if not isinstance(plan, RunPlan):
+        raise CertkitError(f"plan must be a certkit.RunPlan, not a {type(plan).__name__}")
+    if isinstance(dataset, DataLoader) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise CertkitError(
+            f"certify_dataset reads dataset[i] -> (image, label), which a {type(dataset).__name__} does not "
+            "offer (for a DataLoader, pass loader.dataset)"
+        )
     check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
     indices = plan.indices(len(dataset))
+    if indices:  # a model that does not fit the images fails here, before the result file is opened
+        image, label = _image(dataset, indices[0])
+        check_fit(
+            smoothed.model, {}, image.to(smoothed.device), label, smoothed.num_classes, f"dataset item {indices[0]}"
+        )
     shared_noise = smoothed.shared_noise
     settings = run_settings(smoothed, dataset, plan, settings_extra)
     speed_check = _speed_check(smoothed, dataset, indices, plan.batch_size, plan.seed)
@@ -424,10 +439,11 @@ def _image(dataset: Dataset, idx: int) -> tuple[Tensor, int]:
     x, label = dataset[idx]
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise CertkitError(f"dataset item {idx}: expected an image tensor (C, H, W)")
+    check_pixels(x, f"dataset item {idx}")
     x = x.to(torch.float32)
     if not torch.isfinite(x).all():
         raise CertkitError(f"dataset item {idx} contains NaN or inf values")
-    return x, int(label)
+    return x, class_label(label, f"dataset item {idx}")
 
 
 def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from certkit.data import check_pixels
 from certkit.errors import CertkitError
 from certkit.smoothing.philox import PhiloxStream, standard_normal
 from certkit.smoothing.statistics import check_batch_size, check_sigma
@@ -181,8 +182,10 @@ class Sampler:
 
     def prepare(self, xs: Tensor, generators: Generators | None) -> tuple[Tensor, list[NoiseStream]]:
         """Check a batch of inputs and their generators; return them on the voter's device as float32."""
-        if xs.dim() != 4:
-            raise CertkitError(f"expected a batch of images (B, C, H, W), got shape {tuple(xs.shape)}")
+        if not isinstance(xs, Tensor) or xs.dim() != 4:
+            got = f"shape {tuple(xs.shape)}" if isinstance(xs, Tensor) else f"a {type(xs).__name__}"
+            raise CertkitError(f"expected a batch of images (B, C, H, W) as a torch.Tensor, got {got}")
+        check_pixels(xs, "input")
         if not torch.isfinite(xs).all():
             raise CertkitError("input contains NaN or inf values")
         gens = self._generators(len(xs), generators)

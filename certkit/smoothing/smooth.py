@@ -273,6 +273,8 @@ class Smooth:
 
 def _one_image(x: Tensor) -> Tensor:
     """``x`` as one image (C, H, W), from (C, H, W) or (1, C, H, W); anything else is refused."""
+    if not isinstance(x, Tensor):
+        raise CertkitError(f"certify and predict take a torch.Tensor image (C, H, W), not a {type(x).__name__}")
     if x.dim() == 4 and len(x) == 1:
         return x[0]
     if x.dim() != 3:
