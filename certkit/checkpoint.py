@@ -39,6 +39,16 @@ from certkit.models import create_model, wrapper
 FORMAT = "certkit-checkpoint/1"
 WEIGHTS = "model.safetensors"
 META = "model.json"
+#: the resume state a training run keeps beside its checkpoint (:mod:`certkit.train`)
+RESUME_STATE = "train_state.safetensors"
+
+
+def _resume_hint(folder: Path) -> str:
+    """Where a run's training state survives an interrupted save (the weights and model.json are replaced
+    one after the other), how to republish the pair."""
+    if (folder / RESUME_STATE).is_file():
+        return "; its training state is there: run the same `certkit train` with --resume to republish both files"
+    return ""
 
 
 def run_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -127,7 +137,9 @@ def make_meta(
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     _, meta_path = run_paths(path)
     if not meta_path.exists():
-        raise CertkitError(f"{meta_path}: missing; a certkit checkpoint needs {META} beside {WEIGHTS}")
+        raise CertkitError(
+            f"{meta_path}: missing; a certkit checkpoint needs {META} beside {WEIGHTS}{_resume_hint(meta_path.parent)}"
+        )
     meta = read_json(meta_path, "checkpoint metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CertkitError(f"{meta_path}: not a certkit checkpoint (expected format {FORMAT!r})")
@@ -247,7 +259,10 @@ def read_weights(weights: Path, meta: dict[str, Any] | None = None) -> dict[str,
         raise CertkitError(f"{weights}: missing")
     require_regular(weights, "weights file")
     if meta is not None and sha256_file(weights) != meta["weights"]["sha256"]:  # read_meta made sure there is one
-        raise CertkitError(f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)")
+        raise CertkitError(
+            f"{weights}: SHA-256 does not match {META} (modified, truncated or interrupted write)"
+            + _resume_hint(weights.parent)
+        )
     try:
         state = st_load(weights.read_bytes())
     except OSError as e:

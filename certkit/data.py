@@ -357,6 +357,12 @@ class TorchData:
     def dataset(self) -> TorchDataset:
         return self.data.dataset if isinstance(self.data, DataLoader) else self.data
 
+    @property
+    def own_batch_size(self) -> int | None:
+        """The batch size a ``DataLoader`` decides for itself (None for a ``Dataset``, or a loader batched by
+        a sampler of its own)."""
+        return self.data.batch_size if isinstance(self.data, DataLoader) else None
+
     def __getitem__(self, i: int) -> Any:
         return self.dataset[i]
 

@@ -8,6 +8,7 @@ fsync'ed and renamed over the target: readers see the old file or the new one, n
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -38,6 +39,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: Path, names: tuple[str, ...]) -> None:
+    """Delete what a killed :func:`atomic_write_bytes` left of ``names`` in ``folder`` (SIGKILL runs no
+    clean-up: a resume state's temporary is as large as the state). Only for a caller holding the folder's
+    :class:`PidLock`, since a live writer's temporary has the same form."""
+    for name in names:
+        for tmp in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _umask() -> int:

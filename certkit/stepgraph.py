@@ -110,6 +110,10 @@ class PassCounter:
 class StepRunner:
     """Runs ``step`` on each batch and sums its outputs on the device, without a host synchronisation.
 
+    A step's outputs are means over its batch; they are summed weighted by the batch's size (``images``
+    counts them), so that an epoch's figures are per image, as the reference scripts' running averages, and a
+    small last batch does not weigh as much as a full one.
+
     With ``capture`` (``cuda_graph``), the first ``warmup`` steps run eagerly on a side stream, then one graph
     is captured per batch shape and per value of ``constants()`` (the numbers a capture bakes in: see the
     module docstring) and replayed: a batch is copied into the graph's static inputs and the whole step runs
@@ -134,6 +138,7 @@ class StepRunner:
         self.eager_steps = 0
         self.totals: dict[str, Tensor] = {}
         self.steps = 0
+        self.images = 0
         self._graphs: dict[tuple[Hashable, tuple[int, ...], tuple[int, ...]], _Captured] = {}
 
     def begin_epoch(self) -> None:
@@ -141,6 +146,7 @@ class StepRunner:
         for total in self.totals.values():
             total.zero_()
         self.steps = 0
+        self.images = 0
 
     def release(self) -> None:
         """Drop the captured steps: a capture holds the addresses of the weights and optimizer state, so one
@@ -150,7 +156,7 @@ class StepRunner:
     def __call__(self, x: Tensor, y: Tensor) -> None:
         if self.capture is None or self.eager_steps < self.warmup:
             with self._side_stream():
-                self._add(self.step(x, y))
+                self._add(self.step(x, y), len(x))
             self.eager_steps += 1
         else:
             key = (self.constants(), tuple(x.shape), tuple(y.shape))
@@ -161,13 +167,15 @@ class StepRunner:
             for counter, passes in zip(self.counters, captured.passes):
                 counter.add(passes)
         self.steps += 1
+        self.images += len(x)
 
-    def _add(self, out: dict[str, Tensor]) -> None:
-        """Accumulate in place, so that a captured step adds to the same tensors on every replay."""
+    def _add(self, out: dict[str, Tensor], weight: int) -> None:
+        """Accumulate ``weight`` times each mean in place, so that a captured step adds to the same tensors on
+        every replay."""
         for k, v in out.items():
             if k not in self.totals:
                 self.totals[k] = torch.zeros((), dtype=torch.float32, device=self.device)
-            self.totals[k].add_(v)
+            self.totals[k].add_(v, alpha=weight)
 
     def _capture(self, x: Tensor, y: Tensor, key: tuple[Hashable, tuple[int, ...], tuple[int, ...]]) -> _Captured:
         assert self.capture is not None
@@ -181,7 +189,7 @@ class StepRunner:
             out = self.step(static_x, static_y)
             if set(out) != names:  # a total allocated inside the capture would be re-zeroed by every replay
                 raise RuntimeError(f"a captured step returned {sorted(out)}, the eager steps {sorted(names)}")
-            self._add(out)
+            self._add(out, len(static_x))
 
         replay = self.capture(record)
         passes = [c.pop() for c in self.counters]

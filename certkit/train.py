@@ -39,7 +39,14 @@ from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_fit, check_item, dataset_info, load_dataset
 from certkit.distributed import barrier, sum_over_ranks
 from certkit.errors import CertkitError, first_line
-from certkit.fileio import PidLock, atomic_write_bytes, atomic_write_text, check_output, require_regular
+from certkit.fileio import (
+    PidLock,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_output,
+    remove_stale_temporaries,
+    require_regular,
+)
 from certkit.methods import build_objective, get_objective
 from certkit.models import create_model, list_models, model_spec
 from certkit.objectives.base import DEFAULT_FAMILY, Objective, family_key, unwrap
@@ -47,9 +54,9 @@ from certkit.precision import autocast_dtype
 from certkit.progress import Progress
 from certkit.recipes import check_recipe, get_recipe
 from certkit.stepgraph import PassCounter, StepRunner, cuda_graph
-from certkit.trainlog import MetricLogs
+from certkit.trainlog import CSV, MetricLogs
 
-STATE = "train_state.safetensors"
+STATE = checkpoint.RESUME_STATE
 METRICS = "metrics.jsonl"
 
 
@@ -166,6 +173,8 @@ class TrainConfig:
             raise CertkitError(f"unknown optimizer {self.optimizer!r}; valid: sgd, adam")
         if self.schedule not in SCHEDULES:
             raise CertkitError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise CertkitError("--schedule multistep needs --milestones (the epochs after which the rate falls)")
         for name, valid in (
             ("compile", COMPILE_MODES),
             ("channels_last", ("auto", "on", "off")),
@@ -175,9 +184,12 @@ class TrainConfig:
                 raise CertkitError(f"unknown {self.flag(name)} {getattr(self, name)!r}; valid: {', '.join(valid)}")
 
     @classmethod
-    def for_method(cls, family: str, method: str | type[Objective], **overrides: Any) -> TrainConfig:
-        """:func:`recipe`'s published values for ``family``/``method``, under the non-None ``overrides``."""
-        settings = recipe(family, method)
+    def for_method(
+        cls, family: str, method: str | type[Objective], base: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> TrainConfig:
+        """:func:`recipe`'s published values for ``family``/``method``, then a named recipe's ``base``, under
+        the non-None ``overrides``. Milestones that come from the recipes move with an ``epochs`` override."""
+        settings = {**recipe(family, method), **dict(base or {})}
         given = {k: v for k, v in overrides.items() if v is not None}
         if "milestones" in settings and "epochs" in given and "milestones" not in given:
             # published milestones sit at shares of the run (CRT: 50% and 75% of it), not at fixed epochs; never
@@ -310,6 +322,10 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.train_data = as_training_data(train_data).to(self.device)
+        own_batch = getattr(self.train_data, "own_batch_size", None)
+        if own_batch is not None and own_batch != self.config.batch_size:
+            # a DataLoader batches as it was built: model.json and the progress bar say what ran
+            self.config = dataclasses.replace(self.config, batch_size=own_batch)
         self.test_data = as_training_data(test_data).to(self.device) if test_data is not None else None
         if self.test_data is not None and len(self.test_data) == 0:
             raise CertkitError("the test data is empty (0 items); pass none for no per-epoch test")
@@ -402,6 +418,9 @@ class Trainer:
         this way). The lock is held until the iterator is exhausted or closed."""
         locked = self.out_dir is not None and self.rank == 0
         with PidLock(self.out_dir) if locked else contextlib.nullcontext():  # type: ignore[arg-type]
+            if locked:
+                assert self.out_dir is not None
+                remove_stale_temporaries(self.out_dir, (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE, CSV))
             if resume:
                 self.resume()
             try:
@@ -455,7 +474,7 @@ class Trainer:
         runner.begin_epoch()
 
         def running_loss() -> str:  # read off the device only when a progress line is drawn
-            return f"loss={float(runner.totals['loss']) / max(runner.steps, 1):.4f}"
+            return f"loss={float(runner.totals['loss']) / max(runner.images, 1):.4f}"
 
         per_rank = len(self.train_data) // self.world_size
         drop_last = self.step_mode in ("on", "graph") and per_rank >= c.batch_size
@@ -482,8 +501,11 @@ class Trainer:
         # step has already reached every rank's weights through the gradient all-reduce, so every rank must
         # stop, before rank 0 saves them), the steps and the image passes (the ledger's cost is the job's)
         passes = {k: v for counter in self.counters for k, v in counter.take().items()}
-        summed = sum_over_ranks([runner.steps, *map(float, runner.totals.values()), *passes.values()], self.device)
-        steps, totals = int(summed[0]), dict(zip(runner.totals, summed[1 : 1 + len(runner.totals)]))
+        summed = sum_over_ranks(
+            [runner.steps, runner.images, *map(float, runner.totals.values()), *passes.values()], self.device
+        )
+        steps, images = int(summed[0]), int(summed[1])
+        totals = dict(zip(runner.totals, summed[2 : 2 + len(runner.totals)]))
         if c.check_finite and steps and not math.isfinite(totals["loss"]):
             raise CertkitError(
                 f"training diverged at epoch {epoch + 1}: the {self.objective.name} loss became non-finite "
@@ -494,10 +516,10 @@ class Trainer:
         self.scheduler.step()
         # epochs count from 1 in metrics.jsonl and the ledger, as on the console
         cost: dict[str, Any] = {"epoch": epoch + 1, "seconds": seconds, "steps": steps}
-        cost.update({k: int(v) for k, v in zip(passes, summed[1 + len(runner.totals) :])})
+        cost.update({k: int(v) for k, v in zip(passes, summed[2 + len(runner.totals) :])})
         self.ledger.epochs.append(cost)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": seconds}
-        record.update({k: v / max(steps, 1) for k, v in totals.items()})
+        record.update({k: v / max(images, 1) for k, v in totals.items()})  # per image (StepRunner)
         return record
 
     def _constants(self) -> tuple[object, ...]:
@@ -615,6 +637,14 @@ class Trainer:
                     name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
                     # a setting the run could not record computed what its declared default computes
                     saved[name], now[name] = old.get(k, added.get((group, k))), new.get(k)
+        # the teacher defines a CRT student as much as sigma does: its weights, not only its path
+        old_teacher, new_teacher = saved_meta.get("teacher") or {}, current.get("teacher") or {}
+        if old_teacher.get("sha256") != new_teacher.get("sha256"):
+            raise CertkitError(
+                f"{path}: run was started with the teacher {old_teacher.get('path')!r} (weights "
+                f"{str(old_teacher.get('sha256'))[:12]}), not {new_teacher.get('path')!r} (weights "
+                f"{str(new_teacher.get('sha256'))[:12]}); resume with the same teacher or choose another --out"
+            )
         # --batch-size is per process: another process count changes the batch each optimizer step sees
         saved["torchrun --nproc-per-node"] = saved_meta.get("world_size", 1)
         now["torchrun --nproc-per-node"] = self.world_size
@@ -668,27 +698,32 @@ class Trainer:
         if problem:
             raise CertkitError(f"{path}: cannot resume from it ({problem})")
         meta = info["meta"]
-        self._check_same_run(path, meta)  # another architecture is said as such, not as misshapen tensors
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        problem = _optimizer_tensors_problem(tensors, params)
-        if problem:
-            raise CertkitError(f"{path}: cannot resume from it ({problem})")
         saved_train = meta.get("train", {})
         if saved_train.get("epochs", self.config.epochs) != self.config.epochs:
             if info["epoch"] + 1 > self.config.epochs:
                 raise CertkitError(
                     f"{path}: already trained {info['epoch'] + 1} epochs, more than --epochs {self.config.epochs}"
                 )
-            if self.config.schedule in (
-                "cosine",
-                "exp",
-                "half-exp",
-            ):  # their learning rate at every epoch depends on the total
+            # what the run's earlier epochs computed may depend on the total: then more epochs would have
+            # trained them otherwise, and model.json would record settings that never ran
+            if self.config.schedule in ("cosine", "exp", "half-exp"):
+                moved = f"a {self.config.schedule} learning-rate schedule"
+            elif self.objective.schedule_reads_total_epochs():
+                moved = f"{self.objective.name}'s ramps, which end at a share of the run"
+            elif self.config.milestones != tuple(saved_train.get("milestones", ())):
+                moved = "learning-rate milestones that follow --epochs (pass the run's --milestones to keep them)"
+            else:
+                moved = None
+            if moved:
                 raise CertkitError(
-                    f"{path}: run was started with epochs={saved_train['epochs']} "
-                    f"and a {self.config.schedule} schedule, which --epochs {self.config.epochs} would change "
-                    "retroactively; use another --out"
+                    f"{path}: run was started with --epochs {saved_train['epochs']} and {moved}, which "
+                    f"--epochs {self.config.epochs} would change for the epochs already trained; use another --out"
                 )
+        self._check_same_run(path, meta)  # another architecture is said as such, not as misshapen tensors
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        problem = _optimizer_tensors_problem(tensors, params)
+        if problem:
+            raise CertkitError(f"{path}: cannot resume from it ({problem})")
         try:
             self._load_state(tensors, info["optimizer"], info["scheduler"])
             self.ledger = CostLedger.from_json(meta["cost"])
@@ -934,8 +969,10 @@ def build_trainer(
         raise CertkitError(f"dataset {dataset!r} is of the {info.family} family, not {family!r}")
     family = family_key(info.family if info else family or DEFAULT_FAMILY)
     sigma = _method_sigma(method, sigma)
+    recipe_train: Mapping[str, Any] = {}
     if recipe is not None:
         published = get_recipe(recipe)
+        recipe_train = published.train
         check_recipe(published, family, method.name if isinstance(method, Objective) else method)
         if isinstance(method, Objective) and published.hparams:
             raise CertkitError(f"recipe {recipe!r} sets hyperparameters; pass them to the objective you built")
@@ -944,7 +981,6 @@ def build_trainer(
                 **published.hyperparameters(sigma),
                 **{k: v for k, v in (hparams or {}).items() if v is not None},
             }
-        config = {**published.train, **{k: v for k, v in config.items() if v is not None}}
     objective = build_objective(
         method,
         sigma,
@@ -957,7 +993,7 @@ def build_trainer(
         teacher_arch=teacher_arch,
         teacher_normalization=teacher_normalization,
     )
-    cfg = TrainConfig.for_method(family, type(objective), **config)
+    cfg = TrainConfig.for_method(family, type(objective), recipe_train, **config)
     run_meta: dict[str, Any] = {"certkit_version": __version__, "num_classes": classes}
     if recipe is not None:
         run_meta["recipe"] = recipe

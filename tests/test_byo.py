@@ -148,6 +148,7 @@ def test_dataloader_trains_with_its_own_batches() -> None:
     )
     trainer.fit()
     assert trainer.ledger.epochs[0]["steps"] == 4 and trainer.ledger.epochs[0]["forward"] == 48
+    assert trainer.config.batch_size == 12  # what model.json records is the batch that ran
 
 
 def test_mismatches_are_one_line_errors_before_any_work(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from collections.abc import Callable
@@ -16,9 +17,12 @@ from safetensors.torch import load as st_load
 from certkit import checkpoint
 from certkit.data import ArrayDataset, dataset_info, load_dataset
 from certkit.errors import CertkitError
+from certkit.methods import get_objective
 from certkit.models import create_model
+from certkit.objectives import CRT
 from certkit.objectives.gaussian import Gaussian
 from certkit.recipes import get_recipe
+from certkit.stepgraph import StepRunner
 from certkit.train import STATE, TrainConfig, Trainer, recipe, train
 from helpers import quiet_trainer, tiny_data
 
@@ -291,8 +295,66 @@ def test_resume_extends_a_step_schedule_but_not_a_cosine_one(tmp_path: Path) -> 
     longer = _trainer(tmp_path / "step", epochs=2)  # step: more epochs leave the first epochs' rates unchanged
     assert longer.resume() and longer.start_epoch == 1
     _trainer(tmp_path / "cos", epochs=1, schedule="cosine").fit()
-    with pytest.raises(CertkitError, match="change retroactively"):  # cosine: every rate depends on the total
-        _trainer(tmp_path / "cos", epochs=2, schedule="cosine").resume()
+    with pytest.raises(CertkitError, match="cosine learning-rate schedule, which --epochs 2 would change"):
+        _trainer(tmp_path / "cos", epochs=2, schedule="cosine").resume()  # every rate depends on the total
+
+
+class _Ramped(Gaussian):
+    """A method whose every epoch depends on the run's length, as GloRo's ε ramp."""
+
+    def schedule_reads_total_epochs(self) -> bool:
+        return True
+
+
+def test_resume_with_more_epochs_is_refused_where_the_epochs_trained_would_have_differed(tmp_path: Path) -> None:
+    _trainer(tmp_path / "ramp", epochs=1).fit()
+    ramped = _trainer(tmp_path / "ramp", epochs=2)
+    ramped.objective = _Ramped(0.25)
+    with pytest.raises(CertkitError, match="gaussian's ramps, which end at a share of the run"):
+        ramped.resume()
+    gloro = get_objective("gloro")
+    assert gloro(epsilon=0.3, eps_ramp=0.5).schedule_reads_total_epochs()
+    assert gloro(epsilon=0.3, eps_ramp=0.0, lbd_start=0.5).schedule_reads_total_epochs()
+    assert not gloro(epsilon=0.3, eps_ramp=0.0).schedule_reads_total_epochs()
+    # milestones derived from --epochs (CRT's 50% and 75%) move with it: said as such, not as --milestones
+    _trainer(tmp_path / "ms", epochs=2, schedule="multistep", milestones=(1,)).fit()
+    with pytest.raises(CertkitError, match="milestones that follow --epochs"):
+        _trainer(tmp_path / "ms", epochs=4, schedule="multistep", milestones=(2,)).resume()
+    assert _trainer(tmp_path / "ms", epochs=4, schedule="multistep", milestones=(1,)).resume()
+
+
+def test_resume_refuses_another_teacher(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        _trainer(tmp_path / f"teacher{seed}", epochs=1, seed=seed).fit()
+
+    def student(teacher: str) -> Trainer:
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, test_batch_size=32)
+        crt = CRT(0.25, teacher=tmp_path / teacher)
+        return quiet_trainer("lenet", (1, 28, 28), crt, tiny_data(), None, cfg, tmp_path / "student")
+
+    first = student("teacher0")
+    first.config = dataclasses.replace(first.config, epochs=1)
+    first.fit()
+    with pytest.raises(CertkitError, match=r"started with the teacher '.*teacher0' \(weights [0-9a-f]{12}\), not"):
+        student("teacher1").resume()
+    assert student("teacher0").resume()
+
+
+def test_recipe_milestones_follow_the_epochs_and_multistep_needs_them() -> None:
+    macer = get_recipe("macer-cifar10").train
+    assert TrainConfig.for_method("cifar10", "macer", macer).milestones == (200, 400)
+    assert TrainConfig.for_method("cifar10", "macer", macer, epochs=22).milestones == (10, 20)
+    with pytest.raises(CertkitError, match="--schedule multistep needs --milestones"):
+        TrainConfig(schedule="multistep")
+
+
+def test_epoch_figures_weigh_each_image_once() -> None:
+    """A last batch of one image counts as one image, not as a whole step (the reference's running mean)."""
+    runner = StepRunner(lambda x, y: {"acc": (y == 0).float().mean()}, [], torch.device("cpu"))
+    runner(torch.zeros(4, 1), torch.tensor([0, 0, 0, 1]))
+    runner(torch.zeros(1, 1), torch.tensor([1]))
+    assert runner.steps == 2 and runner.images == 5 and float(runner.totals["acc"]) / runner.images == 0.6
 
 
 def test_recipes() -> None:
@@ -377,3 +439,17 @@ def test_a_setting_added_after_a_run_started_is_compared_with_its_default(
     else:
         with pytest.raises(CertkitError, match="--channels-last 'auto', not 'on'"):  # what it computed
             later.resume()
+
+
+def test_an_interrupted_save_says_how_to_republish_and_resume_cleans_up(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _trainer(run, epochs=1).fit()
+    weights = run / checkpoint.WEIGHTS
+    weights.write_bytes(weights.read_bytes() + b"\0")  # a kill between the weights and model.json
+    stale = run / f".{STATE}.x1y2z3.tmp"  # what SIGKILL leaves of an atomic write
+    stale.write_bytes(b"partial")
+    with pytest.raises(CertkitError, match="its training state is there: run the same `certkit train` with --resume"):
+        checkpoint.load_with_meta(run)
+    _trainer(run, epochs=1).run(resume=True)
+    checkpoint.load_with_meta(run)  # republished
+    assert not stale.exists()

@@ -207,6 +207,10 @@ class Gloro(Objective):
         return net
 
     # --- schedule -----------------------------------------------------------------------------------
+    def schedule_reads_total_epochs(self) -> bool:
+        """The ε ramp and a λ ramp end at a share of the run, so they move with ``--epochs``."""
+        return self.hp.eps_ramp > 0 or self.hp.lbd_start is not None
+
     def trades_lambda(self) -> float:
         """λ of the current epoch: ``lbd`` fixed, or linear from ``lbd_start`` to ``lbd`` at the last epoch."""
         start = self.hp.lbd_start

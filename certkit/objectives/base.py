@@ -318,6 +318,12 @@ class Objective:
         """Entries this method adds to ``model.json`` (a CRT lineage, a GloRo bound)."""
         return {}
 
+    def schedule_reads_total_epochs(self) -> bool:
+        """Whether an epoch's loss depends on the run's epoch count (a ramp to the last epoch), so that a run
+        resumed with more ``--epochs`` would have trained its earlier epochs otherwise; warm-ups of a fixed
+        number of epochs do not."""
+        return False
+
     def start_epoch(self, epoch: int, num_epochs: int) -> None:
         """Called by the trainer before each (0-based) epoch; warm-ups read ``self.epoch``."""
         self.epoch = epoch
