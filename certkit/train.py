@@ -949,7 +949,8 @@ def build_trainer(
         check_output(out, "--out", directory=True)
         for name in (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE):  # written after the first epoch
             require_regular(Path(out) / name, f"run's {name}")
-        if not resume and (Path(out) / STATE).exists():
+        if not resume and ((Path(out) / STATE).exists() or (Path(out) / checkpoint.META).exists()):
+            # a finished run may have no resume state (a copy of its weights and model.json): never overwrite it
             raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         if resume and not (Path(out) / STATE).is_file():
             raise CertkitError(

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
+from torch.utils.data import TensorDataset
 
 from certkit import checkpoint
 from certkit.data import ArrayDataset, dataset_info, load_dataset
@@ -453,3 +454,12 @@ def test_an_interrupted_save_says_how_to_republish_and_resume_cleans_up(tmp_path
     _trainer(run, epochs=1).run(resume=True)
     checkpoint.load_with_meta(run)  # republished
     assert not stale.exists()
+
+
+def test_a_finished_run_without_its_resume_state_is_never_overwritten(tmp_path: Path) -> None:
+    _trainer(tmp_path, epochs=1).fit()
+    (tmp_path / STATE).unlink()  # a copy of a finished run: weights and model.json only
+    with pytest.raises(CertkitError, match="already holds a run"):
+        train(
+            TensorDataset(torch.rand(4, 1, 28, 28), torch.arange(4)), "lenet", "gaussian", num_classes=10, out=tmp_path
+        )
