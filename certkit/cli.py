@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from certkit import __version__
-from certkit.errors import CertkitError, first_line
+from certkit.errors import CertkitError, a_or_an, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +49,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         command = self.prog.removeprefix("certkit").strip()
+        if not command and "required: command" in message:  # `certkit` alone
+            message += " (certkit --help lists the commands)"
         self.exit(2, f"certkit: error: {command + ': ' if command else ''}{message}\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
@@ -74,7 +76,10 @@ class _CheckingParser(_Parser):
 _EXPECTED = {
     "int": "an integer",
     "float": "a number",
-    "parse_bool": "true or false",
+    "bool": "true or false (or yes/no, on/off, 1/0)",
+    "optional_float": "a number, or none",
+    "optional_int": "an integer, or none",
+    "optional_bool": "true, false or none",
     "_milestones": "comma-separated integers, e.g. 30,60",
 }
 
@@ -88,29 +93,49 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or ""
 
 
+#: the largest dataset index (or skip, or shard count) a result file's settings may record: 2**53, the
+#: largest integer a JSON reader is sure to hold exactly (certkit.results.MAX_INDEX, not imported here: the
+#: parser is built before numpy or torch are)
+_MAX_INDEX = 2**53
+
+
 def _shard(value: str) -> tuple[int, int]:
     try:
         i, k = (int(v) for v in value.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--shard must look like i/k, e.g. 0/4 (got {value!r})") from None
-    if k < 1 or not 0 <= i < k:
-        raise argparse.ArgumentTypeError(f"--shard i/k needs 0 <= i < k (got {value!r})")
+    if k < 1 or not 0 <= i < k or k > _MAX_INDEX:
+        raise argparse.ArgumentTypeError(f"--shard i/k needs 0 <= i < k <= {_MAX_INDEX} (got {value!r})")
     return i, k
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """A flag's type: an integer >= ``low``, refused in words that give the bound."""
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A flag's type: an integer >= ``low`` (and <= ``high``), refused in words that give the bounds."""
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
 
     def parse(value: str) -> int:
         try:
             v = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {value!r})") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low} (got {v})")
+            raise argparse.ArgumentTypeError(f"expected {expected} (got {value!r})") from None
+        if v < low or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {expected} (got {v})")
         return v
 
     return parse
+
+
+_index_count = _int_at_least(1, _MAX_INDEX)
+
+
+def _max_index(value: str) -> int:
+    """``--max``: -1 (every image) or the first index not certified, 1 to 2**53 (0 would plan nothing)."""
+    try:
+        return -1 if value.strip() == "-1" else _index_count(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected -1 (all images) or an index from 1 to {_MAX_INDEX}, the first one not certified (got {value!r})"
+        ) from None
 
 
 _positive_int = _int_at_least(1)
@@ -177,9 +202,13 @@ def _hyper_arguments(p: argparse.ArgumentParser, methods: dict[str, Any]) -> Non
     for name, cls in methods.items():
         for key, spec in cls.Params.field_specs().items():
             official = f" (the reference code's {spec['official']})" if spec["official"] else ""
-            helps.setdefault(key, []).append(f"{name}: {spec['help']}{official}")
+            takes = " (true or false)" if spec["kind"] is bool else " (or none)" if spec["optional"] else ""
+            helps.setdefault(key, []).append(f"{name}: {spec['help']}{takes}{official}")
             parsers.setdefault(key, cls.Params.parse_function(key))
-    group = p.add_argument_group("method hyperparameters (default: the published value for the dataset and sigma)")
+    group = p.add_argument_group(
+        "method hyperparameters (default: the published value for the dataset and sigma, listed by "
+        "`certkit list hyperparameters`)"
+    )
     for key in sorted(helps):
         group.add_argument(
             "--" + key.replace("_", "-"),
@@ -260,7 +289,11 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
     from certkit.reference import NORMALIZATION_HELP, NORMALIZATIONS
 
     name = c.prog.split()[-1]
-    c.add_argument("run", help="certkit run directory (or a reference .pth.tar, with --dataset)")
+    c.add_argument(
+        "run",
+        help="certkit run directory, or a reference .pth/.pth.tar (with --dataset, and --sigma: such a file "
+        "records no training sigma; with --arch when it records no architecture)",
+    )
     _common_data(
         c,
         dataset_default=None,
@@ -279,23 +312,38 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=NORMALIZATION_HELP)
     c.add_argument("--split", choices=["test", "train"], default="test", help="dataset split")
-    c.add_argument("--sigma", type=float, default=None, help="noise level (default: the checkpoint's training sigma)")
+    c.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="Gaussian noise level in [0,1] pixel units, in (0, 100] (default: the checkpoint's training sigma)",
+    )
     if name == "certify":
-        c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples")
+        c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples, 1 to 10^9")
         c.add_argument(
             "--method",
             choices=["smoothing", "gloro"],
             default=None,
             help="certifier (default: gloro for GloRo checkpoints, else smoothing)",
         )
-        c.add_argument("--epsilon", type=float, default=None, help="gloro: epsilon for VRA (default: the checkpoint's)")
+        c.add_argument(
+            "--epsilon",
+            type=float,
+            default=None,
+            help="gloro: L2 radius in [0,1] pixel units at which VRA is counted (default: the checkpoint's)",
+        )
         c.add_argument(
             "--adaptive",
             action="store_true",
             help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)",
         )
-    c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples")
-    c.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples, 1 to 10^9")
+    c.add_argument(
+        "--alpha",
+        type=float,
+        default=0.001,
+        help="failure probability of each certificate (or prediction), in (0, 0.5]",
+    )
     c.add_argument(
         "--batch",
         "--batch-size",
@@ -304,17 +352,18 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
         default=1000,
         help="noisy samples per forward pass, or auto: a power of two found once and printed (on CUDA half the "
         "largest that fits; on CPU the fastest of a short timing probe). Certificates are the same for any "
-        "batch of 100 or more. For a GloRo net: images per batch",
+        "batch of 100 or more." + (" For a GloRo net: images per batch" if name == "certify" else ""),
     )
-    c.add_argument("--skip", type=_positive_int, default=1, help="certify every skip-th image")
+    c.add_argument("--skip", type=_index_count, default=1, help="certify every skip-th image (1: every image)")
     c.add_argument(
         "--max",
         "--max-index",
         dest="max",
-        type=int,
+        type=_max_index,
         default=-1,
-        help="stop at this dataset index (-1: all); under torchrun write `-m certkit -- certify ...` "
-        "or spell it --max-index (torchrun reads --max as its own --max-restarts)",
+        help="stop before this dataset index, which is not certified (--max 10: indices 0-9; -1: all); "
+        "under torchrun write `-m certkit -- certify ...` or spell it --max-index (torchrun reads --max as its "
+        "own --max-restarts)",
     )
     c.add_argument("--seed", type=int, default=0, help="noise seed; input idx uses a stream derived from (seed, idx)")
     c.add_argument(
@@ -402,7 +451,8 @@ def _curves_arguments(cv: argparse.ArgumentParser) -> None:
 
 def _merge_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("shards", nargs="+", help="shard TSVs")
-    m.add_argument("--out", required=True, help="merged TSV")
+    m.add_argument("--out", required=True, help="merged TSV (with its settings file OUT.json)")
+    _overwrite_argument(m, "the merged TSV and its settings file")
 
 
 def _demo_arguments(d: argparse.ArgumentParser) -> None:
@@ -428,28 +478,42 @@ def _export_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("run", help="certkit run directory")
     e.add_argument("--format", choices=["reference"], required=True, help="output layout")
     e.add_argument("--out", required=True, help="output file, e.g. checkpoint.pth.tar")
+    _overwrite_argument(e, "the file")
+
+
+def _overwrite_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing --out ({what}); without it, refused")
 
 
 def _list_arguments(ls: argparse.ArgumentParser) -> None:
     ls.add_argument(
         "what",
         nargs="?",
-        choices=["all", "recipes"],
+        choices=["all", "recipes", "hyperparameters"],
         default="all",
-        help="recipes: one line per recipe with its source",
+        help="recipes: one line per recipe with its source; hyperparameters: each method's published "
+        "defaults by dataset family and sigma",
     )
 
 
 def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentParser:
     """The whole command line. Each subcommand declares its flags when it is first parsed or its help shown
     (see :class:`_Parser`), so ``certkit --help`` and ``--version`` never import torch."""
-    parser = parser_class(prog="certkit", description="Train certifiably robust classifiers and certify them.")
+    parser = parser_class(
+        prog="certkit",
+        description="Train certifiably robust classifiers and certify them.",
+        epilog="certkit COMMAND --help describes a command. Long runs print a progress line every 30 seconds "
+        "when stderr is not a terminal; CERTKIT_PROGRESS_SECONDS sets the interval (0: every update).",
+    )
     parser.add_argument("--version", action="version", version=f"certkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected failure")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=parser_class)
 
     def add(name: str, declare: Callable[[argparse.ArgumentParser], None] | None, help: str, **kwargs: Any) -> None:
-        sub.add_parser(name, help=help, formatter_class=_Formatter, **kwargs).declare = declare
+        command = sub.add_parser(name, help=help, formatter_class=_Formatter, **kwargs)
+        # also after the subcommand, where a user adds it on rerunning a failed command (main reads it anywhere)
+        command.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected failure")
+        command.declare = declare
 
     add(
         "train",
@@ -465,7 +529,7 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
     add(
         "certify",
         _certify_arguments,
-        help="randomized-smoothing CERTIFY (radius) over a test set",
+        help="certify a test set: randomized-smoothing CERTIFY (radii), or a GloRo net deterministically",
         description="Cohen et al. CERTIFY: n0 selection samples, n independent estimation samples, one-sided "
         "Clopper-Pearson lower bound at level alpha, radius sigma*PhiInv(pA). Writes the field's standard TSV "
         "(idx label predict radius correct time), flushed per row, with a JSON sidecar of the settings; re-running "
@@ -496,6 +560,11 @@ def build_parser(parser_class: type[_Parser] = _Parser) -> argparse.ArgumentPars
         "demo",
         _demo_arguments,
         help="the main job: SmoothMix teacher -> CRT student vs SmoothMix student, certified and compared",
+        description="On Fashion-MNIST: trains a teacher with SmoothMix once, transfers it to a LeNet student "
+        "with CRT, trains the same LeNet with SmoothMix directly, certifies all three on the same test images "
+        "and prints one table (training seconds and image passes with their ratios, accuracy, ACR, certified "
+        "accuracy) with the cost of model generations; files go to --out. About 10 minutes on 2 CPU cores "
+        "(--full: the literature's settings, hours). Rerunning continues where it stopped.",
     )
     add(
         "reproduce",
@@ -541,8 +610,16 @@ def _factory(spec: str, flag: str) -> Any:
     except (ImportError, AttributeError) as e:
         raise CertkitError(f"{flag} {spec}: cannot import it ({first_line(e)})") from None
     if not callable(factory):
-        raise CertkitError(f"{flag} {spec}: {attr} is a {type(factory).__name__}, not a function")
-    return factory()
+        raise CertkitError(f"{flag} {spec}: {attr} is {a_or_an(type(factory).__name__)}, not a function")
+    try:
+        return factory()
+    except Exception as e:
+        raise _FactoryFailed(f"{flag} {spec}") from e
+
+
+class _FactoryFailed(Exception):
+    """A user's ``pkg.module:factory`` raised: its own failure, reported as that (not as certkit's) by
+    :func:`main`, which shows the original traceback under ``--debug``."""
 
 
 def _factory_model(spec: str, flag: str = "--arch") -> Any:
@@ -729,7 +806,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
                 ("samples",) if plan.adaptive is not None else (),
             )
         wait_for_all()  # on the gloo group: rank 0's refusal reads as one line on the others, on NCCL too
-    certify_dataset(
+    complete = certify_dataset(
         smoothed,
         data,
         plan,
@@ -743,7 +820,22 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
         if rank == 0:
             _merge_own_shards(shards, args.out)
     if rank == 0:
+        if complete is not None or auto_shard:  # under torchrun rank 0 has merged every rank's rows by now
+            print(_result_line(args.out, mode))
         print(f"wrote {args.out}")
+
+
+def _result_line(out: str, mode: str) -> str:
+    """The figures of a finished result file, on stdout: on a terminal the progress bar that showed them is
+    gone once the run ends. Rounded down from the file's rows, as every certified figure certkit prints."""
+    from certkit.report import abstain_rate, exact_accuracy, exact_acr, floor_figure
+    from certkit.results import read_results
+
+    res = read_results(out)
+    figures = f"{mode}: {len(res):,} images, accuracy {floor_figure(exact_accuracy(res, 0.0))}"
+    if mode == "certify":
+        return f"{figures}, ACR {floor_figure(exact_acr(res))}, abstained {abstain_rate(res):.3f}"
+    return f"{figures}, abstained {abstain_rate(res):.3f}"
 
 
 def _own_model(args: argparse.Namespace) -> Any:
@@ -824,7 +916,7 @@ def _factory_split(spec: str, split: str, run: str, meta: dict[str, Any]) -> tup
         raise CertkitError(f"--dataset {spec}: the factory's {split} split is None; certifying reads its items")
     if isinstance(data, DataLoader) or not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         raise CertkitError(
-            f"--dataset {spec}: the factory's {split} split is a {type(data).__name__}; certifying reads items "
+            f"--dataset {spec}: the factory's {split} split is {a_or_an(type(data).__name__)}; certifying reads items "
             "by index, from a torch Dataset"
         )
     x, _ = check_item(data[0], f"--dataset {spec}: {split} item 0")
@@ -980,8 +1072,9 @@ def cmd_curves(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from certkit.results import merge_results
 
-    merge_results(args.shards, args.out)
-    print(f"merged {len(args.shards)} shards -> {args.out}")
+    merge_results(args.shards, args.out, overwrite=args.overwrite)
+    count = len(args.shards)
+    print(f"merged {count} shard{'s' if count != 1 else ''} -> {args.out}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -997,9 +1090,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from certkit.fileio import check_output
     from certkit.reference import export_checkpoint
 
     _refuse_overwriting(args.run, [Path(args.out)], "--out")
+    check_output(args.out, "--out")  # a directory or a FIFO is refused as such, not as a file to overwrite
+    if not args.overwrite and Path(args.out).exists():  # export does not resume: a file there would be lost
+        raise CertkitError(f"--out {args.out}: exists; pass --overwrite to replace it, or choose another file")
     print(f"wrote {export_checkpoint(args.run, args.out)}")
 
 
@@ -1012,10 +1109,16 @@ def cmd_list(args: argparse.Namespace) -> None:
     if args.what == "recipes":
         print(describe_recipes())
         return
+    if args.what == "hyperparameters":
+        from certkit.methods import describe_hyperparameters
+
+        print(describe_hyperparameters())
+        return
     print("datasets:      " + ", ".join(DATASETS))
     print("architectures: " + ", ".join(list_models()))
     print("methods:       " + ", ".join(list_objectives()))
     print("recipes:       " + ", ".join(list_recipes()) + " (certkit list recipes)")
+    print("hyperparameters of each method: certkit list hyperparameters")
 
 
 class _HeldWarnings:
@@ -1065,6 +1168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--"]:  # what torchrun needs after "-m certkit" (see certkit.distributed) works without it too
         argv = argv[1:]
     debug = "--debug" in argv
+    args: argparse.Namespace | None = None
+    terminate = _terminate_as_interrupt()
     try:
         args = build_parser().parse_args(argv)
         if args.command in ("train", "certify", "predict", "demo"):
@@ -1093,9 +1198,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CertkitError as e:
         print(f"certkit: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("certkit: interrupted", file=sys.stderr)
-        return 130
+    except _FactoryFailed as e:
+        cause = e.__cause__
+        assert isinstance(cause, Exception)
+        if debug:
+            raise cause from None
+        print(
+            f"certkit: error: your factory {e} raised {_described(cause)}; rerun with --debug for its traceback",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt as e:
+        print(
+            f"certkit: {'terminated' if isinstance(e, _Terminated) else 'interrupted'}{_resume_hint(args)}",
+            file=sys.stderr,
+        )
+        return 143 if isinstance(e, _Terminated) else 130
     except BrokenPipeError as e:
         if not _stdout_closed():
             return _unexpected(e, debug)
@@ -1103,22 +1221,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, or a failure no check foresaw: one line unless asked for the traceback
         return _unexpected(e, debug)
     finally:
+        terminate()
         log.removeFilter(held)
         warnings.showwarning = shown
         _shutdown_distributed()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's kill, ``timeout``), taken as Ctrl-C is: the files being written are left
+    resumable and their locks removed, where the default action would kill the process on the spot."""
+
+
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Raise :class:`_Terminated` on SIGTERM while a command runs; returns what restores the old handler
+    (nothing to do off the main thread, where Python delivers no signals)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+
+    return restore
+
+
+def _resume_hint(args: argparse.Namespace | None) -> str:
+    """How to continue an interrupted command: every finished epoch and written row is kept."""
+    command = getattr(args, "command", None)
+    if command == "train":
+        return "; rerun the command with --resume to continue from the last saved epoch"
+    if command in ("certify", "predict", "demo", "reproduce"):
+        return "; rerun the same command to continue where it stopped"
+    return ""
 
 
 def _unexpected(e: Exception, debug: bool) -> int:
     """A bug, or a failure no check foresaw: one line unless asked for the traceback (``--debug``)."""
     if debug:
         raise e
-    what = str(e).strip().splitlines()[0] if str(e).strip() else ""
     print(
-        f"certkit: error: unexpected {type(e).__name__}{': ' + what if what else ''} (certkit {__version__}); "
+        f"certkit: error: unexpected {_described(e)} (certkit {__version__}); "
         "rerun with --debug for the traceback and report it",
         file=sys.stderr,
     )
     return 1
+
+
+def _described(e: BaseException) -> str:
+    """An exception's type and the first line of its message."""
+    what = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}{': ' + what if what else ''}"
 
 
 def _stdout_closed() -> bool:

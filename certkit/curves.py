@@ -31,6 +31,8 @@ def read_metrics(run: str | os.PathLike) -> list[dict[str, float]]:
     path = path / METRICS if path.is_dir() else path
     if not path.exists():
         raise CertkitError(f"{run}: no {METRICS} (is it a certkit run folder?)")
+    if path.suffix != ".jsonl":
+        raise CertkitError(f"{run}: not a certkit run folder (nor its {METRICS})")
     epochs = []
     for number, line in enumerate(read_text(path, METRICS).splitlines(), start=1):
         if not line.strip():
@@ -69,10 +71,12 @@ def plot_training_curves(
     for k, (name, history) in enumerate(zip(names, histories)):
         color = f"C{k % 10}"
         epochs = [e["epoch"] for e in history]
-        ax_loss.plot(epochs, [e.get("loss") for e in history], color=color, label=name)
+        marker = "o" if len(epochs) == 1 else None  # a one-epoch run is a point, which a line alone never draws
+        ax_loss.plot(epochs, [e.get("loss") for e in history], color=color, marker=marker, label=name)
         for (key, what), style in zip(ACCURACIES, styles):
             if any(key in e for e in history):
-                ax_acc.plot(epochs, [e.get(key) for e in history], style, color=color, label=f"{name}: {what}")
+                values = [e.get(key) for e in history]
+                ax_acc.plot(epochs, values, style, color=color, marker=marker, label=f"{name}: {what}")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
     ax_acc.set_xlabel("epoch")

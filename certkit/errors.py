@@ -15,3 +15,8 @@ def first_line(error: BaseException) -> str:
     error inside a one-line :class:`CertkitError` (torch's messages run over many lines)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def a_or_an(word: str) -> str:
+    """``word`` with its indefinite article, for messages that name a type or setting: "an int", "a str"."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"

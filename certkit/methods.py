@@ -15,9 +15,11 @@ from typing import Any
 from torch import nn
 
 from certkit.errors import CertkitError
+from certkit.gloro.model import GloroNet
 from certkit.gloro.objective import Gloro
 from certkit.objectives import CRT, Consistency, Gaussian, Macer, Objective, SmoothAdv, SmoothMix, Stability
 from certkit.objectives.base import DEFAULT_FAMILY
+from certkit.objectives.crt import GLORO_TEACHER
 
 METHODS: dict[str, type[Objective]] = {
     cls.name: cls for cls in (Gaussian, SmoothAdv, Macer, SmoothMix, Consistency, Stability, CRT, Gloro)
@@ -63,6 +65,8 @@ def build_objective(
         return method
     cls = get_objective(method)
     if cls is CRT:
+        if isinstance(teacher, GloroNet):  # CRT refuses a teacher whose model.json says gloro; this one has none
+            raise CertkitError(f"the teacher: {GLORO_TEACHER}")
         crt = CRT(
             sigma,
             teacher,
@@ -85,3 +89,36 @@ def build_objective(
     if teacher_given:
         raise CertkitError(f"--teacher and its options are only used by --method crt, not {method!r}")
     return cls(sigma, family=family, **dict(hparams or {}))
+
+
+def describe_hyperparameters() -> str:
+    """``certkit list hyperparameters``: every method's hyperparameters as ``train`` resolves them when no flag
+    is given, per dataset family and sigma of its published table (the values model.json then records)."""
+    lines = [
+        "published defaults by dataset family (mnist: MNIST and Fashion-MNIST; cifar10: CIFAR-10, and ImageNet "
+        "where it has no row of its own) and sigma (another sigma takes the nearest on a log scale); a flag "
+        "overrides one, a --recipe may set several",
+    ]
+    for name in list_objectives():
+        params = METHODS[name].Params
+        if not params.field_specs():
+            lines.append(f"{name}: no hyperparameters")
+            continue
+        lines.append(f"{name}:")
+        # a method without a published table has one set of defaults, whatever the family and sigma
+        untabled: dict[str, dict[Any, Any]] = {DEFAULT_FAMILY: {None: {}}}
+        table: Mapping[str, Mapping[Any, Any]] = params.TABLE or untabled
+        for family, rows in table.items():
+            for sigma in rows:
+                values = params.defaults(family, sigma)
+                where = family if sigma is None else f"{family}, sigma {sigma:g}"
+                flags = " ".join(f"--{key.replace('_', '-')} {_shown(value)}" for key, value in values.items())
+                lines.append(f"  {where}: {flags}")
+    return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A hyperparameter's value as its flag takes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)  # str, not a rounded format: the flag reads it back exactly

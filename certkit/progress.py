@@ -66,6 +66,7 @@ class Progress:
         self._start_done = self.done
         self._start = self._last = time.monotonic()
         self._note: str | Callable[[], str] = ""
+        self._logged: tuple[int, str] | None = None  # (done, note) of the last line logged: the final one once
         self._bar: Any = None
         if enabled and (sys.stderr.isatty() if terminal is None else terminal):
             from tqdm import tqdm
@@ -89,7 +90,14 @@ class Progress:
             return
         if now - self._last >= self.every:
             self._last = now
-            log.info(self.line(now))
+            self._log(now)
+
+    def _state(self) -> tuple[int, str]:
+        return self.done, self._note_text()
+
+    def _log(self, now: float | None = None) -> None:
+        self._logged = self._state()
+        log.info(self.line(now))
 
     def _note_text(self) -> str:
         return self._note() if callable(self._note) else self._note
@@ -106,12 +114,12 @@ class Progress:
         return f"{text} | {note}" if note else text
 
     def close(self) -> None:
-        """Remove the bar, or log the final line (once, when anything was done and ``final`` is set; training
-        leaves it out, as its per-epoch line follows at once)."""
+        """Remove the bar, or log the final line (when anything was done and ``final`` is set, and the last
+        line logged did not already say the same; training leaves it out, as its per-epoch line follows)."""
         if self._bar is not None:
             self._bar.close()
-        elif self.enabled and self.final and self.done > self._start_done:
-            log.info(self.line())
+        elif self.enabled and self.final and self.done > self._start_done and self._logged != self._state():
+            self._log()
 
     def __enter__(self) -> Progress:
         return self

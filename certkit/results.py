@@ -127,6 +127,40 @@ def _differing_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable
     return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 
+def _is_own_sidecar(side: Path) -> bool:
+    try:
+        meta = json.loads(side.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == SIDECAR_FORMAT
+
+
+def _is_own_summary(summary: Path, results_name: str) -> bool:
+    try:
+        meta = json.loads(summary.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("file") == results_name and meta.get("kind") in ("certify", "predict")
+
+
+def refuse_foreign_companions(path: str | os.PathLike) -> None:
+    """Refuse to write result file ``path`` when its settings file or summary path holds a file that is not
+    a certkit settings file or summary of that name: ``--out runs/a/model`` would replace the run's own
+    ``model.json``, ``--out notes`` a user's ``notes.json``. Whatever certkit wrote there itself is
+    replaced (or resumed) as usual, ``--overwrite`` included; another file is the user's, never overwritten."""
+    path = Path(path)
+    side, summary = sidecar_path(path), summary_path(path)
+    for companion, own, what in (
+        (side, _is_own_sidecar, "settings file"),
+        (summary, lambda p: _is_own_summary(p, path.name), "summary"),
+    ):
+        if companion.exists() and not own(companion):
+            raise CertkitError(
+                f"{path}: its {what} would be {companion}, which exists and is not certkit's {what} of "
+                f"{path.name}; remove it or choose another output file"
+            )
+
+
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of result file ``path`` (``{"format", "kind", "columns", "settings"}``)."""
     side = sidecar_path(path)
@@ -197,10 +231,13 @@ class ResultWriter:
         self.columns = columns_for(kind) + tuple(extra_columns)
         self.settings = normalise_settings(settings or {})
         self.done_indices: set[int] = set()
+        #: the rows a resumed file already holds, each by column name (what a running score starts from)
+        self.kept_rows: list[dict[str, str]] = []
         self._deferred = False
         header = "\t".join(self.columns) + "\n"
         require_regular(self.path, "result file")
         require_regular(sidecar_path(self.path), "settings file")
+        refuse_foreign_companions(self.path)
         self._lock = PidLock(self.path).acquire()
         try:
             if resume and self.path.exists() and self._resumable(header):
@@ -261,6 +298,7 @@ class ResultWriter:
                 f.flush()
                 os.fsync(f.fileno())
         self.done_indices = done
+        self.kept_rows = [dict(zip(self.columns, fields)) for _, fields in table.rows]
         return True
 
     def _check_new_max(self, done: set[int]) -> None:
@@ -590,14 +628,19 @@ def planned_indices(
     With ``shard = (i, k)`` only positions p (in that list) with p % k == i: shards interleave, so each gets
     a fair share of easy and hard images and every shard finishes at about the same time.
     """
-    if skip < 1:
-        raise CertkitError(f"skip must be >= 1 (got {skip})")
+    # the bounds a settings file may record (_bounded_int): what is refused on resume is refused here first
+    if not 1 <= skip <= MAX_INDEX:
+        raise CertkitError(f"skip must be an integer from 1 to {MAX_INDEX} (got {skip})")
+    if max_idx != -1 and not 1 <= max_idx <= MAX_INDEX:
+        raise CertkitError(
+            f"max must be -1 (all) or an index from 1 to {MAX_INDEX}, the first one not planned (got {max_idx})"
+        )
     stop = dataset_size if max_idx < 0 else min(max_idx, dataset_size)
     indices = list(range(0, stop, skip))
     if shard is not None:
         i, k = int(shard[0]), int(shard[1])
-        if not (k >= 1 and 0 <= i < k):
-            raise CertkitError(f"shard must be i/k with 0 <= i < k (got {i}/{k})")
+        if not (1 <= k <= MAX_INDEX and 0 <= i < k):
+            raise CertkitError(f"shard must be i/k with 0 <= i < k <= {MAX_INDEX} (got {i}/{k})")
         indices = indices[i::k]
     return indices
 
@@ -635,13 +678,17 @@ def resume_into_shards(
             atomic_write_text(path, "\t".join(whole.columns) + "\n" + "".join("\t".join(f) + "\n" for f in rows))
 
 
-def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike) -> Path:
+def merge_results(
+    shard_paths: Sequence[str | os.PathLike], out_path: str | os.PathLike, overwrite: bool = True
+) -> Path:
     """Join shard files into one result file in index order, with one merged sidecar: the shards' settings
     with ``shard`` null, as the unsharded run records them, so the merged file resumes and grows as that run's.
 
     Refuses an output that is one of the shards, shards whose settings differ (other than ``shard``), rows
     outside a shard's plan, overlapping indices, an incomplete set of shards (i/k for every i < k) and,
     when the settings say which indices were planned, any missing row. Only valid, complete rows are copied.
+    An existing ``out_path`` is replaced (its summary removed) only with ``overwrite``; its settings file and
+    summary path must not hold files certkit did not write (:func:`refuse_foreign_companions`).
     """
     if not shard_paths:
         raise CertkitError("merge needs at least one shard file")
@@ -649,6 +696,12 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     for path in shard_paths:
         if out_path.exists() and Path(path).exists() and os.path.samefile(out_path, path):
             raise CertkitError(f"merge --out {out_path} is one of its input shards; choose another output file")
+    if not overwrite and out_path.exists():
+        raise CertkitError(f"merge --out {out_path} exists; pass --overwrite to replace it, or choose another file")
+    for path in shard_paths:
+        if not Path(path).exists():
+            raise CertkitError(f"{path}: no such result file")
+    refuse_foreign_companions(out_path)
     metas = [read_sidecar(p) for p in shard_paths]
     tables = [_load_table(p, keep_partial=False) for p in shard_paths]  # a cut last line is not a row
     first = metas[0]
@@ -704,6 +757,7 @@ def merge_results(shard_paths: Sequence[str | os.PathLike], out_path: str | os.P
     # rows: each file's valid rows verbatim (no re-formatting), ordered by index
     rows = sorted((int(fields[0]), "\t".join(fields)) for table in tables for _, fields in table.rows)
     header = "\t".join(first["columns"]) + "\n"
+    summary_path(out_path).unlink(missing_ok=True)  # a replaced file's summary no longer holds
     write_sidecar(out_path, first["kind"], first["columns"], settings)
     atomic_write_text(out_path, header + "".join(line + "\n" for _, line in rows))
     return out_path

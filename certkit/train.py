@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from certkit import __version__, checkpoint
 from certkit.data import as_training_data, check_fit, check_item, dataset_info, load_dataset
 from certkit.distributed import barrier, sum_over_ranks
-from certkit.errors import CertkitError, first_line
+from certkit.errors import CertkitError, a_or_an, first_line
 from certkit.fileio import (
     PidLock,
     atomic_write_bytes,
@@ -81,6 +81,16 @@ COMPILE_MODES = ("auto", "graph", "on", "off")
 def _milestones(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
+
+#: settings that only some schedules (or, for momentum, optimizers) read
+_READ_BY: dict[str, tuple[str, ...]] = {
+    "lr_step": ("step",),
+    "lr_step_lag": ("step",),
+    "milestones": ("multistep",),
+    "gamma": ("step", "multistep"),
+    "lr_final": ("exp", "half-exp"),
+    "momentum": ("sgd",),
+}
 
 #: a setting's declared type -> the values it takes (numpy's numbers too, never a bool for a number), so that
 #: epochs="2" is one line here rather than a comparison error deep in the trainer
@@ -201,7 +211,22 @@ class TrainConfig:
         unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise CertkitError(f"unknown training setting(s): {sorted(unknown)}")
-        return cls(**settings)
+        config = cls(**settings)
+        config._refuse_unread(given)
+        return config
+
+    def _refuse_unread(self, given: Mapping[str, Any]) -> None:
+        """Refuse a setting given explicitly that this configuration's schedule or optimizer never reads
+        (``--milestones`` under the step schedule, ``--momentum`` with Adam): it would be recorded in
+        model.json as if it had shaped the run. Recipe values are exempt: a recipe sets every field."""
+        for name, readers in _READ_BY.items():
+            used = self.optimizer if name == "momentum" else self.schedule
+            if name in given and used not in readers:
+                what = "optimizer" if name == "momentum" else "schedule"
+                raise CertkitError(
+                    f"{self.flag(name)} applies to the {' and '.join(readers)} {what}{'s' * (len(readers) > 1)}; "
+                    f"this run's {what} is {used} (choose one with {self.flag(what)}, or drop {self.flag(name)})"
+                )
 
 
 def half_exp_factor(epoch: int, epochs: int, ratio: float) -> float:
@@ -707,7 +732,7 @@ class Trainer:
             # what the run's earlier epochs computed may depend on the total: then more epochs would have
             # trained them otherwise, and model.json would record settings that never ran
             if self.config.schedule in ("cosine", "exp", "half-exp"):
-                moved = f"a {self.config.schedule} learning-rate schedule"
+                moved = f"{a_or_an(self.config.schedule)} learning-rate schedule"
             elif self.objective.schedule_reads_total_epochs():
                 moved = f"{self.objective.name}'s ramps, which end at a share of the run"
             elif self.config.milestones != tuple(saved_train.get("milestones", ())):
@@ -737,8 +762,18 @@ class Trainer:
             # re-publish, in case the kill fell between writing the resume state and the checkpoint
             checkpoint.save(self.model, self.out_dir, meta)
             atomic_write_text(self.out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+            for note in self.metric_logs.continue_run(self.history):
+                self.log(note)
         self.log(f"resuming {self.out_dir} after epoch {self.start_epoch}")
         return True
+
+
+def _subset(split: Any, size: int | None, flag: str) -> Any:
+    """The first ``size`` items of a named dataset's split (all for None), refused when the split has fewer:
+    model.json would record a subset that never ran."""
+    if size is not None and size > len(split):
+        raise CertkitError(f"{flag} {size}: the {split.split} split has only {len(split):,} images (omit it for all)")
+    return split.subset(size)
 
 
 def _first_item(data: Any, split: str) -> tuple[Tensor, int]:
@@ -999,8 +1034,10 @@ def build_trainer(
     if recipe is not None:
         run_meta["recipe"] = recipe
     if info is not None:
-        train_split = load_dataset(dataset, "train", data_dir).subset(train_subset)
-        test_split = load_dataset(dataset, "test", data_dir).subset(test_subset) if test_subset != 0 else None
+        train_split = _subset(load_dataset(dataset, "train", data_dir), train_subset, "--train-subset")
+        test_split = (
+            _subset(load_dataset(dataset, "test", data_dir), test_subset, "--test-subset") if test_subset != 0 else None
+        )
         run_meta.update(dataset=dataset, train_subset=train_subset, test_subset=test_subset)
     else:
         train_split, test_split = dataset, test_data

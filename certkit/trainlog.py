@@ -62,6 +62,22 @@ class MetricLogs:
                     self._board.add_scalar(key, value, global_step=int(record["epoch"]))
             self._board.flush()
 
+    def continue_run(self, history: Sequence[dict[str, Any]]) -> list[str]:
+        """On resume, keep up the records an earlier session of the run left in ``out``: a metrics.csv is
+        rewritten with the history and from then on every epoch, as if ``csv`` had been given again (an old
+        file would silently miss the new epochs). Returns what to tell the user: that, or that TensorBoard
+        files found there get no more epochs without ``--log tensorboard`` (its package may be missing)."""
+        notes: list[str] = []
+        if self.out is None:
+            return notes
+        if "csv" not in self.formats and (self.out / CSV).is_file():
+            self.formats += ("csv",)
+            atomic_write_text(self.out / CSV, to_csv(history))
+            notes.append(f"{self.out / CSV} is kept up to date, as the run wrote it before (--log csv)")
+        if "tensorboard" not in self.formats and any(self.out.glob("events.out.tfevents.*")):
+            notes.append(f"TensorBoard files in {self.out} get no more epochs without --log tensorboard")
+        return notes
+
     def close(self) -> None:
         if self._board is not None:
             self._board.close()

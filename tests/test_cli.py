@@ -285,3 +285,26 @@ def test_a_broken_pipe_elsewhere_is_reported(monkeypatch: pytest.MonkeyPatch, ca
     assert code == 1 and "certkit: error: unexpected BrokenPipeError" in err
     print("still captured")
     assert capsys.readouterr().out == "still captured\n"
+
+
+def test_list_hyperparameters_prints_what_train_resolves(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each line's flags, read back by ``train``'s own parser, are the method's defaults for that family
+    and sigma: the listing is the table train uses, in a form the flags take exactly (255/256 is not 0.996)."""
+    from certkit.cli import build_parser
+    from certkit.methods import get_objective
+
+    code, out, _ = run(capsys, "list", "hyperparameters")
+    assert code == 0 and "smoothmix:" in out and "gaussian: no hyperparameters" in out
+    checked = 0
+    method = ""
+    for line in out.splitlines()[1:]:
+        if not line.startswith("  "):
+            method = line.split(":")[0]
+            continue
+        where, flags = line.strip().split(": ", 1)
+        family, _, sigma = where.partition(", sigma ")
+        args = build_parser().parse_args(["train", "--out", "x", "--method", method, *flags.split()])
+        given = {k[3:]: v for k, v in vars(args).items() if k.startswith("hp_")}
+        assert given == get_objective(method).Params.defaults(family, float(sigma) if sigma else None), line
+        checked += 1
+    assert checked >= 30

@@ -63,7 +63,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "arch-relative-module": (["--arch", ".foo:bar"], ["absolute module", "not '.foo:bar'"]),
     "arch-no-function": (["--arch", "factories:"], ["--arch expects pkg.module:factory", "not 'factories:'"]),
     "arch-no-such-module": (["--arch", "no_such_module_x:f"], ["--arch no_such_module_x:f", "cannot import"]),
-    "arch-not-callable": (["--arch", "factories:COUNT"], ["--arch factories:COUNT", "int, not a function"]),
+    "arch-not-callable": (["--arch", "factories:COUNT"], ["--arch factories:COUNT", "is an int, not a function"]),
     "arch-returns-int": (["--arch", "factories:notmodule"], ["--arch factories:notmodule", "nn.Module, not int"]),
     "dataset-classes-string": (["--dataset", "factories:str_classes"], ["num_classes", "integer >= 1", "'four'"]),
     "dataset-classes-zero": (["--dataset", "factories:zero_classes"], ["num_classes", "integer >= 1", "not 0"]),

@@ -126,6 +126,18 @@ def test_sigma_mismatch_warns() -> None:
         CRT(0.25, teacher=_linear(0), teacher_meta={"sigma": 0.5})
 
 
+def test_a_gloro_teacher_is_refused() -> None:
+    """CRT matches the student's logits to the teacher's on noisy inputs: a GloRo net never saw noise."""
+    from certkit.gloro.model import GloroNet
+    from certkit.methods import build_objective
+
+    net = GloroNet(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), (1, 28, 28), epsilon=0.3)
+    with pytest.raises(CertkitError, match="a GloRo net"):
+        build_objective("crt", 0.25, teacher=net)
+    with pytest.raises(CertkitError, match="a GloRo net"):  # a run's model.json says so (a teacher run folder)
+        CRT(0.25, teacher=_linear(0), teacher_meta={"method": "gloro", "sigma": None})
+
+
 def test_class_count_mismatch_refused() -> None:
     obj = CRT(0.25, teacher=_linear(0, classes=5))
     with pytest.raises(CertkitError, match="5 classes"):

@@ -77,3 +77,22 @@ def test_a_run_without_accuracies_plots_without_warnings(tmp_path: Path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # matplotlib warns of a legend with nothing to show
         assert plot_training_curves([run], tmp_path / "c.png").stat().st_size > 0
+
+
+def test_a_one_epoch_run_is_drawn_as_points_and_a_result_file_is_not_a_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One epoch is one point per curve, which a line alone leaves invisible: it gets a marker."""
+    import certkit.curves
+
+    drawn: list = []
+    monkeypatch.setattr(certkit.curves, "save_figure", lambda fig, path: drawn.append(fig) or Path(path))
+    plot_training_curves([_run(tmp_path / "one", 1, epochs=1)], tmp_path / "c.png")
+    lines = [line for ax in drawn[0].axes for line in ax.get_lines()]
+    assert len(lines) == 4 and all(line.get_marker() == "o" for line in lines)  # loss and three accuracies
+    plot_training_curves([_run(tmp_path / "two", 1, epochs=2)], tmp_path / "c.png")
+    assert all(line.get_marker() in (None, "None") for ax in drawn[1].axes for line in ax.get_lines())
+    tsv = tmp_path / "r.tsv"
+    tsv.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    assert main(["curves", str(tsv), "--plot", str(tmp_path / "d.png")]) == 2
+    assert "r.tsv: not a certkit run folder" in capsys.readouterr().err

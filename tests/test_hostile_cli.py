@@ -172,8 +172,27 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
     "fmnist-model-on-cifar": ([*CERTIFY, "--dataset", "cifar10"], ["cifar10"], None, False),
     # argparse: one line starting certkit: error:, no internal names
     "n-not-a-number": ([*CERTIFY, "--n", "abc"], ["--n", "expected an integer"], None, False),
-    "skip-not-a-number": ([*CERTIFY, "--skip", "x"], ["--skip", "expected an integer >= 1"], None, False),
-    "skip-zero": ([*CERTIFY, "--skip", "0"], ["--skip", ">= 1"], None, False),
+    "skip-not-a-number": ([*CERTIFY, "--skip", "x"], ["--skip", "expected an integer from 1 to"], None, False),
+    "skip-zero": ([*CERTIFY, "--skip", "0"], ["--skip", "from 1 to"], None, False),
+    # what a settings file may not record (an index above 2**53, --max below -1) is refused before the first
+    # run, not by its resume; --max 0 would plan no image
+    "skip-past-2-53": ([*CERTIFY, "--skip", str(2**53 + 1)], ["--skip", str(2**53)], None, False),
+    "max-below-minus-one": ([*CERTIFY[:2], "--max", "-2", *CERTIFY[4:]], ["--max", "-1 (all images)"], None, False),
+    "max-zero": ([*CERTIFY[:2], "--max", "0", *CERTIFY[4:]], ["--max", "the first one not certified"], None, False),
+    "max-past-2-53": ([*CERTIFY[:2], "--max", "9" * 20, *CERTIFY[4:]], ["--max", str(2**53)], None, False),
+    "shard-count-past-2-53": ([*CERTIFY, "--shard", f"0/{10**20}"], ["--shard", str(2**53)], None, False),
+    "certify-sidecar-is-a-users-json": (
+        [*CERTIFY[:-1], "TMP/notes"],
+        ["notes.json", "not certkit's settings file"],
+        made("notes.json"),
+        False,
+    ),
+    "train-subset-past-the-split": (
+        [*TRAIN, "--train-subset", "100000000", "--out", "TMP/t"],
+        ["--train-subset 100000000", "the train split has only 60,000 images"],
+        None,
+        False,
+    ),
     "train-subset-word": ([*TRAIN, "--train-subset", "many", "--out", "TMP/t"], ["--train-subset"], None, False),
     "test-subset-negative": (
         [*TRAIN, "--test-subset", "-5", "--out", "TMP/t"],
@@ -420,15 +439,15 @@ def test_hostile_command_line_is_refused_in_one_line(
     assert snapshot(tmp_path, run_dir) == before
 
 
-def test_an_unexpected_failure_is_one_line_naming_the_version_and_debug(
+def test_a_failing_factory_is_one_line_naming_it_and_debug_works_after_the_subcommand(
     run_dir: Path,
     fmnist_root: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A failure no check foresaw (here inside your own --arch factory): exit 1, one line, no traceback; with
-    ``--debug`` the exception itself comes out."""
+    """A failure inside your own --arch factory is yours: exit 1, one line naming the factory, no traceback
+    and no request to report it to certkit; ``--debug``, before or after the subcommand, shows it."""
     custom_arch_module(tmp_path, run_dir)
     monkeypatch.syspath_prepend(str(tmp_path))
     argv = [*TRAIN, "--arch", "hostile_arch:broken", "--out", str(tmp_path / "t")]
@@ -437,11 +456,31 @@ def test_an_unexpected_failure_is_one_line_naming_the_version_and_debug(
     assert main(argv) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in lines[0], lines
-    assert lines[0].startswith("certkit: error:") and f"certkit {__version__}" in lines[0] and "--debug" in lines[0]
-    assert "KeyError" in lines[0]
+    assert lines[0].startswith("certkit: error: your factory --arch hostile_arch:broken raised KeyError")
+    assert "--debug" in lines[0] and "report it" not in lines[0]
     assert snapshot(tmp_path) == before
-    with pytest.raises(KeyError):
-        main(["--debug", *argv])
+    for debug in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(KeyError):
+            main(debug)
+
+
+def test_an_unexpected_failure_is_one_line_naming_the_version_and_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failure no check foresaw inside certkit (a bug): exit 1, one line asking for a report, naming the
+    version; with ``--debug`` the exception itself comes out."""
+    from certkit import cli
+
+    def broken(args: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_list", broken)
+    assert main(["list"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("certkit: error: unexpected ZeroDivisionError: a bug")
+    assert f"certkit {__version__}" in lines[0] and "--debug" in lines[0] and "report it" in lines[0]
+    with pytest.raises(ZeroDivisionError):
+        main(["list", "--debug"])
 
 
 @pytest.mark.slow  # a subprocess

@@ -10,6 +10,7 @@ with tracemalloc around the call.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 import struct
@@ -18,6 +19,7 @@ import sys
 import tracemalloc
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,12 @@ import pytest
 import torch
 from torch import nn
 
+from certkit import checkpoint
 from certkit.data import ArrayDataset, dataset_info, load_dataset, read_idx
 from certkit.errors import CertkitError
+from certkit.models.registry import create_model
 from certkit.report import report_files
-from certkit.results import ResultWriter, merge_results, read_results, sidecar_path
+from certkit.results import ResultWriter, merge_results, read_results, sidecar_path, summary_path
 from certkit.train import train
 from helpers import make_idx_dataset, train_argv
 from test_certify_runner import run
@@ -284,6 +288,63 @@ def test_merge_never_copies_a_half_row(tmp_path: Path) -> None:
     lines = merged.read_text().splitlines()
     assert all(len(line.split("\t")) == 6 for line in lines)
     assert read_results(merged).idx.tolist() == [0, 1, 2, 3]
+
+
+def test_a_result_file_never_replaces_a_json_file_certkit_did_not_write_there(tmp_path: Path) -> None:
+    """``--out runs/a/model`` would put its settings file on the run's model.json, ``--out notes`` on a user's
+    notes.json, ``--out r.tsv`` its summary on r.summary.json: each is refused and the file kept."""
+    run_meta = tmp_path / "model.json"
+    run_meta.write_text('{"format": "certkit-checkpoint/1"}')
+    notes = tmp_path / "r.summary.json"
+    notes.write_text('{"my": "notes"}')
+    for out, kept in ((tmp_path / "model", run_meta), (tmp_path / "r.tsv", notes)):
+        before = kept.read_bytes()
+        refused(partial(ResultWriter, out, "certify", PLANNED), str(kept), "not certkit's")
+        refused(partial(ResultWriter, out, "certify", PLANNED, resume=False), str(kept))
+        refused(partial(merge_results, sharded(tmp_path), out), str(kept))
+        assert kept.read_bytes() == before and not out.exists()
+    # what certkit wrote there itself is replaced as before: a settings file left without its result file
+    started(tmp_path / "again.tsv", [0]).unlink()
+    with ResultWriter(tmp_path / "again.tsv", "certify", PLANNED) as writer:
+        assert writer.done_indices == set()
+
+
+def test_merge_replaces_an_existing_output_only_when_asked_and_drops_its_summary(tmp_path: Path) -> None:
+    shards, out = sharded(tmp_path), tmp_path / "m.tsv"
+    merge_results(shards, out, overwrite=False)
+    summary_path(out).write_text(json.dumps({"file": out.name, "kind": "certify", "N": 1}))
+    before = out.read_bytes()
+    refused(lambda: merge_results(shards, out, overwrite=False), f"merge --out {out} exists", "--overwrite")
+    assert out.read_bytes() == before and summary_path(out).exists()
+    merge_results(shards, out, overwrite=True)
+    assert read_results(out).idx.tolist() == [0, 1, 2, 3] and not summary_path(out).exists()
+    refused(lambda: merge_results([tmp_path / "absent.tsv"], tmp_path / "n.tsv"), "absent.tsv: no such result file")
+
+
+def test_cli_merge_and_export_refuse_an_existing_output_without_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from certkit.cli import main
+
+    shards, out = sharded(tmp_path), tmp_path / "m.tsv"
+    assert main(["merge", str(shards[0]), str(shards[1]), "--out", str(out)]) == 0
+    assert f"merged 2 shards -> {out}" in capsys.readouterr().out
+    assert main(["merge", str(shards[0]), str(shards[1]), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["merge", str(shards[0]), str(shards[1]), "--out", str(out), "--overwrite"]) == 0
+    single = started(tmp_path / "one.tsv", list(range(6)))
+    assert main(["merge", str(single), "--out", str(tmp_path / "one-merged.tsv")]) == 0
+    assert "merged 1 shard ->" in capsys.readouterr().out
+    run_dir = tmp_path / "run"
+    checkpoint.save(
+        create_model("lenet", 10, (1, 28, 28)), run_dir, checkpoint.make_meta("lenet", "fashion-mnist", 0.25, "x")
+    )
+    exported = tmp_path / "e.pth.tar"
+    exported.write_bytes(b"mine")
+    assert main(["export", str(run_dir), "--format", "reference", "--out", str(exported)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and exported.read_bytes() == b"mine"
+    assert main(["export", str(run_dir), "--format", "reference", "--out", str(exported), "--overwrite"]) == 0
+    assert exported.read_bytes() != b"mine"
 
 
 def test_report_bounds_the_radius_grid_of_a_huge_radius(tmp_path: Path) -> None:

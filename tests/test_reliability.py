@@ -34,16 +34,17 @@ def certkit(*argv: str, wait: bool = True) -> subprocess.Popen[bytes] | subproce
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def kill_when(proc: subprocess.Popen[bytes], ready, timeout: float = 120.0) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()`` holds; fail if it finished first (the test would prove nothing)."""
+def kill_when(proc: subprocess.Popen[bytes], ready, timeout: float = 120.0, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to ``proc`` as soon as ``ready()`` holds; fail if it finished first (the test would prove
+    nothing). SIGKILL must kill it on the spot; SIGTERM is certkit's to handle (status 143)."""
     deadline = time.monotonic() + timeout
     while not ready():
         assert proc.poll() is None, f"process ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
         assert time.monotonic() < deadline, "kill point never reached"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 143), proc.returncode
 
 
 @pytest.mark.slow  # trains in subprocesses, killing one mid-run
@@ -132,6 +133,28 @@ def test_certification_killed_mid_run_resumes_without_loss_or_duplicates(
     assert list(b.idx) == list(range(20))
     for col in ("idx", "label", "predict", "radius", "correct"):
         np.testing.assert_array_equal(getattr(a, col), getattr(b, col))
+
+
+@pytest.mark.slow  # trains, then certifies in subprocesses, terminating one
+def test_a_terminated_certification_says_how_to_continue_and_leaves_no_lock(
+    lenet_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SIGTERM (a batch scheduler's kill) is handled as Ctrl-C: one line saying how to continue, the lock
+    removed, every written row kept, and the same command finishes the file."""
+    run, data = lenet_run
+    tsv = tmp_path / "r.tsv"
+    args = ["certify", str(run), "--data-dir", str(data), "--n0", "50", "--n", "2000", "--batch", "100"]
+    args += ["--max", "20", "--device", "cpu", "--out", str(tsv)]
+    proc = certkit(*args, wait=False)
+    kill_when(proc, lambda: tsv.exists() and len(tsv.read_text().splitlines()) >= 3, sig=signal.SIGTERM)
+    lines = proc.stderr.read().decode().strip().splitlines()
+    assert lines[-1] == "certkit: terminated; rerun the same command to continue where it stopped", lines
+    assert not list(tmp_path.glob("*.lock"))
+    kept = len(tsv.read_text().splitlines()) - 1
+    resumed = certkit(*args)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    assert f"resuming {tsv}: {kept} of 20 rows done".encode() in resumed.stderr
+    assert list(read_results(tsv).idx) == list(range(20))
 
 
 @pytest.mark.slow  # trains and certifies in subprocesses

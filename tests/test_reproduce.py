@@ -195,7 +195,8 @@ def test_a_failed_step_fails_the_call_with_its_own_error_line(
         return status
 
     monkeypatch.setattr(rp, "_certkit", failing)
-    assert main(reproduce(tmp_path)) == status
+    (tmp_path / "published").mkdir()  # given, so that the error line is the only line on stderr
+    assert main(reproduce(tmp_path, "--published", str(tmp_path / "published"))) == status
     line = one_error_line(capsys)
     assert line.startswith("certkit: error: reproduce: training gaussian sigma=0.25 failed: train broke"), line
     assert "gaussian-0.25.log" in line
@@ -237,6 +238,34 @@ def test_settings_a_step_would_refuse_are_refused_before_the_first(
     line = one_error_line(capsys)
     assert all(w in line for w in words), line
     assert not calls
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--train-only", "--report-only"], ["--train-only trains and --report-only only reports"]),
+        (["--report-only", "--certify-flags=--channels-last"], ["--certify-flags and --device: --report-only"]),
+    ],
+)
+def test_flags_that_contradict_each_other_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], words: list[str]
+) -> None:
+    assert main(reproduce(tmp_path, *flags)) == 2
+    line = one_error_line(capsys)
+    assert all(w in line for w in words), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_published_results_it_says_so_before_the_first_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rp, "_certkit", lambda args, log: calls.append(list(args)) or 0)
+    monkeypatch.setattr(rp, "training_complete", lambda run: True)
+    assert main(reproduce(tmp_path)) == 0
+    assert "certkit: warning: no --published folder" in capsys.readouterr().err and calls
+    assert main(reproduce(tmp_path, "--train-only")) == 0  # nothing compared: nothing to warn about
+    assert "no --published" not in capsys.readouterr().err
 
 
 def test_certify_flags_it_passes_on_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -437,3 +438,28 @@ def test_summary_beside_the_file(tmp_path: Path):
     assert on_disk["abstain_rate"] == 0.25 and on_disk["radius_bound_violated"] is False
     assert on_disk["parameters"]["sigma"] == 0.25 and on_disk["seconds_per_image"] == pytest.approx(1.5)
     assert np.isfinite(on_disk["certified_accuracy_high_prob"]["0"])
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ({"max_idx": -2}, "max must be -1 (all)"),
+        ({"max_idx": 0}, "max must be -1 (all)"),
+        ({"max_idx": 2**53 + 1}, "max must be"),
+        ({"skip": 2**53 + 1}, "skip must be an integer from 1"),
+        ({"shard": (0, 2**53 + 1)}, "shard must be i/k"),
+    ],
+)
+def test_a_plan_no_settings_file_could_record_is_refused_before_any_row(plan: dict, message: str):
+    """The bounds a settings file is read with (a resume) are the bounds a plan is made with: a run that
+    starts can always be resumed by the same call. The command line's flag types hold the same bound."""
+    from certkit import cli
+    from certkit.results import MAX_INDEX
+    from certkit.smoothing.runner import RunPlan
+
+    with pytest.raises(CertkitError, match=re.escape(message)):
+        planned_indices(10, **plan)
+    with pytest.raises(CertkitError, match=re.escape(message)):
+        RunPlan(**plan)
+    assert cli._MAX_INDEX == MAX_INDEX
+    assert planned_indices(10, max_idx=2**53, skip=3, shard=(1, 2**53)) == [3]

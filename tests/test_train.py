@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -348,6 +349,27 @@ def test_recipe_milestones_follow_the_epochs_and_multistep_needs_them() -> None:
     assert TrainConfig.for_method("cifar10", "macer", macer, epochs=22).milestones == (10, 20)
     with pytest.raises(CertkitError, match="--schedule multistep needs --milestones"):
         TrainConfig(schedule="multistep")
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (dict(milestones=(30, 60)), "--milestones applies to the multistep schedule; this run's schedule is step"),
+        (dict(schedule="cosine", lr_step=10), "--lr-step applies to the step schedule"),
+        (dict(schedule="cosine", lr_step_lag=1), "--lr-step-lag applies to the step schedule"),
+        (dict(schedule="exp", gamma=0.5), "--lr-gamma applies to the step and multistep schedules"),
+        (dict(lr_final=0.5), "--lr-final applies to the exp and half-exp schedules"),
+        (dict(optimizer="adam", momentum=0.5), "--momentum applies to the sgd optimizer; this run's optimizer is adam"),
+    ],
+)
+def test_a_setting_the_schedule_or_optimizer_never_reads_is_refused_when_given(given: dict, message: str) -> None:
+    """model.json records what ran: a given value no part of the run reads would be recorded as if it had."""
+    with pytest.raises(CertkitError, match=re.escape(message)):
+        TrainConfig.for_method("mnist", "gaussian", **given)
+    # the recipe's own values for other schedules are not the user's: changing the schedule alone is fine
+    assert TrainConfig.for_method("mnist", "gaussian", schedule="cosine").lr_step == 30
+    assert TrainConfig.for_method("mnist", "gaussian", schedule="multistep", milestones=(3,), gamma=0.5).gamma == 0.5
+    assert TrainConfig.for_method("mnist", "gaussian", optimizer="adam", lr=1e-3).optimizer == "adam"
 
 
 def test_epoch_figures_weigh_each_image_once() -> None:

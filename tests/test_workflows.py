@@ -131,6 +131,11 @@ def test_training_logs_progress_and_counts_epochs_from_one(
     assert csv_lines[0].split(",")[0] == "epoch" and "test_clean_acc" in csv_lines[0].split(",")
     assert [row.split(",")[0] for row in csv_lines[1:]] == ["1", "2"]
     assert float(csv_lines[2].split(",")[csv_lines[0].split(",").index("loss")]) == pytest.approx(records[1]["loss"])
+    # resumed for a third epoch without --log csv: the file the run wrote is kept up to date, and it says so
+    again = train_argv(fmnist_root, "--resume", epochs=3, train_subset=192, test_subset=50, batch_size=64, out=out)
+    code, _, err = run(capsys, *again)
+    assert code == 0 and "metrics.csv is kept up to date" in err
+    assert [row.split(",")[0] for row in (out / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
 
 
 def test_resume_renumbers_a_run_that_counted_from_zero(fmnist_root: Path, tmp_path: Path) -> None:

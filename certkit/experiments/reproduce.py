@@ -30,6 +30,7 @@ import argparse
 import math
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -578,7 +579,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--data-dir", default=None, help="dataset folder (default: $CERTKIT_DATA, then the dataset's default)"
     )
     p.add_argument(
-        "--published", default=None, help="folder of the published result files (<dir>/sigma_<s>/<method>.tsv)"
+        "--published",
+        default=None,
+        help="folder of the published result files (<dir>/sigma_<s>/<method>.tsv); without it the runs are "
+        "trained and certified but compared with nothing",
     )
     p.add_argument(
         "--certify-flags",
@@ -675,12 +679,24 @@ def main(args: argparse.Namespace, certify_namespace: Callable[[Sequence[str]], 
     """``certkit reproduce``; returns the exit status: 0 when every step finished, else that of the failures
     (see :class:`Failure`), after the table of what did and the first failure's line on stderr.
     ``certify_namespace``: see :func:`check_settings`."""
+    if args.train_only and args.report_only:
+        raise CertkitError("--train-only trains and --report-only only reports: give one of them")
+    if args.report_only and (args.certify_flags or args.device != "auto"):
+        given = " and ".join(
+            f for f, v in (("--certify-flags", args.certify_flags), ("--device", args.device != "auto")) if v
+        )
+        raise CertkitError(f"{given}: --report-only trains and certifies nothing; drop them")
     plan = plan_from_args(args)
     published = Path(args.published) if args.published else None
     if published is not None and not published.is_dir():
         raise CertkitError(f"--published {published}: not a folder")
     if not plan.report_only:
         check_settings(plan, certify_namespace)
+        if published is None and not plan.train_only:
+            warnings.warn(
+                "no --published folder: the runs are trained and certified, and the table compares them with nothing",
+                stacklevel=2,
+            )
     text, failures = run(plan, published)
     print(text, end="")
     if not failures:

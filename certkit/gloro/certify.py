@@ -41,6 +41,7 @@ from torch import Tensor
 
 from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet, check_epsilon
+from certkit.progress import interval_from_env
 from certkit.report import floor_figure
 from certkit.results import ResultWriter, planned_indices, read_results
 from certkit.smoothing.runner import Dataset, plan_settings, run_planned
@@ -104,6 +105,7 @@ def certify_gloro_dataset(
     net.eval()
     k_sub, bound_info = checked_constant(net)
     device = net.lipschitz_frozen.device
+    interval_from_env()  # a bad CERTKIT_PROGRESS_SECONDS is refused here, not once the result file is open
     indices = planned_indices(len(dataset), skip, max_idx, shard)
     if indices:  # every batch is checked again (GloroNet.exact_logits); this one fails before any file
         shape = tuple(dataset[indices[0]][0].shape)
@@ -118,7 +120,19 @@ def certify_gloro_dataset(
     }
     settings.update(dict(settings_extra or {}))
     seconds = [0.0]
-    tally = [0, 0, 0]  # rows, correct, certified-and-correct in this session (for the progress bar)
+    tally = [0, 0, 0]  # rows, correct, certified-and-correct in the file (for the progress bar)
+
+    def count(correct: bool, certified: bool) -> str:
+        tally[0] += 1
+        tally[1] += correct
+        tally[2] += certified and correct
+        return f"acc={floor_figure(Fraction(tally[1], tally[0]))} vra={floor_figure(Fraction(tally[2], tally[0]))}"
+
+    def kept(rows: list[dict[str, str]]) -> str:  # a resumed file's rows, first
+        note = ""
+        for row in rows:
+            note = count(row["correct"] == "1", row[EPS_COLUMN] == "1")
+        return note
 
     @torch.no_grad()
     def process(writer: ResultWriter, group: list[int], xs: Tensor, labels: list[int]) -> str:
@@ -128,15 +142,14 @@ def certify_gloro_dataset(
         elapsed = time.perf_counter() - began
         seconds[0] += elapsed
         cap = math.sqrt(xs[0].numel())
+        note = ""
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
             for idx, label, j, r, ok in zip(group, labels, pred, radius, certified):
                 writer.write_certify(
                     idx, label, j, min(max(r, 0.0), cap), elapsed / len(group), **{EPS_COLUMN: int(ok)}
                 )
-                tally[0] += 1
-                tally[1] += j == label
-                tally[2] += ok and j == label
-        return f"acc={floor_figure(Fraction(tally[1], tally[0]))} vra={floor_figure(Fraction(tally[2], tally[0]))}"
+                note = count(j == label, ok)
+        return note
 
     complete = run_planned(
         out,
@@ -149,6 +162,7 @@ def certify_gloro_dataset(
         resume=resume,
         progress=progress,
         extra_columns=(EPS_COLUMN,),
+        kept=kept,
     )
     if not complete:
         return None

@@ -136,7 +136,7 @@ def _parser(kind: type, optional: bool) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.strip().lower() == "none" else base(text)
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = f"optional_{kind.__name__}"  # the CLI says "a number, or none" by this name
     return parse
 
 

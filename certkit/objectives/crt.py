@@ -52,6 +52,13 @@ class CRTHypers(Hypers):
     )
 
 
+#: why CRT takes no GloRo teacher (the refusal's words, here and in certkit.methods)
+GLORO_TEACHER = (
+    "a GloRo net, certified by its Lipschitz bound and never trained under noise; CRT transfers a smoothed "
+    "classifier's robustness: give a teacher trained with randomized smoothing"
+)
+
+
 def transfer_distance(student: Tensor, teacher: Tensor) -> Tensor:
     """Per-sample ‖s − t‖₂ with a zero (not NaN) gradient where s = t exactly.
 
@@ -137,6 +144,8 @@ class CRT(Objective):
                 flags=("--teacher-arch", "--teacher-normalization"),
             )
             info["path"] = path
+        if info.get("method") == "gloro":  # a GloroNet module itself is refused above this, in certkit.methods
+            raise CertkitError(f"{info.get('path', 'the teacher')}: {GLORO_TEACHER}")
         self.teacher = self._freeze(teacher)
         self.teacher_info = info
         if num_classes is not None and info.get("num_classes") is not None and int(info["num_classes"]) != num_classes:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from certkit.data import check_fit, check_pixels, class_label
 from certkit.errors import CertkitError
 from certkit.fileio import check_output
-from certkit.progress import Progress
+from certkit.progress import Progress, interval_from_env, log
 from certkit.report import floor_figure
 from certkit.results import ResultWriter, planned_indices, shared_noise_group
 from certkit.smoothing.samplers import NOISE_BLOCK, NOISE_STREAMS, Generators
@@ -209,6 +209,7 @@ def certify_dataset(
             "offer (for a DataLoader, pass loader.dataset)"
         )
     check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
+    interval_from_env()  # a bad CERTKIT_PROGRESS_SECONDS is refused here, not once the result file is open
     indices = plan.indices(len(dataset))
     if indices:  # a model that does not fit the images fails here, before the result file is opened
         image, label = _image(dataset, indices[0])
@@ -292,6 +293,7 @@ def certify_dataset(
         resume=resume,
         progress=progress,
         extra_columns=("samples",) if plan.adaptive is not None else (),
+        kept=lambda rows: score.add_rows(rows, plan.mode),
     )
     if not complete:
         return None
@@ -413,18 +415,25 @@ def run_planned(
     resume: bool = True,
     progress: bool = True,
     extra_columns: Sequence[str] = (),
+    kept: Callable[[list[dict[str, str]]], str] | None = None,
 ) -> bool:
     """The loop every dataset certifier shares (smoothing here, GloRo in :mod:`certkit.gloro.certify`).
 
     Opens ``out`` through :class:`ResultWriter` (sidecar, resume with matching settings), skips the indices
     already written, loads the rest ``group_size`` at a time and hands each group to ``process``, with a
     progress bar on a terminal and a log line every 30 s elsewhere (:class:`~certkit.progress.Progress`).
+    A resumed file is announced, and its rows go to ``kept`` first, which starts the running score from them
+    and returns the progress note (the score's figures then cover every row the count does).
     Returns True when every planned index is in the file.
     """
     with ResultWriter(out, kind, settings, resume=resume, extra_columns=extra_columns) as writer:
         todo = [i for i in indices if i not in writer.done_indices]
         done = len(indices) - len(todo)
+        if done and progress:
+            log.info(f"resuming {out}: {done:,} of {len(indices):,} rows done")
         with Progress(len(indices), f"{kind} {Path(out).name}", done=done, enabled=progress) as bar:
+            if writer.kept_rows and kept is not None:
+                bar.update(0, kept(writer.kept_rows))
             for start in range(0, len(todo), group_size):
                 group = todo[start : start + group_size]
                 xs, labels = _load(dataset, group)
@@ -454,7 +463,7 @@ def _load(dataset: Dataset, group: Sequence[int]) -> tuple[Tensor, list[int]]:
 
 
 class _RunningScore:
-    """Running accuracy and ACR of the rows written in this session, for the progress bar."""
+    """Running accuracy and ACR of the rows in the file (a resumed file's own rows first), for the progress bar."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -465,6 +474,12 @@ class _RunningScore:
         self.count += 1
         self.correct += int(correct)
         self.radius_sum += radius if correct else 0.0
+
+    def add_rows(self, rows: list[dict[str, str]], mode: str) -> str:
+        """Count the rows a resumed file holds (their radii as the file floored them); the progress note."""
+        for row in rows:
+            self.add(row["correct"] == "1", float(row.get("radius", 0.0)))
+        return self.describe(mode)
 
     def describe(self, mode: str) -> str:
         """Rounded down, as every certified figure certkit prints."""
