@@ -162,16 +162,19 @@ def abstain_rate(results: ResultsLike) -> float:
     return float(np.mean(res.predict == -1)) if len(res) else 0.0
 
 
-def false_certificate_bound(alpha: float, rho: float, n: int, group: int = 1) -> float:
+def false_certificate_bound(alpha: float, rho: float, n: int, group: int = 1, groups: int | None = None) -> float:
     """An upper bound, holding with probability >= 1 - rho, on the fraction of the n rows whose certificate is
     wrong, when each is wrong with probability <= alpha (at most 1/2).
 
     Independent rows (``group`` 1): the wrong count is stochastically below Binomial(n, alpha), so its exact
     (1 - rho) quantile k gives k / n; this is tighter than any deviation inequality. Rows certified on
-    shared noise in groups of ``group``: a group's wrong count, divided by ``group``, lies in [0, 1] with mean
-    <= alpha and variance <= alpha (1 - alpha), and the ceil(n / group) groups are independent, so
-    Bernstein's inequality bounds the fraction by
-    alpha + (group / n) (sqrt(2 m alpha (1 - alpha) ln(1/rho)) + 2 ln(1/rho) / 3), m = ceil(n / group).
+    shared noise in groups of at most ``group`` rows, ``groups`` of them (default ceil(n / group), their
+    fewest; a shard's or a resumed file's rows may fill their groups only in part): group g's wrong count
+    divided by ``group`` lies in [0, 1] with mean mu_g, the means sum to at most alpha n / group, and the
+    groups are independent. Each variance is at most mu_g (1 - mu_g), an increasing, concave function below
+    1/2, so the sum of the variances is at most V = m mu (1 - mu) with m = ``groups`` and mu = alpha n /
+    (group m), and Bernstein's inequality bounds the fraction by
+    alpha + (group / n) (sqrt(2 V ln(1/rho)) + 2 ln(1/rho) / 3).
     """
     if n < 1:
         raise CertkitError("a high-probability bound needs N >= 1 rows")
@@ -184,12 +187,18 @@ def false_certificate_bound(alpha: float, rho: float, n: int, group: int = 1) ->
         while k < n and binom.sf(k, n, alpha) > rho:  # ppf's 1 - rho is itself rounded; make sure
             k += 1
         return k / n
+    fewest = math.ceil(n / group)
+    m = fewest if groups is None else groups
+    if not fewest <= m <= n:
+        raise CertkitError(f"{n} rows in groups of at most {group} form {fewest} to {n} groups, not {m}")
+    mean = alpha * n / (group * m)
     log_term = math.log(1.0 / rho)
-    groups = math.ceil(n / group)
-    return alpha + group / n * (math.sqrt(2.0 * groups * alpha * (1.0 - alpha) * log_term) + 2.0 * log_term / 3.0)
+    return alpha + group / n * (math.sqrt(2.0 * m * mean * (1.0 - mean) * log_term) + 2.0 * log_term / 3.0)
 
 
-def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int, group: int = 1) -> float | None:
+def high_prob_accuracy(
+    emp: float, alpha: float, rho: float, n: int, group: int = 1, groups: int | None = None
+) -> float | None:
     """A lower bound on the true certified accuracy holding with probability >= 1 - rho (Cohen et al. 2019,
     with a sound deviation term): ``emp`` minus :func:`false_certificate_bound`, clipped at 0.
 
@@ -197,7 +206,7 @@ def high_prob_accuracy(emp: float, alpha: float, rho: float, n: int, group: int 
     ``emp`` minus the fraction of wrong certificates. Returns None when that fraction's bound is >= 1, where
     the bound says nothing for any accuracy (only for tiny N).
     """
-    deduction = false_certificate_bound(alpha, rho, n, group)
+    deduction = false_certificate_bound(alpha, rho, n, group, groups)
     return None if deduction >= 1.0 else max(0.0, emp - deduction)
 
 

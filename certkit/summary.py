@@ -17,7 +17,7 @@ import numpy as np
 
 from certkit import report
 from certkit.fileio import atomic_write_json
-from certkit.results import Results, normalise_settings, read_results, summary_path
+from certkit.results import Results, normalise_settings, read_results, shared_noise_group, summary_path
 from certkit.smoothing.statistics import max_radius
 
 
@@ -72,8 +72,14 @@ def write_summary(
         if alpha is not None and n_rows:
             # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
             group = max(1, int(params.get("shared_noise") or 1))
+            # the groups the rows fall in, counted: a shard's rows (every k-th of the plan) fill them in part
+            groups = (
+                len(np.unique(shared_noise_group(res.idx, int(params.get("skip") or 1), group)))
+                if group > 1
+                else n_rows
+            )
             bounds = {
-                report.radius_label(r): report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group)
+                report.radius_label(r): report.high_prob_accuracy(float(a), float(alpha), rho, n_rows, group, groups)
                 for r, a in zip(grid, accuracies)
             }
             summary["rho"] = rho
@@ -86,7 +92,7 @@ def write_summary(
             else:
                 summary["certified_accuracy_high_prob"] = bounds
             if group > 1:
-                summary["high_prob_effective_n"] = n_rows / group
+                summary["high_prob_effective_n"] = groups  # independent noise groups, what the bound counts
         if alpha is not None and params.get("sigma") and params.get("n") and n_rows:
             bound = max_radius(float(params["sigma"]), int(params["n"]), float(alpha))
             # certkit floors its radii, so its own files (they have a settings sidecar) may exceed the bound

@@ -214,6 +214,8 @@ def test_certify_with_shared_noise(trained: Path, tmp_path: Path, capsys: pytest
     code, _, err = run(capsys, *args, "--shard", "1/2", "--out", str(tmp_path / "half.tsv"))
     assert code == 0, err
     np.testing.assert_array_equal(read_results(tmp_path / "half.tsv").radius, res.radius[1::2])
+    # its five rows (1, 3, 5, 7, 9) fall in two noise groups, not one: the bound counts two
+    assert json.loads((tmp_path / "half.summary.json").read_text())["high_prob_effective_n"] == 2
     code, _, err = run(capsys, *args[:-1], "1", "--out", str(tmp_path / "one.tsv"))
     assert code == 2 and "at least 2" in err
 

@@ -153,6 +153,9 @@ def test_high_probability_bound_holds_at_its_level(n: int, alpha: float, rho: fl
     # shared noise in groups of 10, worst case: a group's wrong certificates all coincide (W = 10 Bin(n/10, alpha))
     grouped = 1.0 - (report.high_prob_accuracy(1.0, alpha, rho, n, group=10) or 0.0)
     assert binom.sf(math.floor(grouped * n / 10 * (1 + 1e-12)), n // 10, alpha) <= rho
+    # a shard's rows fill their groups in part: n rows in n / 5 groups of 5 rows, each wrong together
+    partial = 1.0 - (report.high_prob_accuracy(1.0, alpha, rho, n, group=10, groups=n // 5) or 0.0)
+    assert binom.sf(math.floor(partial * n / 5 * (1 + 1e-12)), n // 5, alpha) <= rho
 
 
 def test_high_probability_bound_is_clipped_and_omitted_when_vacuous():
@@ -160,6 +163,9 @@ def test_high_probability_bound_is_clipped_and_omitted_when_vacuous():
     assert 0.9 - report.high_prob_accuracy(0.9, 0.001, 0.001, 10_000) == pytest.approx(0.0021)  # 21 of 10,000
     assert report.high_prob_accuracy(0.9, 0.2, 0.001, 3) is None
     assert report.high_prob_accuracy(0.9, 0.01, 0.001, 20, group=10) is None
+    for impossible in (1, 21):  # 20 rows in groups of at most 10 form 2 to 20 groups
+        with pytest.raises(CertkitError, match="form 2 to 20 groups"):
+            report.false_certificate_bound(0.01, 0.001, 20, 10, impossible)
 
 
 @pytest.mark.parametrize(
