@@ -65,8 +65,9 @@ class MetricLogs:
     def continue_run(self, history: Sequence[dict[str, Any]]) -> list[str]:
         """On resume, keep up the records an earlier session of the run left in ``out``: a metrics.csv is
         rewritten with the history and from then on every epoch, as if ``csv`` had been given again (an old
-        file would silently miss the new epochs). Returns what to tell the user: that, or that TensorBoard
-        files found there get no more epochs without ``--log tensorboard`` (its package may be missing)."""
+        file would silently miss the new epochs), and TensorBoard gets the last saved epoch again. Returns what
+        to tell the user: that the CSV is kept, or that TensorBoard files found there get no more epochs
+        without ``--log tensorboard`` (its package may be missing)."""
         notes: list[str] = []
         if self.out is None:
             return notes
@@ -76,6 +77,10 @@ class MetricLogs:
             notes.append(f"{self.out / CSV} is kept up to date, as the run wrote it before (--log csv)")
         if "tensorboard" not in self.formats and any(self.out.glob("events.out.tfevents.*")):
             notes.append(f"TensorBoard files in {self.out} get no more epochs without --log tensorboard")
+        if "tensorboard" in self.formats and history:
+            # the last saved epoch once more: a kill between its save and its scalars would have lost them, and
+            # the same values at the same step again change nothing
+            self.write(history)
         return notes
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -228,3 +229,46 @@ def test_the_package_names_resolve_lazily_and_train_stays_the_function() -> None
     assert certkit.Smooth.__name__ == "Smooth" and certkit.load.__module__ == "certkit.checkpoint"
     with pytest.raises(AttributeError):
         certkit.no_such_name  # noqa: B018
+
+
+class _Board:
+    """Stands in for ``torch.utils.tensorboard.SummaryWriter`` (the optional package is not installed for the
+    tests): records every scalar, and writes an event file's name as the real one does."""
+
+    scalars: ClassVar[list[tuple[str, float, int]]] = []
+
+    def __init__(self, log_dir: str) -> None:
+        (Path(log_dir) / "events.out.tfevents.0.test").touch()
+
+    def add_scalar(self, key: str, value: float, global_step: int) -> None:
+        self.scalars.append((key, value, global_step))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_log_tensorboard_writes_every_epoch_and_a_resume_repeats_the_last_saved_one(
+    fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each epoch's numbers go to TensorBoard at its step (from 1). A kill between an epoch's save and its
+    scalars would lose that epoch, so a resume writes the last saved one again (the same values at the same
+    step); a resume without the flag says the event files get no more epochs."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Board))
+    monkeypatch.setattr(_Board, "scalars", [])
+    out = tmp_path / "run"
+    common = dict(train_subset=128, test_subset=0, batch_size=64, out=out)
+    assert run(capsys, *train_argv(fmnist_root, "--log", "tensorboard", epochs=2, **common))[0] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = {(k, v, r["epoch"]) for r in records for k, v in r.items() if k != "epoch"}
+    assert set(_Board.scalars) == expected and {"loss", "lr"} <= {k for k, _, _ in expected}
+    before = len(_Board.scalars)
+    argv = train_argv(fmnist_root, "--log", "tensorboard", "--resume", epochs=3, **common)
+    assert run(capsys, *argv)[0] == 0
+    again = _Board.scalars[before:]
+    assert sorted({s for _, _, s in again}) == [2, 3]
+    assert {(k, v) for k, v, s in again if s == 2} == {(k, v) for k, v, s in _Board.scalars[:before] if s == 2}
+    code, _, err = run(capsys, *train_argv(fmnist_root, "--resume", epochs=4, **common))
+    assert code == 0 and "get no more epochs without --log tensorboard" in err
