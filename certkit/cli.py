@@ -832,6 +832,8 @@ def _result_line(out: str, mode: str) -> str:
     from certkit.results import read_results
 
     res = read_results(out)
+    if not len(res):
+        return f"{mode}: no image in this plan (a shard of fewer images than shards)"
     figures = f"{mode}: {len(res):,} images, accuracy {floor_figure(exact_accuracy(res, 0.0))}"
     if mode == "certify":
         return f"{figures}, ACR {floor_figure(exact_acr(res))}, abstained {abstain_rate(res):.3f}"
@@ -1038,7 +1040,7 @@ def _certify_gloro(model: Any, meta: dict[str, Any], data: Any, args: argparse.N
             settings_extra={"checkpoint": str(args.run), "dataset": dataset, "split": args.split},
             resume=not args.overwrite,
         )
-        if summary is not None:
+        if summary is not None and summary["gloro"]["N"]:  # a shard's plan may hold no image: no figure then
             g = summary["gloro"]
             print(
                 f"gloro: {g['N']} images, epsilon {g['epsilon']:g}: clean accuracy {g['clean_accuracy']:.4f}, "

@@ -305,7 +305,8 @@ def _table(
     named_results: Mapping[str, ResultsLike], radii: Sequence[float] | None
 ) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the report table: N, ACR, mean samples per input when any file is adaptive,
-    certified accuracy on the grid, abstain rate ("-" where a file has no such figure)."""
+    certified accuracy on the grid, abstain rate ("-" where a file has no such figure, and for every figure
+    of a file without rows: a mean over no image is undefined, not 0)."""
     loaded = {name: load(r) for name, r in named_results.items()}
     grid = list(radii) if radii is not None else default_grid(list(loaded.values()))
     with_samples = any(res.samples is not None for res in loaded.values())
@@ -313,6 +314,9 @@ def _table(
     head += [f"r={radius_label(r)}" for r in grid] + ["abstain"]
     rows = []
     for name, res in loaded.items():
+        if not len(res):
+            rows.append([name, "0"] + ["-"] * (len(head) - 2))
+            continue
         has_radius = res.radius is not None
         cells = [name, str(len(res)), floor_figure(exact_acr(res)) if has_radius else "-"]
         if with_samples:

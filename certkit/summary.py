@@ -53,21 +53,22 @@ def write_summary(
     res = with_exact_radii(read_results(results_path), exact_radii or {})
     params = normalise_settings(settings) if settings is not None else res.settings
     n_rows = len(res)
+    undefined = float("nan")  # a mean over no row (a shard with no image): null in the file, never 0
     summary: dict[str, Any] = {
         "file": Path(results_path).name,
         "kind": res.kind,
         "N": n_rows,
         "parameters": params,
-        "abstain_rate": report.abstain_rate(res),
+        "abstain_rate": report.abstain_rate(res) if n_rows else undefined,
         "total_seconds": float(res.time_seconds.sum()),
-        "seconds_per_image": float(res.time_seconds.mean()) if n_rows else 0.0,
+        "seconds_per_image": float(res.time_seconds.mean()) if n_rows else undefined,
     }
     alpha = params.get("alpha")
     if res.kind == "certify":
         grid = list(radii) if radii is not None else report.default_grid(res)
-        accuracies = report.certified_accuracy(res, grid) if n_rows else np.zeros(len(grid))
-        summary["acr"] = report.acr(res)
-        summary["accuracy"] = float(accuracies[0]) if grid and grid[0] == 0 else report.certified_accuracy(res, 0.0)
+        accuracies = report.certified_accuracy(res, grid) if n_rows else np.full(len(grid), undefined)
+        summary["acr"] = report.acr(res) if n_rows else undefined
+        summary["accuracy"] = report.certified_accuracy(res, 0.0) if n_rows else undefined
         summary["certified_accuracy"] = {report.radius_label(r): float(a) for r, a in zip(grid, accuracies)}
         if alpha is not None and n_rows:
             # with shared noise the wrong certificates of a group may coincide: the bound then counts groups
@@ -103,7 +104,7 @@ def write_summary(
             assert res.radius is not None  # a certify file has radii
             summary["radius_bound_violated"] = bool(np.any(res.radius > bound * (1 + slack)))
     else:
-        summary["accuracy"] = float(res.correct.mean()) if n_rows else 0.0
+        summary["accuracy"] = float(res.correct.mean()) if n_rows else undefined
     if res.samples is not None and n_rows:
         summary["mean_samples"] = float(res.samples.mean())
     summary.update(dict(extra or {}))

@@ -294,3 +294,14 @@ def test_the_summary_uses_the_radii_proved_before_the_file_floored_them(tmp_path
     proved = max_radius(0.25, 10_000, 0.001)
     assert summary is not None and summary["acr"] == pytest.approx(proved, abs=1e-12)
     assert report.acr(out) < proved and report.acr(out) == pytest.approx(proved, rel=1e-5)  # the file: floored
+
+
+def test_a_shard_whose_plan_holds_no_image_summarises_to_no_figure(tmp_path: Path):
+    """A shard of fewer planned images than shards (torchrun with more ranks than images) has no rows: its
+    summary says N 0 and leaves every mean null, which a reader cannot take for a measured 0."""
+    out = tmp_path / "s.tsv"
+    summary = run(tiny_model(), TinyDataset(), out=out, max_idx=3, shard=(5, 10), **COMMON)
+    written = json.loads(summary_path(out).read_text())
+    assert summary is not None and written["N"] == 0
+    assert written["acr"] is None and written["accuracy"] is None and written["abstain_rate"] is None
+    assert set(written["certified_accuracy"].values()) == {None}

@@ -384,3 +384,13 @@ def test_latex_table(hand_built: Path):
     lines = tex.splitlines()
     assert lines[0] == "\\begin{tabular}{lrrrrr}" and lines[-1] == "\\end{tabular}"
     assert "Gaussian\\_σ & 5 & 0.260 & 0.600 & 0.200 & 0.200 \\\\" in lines
+
+
+def test_a_file_without_rows_reports_no_figure(hand_built: Path, tmp_path: Path):
+    """A mean over no image is undefined: "-", never 0 (which would read as a measured zero)."""
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("idx\tlabel\tpredict\tradius\tcorrect\ttime\n")
+    table = report.markdown_table({"empty": empty, "full": hand_built}, radii=[0.0, 0.5])
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert rows["empty"] == "| empty | 0 | - | - | - | - |"
+    assert "- |" not in rows["full"].split(" | ", 2)[2]

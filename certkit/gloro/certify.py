@@ -186,10 +186,14 @@ def file_metrics(path: str | Path) -> dict[str, float]:
         clean, certified, vra = res.clean_predict == res.label, res.predict != BOTTOM, res.correct == 1
     else:
         raise CertkitError(f"{path}: not a GloRo result file (no {EPS_COLUMN} column)")
-    n = max(len(res), 1)
+    n = len(res)
+
+    def share(count: int) -> float:  # of no row: undefined (null in the summary file), never 0
+        return count / n if n else float("nan")
+
     return {
-        "N": len(res),
-        "clean_accuracy": int(clean.sum()) / n,
-        "vra": int(vra.sum()) / n,
-        "rejection_rate": int((~certified).sum()) / n,
+        "N": n,
+        "clean_accuracy": share(int(clean.sum())),
+        "vra": share(int(vra.sum())),
+        "rejection_rate": share(int((~certified).sum())),
     }
