@@ -390,3 +390,35 @@ def test_the_table_says_what_it_cannot_compute_and_what_differs_from_the_publish
         "every 101st test image",
         "every 113th test image",
     ]
+
+
+@pytest.mark.slow  # a real reproduce process and the training step it starts
+def test_a_terminated_reproduce_stops_its_step_cleanly(tmp_path: Path) -> None:
+    """SIGTERM reaches the reproduce process alone (a batch scheduler's kill, `timeout`): it stops the step
+    it is running with SIGTERM too, so that no orphan trains on and the step's lock is removed; the step
+    says how it would continue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_idx_dataset(tmp_path / "data", n_train=400, n_test=1000)  # the protocol tests on 1,000
+    out = tmp_path / "out"
+    argv = ["reproduce", "fmnist-rs", "--out", str(out), "--methods", "gaussian", "--sigmas", "0.25"]
+    argv += ["--data-dir", str(data), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "certkit", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    metrics = out / "gaussian-0.25" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists():  # the training step is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.decode().strip().endswith("continue where it stopped"), err
+    log = (out / "gaussian-0.25.log").read_text()
+    assert "certkit: terminated; rerun the command with --resume" in log, log[-500:]
+    assert not list(out.glob("*.lock")) and not list(out.glob("*/*.lock"))

@@ -173,14 +173,30 @@ class Plan:
     report_only: bool = False
 
 
+#: how long an interrupted step may take to stop cleanly before it is killed
+STEP_STOP_SECONDS = 60
+
+
 def _certkit(args: Sequence[str], log: Path) -> int:
     """Run one ``certkit`` step as its own process, its output appended to ``log`` (progress stays visible
-    there for a batch job); returns the exit status."""
+    there for a batch job); returns the exit status. Interrupted (Ctrl-C, or SIGTERM, which reaches this
+    process alone), it stops the step with SIGTERM, so that the step ends as it would on its own: its lock
+    removed and every finished epoch or row kept for the next call to continue."""
     cmd = [sys.executable, "-m", "certkit", *args]
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        return subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+        step = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            return step.wait()
+        except KeyboardInterrupt:
+            step.terminate()
+            try:
+                step.wait(timeout=STEP_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                step.kill()
+                step.wait()
+            raise
 
 
 def _say(message: str) -> None:
@@ -682,10 +698,9 @@ def main(args: argparse.Namespace, certify_namespace: Callable[[Sequence[str]], 
     if args.train_only and args.report_only:
         raise CertkitError("--train-only trains and --report-only only reports: give one of them")
     if args.report_only and (args.certify_flags or args.device != "auto"):
-        given = " and ".join(
-            f for f, v in (("--certify-flags", args.certify_flags), ("--device", args.device != "auto")) if v
-        )
-        raise CertkitError(f"{given}: --report-only trains and certifies nothing; drop them")
+        given = [f for f, v in (("--certify-flags", args.certify_flags), ("--device", args.device != "auto")) if v]
+        them = "them" if len(given) > 1 else "it"
+        raise CertkitError(f"{' and '.join(given)}: --report-only trains and certifies nothing; drop {them}")
     plan = plan_from_args(args)
     published = Path(args.published) if args.published else None
     if published is not None and not published.is_dir():
