@@ -316,7 +316,8 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
         "--sigma",
         type=float,
         default=None,
-        help="Gaussian noise level in [0,1] pixel units, in (0, 100] (default: the checkpoint's training sigma)",
+        help="Gaussian noise level in pixel units (images in [0,1]), 0 < sigma <= 100 (default: the checkpoint's "
+        "training sigma)",
     )
     if name == "certify":
         c.add_argument("--n0", "--N0", dest="n0", type=int, default=100, help="selection samples, 1 to 10^9")
@@ -337,7 +338,14 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
             action="store_true",
             help="stop sampling an input once its outcome is decided (same 1-alpha guarantee)",
         )
-    c.add_argument("--n", "--N", dest="n", type=int, default=100_000, help="estimation samples, 1 to 10^9")
+    c.add_argument(
+        "--n",
+        "--N",
+        dest="n",
+        type=int,
+        default=100_000,
+        help="estimation samples, at most 10^9; refused when too few to ever certify (or predict) at --alpha",
+    )
     c.add_argument(
         "--alpha",
         type=float,
@@ -409,7 +417,8 @@ def _certify_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing --out (and its sidecar and summary) instead of resuming it",
+        help="replace an existing --out (and its settings file and summary, which must be certkit's own) instead "
+        "of resuming it",
     )
 
 
@@ -613,6 +622,8 @@ def _factory(spec: str, flag: str) -> Any:
         raise CertkitError(f"{flag} {spec}: {attr} is {a_or_an(type(factory).__name__)}, not a function")
     try:
         return factory()
+    except CertkitError:  # a factory that speaks certkit's language: its one line, as a mistake to fix
+        raise
     except Exception as e:
         raise _FactoryFailed(f"{flag} {spec}") from e
 
@@ -715,7 +726,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
     from certkit.distributed import wait_for_all, world
     from certkit.fileio import check_output
     from certkit.reference import check_fits_dataset
-    from certkit.results import sidecar_path, summary_path
+    from certkit.results import refuse_foreign_companions, sidecar_path, summary_path
     from certkit.smoothing.autobatch import MIN_AUTO_BATCH
     from certkit.smoothing.runner import RunPlan, certify_dataset
     from certkit.smoothing.samplers import sampler_for
@@ -726,6 +737,7 @@ def cmd_certify(args: argparse.Namespace, mode: str) -> None:
 
     check_output(args.out, "--out")
     _refuse_overwriting(args.run, [Path(args.out), sidecar_path(args.out), summary_path(args.out)], "--out")
+    refuse_foreign_companions(args.out)  # the file itself, also under torchrun, where the ranks write shards
     if args.shard is not None and world()[1] > 1:
         raise CertkitError("--shard splits a run by hand; under torchrun the ranks split it among themselves: drop it")
     if args.sigma is not None:  # fails before the checkpoint and dataset loads, which the sampler's check follows
@@ -1258,6 +1270,10 @@ def _resume_hint(args: argparse.Namespace | None) -> str:
     """How to continue an interrupted command: every finished epoch and written row is kept."""
     command = getattr(args, "command", None)
     if command == "train":
+        from certkit.train import STATE
+
+        if not (Path(args.out) / STATE).is_file():
+            return "; no epoch was saved: rerun the same command to start again"
         return "; rerun the command with --resume to continue from the last saved epoch"
     if command in ("certify", "predict", "demo", "reproduce"):
         return "; rerun the same command to continue where it stopped"

@@ -71,12 +71,14 @@ def plot_training_curves(
     for k, (name, history) in enumerate(zip(names, histories)):
         color = f"C{k % 10}"
         epochs = [e["epoch"] for e in history]
-        marker = "o" if len(epochs) == 1 else None  # a one-epoch run is a point, which a line alone never draws
-        ax_loss.plot(epochs, [e.get("loss") for e in history], color=color, marker=marker, label=name)
-        for (key, what), style in zip(ACCURACIES, styles):
+        point = len(epochs) == 1  # a one-epoch run is a point, which a line alone never draws: a marker each
+        ax_loss.plot(epochs, [e.get("loss") for e in history], color=color, marker="o" if point else None, label=name)
+        for (key, what), style, marker in zip(ACCURACIES, styles, ("o", "s", "^")):
             if any(key in e for e in history):
                 values = [e.get(key) for e in history]
-                ax_acc.plot(epochs, values, style, color=color, marker=marker, label=f"{name}: {what}")
+                ax_acc.plot(
+                    epochs, values, style, color=color, marker=marker if point else None, label=f"{name}: {what}"
+                )
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss")
     ax_acc.set_xlabel("epoch")

@@ -7,6 +7,7 @@ and CRT, :mod:`certkit.gloro` for GloRo), so neither imports the other. A new me
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Mapping
@@ -110,8 +111,12 @@ def describe_hyperparameters() -> str:
         table: Mapping[str, Mapping[Any, Any]] = params.TABLE or untabled
         for family, rows in table.items():
             for sigma in rows:
-                values = params.defaults(family, sigma)
-                where = family if sigma is None else f"{family}, sigma {sigma:g}"
+                # resolved as train resolves them: values defined by others (SmoothMix's maxnorm_s) filled in
+                values = dataclasses.asdict(params.resolve(name, family, sigma, {}))
+                if not params.TABLE:
+                    where = "every dataset and sigma"
+                else:
+                    where = family if sigma is None else f"{family}, sigma {sigma:g}"
                 flags = " ".join(f"--{key.replace('_', '-')} {_shown(value)}" for key, value in values.items())
                 lines.append(f"  {where}: {flags}")
     return "\n".join(lines)

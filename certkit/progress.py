@@ -92,6 +92,13 @@ class Progress:
             self._last = now
             self._log(now)
 
+    def note(self, note: str) -> None:
+        """Set the note that the next line (or the bar) shows, without logging a line: a resumed file's
+        running score, before this session has done anything to report a rate of."""
+        self._note = note
+        if self._bar is not None:
+            self._bar.set_postfix_str(note)
+
     def _state(self) -> tuple[int, str]:
         return self.done, self._note_text()
 

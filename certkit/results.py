@@ -154,6 +154,7 @@ def refuse_foreign_companions(path: str | os.PathLike) -> None:
         (side, _is_own_sidecar, "settings file"),
         (summary, lambda p: _is_own_summary(p, path.name), "summary"),
     ):
+        require_regular(companion, what)  # a directory or FIFO there is refused as such
         if companion.exists() and not own(companion):
             raise CertkitError(
                 f"{path}: its {what} would be {companion}, which exists and is not certkit's {what} of "

@@ -109,7 +109,7 @@ class TrainConfig:
     )
     optimizer: str = setting("sgd", "optimizer", choices=("sgd", "adam"))
     lr: float = setting(0.01, "initial learning rate")
-    momentum: float = setting(0.9, "SGD momentum")
+    momentum: float = setting(0.9, "SGD momentum (sgd optimizer only)")
     weight_decay: float = setting(1e-4, "weight decay")
     schedule: str = setting(
         "step",
@@ -127,8 +127,9 @@ class TrainConfig:
         "scheduler.step(epoch) after each epoch, so 31 epochs at the first rate)",
     )
     milestones: tuple[int, ...] = setting((), "multistep schedule: comma-separated epochs", parse=_milestones)
-    gamma: float = setting(0.1, "LR decay factor", flags=("--lr-gamma",))  # --gamma is MACER's
-    lr_final: float = setting(1e-6, "exp schedule: final learning rate")
+    # --lr-gamma: --gamma is MACER's
+    gamma: float = setting(0.1, "step and multistep schedules: LR decay factor", flags=("--lr-gamma",))
+    lr_final: float = setting(1e-6, "exp and half-exp schedules: final learning rate")
     seed: int = setting(0, "seed for weights, data order and noise (re-seeded per epoch)")
     test_batch_size: int = setting(1000, "batch of the per-epoch test")
     #: stop with an error when the loss is NaN/inf (diverged run, e.g. SmoothAdv with a large epsilon)
@@ -215,13 +216,18 @@ class TrainConfig:
         config._refuse_unread(given)
         return config
 
+    def unused(self, name: str) -> bool:
+        """Whether setting ``name`` is one that this configuration's schedule or optimizer never reads."""
+        readers = _READ_BY.get(name)
+        return readers is not None and (self.optimizer if name == "momentum" else self.schedule) not in readers
+
     def _refuse_unread(self, given: Mapping[str, Any]) -> None:
         """Refuse a setting given explicitly that this configuration's schedule or optimizer never reads
         (``--milestones`` under the step schedule, ``--momentum`` with Adam): it would be recorded in
         model.json as if it had shaped the run. Recipe values are exempt: a recipe sets every field."""
         for name, readers in _READ_BY.items():
             used = self.optimizer if name == "momentum" else self.schedule
-            if name in given and used not in readers:
+            if name in given and self.unused(name):
                 what = "optimizer" if name == "momentum" else "schedule"
                 raise CertkitError(
                     f"{self.flag(name)} applies to the {' and '.join(readers)} {what}{'s' * (len(readers) > 1)}; "
@@ -653,11 +659,18 @@ class Trainer:
         now: dict[str, Any] = {}
         for k in ("dataset", "train_subset", "test_subset", "arch", "method", "sigma"):
             saved["--" + k.replace("_", "-")], now["--" + k.replace("_", "-")] = saved_meta.get(k), current.get(k)
+        # an older certkit recorded a subset larger than its split, which trained on the whole split
+        for flag_name, data in (("--train-subset", self.train_data), ("--test-subset", self.test_data)):
+            old_size = saved[flag_name]
+            if now[flag_name] is None and data is not None and isinstance(old_size, int) and old_size >= len(data):
+                saved[flag_name] = None
         for group in ("hparams", "train"):
             old, new = dict(saved_meta.get(group, {})), dict(current.get(group, {}))
             for k in dict.fromkeys([*old, *new]):
                 if k not in old and new.get(k) == added.get((group, k), object()):
                     continue  # added by a later certkit, at the value that computes what the run computed
+                if group == "train" and k in _READ_BY and self.config.unused(k):
+                    continue  # never read by this run's schedule or optimizer (an older certkit recorded it)
                 if (group, k) != ("train", "epochs"):
                     name = flag.get(k, "--" + k) if group == "train" else "--" + k.replace("_", "-")
                     # a setting the run could not record computed what its declared default computes
@@ -984,10 +997,17 @@ def build_trainer(
         check_output(out, "--out", directory=True)
         for name in (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE):  # written after the first epoch
             require_regular(Path(out) / name, f"run's {name}")
-        if not resume and ((Path(out) / STATE).exists() or (Path(out) / checkpoint.META).exists()):
-            # a finished run may have no resume state (a copy of its weights and model.json): never overwrite it
+        resumable, published = (Path(out) / STATE).exists(), (Path(out) / checkpoint.META).exists()
+        if not resume and resumable:
             raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-        if resume and not (Path(out) / STATE).is_file():
+        if published and not resumable:
+            # a finished run kept without its resume state (a copy of its weights and model.json): it can
+            # neither continue nor be overwritten
+            raise CertkitError(
+                f"{out}: holds a run without its resume state ({STATE}), which cannot be continued; choose "
+                "another --out"
+            )
+        if resume and not resumable:
             raise CertkitError(
                 f"--resume {out}: holds no run to resume ({STATE} is missing); drop --resume to start one"
             )

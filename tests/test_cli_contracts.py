@@ -54,6 +54,12 @@ def str_classes():
 
 def zero_classes():
     return _split(16), _split(8), 0
+
+
+def refuses():
+    from certkit.errors import CertkitError
+
+    raise CertkitError("this factory needs MY_DATA set")
 """
 
 # id: (flags after `certkit train`, words the one line must hold)
@@ -69,6 +75,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
     "dataset-classes-zero": (["--dataset", "factories:zero_classes"], ["num_classes", "integer >= 1", "not 0"]),
     "dataset-empty": (["--dataset", "factories:empty"], ["--dataset factories:empty", "train split is empty"]),
     "dataset-empty-test": (["--dataset", "factories:empty_test"], ["test split is empty"]),
+    # a factory that refuses in certkit's own terms is a mistake to fix, said in its words
+    "dataset-factory-refuses": (["--dataset", "factories:refuses"], ["this factory needs MY_DATA set"]),
 }
 
 

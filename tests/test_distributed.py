@@ -259,6 +259,15 @@ def test_torchrun_certify_shards_automatically_and_rank0_merges(ddp_run, unshard
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.summary.json", "auto.tsv", "auto.tsv.json"]
 
 
+@slow
+def test_torchrun_certify_refuses_a_users_json_beside_its_output_before_any_rank_certifies(ddp_run, tmp_path: Path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"my": "notes"}')
+    proc = _torchrun_certify(ddp_run, tmp_path / "notes")
+    assert proc.returncode != 0 and "notes.json, which exists and is not certkit's settings file" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.json"] and notes.read_text() == '{"my": "notes"}'
+
+
 @pytest.mark.parametrize(
     "device, cuda, gpus, expect",
     [

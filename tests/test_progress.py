@@ -83,6 +83,7 @@ def test_certify_with_redirected_output_logs_progress(
     lines = [line for line in captured.err.splitlines() if line.startswith("certkit: certify r.tsv: ")]
     assert lines and lines[-1].startswith("certkit: certify r.tsv: 6/6 (100.0%)") and "acr=" in lines[-1]
     assert len(lines) == len(set(lines))  # no closing line repeating the last one
+    assert "ETA ?" not in captured.err  # the kept rows set the note; no line before this session has a rate
     # the running figures cover the file's six rows, the three kept ones included, as the result line does
     res = read_results(out)
     acc, acr = floor_figure(exact_accuracy(res, 0.0)), floor_figure(exact_acr(res))

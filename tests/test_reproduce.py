@@ -266,6 +266,8 @@ def test_without_published_results_it_says_so_before_the_first_step(
     assert "certkit: warning: no --published folder" in capsys.readouterr().err and calls
     assert main(reproduce(tmp_path, "--train-only")) == 0  # nothing compared: nothing to warn about
     assert "no --published" not in capsys.readouterr().err
+    assert main(["reproduce", "fmnist-rs", "--out", str(tmp_path / "none"), "--report-only"]) == 0
+    assert not (tmp_path / "none").exists()  # a report of nothing writes nothing
 
 
 def test_certify_flags_it_passes_on_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -193,7 +193,7 @@ def test_shared_noise_argument_checks():
         )
     with pytest.raises(CertkitError, match="at most"):
         smoothed.certify_batch(torch.rand(3, 1, 8, 8), 10, 100, 0.01, 100, [shared_generator(0, 0)])
-    with pytest.raises(CertkitError, match="shared_noise must be"):
+    with pytest.raises(CertkitError, match="--shared-noise must be"):
         Smooth(mlp(), 3, 0.5, shared_noise=-1)
     a = torch.randn(4, generator=shared_generator(0, 3))
     assert torch.equal(a, torch.randn(4, generator=shared_generator(0, 3)))

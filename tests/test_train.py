@@ -481,7 +481,7 @@ def test_an_interrupted_save_says_how_to_republish_and_resume_cleans_up(tmp_path
 def test_a_finished_run_without_its_resume_state_is_never_overwritten(tmp_path: Path) -> None:
     _trainer(tmp_path, epochs=1).fit()
     (tmp_path / STATE).unlink()  # a copy of a finished run: weights and model.json only
-    with pytest.raises(CertkitError, match="already holds a run"):
-        train(
-            TensorDataset(torch.rand(4, 1, 28, 28), torch.arange(4)), "lenet", "gaussian", num_classes=10, out=tmp_path
-        )
+    data = TensorDataset(torch.rand(4, 1, 28, 28), torch.arange(4))
+    for resume in (False, True):  # neither way is open, and the message says so rather than sending to the other
+        with pytest.raises(CertkitError, match=r"holds a run without its resume state .* choose another --out"):
+            train(data, "lenet", "gaussian", num_classes=10, out=tmp_path, resume=resume)

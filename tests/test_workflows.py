@@ -272,3 +272,53 @@ def test_log_tensorboard_writes_every_epoch_and_a_resume_repeats_the_last_saved_
     assert {(k, v) for k, v, s in again if s == 2} == {(k, v) for k, v, s in _Board.scalars[:before] if s == 2}
     code, _, err = run(capsys, *train_argv(fmnist_root, "--resume", epochs=4, **common))
     assert code == 0 and "get no more epochs without --log tensorboard" in err
+
+
+@pytest.mark.slow  # an epoch over the whole training split
+def test_a_run_recorded_with_a_setting_now_refused_still_resumes(
+    fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older certkit recorded settings no part of the run read (--momentum with Adam) and subsets larger
+    than their split (which trained on the whole split): the same run resumes without them."""
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+
+    out = tmp_path / "run"
+    common = dict(test_subset=0, batch_size=64, optimizer="adam", lr=0.001, out=out)
+    argv = train_argv(fmnist_root, epochs=1, train_subset=128, **common)
+    assert run(capsys, *argv)[0] == 0
+    state = out / STATE
+    with safe_open(str(state), framework="pt") as f:
+        info = json.loads(f.metadata()["certkit_resume"])
+    info["meta"]["train"]["momentum"] = 0.5  # what an older certkit recorded for --momentum 0.5 with Adam
+    info["meta"]["train_subset"] = 100_000_000  # what an older certkit recorded for a subset past the split
+    state.write_bytes(checkpoint.state_to_bytes(st_load(state.read_bytes()), {"certkit_resume": json.dumps(info)}))
+    code, _, err = run(capsys, *train_argv(fmnist_root, "--resume", epochs=2, **common))  # the whole split
+    assert code == 0, err
+    assert json.loads((out / "model.json").read_text())["epochs_completed"] == 2
+
+
+def test_an_interrupted_train_says_whether_resume_can_continue_it(
+    fmnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C before the first epoch was saved leaves nothing to resume: the hint says to start again, and
+    only once an epoch is saved does it point to --resume."""
+    out = tmp_path / "run"
+    argv = train_argv(fmnist_root, epochs=1, train_subset=64, test_subset=0, batch_size=64, out=out)
+
+    def interrupted(self: Trainer):  # Ctrl-C as the next epoch starts
+        raise KeyboardInterrupt
+        yield  # a generator, as fit_epochs is
+
+    monkeypatch.setattr(Trainer, "fit_epochs", interrupted)
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and err.strip().splitlines()[-1] == (
+        "certkit: interrupted; no epoch was saved: rerun the same command to start again"
+    )
+    monkeypatch.undo()
+    assert run(capsys, *argv)[0] == 0  # the same command starts the run
+    monkeypatch.setattr(Trainer, "fit_epochs", interrupted)
+    code, _, err = run(
+        capsys, *train_argv(fmnist_root, "--resume", epochs=2, train_subset=64, test_subset=0, batch_size=64, out=out)
+    )
+    assert code == 130 and err.strip().endswith("rerun the command with --resume to continue from the last saved epoch")

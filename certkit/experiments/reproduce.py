@@ -30,7 +30,6 @@ import argparse
 import math
 import subprocess
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -519,9 +518,9 @@ def plot(rows: Sequence[Row], plan: Plan, published_dir: Path, path: Path) -> No
 def run(plan: Plan, published_dir: Path | None) -> tuple[str, list[Failure]]:
     """Train and certify everything in ``plan`` that is not done yet, then write the table of what is
     certified; returns the table (or why there is none) and the steps that failed."""
-    plan.out.mkdir(parents=True, exist_ok=True)
     failures: list[Failure] = []
-    if not plan.report_only:
+    if not plan.report_only:  # a report reads what is there and writes only beside a finished certification
+        plan.out.mkdir(parents=True, exist_ok=True)
         for sigma in plan.sigmas:
             for method in plan.methods:
                 failure = train_step(plan, method, sigma)
@@ -707,10 +706,12 @@ def main(args: argparse.Namespace, certify_namespace: Callable[[Sequence[str]], 
         raise CertkitError(f"--published {published}: not a folder")
     if not plan.report_only:
         check_settings(plan, certify_namespace)
-        if published is None and not plan.train_only:
-            warnings.warn(
-                "no --published folder: the runs are trained and certified, and the table compares them with nothing",
-                stacklevel=2,
+        if published is None and not plan.train_only:  # said now: the steps' output goes to their logs for hours
+            print(
+                "certkit: warning: no --published folder: the runs are trained and certified, and the table "
+                "compares them with nothing",
+                file=sys.stderr,
+                flush=True,
             )
     text, failures = run(plan, published)
     print(text, end="")

@@ -43,7 +43,7 @@ from certkit.errors import CertkitError
 from certkit.gloro.model import BOTTOM, GloroNet, check_epsilon
 from certkit.progress import interval_from_env
 from certkit.report import floor_figure
-from certkit.results import ResultWriter, planned_indices, read_results
+from certkit.results import ResultWriter, planned_indices, read_results, refuse_foreign_companions
 from certkit.smoothing.runner import Dataset, plan_settings, run_planned
 from certkit.summary import write_summary
 
@@ -106,6 +106,7 @@ def certify_gloro_dataset(
     k_sub, bound_info = checked_constant(net)
     device = net.lipschitz_frozen.device
     interval_from_env()  # a bad CERTKIT_PROGRESS_SECONDS is refused here, not once the result file is open
+    refuse_foreign_companions(out)
     indices = planned_indices(len(dataset), skip, max_idx, shard)
     if indices:  # every batch is checked again (GloroNet.exact_logits); this one fails before any file
         shape = tuple(dataset[indices[0]][0].shape)
@@ -119,7 +120,6 @@ def certify_gloro_dataset(
         **plan_settings(net, dataset, skip, max_idx, shard),
     }
     settings.update(dict(settings_extra or {}))
-    seconds = [0.0]
     tally = [0, 0, 0]  # rows, correct, certified-and-correct in the file (for the progress bar)
 
     def count(correct: bool, certified: bool) -> str:
@@ -140,7 +140,6 @@ def certify_gloro_dataset(
         decision, radius_t, pred_t = net.certify(xs.to(device), eps)
         pred, radius, certified = pred_t.tolist(), radius_t.tolist(), (decision != BOTTOM).tolist()
         elapsed = time.perf_counter() - began
-        seconds[0] += elapsed
         cap = math.sqrt(xs[0].numel())
         note = ""
         with writer.rows_together():  # one fsync per batch: a row costs microseconds here
@@ -167,7 +166,8 @@ def certify_gloro_dataset(
     if not complete:
         return None
     metrics: dict[str, Any] = file_metrics(out)
-    metrics.update(epsilon=eps, lipschitz=bound_info, certify_seconds=seconds[0])
+    # every row's share of its batch's forward pass, a resumed file's earlier rows included
+    metrics.update(epsilon=eps, lipschitz=bound_info, certify_seconds=float(read_results(out).time_seconds.sum()))
     return write_summary(out, settings, radii=_grid(eps), extra={"gloro": metrics})
 
 

@@ -42,7 +42,7 @@ from certkit.errors import CertkitError
 from certkit.fileio import check_output
 from certkit.progress import Progress, interval_from_env, log
 from certkit.report import floor_figure
-from certkit.results import ResultWriter, planned_indices, shared_noise_group
+from certkit.results import ResultWriter, planned_indices, refuse_foreign_companions, shared_noise_group
 from certkit.smoothing.samplers import NOISE_BLOCK, NOISE_STREAMS, Generators
 from certkit.smoothing.smooth import Smooth
 from certkit.smoothing.statistics import (
@@ -209,6 +209,7 @@ def certify_dataset(
             "offer (for a DataLoader, pass loader.dataset)"
         )
     check_output(out, "--out")  # a FIFO or a missing folder would fail only after all the set-up
+    refuse_foreign_companions(out)  # before the dataset's hash and the speed check, not when the file opens
     interval_from_env()  # a bad CERTKIT_PROGRESS_SECONDS is refused here, not once the result file is open
     indices = plan.indices(len(dataset))
     if indices:  # a model that does not fit the images fails here, before the result file is opened
@@ -433,7 +434,7 @@ def run_planned(
             log.info(f"resuming {out}: {done:,} of {len(indices):,} rows done")
         with Progress(len(indices), f"{kind} {Path(out).name}", done=done, enabled=progress) as bar:
             if writer.kept_rows and kept is not None:
-                bar.update(0, kept(writer.kept_rows))
+                bar.note(kept(writer.kept_rows))
             for start in range(0, len(todo), group_size):
                 group = todo[start : start + group_size]
                 xs, labels = _load(dataset, group)

@@ -364,7 +364,7 @@ class SharedNoise(Sampler):
     def __init__(self, voter: Voter, sigma: float, group: int, rng: str = "torch") -> None:
         super().__init__(voter, sigma, rng)
         if group < 2:
-            raise CertkitError(f"shared_noise must be 0 (off) or a group of at least 2 inputs (got {group})")
+            raise CertkitError(f"--shared-noise must be 0 (off) or a group of at least 2 inputs (got {group})")
         self.group = int(group)
         self._stem: StemSplit | None = None
         self._stem_key: object = None
