@@ -1269,7 +1269,7 @@ def _terminate_as_interrupt() -> Callable[[], None]:
 def _resume_hint(args: argparse.Namespace | None) -> str:
     """How to continue an interrupted command: every finished epoch and written row is kept."""
     command = getattr(args, "command", None)
-    if command == "train":
+    if args is not None and command == "train":
         from certkit.train import STATE
 
         if not (Path(args.out) / STATE).is_file():

@@ -997,10 +997,10 @@ def build_trainer(
         check_output(out, "--out", directory=True)
         for name in (checkpoint.WEIGHTS, checkpoint.META, METRICS, STATE):  # written after the first epoch
             require_regular(Path(out) / name, f"run's {name}")
-        resumable, published = (Path(out) / STATE).exists(), (Path(out) / checkpoint.META).exists()
+        resumable, finished = (Path(out) / STATE).exists(), (Path(out) / checkpoint.META).exists()
         if not resume and resumable:
             raise CertkitError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
-        if published and not resumable:
+        if finished and not resumable:
             # a finished run kept without its resume state (a copy of its weights and model.json): it can
             # neither continue nor be overwritten
             raise CertkitError(
