@@ -51,6 +51,8 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.removeprefix("certkit").strip()
         if not command and "required: command" in message:  # `certkit` alone
             message += " (certkit --help lists the commands)"
+        elif message.endswith("expected one argument"):  # argparse took a value starting with '-' for a flag
+            message += " (a value starting with '-' is written after '=': --radii=-1,0.5)"
         self.exit(2, f"certkit: error: {command + ': ' if command else ''}{message}\n")
 
     def _get_value(self, action: argparse.Action, arg_string: str) -> Any:

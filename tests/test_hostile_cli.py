@@ -172,6 +172,12 @@ CASES: dict[str, tuple[list[str], list[str], Setup | None, bool]] = {
     "fmnist-model-on-cifar": ([*CERTIFY, "--dataset", "cifar10"], ["cifar10"], None, False),
     # argparse: one line starting certkit: error:, no internal names
     "n-not-a-number": ([*CERTIFY, "--n", "abc"], ["--n", "expected an integer"], None, False),
+    "flag-value-starting-with-dash": (
+        ["report", "TMP/r.tsv", "--radii", "-1,0.5"],
+        ["argument --radii: expected one argument", "--radii=-1,0.5"],
+        None,
+        False,
+    ),
     "skip-not-a-number": ([*CERTIFY, "--skip", "x"], ["--skip", "expected an integer from 1 to"], None, False),
     "skip-zero": ([*CERTIFY, "--skip", "0"], ["--skip", "from 1 to"], None, False),
     # what a settings file may not record (an index above 2**53, --max below -1) is refused before the first
