@@ -1106,14 +1106,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from certkit.fileio import check_output
     from certkit.reference import export_checkpoint
 
     _refuse_overwriting(args.run, [Path(args.out)], "--out")
-    check_output(args.out, "--out")  # a directory or a FIFO is refused as such, not as a file to overwrite
-    if not args.overwrite and Path(args.out).exists():  # export does not resume: a file there would be lost
-        raise CertkitError(f"--out {args.out}: exists; pass --overwrite to replace it, or choose another file")
-    print(f"wrote {export_checkpoint(args.run, args.out)}")
+    print(f"wrote {export_checkpoint(args.run, args.out, overwrite=args.overwrite)}")
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -1295,9 +1291,8 @@ def _unexpected(e: Exception, debug: bool) -> int:
 
 
 def _described(e: BaseException) -> str:
-    """An exception's type and the first line of its message."""
-    what = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}{': ' + what if what else ''}"
+    """An exception's type and the first line of its message (its type alone when it has none)."""
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _stdout_closed() -> bool:

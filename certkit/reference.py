@@ -271,14 +271,17 @@ def import_checkpoint(
     return model.eval(), meta
 
 
-def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write a certkit run as ``{'epoch', 'arch', 'state_dict'}`` with the reference key names.
 
     The reference ``certify.py`` rebuilds ``Sequential(get_normalize_layer(dataset), net)`` from the
     dataset name alone, so only models whose first layer is that dataset's standard layer are exported:
-    anything else would certify a different function there.
+    anything else would certify a different function there. An existing ``out`` is replaced only with
+    ``overwrite`` (an export does not resume: what the file held would be lost).
     """
     check_output(out, "--out")
+    if not overwrite and Path(out).exists():
+        raise CertkitError(f"--out {out}: exists; pass --overwrite to replace it, or choose another file")
     meta = read_meta(run)  # the architecture is checked before any weights load (your own model would not)
     arch = meta["arch"]
     if meta.get("method") == "gloro" or "gloro" in meta:

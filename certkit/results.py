@@ -237,8 +237,7 @@ class ResultWriter:
         self._deferred = False
         header = "\t".join(self.columns) + "\n"
         require_regular(self.path, "result file")
-        require_regular(sidecar_path(self.path), "settings file")
-        refuse_foreign_companions(self.path)
+        refuse_foreign_companions(self.path)  # the settings file and summary: regular files, certkit's own
         self._lock = PidLock(self.path).acquire()
         try:
             if resume and self.path.exists() and self._resumable(header):

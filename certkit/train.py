@@ -216,19 +216,21 @@ class TrainConfig:
         config._refuse_unread(given)
         return config
 
+    def _reader(self, name: str) -> tuple[str, str]:
+        """What would read setting ``name`` (see :data:`_READ_BY`), and this configuration's choice of it."""
+        return ("optimizer", self.optimizer) if name == "momentum" else ("schedule", self.schedule)
+
     def unused(self, name: str) -> bool:
         """Whether setting ``name`` is one that this configuration's schedule or optimizer never reads."""
-        readers = _READ_BY.get(name)
-        return readers is not None and (self.optimizer if name == "momentum" else self.schedule) not in readers
+        return name in _READ_BY and self._reader(name)[1] not in _READ_BY[name]
 
     def _refuse_unread(self, given: Mapping[str, Any]) -> None:
         """Refuse a setting given explicitly that this configuration's schedule or optimizer never reads
         (``--milestones`` under the step schedule, ``--momentum`` with Adam): it would be recorded in
         model.json as if it had shaped the run. Recipe values are exempt: a recipe sets every field."""
         for name, readers in _READ_BY.items():
-            used = self.optimizer if name == "momentum" else self.schedule
             if name in given and self.unused(name):
-                what = "optimizer" if name == "momentum" else "schedule"
+                what, used = self._reader(name)
                 raise CertkitError(
                     f"{self.flag(name)} applies to the {' and '.join(readers)} {what}{'s' * (len(readers) > 1)}; "
                     f"this run's {what} is {used} (choose one with {self.flag(what)}, or drop {self.flag(name)})"

@@ -73,14 +73,12 @@ class MetricLogs:
             return notes
         if "csv" not in self.formats and (self.out / CSV).is_file():
             self.formats += ("csv",)
-            atomic_write_text(self.out / CSV, to_csv(history))
             notes.append(f"{self.out / CSV} is kept up to date, as the run wrote it before (--log csv)")
         if "tensorboard" not in self.formats and any(self.out.glob("events.out.tfevents.*")):
             notes.append(f"TensorBoard files in {self.out} get no more epochs without --log tensorboard")
-        if "tensorboard" in self.formats and history:
-            # the last saved epoch once more: a kill between its save and its scalars would have lost them, and
-            # the same values at the same step again change nothing
-            self.write(history)
+        # the CSV rewritten whole, and TensorBoard given the last saved epoch once more: a kill between its save
+        # and its scalars would have lost them, and the same values at the same step again change nothing
+        self.write(history)
         return notes
 
     def close(self) -> None:
